@@ -1,0 +1,1 @@
+//! The engine: policies + endpoints + identities → per-endpoint map state, recomputed incrementally.

@@ -1,0 +1,1 @@
+//! The ipcache: prefix → identity, as the datapath sees it.

@@ -1,0 +1,1 @@
+//! Per-endpoint policy map state: keys and entries as the datapath's policy map holds them, and diffs.

@@ -1,0 +1,1 @@
+//! A deliberately simple reference evaluator: decides a flow straight from the rules.

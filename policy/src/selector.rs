@@ -1,0 +1,1 @@
+//! Selector cache: which identities each peer selector selects, kept up to date incrementally.

@@ -1,0 +1,1 @@
+//! Flow verdicts with the rules that decided them (policy trace).
