@@ -1,0 +1,102 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::DnsProxyError;
+
+/// The rcode a denied query gets (`dns.rejectResponseCode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RejectCode {
+    #[default]
+    Refused,
+    NameError,
+}
+
+/// The proxy's configuration. The agent builds it from `dns:` of its config file; the fields
+/// without a config-file key have defaults fit for this machine.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// `dns.listen`: UDP and TCP on each.
+    pub listen: Vec<SocketAddr>,
+    /// `dns.upstreams`: where queries go when their original destination is not known. A query
+    /// picks the next one round-robin.
+    pub upstreams: Vec<SocketAddr>,
+    /// `dns.transparent`: listening sockets get IP_TRANSPARENT and report the original
+    /// destination (IP_RECVORIGDSTADDR for UDP, getsockname for TCP); queries are forwarded
+    /// there and answered from that address.
+    pub transparent: bool,
+    /// `dns.rejectResponseCode`.
+    pub reject_code: RejectCode,
+    /// `dns.minTTL` (seconds): learned TTLs are raised to this.
+    pub min_ttl: u32,
+    /// `dns.responseMaxDelay`: longest a response is held waiting for the datapath.
+    pub response_max_delay: Duration,
+    /// `dns.forwardTimeout`: an upstream that has not answered by then gets no more waiting and
+    /// the client no reply.
+    pub forward_timeout: Duration,
+    /// UDP sockets per listen address, bound with SO_REUSEPORT so the kernel spreads queries
+    /// over them (and over the cores). Default: the number of cores.
+    pub udp_sockets_per_listen: usize,
+    /// UDP sockets of the upstream client that queries are multiplexed over (by random ID).
+    pub upstream_udp_sockets: usize,
+    /// A TCP client connection with no query for this long is closed.
+    pub tcp_idle_timeout: Duration,
+    /// Concurrent TCP client connections over all listeners; more are closed at accept.
+    pub tcp_max_connections: usize,
+    /// Queries of one TCP connection being worked on at once; reading pauses beyond that.
+    pub tcp_max_inflight_per_connection: usize,
+    /// SO_MARK on every upstream socket, so the datapath does not redirect the proxy's own
+    /// queries back to it.
+    pub upstream_mark: Option<u32>,
+}
+
+impl ProxyConfig {
+    /// A configuration with the spec's defaults for everything but the addresses.
+    pub fn new(listen: Vec<SocketAddr>, upstreams: Vec<SocketAddr>) -> ProxyConfig {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        ProxyConfig {
+            listen,
+            upstreams,
+            transparent: false,
+            reject_code: RejectCode::Refused,
+            min_ttl: 0,
+            response_max_delay: Duration::from_millis(100),
+            forward_timeout: Duration::from_secs(10),
+            udp_sockets_per_listen: cores,
+            upstream_udp_sockets: 4,
+            tcp_idle_timeout: Duration::from_secs(10),
+            tcp_max_connections: 1024,
+            tcp_max_inflight_per_connection: 64,
+            upstream_mark: None,
+        }
+    }
+
+    pub(crate) fn check(&self) -> Result<(), DnsProxyError> {
+        if self.listen.is_empty() {
+            return Err(DnsProxyError::NoListenAddress);
+        }
+        if self.upstreams.is_empty() && !self.transparent {
+            return Err(DnsProxyError::NoUpstream);
+        }
+        for (name, v) in [
+            ("udpSocketsPerListen", self.udp_sockets_per_listen),
+            ("upstreamUdpSockets", self.upstream_udp_sockets),
+            ("tcpMaxConnections", self.tcp_max_connections),
+            (
+                "tcpMaxInflightPerConnection",
+                self.tcp_max_inflight_per_connection,
+            ),
+        ] {
+            if v == 0 {
+                return Err(DnsProxyError::Config(format!("{name} must be at least 1")));
+            }
+        }
+        if self.forward_timeout.is_zero() {
+            return Err(DnsProxyError::Config(
+                "forwardTimeout must be longer than zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}

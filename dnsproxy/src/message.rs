@@ -1,0 +1,489 @@
+//! Sans-I/O message work: judging a client's bytes, building the proxy's own answers, matching
+//! upstream answers to queries and reading what an answer teaches. No sockets, no clock.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use hickory_proto::op::{Message, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::svcb::SvcParamValue;
+use hickory_proto::rr::{Name, RData};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use policy::fqdn::DnsName;
+
+use crate::hooks::LearnedAnswer;
+
+pub(crate) const HEADER_LEN: usize = 12;
+/// The EDNS payload size the proxy advertises in answers it builds itself (the DNS flag day
+/// 2020 value: no fragmentation).
+const OWN_EDNS_PAYLOAD: u16 = 1232;
+/// Longest CNAME chain followed; real chains are a handful of names, longer ones are loops
+/// or abuse.
+const MAX_CHAIN: usize = 16;
+
+/// A client query the proxy can judge and forward.
+#[derive(Debug)]
+pub(crate) struct ClientQuery {
+    pub id: u16,
+    pub query: Query,
+    pub qname: DnsName,
+    head: Head,
+}
+
+/// What to do with client bytes that are not a judgeable query.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Rejection {
+    /// Not answerable (no header, or a response): dropped and counted.
+    Drop(&'static str),
+    /// Answered with `rcode` (FORMERR or NOTIMP); `response` is ready to send.
+    Answer {
+        response: Vec<u8>,
+        rcode: ResponseCode,
+        reason: String,
+    },
+}
+
+/// The header fields and question an answer of the proxy's own echoes.
+#[derive(Debug, Clone)]
+struct Head {
+    id: u16,
+    op_code: OpCode,
+    rd: bool,
+    cd: bool,
+    /// The question's bytes as the client sent them (case kept: some clients check it).
+    question: Option<Vec<u8>>,
+    /// (DO bit) when the query carried an OPT record: the answer carries one too (RFC 6891).
+    edns_do: Option<bool>,
+}
+
+fn read_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// Judges the bytes a client sent: exactly one question and opcode QUERY, and the whole
+/// message must parse; otherwise FORMERR / NOTIMP (with ID and question echoed where they
+/// parse) or, when not even a query header is there, a drop.
+pub(crate) fn parse_client_query(bytes: &[u8]) -> Result<ClientQuery, Rejection> {
+    if bytes.len() < HEADER_LEN {
+        return Err(Rejection::Drop("shorter than a DNS header"));
+    }
+    if bytes[2] & 0x80 != 0 {
+        return Err(Rejection::Drop("a response, not a query"));
+    }
+    let id = read_u16(bytes, 0);
+    let op_code = OpCode::from_u8((bytes[2] >> 3) & 0x0f);
+    let rd = bytes[2] & 0x01 != 0;
+    let cd = bytes[3] & 0x10 != 0;
+    let qdcount = read_u16(bytes, 4);
+    let first_question = if qdcount >= 1 {
+        let mut dec = BinDecoder::new(bytes);
+        dec.read_slice(HEADER_LEN).ok();
+        Query::read(&mut dec)
+            .ok()
+            .map(|_| bytes[HEADER_LEN..dec.index()].to_vec())
+    } else {
+        None
+    };
+    let mut head = Head {
+        id,
+        op_code,
+        rd,
+        cd,
+        question: if qdcount == 1 { first_question } else { None },
+        edns_do: None,
+    };
+    let answer = |head: &Head, rcode: ResponseCode, reason: String| Rejection::Answer {
+        response: build_answer(head, rcode),
+        rcode,
+        reason,
+    };
+    if op_code != OpCode::Query {
+        return Err(answer(
+            &head,
+            ResponseCode::NotImp,
+            format!("opcode {op_code} is not QUERY"),
+        ));
+    }
+    if qdcount != 1 {
+        return Err(answer(
+            &head,
+            ResponseCode::FormErr,
+            format!("{qdcount} questions, exactly one is served"),
+        ));
+    }
+    let msg = match Message::from_vec(bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            return Err(answer(
+                &head,
+                ResponseCode::FormErr,
+                format!("unparsable: {e}"),
+            ))
+        }
+    };
+    let Some(query) = msg.queries.first().cloned() else {
+        return Err(answer(&head, ResponseCode::FormErr, "no question".into()));
+    };
+    head.edns_do = msg.edns.as_ref().map(|e| e.flags().dnssec_ok);
+    let qname = DnsName::new(&query.name().to_ascii());
+    Ok(ClientQuery {
+        id,
+        query,
+        qname,
+        head,
+    })
+}
+
+impl ClientQuery {
+    /// The answer to a query the policy denied: `rcode`, question echoed, no records.
+    pub(crate) fn reject(&self, rcode: ResponseCode) -> Vec<u8> {
+        build_answer(&self.head, rcode)
+    }
+
+    /// SERVFAIL for this query (the proxy or the upstream failed).
+    pub(crate) fn servfail(&self) -> Vec<u8> {
+        build_answer(&self.head, ResponseCode::ServFail)
+    }
+}
+
+/// Builds a bodiless answer by hand: header, the client's question bytes verbatim, and an OPT
+/// record when the query had one. RA mirrors RD: the proxy fronts recursive resolvers, so
+/// recursion is available exactly to those who asked for it.
+fn build_answer(head: &Head, rcode: ResponseCode) -> Vec<u8> {
+    let question = head.question.as_deref().unwrap_or(&[]);
+    let mut v = Vec::with_capacity(HEADER_LEN + question.len() + 11);
+    v.extend_from_slice(&head.id.to_be_bytes());
+    v.push(0x80 | (u8::from(head.op_code) << 3) | u8::from(head.rd));
+    v.push((u8::from(head.rd) << 7) | (u8::from(head.cd) << 4) | (rcode.low() & 0x0f));
+    v.extend_from_slice(&u16::from(head.question.is_some()).to_be_bytes());
+    v.extend_from_slice(&[0, 0, 0, 0]); // no answer, no authority
+    v.extend_from_slice(&u16::from(head.edns_do.is_some()).to_be_bytes());
+    v.extend_from_slice(question);
+    if let Some(dnssec_ok) = head.edns_do {
+        v.push(0); // root name
+        v.extend_from_slice(&41u16.to_be_bytes()); // OPT
+        v.extend_from_slice(&OWN_EDNS_PAYLOAD.to_be_bytes());
+        v.extend_from_slice(&[0, 0]); // extended rcode, version 0
+        v.extend_from_slice(&(u16::from(dnssec_ok) << 15).to_be_bytes());
+        v.extend_from_slice(&[0, 0]); // no options
+    }
+    v
+}
+
+/// The ID and question of an upstream answer, read without parsing the rest: enough to match
+/// it to an outstanding query.
+pub(crate) fn answer_key(bytes: &[u8]) -> Option<(u16, Query)> {
+    if bytes.len() < HEADER_LEN || bytes[2] & 0x80 == 0 || read_u16(bytes, 4) != 1 {
+        return None;
+    }
+    let mut dec = BinDecoder::new(bytes);
+    dec.read_slice(HEADER_LEN).ok()?;
+    let q = Query::read(&mut dec).ok()?;
+    Some((read_u16(bytes, 0), q))
+}
+
+/// Whether an upstream answer's question is the one asked: name case-insensitive, same type
+/// and class.
+pub(crate) fn same_question(a: &Query, b: &Query) -> bool {
+    a.name() == b.name() && a.query_type() == b.query_type() && a.query_class() == b.query_class()
+}
+
+/// Sets the ID of a message in place.
+pub(crate) fn set_id(bytes: &mut [u8], id: u16) {
+    bytes[0..2].copy_from_slice(&id.to_be_bytes());
+}
+
+/// The rcode of a message (header bits only; extended rcodes in OPT are not looked at).
+pub(crate) fn header_rcode(bytes: &[u8]) -> u16 {
+    u16::from(bytes[3] & 0x0f)
+}
+
+/// What a NOERROR answer to `question` teaches: the CNAME chain from the question name through
+/// the answer section, the A/AAAA of the chain's names, the SVCB/HTTPS ipv4hint/ipv6hint of
+/// the chain's names, and the smallest TTL of the records used, raised to `min_ttl`. `None`
+/// when it teaches no IP.
+pub(crate) fn extract_learning(
+    msg: &Message,
+    question: &Name,
+    min_ttl: u32,
+) -> Option<LearnedAnswer> {
+    let mut chain: Vec<Name> = vec![question.clone()];
+    let mut ttl = u32::MAX;
+    // Follow CNAMEs in whatever order the server put them.
+    'follow: while chain.len() < MAX_CHAIN {
+        let current = chain.last().expect("chain starts non-empty");
+        for r in &msg.answers {
+            if let RData::CNAME(target) = &r.data {
+                if &r.name == current {
+                    if chain.contains(&target.0) {
+                        break 'follow; // a loop: stop at its first repetition
+                    }
+                    ttl = ttl.min(r.ttl);
+                    chain.push(target.0.clone());
+                    continue 'follow;
+                }
+            }
+        }
+        break;
+    }
+    let mut ips: Vec<IpAddr> = Vec::new();
+    let mut seen: HashSet<IpAddr> = HashSet::new();
+    let mut push = |ip: IpAddr, ips: &mut Vec<IpAddr>| {
+        if seen.insert(ip) {
+            ips.push(ip);
+        }
+    };
+    let in_chain = |n: &Name| chain.iter().any(|c| c == n);
+    let mut hint_ips = Vec::new();
+    let mut hint_ttl = u32::MAX;
+    for r in &msg.answers {
+        if !in_chain(&r.name) {
+            continue;
+        }
+        match &r.data {
+            RData::A(a) => {
+                push(IpAddr::V4(a.0), &mut ips);
+                ttl = ttl.min(r.ttl);
+            }
+            RData::AAAA(a) => {
+                push(IpAddr::V6(a.0), &mut ips);
+                ttl = ttl.min(r.ttl);
+            }
+            RData::SVCB(s) | RData::HTTPS(hickory_proto::rr::rdata::HTTPS(s)) => {
+                let before = hint_ips.len();
+                for (_, v) in &s.svc_params {
+                    match v {
+                        SvcParamValue::Ipv4Hint(h) => {
+                            hint_ips.extend(h.0.iter().map(|a| IpAddr::V4(a.0)))
+                        }
+                        SvcParamValue::Ipv6Hint(h) => {
+                            hint_ips.extend(h.0.iter().map(|a| IpAddr::V6(a.0)))
+                        }
+                        _ => {}
+                    }
+                }
+                if hint_ips.len() > before {
+                    hint_ttl = hint_ttl.min(r.ttl);
+                }
+            }
+            _ => {}
+        }
+    }
+    // Hints after the addresses proper, so the order reads "A/AAAA, then hints".
+    if !hint_ips.is_empty() {
+        ttl = ttl.min(hint_ttl);
+        for ip in hint_ips {
+            push(ip, &mut ips);
+        }
+    }
+    if ips.is_empty() {
+        return None;
+    }
+    Some(LearnedAnswer {
+        names: chain.iter().map(|n| DnsName::new(&n.to_ascii())).collect(),
+        ips,
+        ttl: ttl.max(min_ttl),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::str::FromStr;
+
+    use hickory_proto::rr::rdata::svcb::{IpHint, SvcParamKey, SVCB};
+    use hickory_proto::rr::rdata::{A, AAAA, CNAME, HTTPS};
+    use hickory_proto::rr::{Record, RecordType};
+
+    use hickory_proto::op::{Edns, MessageType};
+
+    use super::*;
+
+    fn name(s: &str) -> Name {
+        Name::from_str(s).unwrap()
+    }
+
+    fn query_bytes(id: u16, qname: &str, qtype: RecordType) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(name(qname), qtype));
+        m.to_vec().unwrap()
+    }
+
+    fn rejected_rcode(bytes: &[u8]) -> (ResponseCode, Message) {
+        match parse_client_query(bytes) {
+            Err(Rejection::Answer {
+                response, rcode, ..
+            }) => (rcode, Message::from_vec(&response).unwrap()),
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn good_query_parses_and_normalises_name() {
+        let mut bytes = query_bytes(7, "www.example.com.", RecordType::A);
+        bytes[13..16].copy_from_slice(b"WwW"); // mixed case on the wire (0x20 clients)
+        let q = parse_client_query(&bytes).unwrap();
+        assert_eq!(q.id, 7);
+        assert_eq!(q.qname.as_str(), "www.example.com.");
+        let refused_bytes = q.reject(ResponseCode::Refused);
+        assert_eq!(refused_bytes[12..], bytes[12..], "question echoed byte for byte");
+        let refused = Message::from_vec(&refused_bytes).unwrap();
+        assert_eq!(refused.id, 7);
+        assert_eq!(refused.response_code, ResponseCode::Refused);
+        assert_eq!(refused.message_type, MessageType::Response);
+        assert!(refused.recursion_available && refused.recursion_desired);
+        assert!(refused.answers.is_empty());
+        assert!(refused.edns.is_none());
+    }
+
+    #[test]
+    fn edns_is_echoed_in_own_answers() {
+        let mut m = Message::new(9, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(name("a.test."), RecordType::A));
+        let mut e = Edns::new();
+        e.set_max_payload(4096);
+        e.set_dnssec_ok(true);
+        m.set_edns(e);
+        let q = parse_client_query(&m.to_vec().unwrap()).unwrap();
+        let nx = Message::from_vec(&q.reject(ResponseCode::NXDomain)).unwrap();
+        assert_eq!(nx.response_code, ResponseCode::NXDomain);
+        let edns = nx.edns.expect("OPT echoed");
+        assert!(edns.flags().dnssec_ok);
+    }
+
+    #[test]
+    fn garbage_and_responses_are_dropped() {
+        assert!(matches!(
+            parse_client_query(&[1, 2, 3]),
+            Err(Rejection::Drop(_))
+        ));
+        let mut resp = query_bytes(1, "a.test.", RecordType::A);
+        resp[2] |= 0x80;
+        assert!(matches!(parse_client_query(&resp), Err(Rejection::Drop(_))));
+    }
+
+    #[test]
+    fn two_questions_formerr_without_question() {
+        let mut m = Message::new(3, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(name("a.test."), RecordType::A));
+        m.add_query(Query::query(name("b.test."), RecordType::A));
+        let (rcode, msg) = rejected_rcode(&m.to_vec().unwrap());
+        assert_eq!(rcode, ResponseCode::FormErr);
+        assert_eq!(msg.id, 3);
+        assert!(msg.queries.is_empty());
+    }
+
+    #[test]
+    fn truncated_query_formerr_with_question_when_it_parses() {
+        let mut b = query_bytes(4, "a.test.", RecordType::A);
+        b[11] = 1; // claims an additional record that is not there
+        let (rcode, msg) = rejected_rcode(&b);
+        assert_eq!(rcode, ResponseCode::FormErr);
+        assert_eq!(msg.queries.len(), 1);
+        let b = query_bytes(5, "a.test.", RecordType::A);
+        let (rcode, msg) = rejected_rcode(&b[..b.len() - 3]);
+        assert_eq!(rcode, ResponseCode::FormErr);
+        assert_eq!(msg.id, 5);
+        assert!(msg.queries.is_empty());
+    }
+
+    #[test]
+    fn other_opcode_notimp() {
+        let mut b = query_bytes(6, "a.test.", RecordType::SOA);
+        b[2] |= 4 << 3; // NOTIFY
+        let (rcode, msg) = rejected_rcode(&b);
+        assert_eq!(rcode, ResponseCode::NotImp);
+        assert_eq!(msg.op_code, OpCode::Notify);
+        assert_eq!(msg.queries.len(), 1);
+    }
+
+    #[test]
+    fn answer_key_and_question_match() {
+        let mut b = query_bytes(0x1234, "A.Test.", RecordType::AAAA);
+        assert!(answer_key(&b).is_none(), "a query is not an answer");
+        b[2] |= 0x80;
+        let (id, q) = answer_key(&b).unwrap();
+        assert_eq!(id, 0x1234);
+        assert!(same_question(
+            &q,
+            &Query::query(name("a.test."), RecordType::AAAA)
+        ));
+        assert!(!same_question(
+            &q,
+            &Query::query(name("a.test."), RecordType::A)
+        ));
+        set_id(&mut b, 9);
+        assert_eq!(answer_key(&b).unwrap().0, 9);
+    }
+
+    fn rec(n: &str, ttl: u32, data: RData) -> Record {
+        Record::from_rdata(name(n), ttl, data)
+    }
+
+    #[test]
+    fn learning_follows_cname_chain_with_min_ttl() {
+        let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+        // Deliberately out of order, plus an unrelated record.
+        m.add_answer(rec("c.test.", 30, RData::A(A(Ipv4Addr::new(192, 0, 2, 1)))));
+        m.add_answer(rec("a.test.", 300, RData::CNAME(CNAME(name("B.test.")))));
+        m.add_answer(rec("b.test.", 20, RData::CNAME(CNAME(name("c.test.")))));
+        m.add_answer(rec(
+            "x.test.",
+            1,
+            RData::A(A(Ipv4Addr::new(198, 51, 100, 1))),
+        ));
+        m.add_answer(rec(
+            "c.test.",
+            60,
+            RData::AAAA(AAAA(Ipv6Addr::from_str("2001:db8::1").unwrap())),
+        ));
+        let l = extract_learning(&m, &name("A.TEST."), 0).unwrap();
+        let names: Vec<_> = l.names.iter().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["a.test.", "b.test.", "c.test."]);
+        assert_eq!(
+            l.ips,
+            vec![
+                IpAddr::from_str("192.0.2.1").unwrap(),
+                IpAddr::from_str("2001:db8::1").unwrap()
+            ]
+        );
+        assert_eq!(l.ttl, 20);
+        assert_eq!(
+            extract_learning(&m, &name("a.test."), 100).unwrap().ttl,
+            100
+        );
+    }
+
+    #[test]
+    fn learning_cname_loop_terminates_and_no_ips_is_none() {
+        let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+        m.add_answer(rec("a.test.", 5, RData::CNAME(CNAME(name("b.test.")))));
+        m.add_answer(rec("b.test.", 5, RData::CNAME(CNAME(name("a.test.")))));
+        assert!(extract_learning(&m, &name("a.test."), 0).is_none());
+    }
+
+    #[test]
+    fn learning_svcb_hints() {
+        let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+        let svcb = SVCB::new(
+            1,
+            name("."),
+            vec![
+                (
+                    SvcParamKey::Ipv4Hint,
+                    SvcParamValue::Ipv4Hint(IpHint(vec![A(Ipv4Addr::new(192, 0, 2, 7))])),
+                ),
+                (
+                    SvcParamKey::Ipv6Hint,
+                    SvcParamValue::Ipv6Hint(IpHint(vec![AAAA(
+                        Ipv6Addr::from_str("2001:db8::7").unwrap(),
+                    )])),
+                ),
+            ],
+        );
+        m.add_answer(rec("svc.test.", 42, RData::HTTPS(HTTPS(svcb))));
+        let l = extract_learning(&m, &name("svc.test."), 0).unwrap();
+        assert_eq!(l.ips.len(), 2);
+        assert_eq!(l.ttl, 42);
+    }
+}

@@ -1,0 +1,229 @@
+//! Counters and histograms of the proxy, lock-free (atomics) so the hot path never waits on
+//! them. The agent reads snapshots and exports them as Prometheus metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// How the policy judged a query, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Allowed,
+    Denied,
+    UnknownEndpoint,
+    /// Not judged: malformed or not a standard query (answered FORMERR/NOTIMP).
+    Invalid,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 4] = [
+        Verdict::Allowed,
+        Verdict::Denied,
+        Verdict::UnknownEndpoint,
+        Verdict::Invalid,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::Denied => "denied",
+            Verdict::UnknownEndpoint => "unknown_endpoint",
+            Verdict::Invalid => "invalid",
+        }
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Rcode label slots: the six common rcodes, any other, and "no reply".
+const RCODE_LABELS: [&str; 8] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "OTHER", "NOREPLY",
+];
+
+fn rcode_slot(rcode: Option<u16>) -> usize {
+    match rcode {
+        Some(r @ 0..=5) => r as usize,
+        Some(_) => 6,
+        None => 7,
+    }
+}
+
+/// A histogram with fixed bucket bounds (upper bounds, inclusive), like Prometheus'.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds_us: &'static [u64],
+    buckets: Vec<AtomicU64>,
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+/// Bucket bounds in microseconds: fine below a millisecond (the hold-time goal lives there),
+/// coarse up to the forward timeout.
+const BOUNDS_US: &[u64] = &[
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+impl Histogram {
+    fn new() -> Histogram {
+        Histogram {
+            bounds_us: BOUNDS_US,
+            buckets: (0..=BOUNDS_US.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_us: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = self.bounds_us.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut cumulative = Vec::with_capacity(self.buckets.len());
+        let mut acc = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            acc += b.load(Relaxed);
+            let le = self.bounds_us.get(i).map(|&us| us as f64 / 1e6);
+            cumulative.push((le, acc));
+        }
+        HistogramSnapshot {
+            buckets: cumulative,
+            sum_seconds: self.sum_us.load(Relaxed) as f64 / 1e6,
+            count: self.count.load(Relaxed),
+        }
+    }
+}
+
+/// A histogram read at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// (upper bound in seconds, `None` = +Inf; cumulative count), as Prometheus wants them.
+    pub buckets: Vec<(Option<f64>, u64)>,
+    pub sum_seconds: f64,
+    pub count: u64,
+}
+
+impl HistogramSnapshot {
+    /// The upper bound (seconds) of the bucket holding quantile `q` (0..=1); `None` if empty or
+    /// beyond the last finite bound.
+    pub fn quantile_upper_bound(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = (q * self.count as f64).ceil().max(1.0) as u64;
+        self.buckets
+            .iter()
+            .find(|(_, c)| *c >= rank)
+            .and_then(|(le, _)| *le)
+    }
+}
+
+/// Everything the proxy counts.
+#[derive(Debug)]
+pub struct ProxyMetrics {
+    queries: [[AtomicU64; 8]; 4],
+    /// Datagrams or TCP frames that were not answerable DNS queries (too short, a response,
+    /// unparsable header): dropped without a reply.
+    pub malformed_dropped: AtomicU64,
+    /// Answers from upstream that matched no outstanding query (wrong source, unknown ID,
+    /// other question): ignored.
+    pub upstream_mismatches: AtomicU64,
+    /// Queries whose upstream did not answer within forwardTimeout (the client got no reply).
+    pub upstream_timeouts: AtomicU64,
+    /// Queries that failed upstream otherwise (unreachable, refused connection, malformed answer),
+    /// answered SERVFAIL.
+    pub upstream_failures: AtomicU64,
+    /// Responses released because responseMaxDelay passed before the datapath confirmed.
+    pub hold_timeouts: AtomicU64,
+    /// Responses released although the datapath reported it could not take the entries.
+    pub hold_failures: AtomicU64,
+    /// TCP connections closed at accept because tcpMaxConnections were open.
+    pub tcp_rejected: AtomicU64,
+    /// TCP connections open now.
+    pub tcp_open: AtomicU64,
+    /// Time from sending a query upstream to its answer.
+    pub upstream_latency: Histogram,
+    /// Time a response was held waiting for the datapath (only responses that taught IPs).
+    pub hold_time: Histogram,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        ProxyMetrics {
+            queries: Default::default(),
+            malformed_dropped: AtomicU64::new(0),
+            upstream_mismatches: AtomicU64::new(0),
+            upstream_timeouts: AtomicU64::new(0),
+            upstream_failures: AtomicU64::new(0),
+            hold_timeouts: AtomicU64::new(0),
+            hold_failures: AtomicU64::new(0),
+            tcp_rejected: AtomicU64::new(0),
+            tcp_open: AtomicU64::new(0),
+            upstream_latency: Histogram::new(),
+            hold_time: Histogram::new(),
+        }
+    }
+}
+
+impl ProxyMetrics {
+    pub(crate) fn count_query(&self, verdict: Verdict, rcode: Option<u16>) {
+        self.queries[verdict.index()][rcode_slot(rcode)].fetch_add(1, Relaxed);
+    }
+
+    /// Queries answered (or not, rcode "NOREPLY") by verdict and rcode; zero rows left out.
+    pub fn queries(&self) -> Vec<(Verdict, &'static str, u64)> {
+        let mut out = Vec::new();
+        for v in Verdict::ALL {
+            for (slot, label) in RCODE_LABELS.iter().enumerate() {
+                let n = self.queries[v.index()][slot].load(Relaxed);
+                if n > 0 {
+                    out.push((v, *label, n));
+                }
+            }
+        }
+        out
+    }
+
+    /// The count for one verdict and rcode label (e.g. `"REFUSED"`).
+    pub fn query_count(&self, verdict: Verdict, rcode: &str) -> u64 {
+        RCODE_LABELS
+            .iter()
+            .position(|l| *l == rcode)
+            .map(|slot| self.queries[verdict.index()][slot].load(Relaxed))
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_quantile() {
+        let h = Histogram::new();
+        for _ in 0..99 {
+            h.observe(Duration::from_micros(40));
+        }
+        h.observe(Duration::from_millis(3));
+        let s = h.snapshot();
+        assert_eq!(s.count, 100);
+        assert_eq!(s.quantile_upper_bound(0.5), Some(50e-6));
+        assert_eq!(s.quantile_upper_bound(0.99), Some(50e-6));
+        assert_eq!(s.quantile_upper_bound(1.0), Some(5e-3));
+        assert_eq!(s.buckets.last().unwrap(), &(None, 100));
+    }
+
+    #[test]
+    fn query_counts_by_label() {
+        let m = ProxyMetrics::default();
+        m.count_query(Verdict::Denied, Some(5));
+        m.count_query(Verdict::Allowed, None);
+        m.count_query(Verdict::Allowed, Some(0));
+        assert_eq!(m.query_count(Verdict::Denied, "REFUSED"), 1);
+        assert_eq!(m.query_count(Verdict::Allowed, "NOREPLY"), 1);
+        assert_eq!(m.queries().len(), 3);
+    }
+}

@@ -1,0 +1,253 @@
+//! Socket plumbing the standard library and tokio do not offer: SO_REUSEPORT groups,
+//! IP_TRANSPARENT, reading the original destination of a datagram (IP_RECVORIGDSTADDR) and
+//! reading ICMP errors of unconnected UDP sockets (IP_RECVERR + MSG_ERRQUEUE). Linux only,
+//! like the product.
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+
+use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` outlives the call and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn domain_of(addr: &SocketAddr) -> Domain {
+    if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    }
+}
+
+fn set_transparent(s: &Socket, addr: &SocketAddr) -> io::Result<()> {
+    if addr.is_ipv4() {
+        s.set_ip_transparent_v4(true)
+    } else {
+        s.set_ip_transparent_v6(true)
+    }
+}
+
+/// A listening UDP socket of a SO_REUSEPORT group. With `transparent`, it also gets
+/// IP_TRANSPARENT (needs CAP_NET_ADMIN) and reports each datagram's original destination.
+pub(crate) fn udp_listener(addr: SocketAddr, transparent: bool) -> io::Result<std::net::UdpSocket> {
+    let s = Socket::new(domain_of(&addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_port(true)?;
+    s.set_recv_buffer_size(4 << 20).ok(); // best effort: bursts of queries queue here
+    if transparent {
+        set_transparent(&s, &addr)?;
+    }
+    // Cheap and always on: even without transparency it tells which local address a datagram
+    // to a wildcard listener was sent to, so the answer leaves from that address.
+    if addr.is_ipv4() {
+        setsockopt_int(s.as_raw_fd(), libc::SOL_IP, libc::IP_RECVORIGDSTADDR, 1)?;
+    } else {
+        setsockopt_int(s.as_raw_fd(), libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR, 1)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+/// A listening TCP socket (SO_REUSEADDR so restarts do not wait for TIME_WAIT; IP_TRANSPARENT
+/// when asked, then getsockname of an accepted connection is its original destination).
+pub(crate) fn tcp_listener(
+    addr: SocketAddr,
+    transparent: bool,
+) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(domain_of(&addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    if transparent {
+        set_transparent(&s, &addr)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// An unconnected UDP socket of the upstream client on a random port of the wildcard address,
+/// with IP_RECVERR so ICMP errors for any destination are reported, and the mark if any.
+pub(crate) fn udp_upstream(ipv6: bool, mark: Option<u32>) -> io::Result<std::net::UdpSocket> {
+    let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if let Some(m) = mark {
+        s.set_mark(m)?;
+    }
+    s.set_recv_buffer_size(4 << 20).ok();
+    if ipv6 {
+        s.set_only_v6(true)?;
+        setsockopt_int(s.as_raw_fd(), libc::SOL_IPV6, libc::IPV6_RECVERR, 1)?;
+        s.bind(&"[::]:0".parse::<SocketAddr>().expect("literal").into())?;
+    } else {
+        setsockopt_int(s.as_raw_fd(), libc::SOL_IP, libc::IP_RECVERR, 1)?;
+        s.bind(&"0.0.0.0:0".parse::<SocketAddr>().expect("literal").into())?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// A TCP socket to an upstream, marked if asked; not yet connected.
+pub(crate) fn tcp_upstream(
+    server: SocketAddr,
+    mark: Option<u32>,
+) -> io::Result<tokio::net::TcpSocket> {
+    let s = Socket::new(domain_of(&server), Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(m) = mark {
+        s.set_mark(m)?;
+    }
+    s.set_tcp_nodelay(true)?;
+    s.set_nonblocking(true)?;
+    Ok(tokio::net::TcpSocket::from_std_stream(s.into()))
+}
+
+/// A socket that sends one answer from `from` (a foreign address the client thinks it is
+/// talking to) in transparent mode.
+pub(crate) fn udp_reply_from(from: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let s = Socket::new(domain_of(&from), Type::DGRAM, Some(Protocol::UDP))?;
+    if from.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    set_transparent(&s, &from)?;
+    // The listener (or another answer in flight) may hold the same address and port.
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&from.into())?;
+    Ok(s.into())
+}
+
+fn storage_to_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let mut st = SockAddrStorage::zeroed();
+    // SAFETY: the kernel filled `storage` with `len` bytes of a socket address; the view is of
+    // the same type.
+    let sa = unsafe {
+        *st.view_as::<libc::sockaddr_storage>() = *storage;
+        SockAddr::new(st, len)
+    };
+    sa.as_socket()
+}
+
+/// One datagram with its source and, when the socket has IP_RECVORIGDSTADDR, its original
+/// destination. Non-blocking: `WouldBlock` when nothing is queued.
+pub(crate) fn recv_with_dst(
+    fd: RawFd,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<SocketAddr>, bool)> {
+    let mut src: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::zeroed();
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 16]; // 128 bytes, 8-aligned: room for one sockaddr_in6 cmsg
+                                  // SAFETY: a zeroed msghdr is valid; all pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = src.as_mut_ptr().cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of::<[u64; 16]>() as _;
+    // SAFETY: msg is fully initialised for recvmsg.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let truncated = msg.msg_flags & libc::MSG_TRUNC != 0;
+    // SAFETY: recvmsg wrote msg_namelen bytes of address.
+    let src_addr = storage_to_addr(unsafe { src.assume_init_ref() }, msg.msg_namelen)
+        .ok_or_else(|| io::Error::other("datagram without an IP source address"))?;
+    let mut dst = None;
+    // SAFETY: walking the control buffer the kernel filled, with the libc macros.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let h = &*cmsg;
+            let is_v4 = h.cmsg_level == libc::SOL_IP && h.cmsg_type == libc::IP_ORIGDSTADDR;
+            let is_v6 = h.cmsg_level == libc::SOL_IPV6 && h.cmsg_type == libc::IPV6_ORIGDSTADDR;
+            if is_v4 || is_v6 {
+                let data = libc::CMSG_DATA(cmsg);
+                let len = h.cmsg_len as usize - (data as usize - cmsg as usize);
+                let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+                let len = len.min(size_of::<libc::sockaddr_storage>());
+                std::ptr::copy_nonoverlapping(data, &mut storage as *mut _ as *mut u8, len);
+                dst = storage_to_addr(&storage, len as libc::socklen_t);
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n as usize, src_addr, dst, truncated))
+}
+
+/// An ICMP error queued on an IP_RECVERR socket: the destination the failed datagram was sent
+/// to, the length of its payload copied into `buf` (our query, so its ID) and the errno it
+/// stands for. `WouldBlock` when the queue is empty.
+pub(crate) fn recv_error(fd: RawFd, buf: &mut [u8]) -> io::Result<(SocketAddr, usize, i32)> {
+    let mut dst: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::zeroed();
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 32];
+    // SAFETY: as in recv_with_dst.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = dst.as_mut_ptr().cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of::<[u64; 32]>() as _;
+    // SAFETY: msg is fully initialised for recvmsg.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut errno = 0;
+    // SAFETY: walking the control buffer the kernel filled.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let h = &*cmsg;
+            if (h.cmsg_level == libc::SOL_IP && h.cmsg_type == libc::IP_RECVERR)
+                || (h.cmsg_level == libc::SOL_IPV6 && h.cmsg_type == libc::IPV6_RECVERR)
+            {
+                let ee = std::ptr::read_unaligned(
+                    libc::CMSG_DATA(cmsg) as *const libc::sock_extended_err
+                );
+                errno = ee.ee_errno as i32;
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    // SAFETY: recvmsg wrote msg_namelen bytes of address.
+    let addr = storage_to_addr(unsafe { dst.assume_init_ref() }, msg.msg_namelen)
+        .ok_or_else(|| io::Error::other("ICMP error without the failed datagram's destination"))?;
+    Ok((addr, n as usize, errno))
+}

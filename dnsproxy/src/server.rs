@@ -1,0 +1,578 @@
+//! The listeners and the per-query pipeline: judge → decide → forward → learn → hold → answer.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, ResponseCode};
+use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::config::{ProxyConfig, RejectCode};
+use crate::hooks::{
+    Decision, DnsPolicy, HoldOutcome, Learner, OriginalDst, QueryContext, QueryEvent, Transport,
+};
+use crate::message::{
+    extract_learning, header_rcode, parse_client_query, set_id, ClientQuery, Rejection,
+};
+use crate::metrics::{ProxyMetrics, Verdict};
+use crate::upstream::{Upstream, UpstreamError};
+use crate::{net, DnsProxyError};
+
+/// Largest UDP query read; larger datagrams are truncated by the kernel and dropped.
+const MAX_UDP_QUERY: usize = 4096;
+/// How long the rest of a TCP frame may take once its length arrived.
+const TCP_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts at finding one free port for UDP and TCP when a listen address has port 0.
+const PORT_ATTEMPTS: usize = 16;
+
+/// A running proxy. Dropping it (or [`DnsProxy::shutdown`]) stops the listeners; queries in
+/// flight finish on their own (bounded by the forward timeout and the response hold).
+pub struct DnsProxy {
+    udp_addrs: Vec<SocketAddr>,
+    tcp_addrs: Vec<SocketAddr>,
+    metrics: Arc<ProxyMetrics>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for DnsProxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+struct Shared<P, L> {
+    config: ProxyConfig,
+    policy: Arc<P>,
+    learner: Arc<L>,
+    original_dst: Option<Arc<dyn OriginalDst>>,
+    upstream: Upstream,
+    metrics: Arc<ProxyMetrics>,
+    /// The bound listen addresses: a query received on one of these was sent to the proxy
+    /// itself, not intercepted.
+    own: Vec<SocketAddr>,
+    next_upstream: AtomicUsize,
+}
+
+impl DnsProxy {
+    /// Binds every listen address (UDP: `udp_sockets_per_listen` SO_REUSEPORT sockets; TCP: one
+    /// listener), opens the upstream client and starts serving on the current tokio runtime.
+    /// A listen address with port 0 gets one free port shared by its UDP and TCP sockets.
+    pub async fn start<P: DnsPolicy, L: Learner>(
+        config: ProxyConfig,
+        policy: Arc<P>,
+        learner: Arc<L>,
+        original_dst: Option<Arc<dyn OriginalDst>>,
+    ) -> Result<DnsProxy, DnsProxyError> {
+        config.check()?;
+        let metrics = Arc::new(ProxyMetrics::default());
+        let mut udp_groups = Vec::new();
+        let mut tcp_listeners = Vec::new();
+        let mut own = Vec::new();
+        for &addr in &config.listen {
+            let (udp, tcp, bound) = bind_listen(addr, &config)?;
+            udp_groups.push(udp);
+            tcp_listeners.push(tcp);
+            own.push(bound);
+        }
+        if let Some(u) = config.upstreams.iter().find(|u| own.contains(u)) {
+            return Err(DnsProxyError::Config(format!(
+                "upstream {u} is one of the proxy's own listen addresses"
+            )));
+        }
+        let upstream = Upstream::start(
+            config.upstream_udp_sockets,
+            config.upstream_mark,
+            metrics.clone(),
+        )
+        .map_err(DnsProxyError::UpstreamSocket)?;
+        let tcp_limit = Arc::new(Semaphore::new(config.tcp_max_connections));
+        let shared = Arc::new(Shared {
+            config,
+            policy,
+            learner,
+            original_dst,
+            upstream,
+            metrics: metrics.clone(),
+            own: own.clone(),
+            next_upstream: AtomicUsize::new(0),
+        });
+        let mut tasks = Vec::new();
+        for group in udp_groups {
+            for socket in group {
+                let socket = Arc::new(socket);
+                tasks.push(tokio::spawn(serve_udp(shared.clone(), socket)));
+            }
+        }
+        for listener in tcp_listeners {
+            tasks.push(tokio::spawn(serve_tcp(
+                shared.clone(),
+                listener,
+                tcp_limit.clone(),
+            )));
+        }
+        info!(listen = ?own, upstreams = ?shared.config.upstreams, transparent = shared.config.transparent, "DNS proxy serving");
+        Ok(DnsProxy {
+            udp_addrs: own.clone(),
+            tcp_addrs: own,
+            metrics,
+            tasks,
+        })
+    }
+
+    /// The UDP addresses served, one per listen address (ports resolved).
+    pub fn udp_addrs(&self) -> &[SocketAddr] {
+        &self.udp_addrs
+    }
+
+    /// The TCP addresses served, one per listen address (ports resolved).
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp_addrs
+    }
+
+    pub fn metrics(&self) -> Arc<ProxyMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Stops accepting queries.
+    pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+type Bound = (Vec<UdpSocket>, TcpListener, SocketAddr);
+
+fn bind_listen(addr: SocketAddr, config: &ProxyConfig) -> Result<Bound, DnsProxyError> {
+    let listen_err = |transport, addr, source| DnsProxyError::Listen {
+        transport,
+        addr,
+        source,
+    };
+    let attempts = if addr.port() == 0 { PORT_ATTEMPTS } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let first = net::udp_listener(addr, config.transparent)
+            .and_then(UdpSocket::from_std)
+            .map_err(|e| listen_err("udp", addr, e))?;
+        let bound = first.local_addr().map_err(|e| listen_err("udp", addr, e))?;
+        let tcp = match net::tcp_listener(bound, config.transparent) {
+            Ok(t) => t,
+            Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => {
+                last = Some(e);
+                continue;
+            }
+            Err(e) => return Err(listen_err("tcp", bound, e)),
+        };
+        let tcp = TcpListener::from_std(tcp).map_err(|e| listen_err("tcp", bound, e))?;
+        let mut udp = vec![first];
+        for _ in 1..config.udp_sockets_per_listen {
+            let s = net::udp_listener(bound, config.transparent)
+                .and_then(UdpSocket::from_std)
+                .map_err(|e| listen_err("udp", bound, e))?;
+            udp.push(s);
+        }
+        return Ok((udp, tcp, bound));
+    }
+    Err(listen_err(
+        "tcp",
+        addr,
+        last.unwrap_or_else(|| io::Error::other("no free port")),
+    ))
+}
+
+impl<P: DnsPolicy, L: Learner> Shared<P, L> {
+    fn is_own(&self, addr: SocketAddr) -> bool {
+        self.own
+            .iter()
+            .any(|o| o.port() == addr.port() && (o.ip() == addr.ip() || o.ip().is_unspecified()))
+    }
+
+    /// The server a query goes to: the original destination when one is known (the hook's,
+    /// else the socket's in transparent mode, unless the query was sent to the proxy itself),
+    /// else the next configured upstream.
+    fn server_for(
+        &self,
+        client: SocketAddr,
+        received_on: SocketAddr,
+        transport: Transport,
+    ) -> Option<SocketAddr> {
+        let original = self
+            .original_dst
+            .as_ref()
+            .and_then(|h| h.original_dst(client, received_on, transport))
+            .or_else(|| {
+                (self.config.transparent && !self.is_own(received_on)).then_some(received_on)
+            });
+        original.or_else(|| {
+            let ups = &self.config.upstreams;
+            (!ups.is_empty()).then(|| ups[self.next_upstream.fetch_add(1, Relaxed) % ups.len()])
+        })
+    }
+
+    /// One query from bytes to the answer to send (`None`: no reply).
+    async fn handle(
+        &self,
+        bytes: Vec<u8>,
+        client: SocketAddr,
+        received_on: SocketAddr,
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        let q = match parse_client_query(&bytes) {
+            Ok(q) => q,
+            Err(Rejection::Drop(reason)) => {
+                self.metrics.malformed_dropped.fetch_add(1, Relaxed);
+                debug!(%client, transport = transport.as_str(), reason, len = bytes.len(), "dropped a malformed packet");
+                return None;
+            }
+            Err(Rejection::Answer {
+                response,
+                rcode,
+                reason,
+            }) => {
+                self.metrics
+                    .count_query(Verdict::Invalid, Some(u16::from(rcode)));
+                debug!(%client, transport = transport.as_str(), %rcode, reason, "answered a query that is not served");
+                return Some(response);
+            }
+        };
+        let Some(server) = self.server_for(client, received_on, transport) else {
+            self.metrics
+                .count_query(Verdict::Invalid, Some(u16::from(ResponseCode::ServFail)));
+            warn!(%client, "query sent to the proxy itself and no upstream configured");
+            return Some(q.servfail());
+        };
+        let decision = self.policy.check(client, server, transport, &q.qname);
+        let endpoint_id = match decision {
+            Decision::Allow { endpoint_id } => endpoint_id,
+            Decision::Deny { .. } | Decision::UnknownEndpoint => {
+                let rcode = match self.config.reject_code {
+                    RejectCode::Refused => ResponseCode::Refused,
+                    RejectCode::NameError => ResponseCode::NXDomain,
+                };
+                let verdict = if decision == Decision::UnknownEndpoint {
+                    Verdict::UnknownEndpoint
+                } else {
+                    Verdict::Denied
+                };
+                self.metrics.count_query(verdict, Some(u16::from(rcode)));
+                self.observe(
+                    &q,
+                    client,
+                    server,
+                    transport,
+                    decision,
+                    Some(rcode.into()),
+                    None,
+                    Duration::ZERO,
+                );
+                return Some(q.reject(rcode));
+            }
+        };
+        let timeout = self.config.forward_timeout;
+        let answer = match transport {
+            Transport::Udp => self.upstream.udp(server, &q.query, bytes, timeout).await,
+            Transport::Tcp => self.upstream.tcp(server, &q.query, bytes, timeout).await,
+        };
+        let mut answer = match answer {
+            Ok(a) => a,
+            Err(UpstreamError::Timeout) => {
+                self.metrics.upstream_timeouts.fetch_add(1, Relaxed);
+                self.metrics.count_query(Verdict::Allowed, None);
+                debug!(%client, %server, qname = %q.qname, "upstream timeout, no reply");
+                self.observe(
+                    &q,
+                    client,
+                    server,
+                    transport,
+                    decision,
+                    None,
+                    None,
+                    Duration::ZERO,
+                );
+                return None;
+            }
+            Err(UpstreamError::Failed(why)) => {
+                return Some(self.upstream_failed(&q, client, server, transport, decision, &why))
+            }
+        };
+        // Every answer is parsed whole before it reaches a client: a malformed one is a
+        // failure of the upstream, answered SERVFAIL.
+        let msg = match Message::from_vec(&answer) {
+            Ok(m) => m,
+            Err(e) => {
+                let why = format!("malformed answer: {e}");
+                return Some(self.upstream_failed(&q, client, server, transport, decision, &why));
+            }
+        };
+        let rcode = header_rcode(&answer);
+        let learned = if rcode == 0 {
+            extract_learning(&msg, q.query.name(), self.config.min_ttl)
+        } else {
+            None
+        };
+        let mut held = Duration::ZERO;
+        if let Some(learned) = &learned {
+            let ctx = QueryContext {
+                endpoint_id,
+                client,
+                server,
+                transport,
+                qname: q.qname.clone(),
+                qtype: u16::from(q.query.query_type()),
+            };
+            let started = Instant::now();
+            let outcome = tokio::time::timeout(
+                self.config.response_max_delay,
+                self.learner.learn(&ctx, learned.clone()),
+            )
+            .await;
+            held = started.elapsed();
+            self.metrics.hold_time.observe(held);
+            match outcome {
+                Ok(HoldOutcome::Enforceable) => {}
+                Ok(HoldOutcome::Failed(why)) => {
+                    self.metrics.hold_failures.fetch_add(1, Relaxed);
+                    warn!(%client, qname = %q.qname, ips = ?learned.ips, why, "datapath could not take the learned IPs; response released");
+                }
+                Err(_) => {
+                    self.metrics.hold_timeouts.fetch_add(1, Relaxed);
+                    warn!(%client, qname = %q.qname, ips = ?learned.ips, max_delay = ?self.config.response_max_delay, "datapath did not confirm in time; response released");
+                }
+            }
+        }
+        set_id(&mut answer, q.id);
+        self.metrics.count_query(Verdict::Allowed, Some(rcode));
+        self.observe(
+            &q,
+            client,
+            server,
+            transport,
+            decision,
+            Some(rcode),
+            learned,
+            held,
+        );
+        Some(answer)
+    }
+
+    fn upstream_failed(
+        &self,
+        q: &ClientQuery,
+        client: SocketAddr,
+        server: SocketAddr,
+        transport: Transport,
+        decision: Decision,
+        why: &str,
+    ) -> Vec<u8> {
+        self.metrics.upstream_failures.fetch_add(1, Relaxed);
+        self.metrics
+            .count_query(Verdict::Allowed, Some(u16::from(ResponseCode::ServFail)));
+        warn!(%client, %server, qname = %q.qname, why, "upstream failed, answering SERVFAIL");
+        self.observe(
+            q,
+            client,
+            server,
+            transport,
+            decision,
+            Some(u16::from(ResponseCode::ServFail)),
+            None,
+            Duration::ZERO,
+        );
+        q.servfail()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn observe(
+        &self,
+        q: &ClientQuery,
+        client: SocketAddr,
+        server: SocketAddr,
+        transport: Transport,
+        decision: Decision,
+        rcode: Option<u16>,
+        learned: Option<crate::LearnedAnswer>,
+        hold: Duration,
+    ) {
+        self.learner.observe(&QueryEvent {
+            client,
+            server,
+            transport,
+            qname: q.qname.clone(),
+            qtype: u16::from(q.query.query_type()),
+            decision,
+            rcode,
+            learned,
+            hold,
+        });
+    }
+}
+
+async fn serve_udp<P: DnsPolicy, L: Learner>(shared: Arc<Shared<P, L>>, socket: Arc<UdpSocket>) {
+    let local = match socket.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "UDP listener has no local address; not serving it");
+            return;
+        }
+    };
+    let fd = socket.as_raw_fd();
+    let mut buf = vec![0u8; MAX_UDP_QUERY];
+    loop {
+        if let Err(e) = socket.readable().await {
+            warn!(%local, error = %e, "UDP listener failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        loop {
+            let (n, client, dst, truncated) =
+                match socket.try_io(Interest::READABLE, || net::recv_with_dst(fd, &mut buf)) {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        debug!(%local, error = %e, "UDP receive failed");
+                        break;
+                    }
+                };
+            if truncated {
+                shared.metrics.malformed_dropped.fetch_add(1, Relaxed);
+                debug!(%client, "dropped an oversized UDP query");
+                continue;
+            }
+            let received_on = dst.unwrap_or(local);
+            let bytes = buf[..n].to_vec();
+            let shared = shared.clone();
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                let Some(answer) = shared
+                    .handle(bytes, client, received_on, Transport::Udp)
+                    .await
+                else {
+                    return;
+                };
+                let sent = if shared.config.transparent && !shared.is_own(received_on) {
+                    // The client asked another server: the answer must come from that address.
+                    match net::udp_reply_from(received_on).and_then(UdpSocket::from_std) {
+                        Ok(s) => s.send_to(&answer, client).await,
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    socket.send_to(&answer, client).await
+                };
+                if let Err(e) = sent {
+                    debug!(%client, error = %e, "UDP answer not sent");
+                }
+            });
+        }
+    }
+}
+
+async fn serve_tcp<P: DnsPolicy, L: Learner>(
+    shared: Arc<Shared<P, L>>,
+    listener: TcpListener,
+    limit: Arc<Semaphore>,
+) {
+    loop {
+        let (stream, client) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            shared.metrics.tcp_rejected.fetch_add(1, Relaxed);
+            debug!(%client, "TCP connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            shared.metrics.tcp_open.fetch_add(1, Relaxed);
+            serve_tcp_connection(&shared, stream, client).await;
+            shared.metrics.tcp_open.fetch_sub(1, Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+/// Serves one TCP connection: frames are read as they come and each query is answered as soon
+/// as it completes (out of order, RFC 7766 pipelining); at most
+/// `tcp_max_inflight_per_connection` are worked on at once. The connection closes after
+/// `tcp_idle_timeout` without a query and nothing in flight, or when the client closes, once
+/// every answer in flight is written.
+async fn serve_tcp_connection<P: DnsPolicy, L: Learner>(
+    shared: &Arc<Shared<P, L>>,
+    stream: TcpStream,
+    client: SocketAddr,
+) {
+    // With IP_TRANSPARENT, the local address of an accepted connection is its original
+    // destination.
+    let received_on = match stream.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    stream.set_nodelay(true).ok();
+    let (mut reader, writer) = stream.into_split();
+    let writer = Arc::new(Mutex::new(writer));
+    let max_inflight = shared.config.tcp_max_inflight_per_connection;
+    let inflight = Arc::new(Semaphore::new(max_inflight));
+    loop {
+        let len =
+            match tokio::time::timeout(shared.config.tcp_idle_timeout, reader.read_u16()).await {
+                Ok(Ok(len)) => len,
+                Ok(Err(_)) => break, // closed or reset
+                Err(_) if inflight.available_permits() < max_inflight => continue,
+                Err(_) => {
+                    debug!(%client, "TCP connection idle; closing");
+                    break;
+                }
+            };
+        let mut frame = vec![0u8; usize::from(len)];
+        match tokio::time::timeout(TCP_FRAME_TIMEOUT, reader.read_exact(&mut frame)).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                shared.metrics.malformed_dropped.fetch_add(1, Relaxed);
+                debug!(%client, "TCP frame cut short; closing");
+                break;
+            }
+        }
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            break;
+        };
+        let shared = shared.clone();
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            if let Some(answer) = shared
+                .handle(frame, client, received_on, Transport::Tcp)
+                .await
+            {
+                let Ok(len) = u16::try_from(answer.len()) else {
+                    return;
+                };
+                let mut framed = Vec::with_capacity(answer.len() + 2);
+                framed.extend_from_slice(&len.to_be_bytes());
+                framed.extend_from_slice(&answer);
+                let mut w = writer.lock().await;
+                if let Err(e) = w.write_all(&framed).await {
+                    debug!(%client, error = %e, "TCP answer not sent");
+                }
+            }
+            drop(permit);
+        });
+    }
+    // Let the answers in flight go out before the connection closes.
+    let _ = inflight.acquire_many(max_inflight as u32).await;
+    let mut w = writer.lock().await;
+    let _ = w.shutdown().await;
+}

@@ -1,0 +1,332 @@
+//! The upstream client: queries multiplexed by random 16-bit ID over a few unconnected UDP
+//! sockets (random source ports chosen by the kernel at bind), and TCP queries over one
+//! connection each.
+//!
+//! An answer is accepted only from the server that was asked, for an ID outstanding on that
+//! socket, with the same question; anything else is counted and ignored (it may be spoofed or
+//! late). ICMP errors (port unreachable, host unreachable) arrive through IP_RECVERR and fail
+//! exactly the query whose datagram bounced.
+//!
+//! TCP goes one connection per query: TCP queries are rare next to UDP ones (truncated answers,
+//! large records), and a fresh connection keeps the code free of connection-pool state and
+//! head-of-line problems; loopback and LAN resolvers accept connections in microseconds.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::Query;
+use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use crate::message::{answer_key, same_question, set_id};
+use crate::metrics::ProxyMetrics;
+use crate::net;
+
+/// Why an upstream gave no usable answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum UpstreamError {
+    /// No answer within the forward timeout: the client gets no reply and retries.
+    Timeout,
+    /// Anything else (unreachable, refused, malformed): the client gets SERVFAIL.
+    Failed(String),
+}
+
+type Reply = Result<Vec<u8>, String>;
+
+struct Pending {
+    server: SocketAddr,
+    question: Query,
+    token: u64,
+    tx: oneshot::Sender<Reply>,
+}
+
+/// One socket of the pool with the queries outstanding on it, keyed by the ID sent.
+struct Slot {
+    socket: UdpSocket,
+    pending: Mutex<HashMap<u16, Pending>>,
+}
+
+/// UDP sockets of one address family.
+struct Family {
+    slots: Vec<Arc<Slot>>,
+    next: AtomicUsize,
+}
+
+pub(crate) struct Upstream {
+    v4: Option<Family>,
+    v6: Option<Family>,
+    tokens: AtomicU64,
+    mark: Option<u32>,
+    metrics: Arc<ProxyMetrics>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Removes a pending entry when the waiting query goes away (answered, timed out, or its
+/// client vanished), unless the entry already belongs to another query.
+struct PendingGuard<'a> {
+    slot: &'a Slot,
+    id: u16,
+    token: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.slot.pending.lock().expect("pending lock");
+        if pending.get(&self.id).is_some_and(|p| p.token == self.token) {
+            pending.remove(&self.id);
+        }
+    }
+}
+
+impl Upstream {
+    /// Opens `sockets_per_family` UDP sockets per address family (IPv6 best effort: a machine
+    /// without IPv6 gets an IPv4-only client) and starts their receive tasks.
+    pub(crate) fn start(
+        sockets_per_family: usize,
+        mark: Option<u32>,
+        metrics: Arc<ProxyMetrics>,
+    ) -> io::Result<Upstream> {
+        let mut tasks = Vec::new();
+        let mut family = |ipv6: bool| -> io::Result<Family> {
+            let mut slots = Vec::new();
+            for _ in 0..sockets_per_family {
+                let socket = UdpSocket::from_std(net::udp_upstream(ipv6, mark)?)?;
+                let slot = Arc::new(Slot {
+                    socket,
+                    pending: Mutex::new(HashMap::new()),
+                });
+                tasks.push(tokio::spawn(receive_loop(slot.clone(), metrics.clone())));
+                slots.push(slot);
+            }
+            Ok(Family {
+                slots,
+                next: AtomicUsize::new(0),
+            })
+        };
+        let v4 = family(false)?;
+        let v6 = match family(true) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                debug!(error = %e, "no IPv6 upstream sockets");
+                None
+            }
+        };
+        Ok(Upstream {
+            v4: Some(v4),
+            v6,
+            tokens: AtomicU64::new(0),
+            mark,
+            metrics,
+            tasks,
+        })
+    }
+
+    /// Sends `query` (a client's message; its ID is replaced) over UDP to `server` and waits
+    /// for the matching answer, which comes back with the ID as sent (the caller restores the
+    /// client's).
+    pub(crate) async fn udp(
+        &self,
+        server: SocketAddr,
+        question: &Query,
+        mut query: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, UpstreamError> {
+        let family = if server.is_ipv4() { &self.v4 } else { &self.v6 }
+            .as_ref()
+            .ok_or_else(|| UpstreamError::Failed(format!("no socket for {server}")))?;
+        let slot = &family.slots[family.next.fetch_add(1, Relaxed) % family.slots.len()];
+        let token = self.tokens.fetch_add(1, Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut pending = slot.pending.lock().expect("pending lock");
+            if pending.len() >= usize::from(u16::MAX) {
+                return Err(UpstreamError::Failed("every query ID is in use".into()));
+            }
+            let id = loop {
+                let id: u16 = rand::random();
+                if !pending.contains_key(&id) {
+                    break id;
+                }
+            };
+            pending.insert(
+                id,
+                Pending {
+                    server,
+                    question: question.clone(),
+                    token,
+                    tx,
+                },
+            );
+            id
+        };
+        let _guard = PendingGuard { slot, id, token };
+        set_id(&mut query, id);
+        let started = Instant::now();
+        if let Err(e) = slot.socket.send_to(&query, server).await {
+            return Err(UpstreamError::Failed(format!("send to {server}: {e}")));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(answer))) => {
+                self.metrics.upstream_latency.observe(started.elapsed());
+                Ok(answer)
+            }
+            Ok(Ok(Err(e))) => Err(UpstreamError::Failed(e)),
+            Ok(Err(_)) => Err(UpstreamError::Failed("upstream socket closed".into())),
+            Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+
+    /// Sends `query` over a new TCP connection to `server` and reads one answer.
+    pub(crate) async fn tcp(
+        &self,
+        server: SocketAddr,
+        question: &Query,
+        mut query: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, UpstreamError> {
+        let id: u16 = rand::random();
+        set_id(&mut query, id);
+        let started = Instant::now();
+        let exchange = async {
+            let socket = net::tcp_upstream(server, self.mark)
+                .map_err(|e| format!("socket for {server}: {e}"))?;
+            let mut stream = socket
+                .connect(server)
+                .await
+                .map_err(|e| format!("connect to {server}: {e}"))?;
+            let len = u16::try_from(query.len()).map_err(|_| "query longer than 65535 bytes")?;
+            let mut framed = Vec::with_capacity(query.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&query);
+            stream
+                .write_all(&framed)
+                .await
+                .map_err(|e| format!("write to {server}: {e}"))?;
+            loop {
+                let n = stream
+                    .read_u16()
+                    .await
+                    .map_err(|e| format!("read from {server}: {e}"))?;
+                let mut answer = vec![0u8; usize::from(n)];
+                stream
+                    .read_exact(&mut answer)
+                    .await
+                    .map_err(|e| format!("read from {server}: {e}"))?;
+                match answer_key(&answer) {
+                    Some((got, q)) if got == id && same_question(&q, question) => {
+                        return Ok::<_, String>(answer)
+                    }
+                    // A server may send unrelated messages on a connection (RFC 7766 allows
+                    // it); skip them, the timeout bounds the wait.
+                    _ => self.metrics.upstream_mismatches.fetch_add(1, Relaxed),
+                };
+            }
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(answer)) => {
+                self.metrics.upstream_latency.observe(started.elapsed());
+                Ok(answer)
+            }
+            Ok(Err(e)) => Err(UpstreamError::Failed(e)),
+            Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+}
+
+/// Reads answers and ICMP errors of one pooled socket and hands each to the query it belongs to.
+async fn receive_loop(slot: Arc<Slot>, metrics: Arc<ProxyMetrics>) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let ready = match slot
+            .socket
+            .ready(Interest::READABLE | Interest::ERROR)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "upstream socket readiness failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if ready.is_error() {
+            drain_errors(&slot, &mut buf);
+        }
+        if ready.is_readable() || ready.is_read_closed() {
+            loop {
+                match slot.socket.try_recv_from(&mut buf) {
+                    Ok((n, from)) => deliver(&slot, &metrics, &buf[..n], from),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // The pending socket error of an ICMP report: its details are in the
+                    // error queue.
+                    Err(_) => drain_errors(&slot, &mut buf),
+                }
+            }
+        }
+    }
+}
+
+fn deliver(slot: &Slot, metrics: &ProxyMetrics, answer: &[u8], from: SocketAddr) {
+    let Some((id, question)) = answer_key(answer) else {
+        metrics.upstream_mismatches.fetch_add(1, Relaxed);
+        return;
+    };
+    let mut pending = slot.pending.lock().expect("pending lock");
+    let matches = pending
+        .get(&id)
+        .is_some_and(|p| p.server == from && same_question(&p.question, &question));
+    if !matches {
+        drop(pending);
+        metrics.upstream_mismatches.fetch_add(1, Relaxed);
+        debug!(%from, id, "upstream answer matches no outstanding query");
+        return;
+    }
+    let p = pending.remove(&id).expect("checked above");
+    drop(pending);
+    let _ = p.tx.send(Ok(answer.to_vec()));
+}
+
+fn drain_errors(slot: &Slot, buf: &mut [u8]) {
+    let fd = slot.socket.as_raw_fd();
+    loop {
+        match slot
+            .socket
+            .try_io(Interest::ERROR, || net::recv_error(fd, buf))
+        {
+            Ok((dst, n, errno)) => {
+                if n < 2 {
+                    continue;
+                }
+                let id = u16::from_be_bytes([buf[0], buf[1]]);
+                let mut pending = slot.pending.lock().expect("pending lock");
+                if pending.get(&id).is_some_and(|p| p.server == dst) {
+                    let p = pending.remove(&id).expect("checked above");
+                    drop(pending);
+                    let err = io::Error::from_raw_os_error(errno);
+                    let _ = p.tx.send(Err(format!("{dst}: {err}")));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                debug!(error = %e, "reading the upstream error queue failed");
+                return;
+            }
+        }
+    }
+}
