@@ -1,0 +1,1096 @@
+//! The learned state (per endpoint: name → IPs with expiry, zombies) and the name manager
+//! (selectors → names → IPs → one identity per distinct set of matching selectors).
+//!
+//! Why no `lru` or `moka`: both bound a cache by recency or by their own clock and drop
+//! entries on their own schedule. Here an entry may only go when its TTL ends (at the exact
+//! instant, with a change the datapath must apply), when `maxIPsPerHostname` pushes out the
+//! earliest-expiring IP of that one name, or when a user cleans it — and each departure must
+//! produce an ipcache change. `moka` also reads its own clock (time must be an argument here)
+//! and expires lazily; a global LRU bound would silently revoke allows. What fits is a deadline
+//! index: a `BTreeSet` ordered by expiry holding one key per (endpoint, name) at that name's
+//! earliest expiry, so the next deadline is its first element and expiring is popping due
+//! keys — no sweep over the whole cache, one timer in the agent.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use policy::fqdn::DnsName;
+use policy::labels::{Label, LabelSet, SOURCE_FQDN};
+use policy::model::FqdnSelector;
+
+use crate::index::PatternIndex;
+use crate::persist::{EndpointSnapshot, IpSnapshot, NameSnapshot, Snapshot, ZombieSnapshot};
+use crate::time::Timestamp;
+
+/// An endpoint, by the numeric id the policy engine gives it.
+pub type EndpointId = u16;
+
+/// Tunables, from the agent's `dns:` configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// `minTTL`: learned IPs live at least this many seconds. Applied here, so callers pass
+    /// the answer's own TTL (the smallest along the CNAME chain).
+    pub min_ttl: u32,
+    /// `maxIPsPerHostname`: per endpoint and name; the earliest-expiring IPs are evicted
+    /// first. 0 means no limit.
+    pub max_ips_per_hostname: usize,
+    /// How often a zombie's connection is asked about again (seconds, at least 1). The
+    /// connection source may also report closes sooner through
+    /// [`FqdnCache::recheck_zombies`].
+    pub zombie_recheck_secs: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            min_ttl: 0,
+            max_ips_per_hostname: 1000,
+            zombie_recheck_secs: 5,
+        }
+    }
+}
+
+/// One allowed DNS answer, as the proxy extracted it.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer<'a> {
+    pub endpoint: EndpointId,
+    /// The question's name.
+    pub qname: &'a DnsName,
+    /// The CNAME targets followed from the question, in order (may be empty).
+    pub chain: &'a [DnsName],
+    /// A and AAAA addresses at the end of the chain, plus SVCB/HTTPS address hints.
+    pub ips: &'a [IpAddr],
+    /// The smallest TTL along the chain, in seconds (`minTTL` is applied by the cache).
+    pub ttl: u32,
+}
+
+/// Whether an endpoint has an open connection to an IP. The eBPF datapath answers from its
+/// connection-tracking map; the user-space datapath has none ([`NoConnections`]).
+/// A set of `(endpoint, ip)` pairs pushed by the datapath works too.
+pub trait ConnectionSource {
+    fn is_alive(&self, endpoint: EndpointId, ip: IpAddr) -> bool;
+}
+
+/// No connection is ever open: IPs go the moment their last lifetime ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoConnections;
+
+impl ConnectionSource for NoConnections {
+    fn is_alive(&self, _: EndpointId, _: IpAddr) -> bool {
+        false
+    }
+}
+
+impl ConnectionSource for HashSet<(EndpointId, IpAddr)> {
+    fn is_alive(&self, endpoint: EndpointId, ip: IpAddr) -> bool {
+        self.contains(&(endpoint, ip))
+    }
+}
+
+impl<F: Fn(EndpointId, IpAddr) -> bool> ConnectionSource for F {
+    fn is_alive(&self, endpoint: EndpointId, ip: IpAddr) -> bool {
+        self(endpoint, ip)
+    }
+}
+
+/// A node-local FQDN identity as this crate names it: one per distinct set of matching
+/// selectors. The agent asks the policy engine for the numeric identity of its labels
+/// (`Engine::upsert_identity`) when it is added, and keeps the mapping until it is released.
+/// Handles are never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FqdnIdentity(u32);
+
+impl FqdnIdentity {
+    pub fn as_u32(self) -> u32 {
+        self.0
+    }
+}
+
+/// What one operation changed, for the agent to hand to the policy engine and the datapath.
+///
+/// Apply in field order: add identities (`Engine::upsert_identity`, whose map-state diffs go
+/// to the datapath first), then ipcache upserts and deletes (`Engine::upsert_prefix` /
+/// `delete_prefix`), then release identities (`Engine::release_identity`) — so the policy
+/// maps know an identity before any IP carries it, and no IP carries one that is gone.
+/// Upserts and deletes never name the same prefix. Batches must be applied one after another,
+/// not merged.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Changes {
+    pub identities_added: Vec<(FqdnIdentity, LabelSet)>,
+    pub ipcache_upserts: Vec<(IpNet, FqdnIdentity)>,
+    pub ipcache_deletes: Vec<IpNet>,
+    pub identities_released: Vec<FqdnIdentity>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.identities_added.is_empty()
+            && self.ipcache_upserts.is_empty()
+            && self.ipcache_deletes.is_empty()
+            && self.identities_released.is_empty()
+    }
+}
+
+/// Why an IP is in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// Learned from an answer whose TTL has not ended.
+    Lookup,
+    /// TTL ended (or evicted), kept while a connection to it is open.
+    Zombie,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Lookup => "lookup",
+            Source::Zombie => "zombie",
+        }
+    }
+}
+
+/// One row of `fqdn cache list`: the IPs of one name for one endpoint that share an expiry.
+/// For zombies `expires` is when the lookup lifetime ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    pub endpoint: EndpointId,
+    pub name: DnsName,
+    pub ips: Vec<IpAddr>,
+    pub expires: Timestamp,
+    pub source: Source,
+}
+
+/// Counts for `status` and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub endpoints: usize,
+    /// Distinct names with at least one IP (any endpoint).
+    pub names: usize,
+    /// Distinct IPs held under some name.
+    pub ips: usize,
+    /// (endpoint, name, IP) lookup entries.
+    pub entries: usize,
+    /// (endpoint, name, IP) zombie entries.
+    pub zombies: usize,
+    /// FQDN identities in use or preallocated.
+    pub identities: usize,
+    pub selectors: usize,
+}
+
+type NameId = u32;
+type SelId = u32;
+type SetId = u32;
+
+#[derive(Debug)]
+struct NameState {
+    name: DnsName,
+    /// Selectors in force that match the name, sorted.
+    sels: Box<[SelId]>,
+    /// IP → how many endpoints hold (name, IP), as a lookup or a zombie.
+    ips: HashMap<IpAddr, u32>,
+}
+
+#[derive(Debug)]
+struct IpState {
+    /// Names some endpoint holds this IP under.
+    names: Vec<NameId>,
+    identity: Option<SetId>,
+}
+
+#[derive(Debug)]
+struct SetState {
+    sels: Box<[SelId]>,
+    labels: LabelSet,
+    /// IPs whose identity this is.
+    users: u32,
+    /// A single-selector set kept while its selector is in force, so the policy maps already
+    /// have its entries when the first matching answer arrives (the answer then waits only
+    /// for an ipcache write).
+    pinned: bool,
+}
+
+/// The IPs of one (endpoint, name).
+#[derive(Debug, Default)]
+struct Group {
+    ips: Vec<(IpAddr, Timestamp)>,
+    /// The earliest expiry among `ips`: this group's key in the deadline index.
+    deadline: Timestamp,
+}
+
+#[derive(Debug)]
+struct Zombie {
+    /// Names whose lifetime ended, with when it ended.
+    names: Vec<(NameId, Timestamp)>,
+    check_at: Timestamp,
+}
+
+#[derive(Debug, Default)]
+struct EndpointState {
+    groups: HashMap<NameId, Group>,
+    zombies: HashMap<IpAddr, Zombie>,
+}
+
+/// Per-endpoint learned state with its deadline indexes.
+#[derive(Debug, Default)]
+struct Store {
+    endpoints: BTreeMap<EndpointId, EndpointState>,
+    expiry: BTreeSet<(Timestamp, EndpointId, NameId)>,
+    zombie_checks: BTreeSet<(Timestamp, EndpointId, IpAddr)>,
+}
+
+/// The global view: names, IPs, selectors and identities.
+#[derive(Debug, Default)]
+struct Manager {
+    names: Vec<Option<NameState>>,
+    free_names: Vec<NameId>,
+    name_ids: HashMap<DnsName, NameId>,
+    ips: HashMap<IpAddr, IpState>,
+    selectors: BTreeMap<FqdnSelector, SelId>,
+    selector_of: HashMap<SelId, FqdnSelector>,
+    next_sel: SelId,
+    index: PatternIndex,
+    sets: HashMap<SetId, SetState>,
+    set_ids: HashMap<Box<[SelId]>, SetId>,
+    next_set: SetId,
+    pinned: HashMap<SelId, SetId>,
+}
+
+/// What one operation touched; turned into [`Changes`] at its end.
+#[derive(Debug, Default)]
+struct Tx {
+    touched: HashSet<IpAddr>,
+    created: Vec<SetId>,
+    maybe_unused: Vec<SetId>,
+    maybe_free_names: Vec<NameId>,
+}
+
+/// The FQDN cache and name manager. See the crate documentation for the flow.
+#[derive(Debug, Default)]
+pub struct FqdnCache {
+    config: Config,
+    store: Store,
+    mgr: Manager,
+    generation: u64,
+}
+
+impl Manager {
+    fn name(&self, nid: NameId) -> &NameState {
+        self.names[nid as usize]
+            .as_ref()
+            .expect("a held or listed name is interned")
+    }
+
+    fn intern(&mut self, name: &DnsName, tx: &mut Tx) -> NameId {
+        // Freed at the end of the operation if nothing ends up held under it.
+        let nid = match self.name_ids.get(name) {
+            Some(&nid) => nid,
+            None => {
+                let state = NameState {
+                    name: name.clone(),
+                    sels: self.index.matches(name).into_boxed_slice(),
+                    ips: HashMap::new(),
+                };
+                let nid = match self.free_names.pop() {
+                    Some(nid) => {
+                        self.names[nid as usize] = Some(state);
+                        nid
+                    }
+                    None => {
+                        self.names.push(Some(state));
+                        u32::try_from(self.names.len() - 1).expect("fewer than 2^32 names")
+                    }
+                };
+                self.name_ids.insert(name.clone(), nid);
+                nid
+            }
+        };
+        tx.maybe_free_names.push(nid);
+        nid
+    }
+
+    fn hold(&mut self, nid: NameId, ip: IpAddr, tx: &mut Tx) {
+        let state = self.names[nid as usize].as_mut().expect("interned");
+        let count = state.ips.entry(ip).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            self.ips
+                .entry(ip)
+                .or_insert_with(|| IpState {
+                    names: Vec::new(),
+                    identity: None,
+                })
+                .names
+                .push(nid);
+            tx.touched.insert(ip);
+        }
+    }
+
+    fn release(&mut self, nid: NameId, ip: IpAddr, tx: &mut Tx) {
+        let state = self.names[nid as usize].as_mut().expect("interned");
+        let count = state.ips.get_mut(&ip).expect("released IP was held");
+        *count -= 1;
+        if *count == 0 {
+            state.ips.remove(&ip);
+            if state.ips.is_empty() {
+                tx.maybe_free_names.push(nid);
+            }
+            if let Some(ip_state) = self.ips.get_mut(&ip) {
+                ip_state.names.retain(|&n| n != nid);
+            }
+            tx.touched.insert(ip);
+        }
+    }
+
+    fn set_for(&mut self, sels: &[SelId], tx: &mut Tx) -> SetId {
+        if let Some(&id) = self.set_ids.get(sels) {
+            return id;
+        }
+        let id = self.next_set;
+        self.next_set = self.next_set.checked_add(1).expect("identity handles left");
+        let mut labels: Vec<Label> = sels
+            .iter()
+            .map(|s| Label::new(SOURCE_FQDN, &self.selector_of[s].label_value(), ""))
+            .collect();
+        labels.push(Label::reserved("world"));
+        self.sets.insert(
+            id,
+            SetState {
+                sels: sels.into(),
+                labels: LabelSet::new(labels),
+                users: 0,
+                pinned: false,
+            },
+        );
+        self.set_ids.insert(sels.into(), id);
+        tx.created.push(id);
+        id
+    }
+
+    fn finish(&mut self, mut tx: Tx) -> Changes {
+        let mut changes = Changes::default();
+        tx.maybe_free_names.sort_unstable();
+        tx.maybe_free_names.dedup();
+        for nid in tx.maybe_free_names.drain(..) {
+            let unused = self.names[nid as usize]
+                .as_ref()
+                .is_some_and(|s| s.ips.is_empty());
+            if unused {
+                let state = self.names[nid as usize].take().expect("checked");
+                self.name_ids.remove(&state.name);
+                self.free_names.push(nid);
+            }
+        }
+        let mut touched: Vec<IpAddr> = tx.touched.drain().collect();
+        touched.sort_unstable();
+        let mut sels: Vec<SelId> = Vec::new();
+        for ip in touched {
+            let Some(ip_state) = self.ips.get(&ip) else {
+                continue;
+            };
+            sels.clear();
+            for &nid in &ip_state.names {
+                sels.extend_from_slice(&self.name(nid).sels);
+            }
+            sels.sort_unstable();
+            sels.dedup();
+            let old = ip_state.identity;
+            let new = (!sels.is_empty()).then(|| self.set_for(&sels, &mut tx));
+            let ip_state = self.ips.get_mut(&ip).expect("present");
+            if old != new {
+                ip_state.identity = new;
+                if let Some(o) = old {
+                    self.sets.get_mut(&o).expect("in use").users -= 1;
+                    tx.maybe_unused.push(o);
+                }
+                match new {
+                    Some(n) => {
+                        self.sets.get_mut(&n).expect("created").users += 1;
+                        changes
+                            .ipcache_upserts
+                            .push((IpNet::from(ip), FqdnIdentity(n)));
+                    }
+                    None => changes.ipcache_deletes.push(IpNet::from(ip)),
+                }
+            }
+            if ip_state.names.is_empty() {
+                self.ips.remove(&ip);
+            }
+        }
+        for &id in &tx.created {
+            let set = &self.sets[&id];
+            if set.users > 0 || set.pinned {
+                changes
+                    .identities_added
+                    .push((FqdnIdentity(id), set.labels.clone()));
+            }
+        }
+        tx.maybe_unused.sort_unstable();
+        tx.maybe_unused.dedup();
+        for id in tx.maybe_unused {
+            let unused = self
+                .sets
+                .get(&id)
+                .is_some_and(|s| s.users == 0 && !s.pinned);
+            if unused {
+                let set = self.sets.remove(&id).expect("checked");
+                self.set_ids.remove(&set.sels);
+                if !tx.created.contains(&id) {
+                    changes.identities_released.push(FqdnIdentity(id));
+                }
+            }
+        }
+        // Sets created and dropped within this operation never reach the agent.
+        changes
+            .identities_added
+            .retain(|(id, _)| self.sets.contains_key(&id.0));
+        changes
+    }
+}
+
+impl Store {
+    /// The lifetime of (endpoint, name, ip) under a lookup ended at `ended`: the IP becomes a
+    /// zombie if a connection to it is open, else the hold goes.
+    #[allow(clippy::too_many_arguments)]
+    fn end_lifetime(
+        zombies: &mut HashMap<IpAddr, Zombie>,
+        zombie_checks: &mut BTreeSet<(Timestamp, EndpointId, IpAddr)>,
+        mgr: &mut Manager,
+        tx: &mut Tx,
+        (ep, nid, ip): (EndpointId, NameId, IpAddr),
+        ended: Timestamp,
+        now: Timestamp,
+        recheck: u32,
+        conns: &dyn ConnectionSource,
+    ) {
+        if conns.is_alive(ep, ip) {
+            // The hold passes from the lookup to the zombie.
+            let zombie = zombies.entry(ip).or_insert_with(|| {
+                let check_at = now.add_secs(recheck);
+                zombie_checks.insert((check_at, ep, ip));
+                Zombie {
+                    names: Vec::new(),
+                    check_at,
+                }
+            });
+            zombie.names.push((nid, ended));
+        } else {
+            mgr.release(nid, ip, tx);
+        }
+    }
+}
+
+impl FqdnCache {
+    pub fn new(config: Config) -> FqdnCache {
+        FqdnCache {
+            config,
+            ..FqdnCache::default()
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Counts every change to the learned state (learn, clean, eviction, restore; not
+    /// expiry, which restore redoes anyway). The agent saves when it differs from the value
+    /// at its last save (see [`crate::SaveSchedule`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn recheck_secs(&self) -> u32 {
+        self.config.zombie_recheck_secs.max(1)
+    }
+
+    /// Files an allowed answer: its IPs under the question's name and under every name of the
+    /// CNAME chain, for `max(ttl, minTTL)` seconds from `now`. An IP already known for a name
+    /// keeps the later of its two expiries. A name over `maxIPsPerHostname` loses its
+    /// earliest-expiring IPs (on a tie: IPs not in this answer first, then this answer's last
+    /// ones); an evicted IP with an open connection stays as a zombie.
+    /// A lifetime of zero files nothing.
+    pub fn learn(
+        &mut self,
+        answer: &Answer<'_>,
+        now: Timestamp,
+        conns: &dyn ConnectionSource,
+    ) -> Changes {
+        let expires = now.add_secs(answer.ttl.max(self.config.min_ttl));
+        if expires <= now || answer.ips.is_empty() {
+            return Changes::default();
+        }
+        let mut entries: Vec<(IpAddr, Timestamp)> = Vec::with_capacity(answer.ips.len());
+        let mut seen = HashSet::with_capacity(answer.ips.len());
+        for &ip in answer.ips {
+            if seen.insert(ip) {
+                entries.push((ip, expires));
+            }
+        }
+        let mut tx = Tx::default();
+        let mut filed: Vec<&DnsName> = Vec::with_capacity(1 + answer.chain.len());
+        for name in std::iter::once(answer.qname).chain(answer.chain) {
+            if filed.contains(&name) {
+                continue;
+            }
+            filed.push(name);
+            let nid = self.mgr.intern(name, &mut tx);
+            self.file(answer.endpoint, nid, &entries, now, conns, &mut tx);
+        }
+        self.generation += 1;
+        self.mgr.finish(tx)
+    }
+
+    /// Adds `entries` to (endpoint, name), evicting over the limit.
+    fn file(
+        &mut self,
+        ep: EndpointId,
+        nid: NameId,
+        entries: &[(IpAddr, Timestamp)],
+        now: Timestamp,
+        conns: &dyn ConnectionSource,
+        tx: &mut Tx,
+    ) {
+        let recheck = self.recheck_secs();
+        let max = self.config.max_ips_per_hostname;
+        let Store {
+            endpoints,
+            expiry,
+            zombie_checks,
+        } = &mut self.store;
+        let mgr = &mut self.mgr;
+        let EndpointState { groups, zombies } = endpoints.entry(ep).or_default();
+        let group = groups.entry(nid).or_default();
+        let old_deadline = (!group.ips.is_empty()).then_some(group.deadline);
+
+        // Where each IP sits in the group, so a large answer into a large group stays linear.
+        let mut position: HashMap<IpAddr, usize> = group
+            .ips
+            .iter()
+            .enumerate()
+            .map(|(i, (ip, _))| (*ip, i))
+            .collect();
+        let mut in_call: HashMap<IpAddr, usize> = HashMap::with_capacity(entries.len());
+        for (pos, &(ip, exp)) in entries.iter().enumerate() {
+            if exp <= now {
+                continue;
+            }
+            in_call.entry(ip).or_insert(pos);
+            if let Some(&i) = position.get(&ip) {
+                let slot = &mut group.ips[i].1;
+                *slot = (*slot).max(exp);
+                continue;
+            }
+            position.insert(ip, group.ips.len());
+            group.ips.push((ip, exp));
+            // Re-learned under a name it is a zombie for: the zombie's hold becomes the
+            // lookup's. Otherwise a new hold.
+            let mut transferred = false;
+            if let Some(zombie) = zombies.get_mut(&ip) {
+                if let Some(i) = zombie.names.iter().position(|(n, _)| *n == nid) {
+                    zombie.names.swap_remove(i);
+                    transferred = true;
+                    if zombie.names.is_empty() {
+                        zombie_checks.remove(&(zombie.check_at, ep, ip));
+                        zombies.remove(&ip);
+                    }
+                }
+            }
+            if !transferred {
+                mgr.hold(nid, ip, tx);
+            }
+        }
+
+        if max > 0 && group.ips.len() > max {
+            group.ips.sort_by_key(|(ip, exp)| {
+                let pos = in_call.get(ip).copied();
+                (Reverse(*exp), pos.is_none(), pos.unwrap_or(usize::MAX))
+            });
+            for (ip, _) in group.ips.split_off(max) {
+                Store::end_lifetime(
+                    zombies,
+                    zombie_checks,
+                    mgr,
+                    tx,
+                    (ep, nid, ip),
+                    now,
+                    now,
+                    recheck,
+                    conns,
+                );
+            }
+        }
+
+        let new_deadline = group.ips.iter().map(|(_, e)| *e).min();
+        if old_deadline != new_deadline {
+            if let Some(d) = old_deadline {
+                expiry.remove(&(d, ep, nid));
+            }
+            if let Some(d) = new_deadline {
+                expiry.insert((d, ep, nid));
+                group.deadline = d;
+            }
+        }
+        if group.ips.is_empty() {
+            groups.remove(&nid);
+        }
+    }
+
+    /// When [`FqdnCache::expire`] next has work: the earliest lookup expiry or zombie check.
+    pub fn next_expiry(&self) -> Option<Timestamp> {
+        let lookups = self.store.expiry.first().map(|k| k.0);
+        let zombies = self.store.zombie_checks.first().map(|k| k.0);
+        match (lookups, zombies) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Ends every lifetime that is over at `now` (expiry ≤ now) and re-asks about zombies
+    /// whose check is due. An IP with an open connection becomes (or stays) a zombie.
+    pub fn expire(&mut self, now: Timestamp, conns: &dyn ConnectionSource) -> Changes {
+        let recheck = self.recheck_secs();
+        let mut tx = Tx::default();
+        let Store {
+            endpoints,
+            expiry,
+            zombie_checks,
+        } = &mut self.store;
+        let mgr = &mut self.mgr;
+        while let Some(&(deadline, ep, nid)) = expiry.first() {
+            if deadline > now {
+                break;
+            }
+            expiry.pop_first();
+            let EndpointState { groups, zombies } =
+                endpoints.get_mut(&ep).expect("indexed endpoint");
+            let group = groups.get_mut(&nid).expect("indexed group");
+            let mut i = 0;
+            while i < group.ips.len() {
+                let (ip, exp) = group.ips[i];
+                if exp <= now {
+                    group.ips.swap_remove(i);
+                    Store::end_lifetime(
+                        zombies,
+                        zombie_checks,
+                        mgr,
+                        &mut tx,
+                        (ep, nid, ip),
+                        exp,
+                        now,
+                        recheck,
+                        conns,
+                    );
+                } else {
+                    i += 1;
+                }
+            }
+            match group.ips.iter().map(|(_, e)| *e).min() {
+                Some(d) => {
+                    group.deadline = d;
+                    expiry.insert((d, ep, nid));
+                }
+                None => {
+                    groups.remove(&nid);
+                }
+            }
+        }
+        while let Some(&(check_at, ep, ip)) = zombie_checks.first() {
+            if check_at > now {
+                break;
+            }
+            zombie_checks.pop_first();
+            let zombies = &mut endpoints.get_mut(&ep).expect("indexed endpoint").zombies;
+            if conns.is_alive(ep, ip) {
+                let next = now.add_secs(recheck);
+                zombies.get_mut(&ip).expect("indexed zombie").check_at = next;
+                zombie_checks.insert((next, ep, ip));
+            } else {
+                let zombie = zombies.remove(&ip).expect("indexed zombie");
+                for (nid, _) in zombie.names {
+                    mgr.release(nid, ip, &mut tx);
+                }
+            }
+        }
+        self.mgr.finish(tx)
+    }
+
+    /// Asks about every zombie (of one endpoint, or all) now, for a connection source that
+    /// knows connections just closed (e.g. after a conntrack garbage collection).
+    pub fn recheck_zombies(
+        &mut self,
+        endpoint: Option<EndpointId>,
+        conns: &dyn ConnectionSource,
+    ) -> Changes {
+        let mut tx = Tx::default();
+        for (&ep, state) in self.store.endpoints.iter_mut() {
+            if endpoint.is_some_and(|e| e != ep) {
+                continue;
+            }
+            let zombie_checks = &mut self.store.zombie_checks;
+            let mgr = &mut self.mgr;
+            state.zombies.retain(|&ip, zombie| {
+                if conns.is_alive(ep, ip) {
+                    return true;
+                }
+                zombie_checks.remove(&(zombie.check_at, ep, ip));
+                for &(nid, _) in &zombie.names {
+                    mgr.release(nid, ip, &mut tx);
+                }
+                false
+            });
+        }
+        self.mgr.finish(tx)
+    }
+
+    /// Replaces the FQDN selectors in force (`Engine::fqdn_selectors()`). A new selector
+    /// selects already-learned names at once, and its single-selector identity is allocated
+    /// even before any IP needs it; a removed one releases what only it needed.
+    // FqdnSelector's order and hash are those of its text; the regex cache inside it that
+    // clippy sees as mutable takes no part in them.
+    #[allow(clippy::mutable_key_type)]
+    pub fn set_selectors(&mut self, selectors: BTreeSet<FqdnSelector>) -> Changes {
+        let mgr = &mut self.mgr;
+        let removed: Vec<(FqdnSelector, SelId)> = mgr
+            .selectors
+            .iter()
+            .filter(|(s, _)| !selectors.contains(*s))
+            .map(|(s, &id)| (s.clone(), id))
+            .collect();
+        let added: Vec<FqdnSelector> = selectors
+            .into_iter()
+            .filter(|s| !mgr.selectors.contains_key(s))
+            .collect();
+        if removed.is_empty() && added.is_empty() {
+            return Changes::default();
+        }
+        let mut tx = Tx::default();
+        let removed_ids: HashSet<SelId> = removed.iter().map(|(_, id)| *id).collect();
+        for (sel, id) in &removed {
+            mgr.selectors.remove(sel);
+            if let Some(set) = mgr.pinned.remove(id) {
+                mgr.sets.get_mut(&set).expect("pinned set").pinned = false;
+                tx.maybe_unused.push(set);
+            }
+        }
+        let mut added_ids = Vec::with_capacity(added.len());
+        for sel in added {
+            let id = mgr.next_sel;
+            mgr.next_sel = mgr.next_sel.checked_add(1).expect("selector ids left");
+            mgr.selectors.insert(sel.clone(), id);
+            mgr.selector_of.insert(id, sel);
+            added_ids.push(id);
+        }
+        mgr.index = PatternIndex::new(mgr.selectors.iter().map(|(s, &id)| (id, s)));
+        let added_index = PatternIndex::new(added_ids.iter().map(|id| (*id, &mgr.selector_of[id])));
+
+        // One pass over the learned names, each matched against the new selectors only.
+        let mut sels: Vec<SelId> = Vec::new();
+        for state in mgr.names.iter_mut().flatten() {
+            sels.clear();
+            sels.extend(state.sels.iter().filter(|s| !removed_ids.contains(s)));
+            added_index.matches_into(&state.name, &mut sels);
+            sels.sort_unstable();
+            sels.dedup();
+            if sels[..] != state.sels[..] {
+                state.sels = sels.as_slice().into();
+                tx.touched.extend(state.ips.keys());
+            }
+        }
+        for &id in &added_ids {
+            let set = mgr.set_for(&[id], &mut tx);
+            mgr.sets.get_mut(&set).expect("created").pinned = true;
+            mgr.pinned.insert(id, set);
+        }
+        let changes = mgr.finish(tx);
+        for (_, id) in removed {
+            mgr.selector_of.remove(&id);
+        }
+        changes
+    }
+
+    /// Forgets learned entries — lookups and zombies — of one endpoint or all, for names the
+    /// selector matches or all. Their allows go with them.
+    pub fn clean(&mut self, endpoint: Option<EndpointId>, name: Option<&FqdnSelector>) -> Changes {
+        let mut tx = Tx::default();
+        let mgr = &mut self.mgr;
+        let Store {
+            endpoints,
+            expiry,
+            zombie_checks,
+        } = &mut self.store;
+        let mut changed = false;
+        for (&ep, state) in endpoints.iter_mut() {
+            if endpoint.is_some_and(|e| e != ep) {
+                continue;
+            }
+            let wanted =
+                |mgr: &Manager, nid: NameId| name.is_none_or(|f| f.matches(&mgr.name(nid).name));
+            let doomed: Vec<NameId> = state
+                .groups
+                .keys()
+                .copied()
+                .filter(|&nid| wanted(mgr, nid))
+                .collect();
+            for nid in doomed {
+                let group = state.groups.remove(&nid).expect("listed");
+                expiry.remove(&(group.deadline, ep, nid));
+                for (ip, _) in group.ips {
+                    mgr.release(nid, ip, &mut tx);
+                }
+                changed = true;
+            }
+            state.zombies.retain(|&ip, zombie| {
+                zombie.names.retain(|&(nid, _)| {
+                    if wanted(mgr, nid) {
+                        mgr.release(nid, ip, &mut tx);
+                        changed = true;
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if zombie.names.is_empty() {
+                    zombie_checks.remove(&(zombie.check_at, ep, ip));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        if changed {
+            self.generation += 1;
+        }
+        self.mgr.finish(tx)
+    }
+
+    /// Forgets everything of an endpoint that is gone.
+    pub fn remove_endpoint(&mut self, endpoint: EndpointId) -> Changes {
+        let changes = self.clean(Some(endpoint), None);
+        self.store.endpoints.remove(&endpoint);
+        changes
+    }
+
+    /// Rows for `fqdn cache list`, sorted by endpoint, name, source, expiry.
+    pub fn list(
+        &self,
+        endpoint: Option<EndpointId>,
+        name: Option<&FqdnSelector>,
+    ) -> Vec<ListEntry> {
+        let mut rows: BTreeMap<(EndpointId, &DnsName, Source, Timestamp), Vec<IpAddr>> =
+            BTreeMap::new();
+        for (&ep, state) in &self.store.endpoints {
+            if endpoint.is_some_and(|e| e != ep) {
+                continue;
+            }
+            let wanted = |n: &DnsName| name.is_none_or(|f| f.matches(n));
+            for (&nid, group) in &state.groups {
+                let n = &self.mgr.name(nid).name;
+                if wanted(n) {
+                    for &(ip, exp) in &group.ips {
+                        rows.entry((ep, n, Source::Lookup, exp))
+                            .or_default()
+                            .push(ip);
+                    }
+                }
+            }
+            for (&ip, zombie) in &state.zombies {
+                for &(nid, ended) in &zombie.names {
+                    let n = &self.mgr.name(nid).name;
+                    if wanted(n) {
+                        rows.entry((ep, n, Source::Zombie, ended))
+                            .or_default()
+                            .push(ip);
+                    }
+                }
+            }
+        }
+        rows.into_iter()
+            .map(|((endpoint, name, source, expires), mut ips)| {
+                ips.sort_unstable();
+                ListEntry {
+                    endpoint,
+                    name: name.clone(),
+                    ips,
+                    expires,
+                    source,
+                }
+            })
+            .collect()
+    }
+
+    /// The live (lookup) IPs of one endpoint's name with their expiries.
+    pub fn lookup(&self, endpoint: EndpointId, name: &DnsName) -> Vec<(IpAddr, Timestamp)> {
+        let Some(&nid) = self.mgr.name_ids.get(name) else {
+            return Vec::new();
+        };
+        self.store
+            .endpoints
+            .get(&endpoint)
+            .and_then(|s| s.groups.get(&nid))
+            .map(|g| g.ips.clone())
+            .unwrap_or_default()
+    }
+
+    /// Names an IP is held under (any endpoint, lookups and zombies).
+    pub fn names_of(&self, ip: IpAddr) -> Vec<&DnsName> {
+        self.mgr
+            .ips
+            .get(&ip)
+            .map(|s| s.names.iter().map(|&n| &self.mgr.name(n).name).collect())
+            .unwrap_or_default()
+    }
+
+    /// The identity an IP carries in the ipcache, if its names match any selector.
+    pub fn identity_of(&self, ip: IpAddr) -> Option<FqdnIdentity> {
+        self.mgr.ips.get(&ip)?.identity.map(FqdnIdentity)
+    }
+
+    /// The labels of an identity in use or preallocated.
+    pub fn identity_labels(&self, id: FqdnIdentity) -> Option<&LabelSet> {
+        self.mgr.sets.get(&id.0).map(|s| &s.labels)
+    }
+
+    /// Every identity in use or preallocated (unordered).
+    pub fn identities(&self) -> impl Iterator<Item = (FqdnIdentity, &LabelSet)> {
+        self.mgr
+            .sets
+            .iter()
+            .map(|(&id, s)| (FqdnIdentity(id), &s.labels))
+    }
+
+    /// The selectors in force that match a name (through the index).
+    pub fn selectors_matching(&self, name: &DnsName) -> Vec<&FqdnSelector> {
+        self.mgr
+            .index
+            .matches(name)
+            .into_iter()
+            .map(|id| &self.mgr.selector_of[&id])
+            .collect()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut stats = Stats {
+            endpoints: self.store.endpoints.len(),
+            names: self.mgr.name_ids.len(),
+            ips: self.mgr.ips.len(),
+            identities: self.mgr.sets.len(),
+            selectors: self.mgr.selectors.len(),
+            ..Stats::default()
+        };
+        for state in self.store.endpoints.values() {
+            stats.entries += state.groups.values().map(|g| g.ips.len()).sum::<usize>();
+            stats.zombies += state.zombies.values().map(|z| z.names.len()).sum::<usize>();
+        }
+        stats
+    }
+
+    /// The learned state for persistence. `endpoint_key` names each endpoint in a way that
+    /// survives a restart (the configured endpoint name); endpoints without one are skipped.
+    pub fn snapshot(&self, endpoint_key: impl Fn(EndpointId) -> Option<String>) -> Snapshot {
+        let mut endpoints = Vec::new();
+        for (&ep, state) in &self.store.endpoints {
+            let Some(key) = endpoint_key(ep) else {
+                continue;
+            };
+            let mut names: Vec<NameSnapshot> = state
+                .groups
+                .iter()
+                .map(|(&nid, g)| {
+                    let mut ips: Vec<IpSnapshot> = g
+                        .ips
+                        .iter()
+                        .map(|&(ip, expires)| IpSnapshot { ip, expires })
+                        .collect();
+                    ips.sort_by_key(|e| e.ip);
+                    NameSnapshot {
+                        name: self.mgr.name(nid).name.as_str().to_string(),
+                        ips,
+                    }
+                })
+                .collect();
+            names.sort_by(|a, b| a.name.cmp(&b.name));
+            let mut zombies: Vec<ZombieSnapshot> = state
+                .zombies
+                .iter()
+                .flat_map(|(&ip, z)| z.names.iter().map(move |&(nid, ended)| (ip, nid, ended)))
+                .map(|(ip, nid, ended)| ZombieSnapshot {
+                    ip,
+                    name: self.mgr.name(nid).name.as_str().to_string(),
+                    expired: ended,
+                })
+                .collect();
+            zombies.sort_by(|a, b| (&a.name, a.ip).cmp(&(&b.name, b.ip)));
+            if names.is_empty() && zombies.is_empty() {
+                continue;
+            }
+            endpoints.push(EndpointSnapshot {
+                endpoint: key,
+                names,
+                zombies,
+            });
+        }
+        endpoints.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+        Snapshot::new(endpoints)
+    }
+
+    /// Takes back a persisted state (before the proxy answers its first query). Entries
+    /// expired at `now` are dropped; endpoints `resolve` does not know are skipped; the limit
+    /// per name applies. Zombies come back as zombies to be re-checked at the first
+    /// [`FqdnCache::expire`] (their connections may have ended while the agent was down).
+    pub fn restore(
+        &mut self,
+        snapshot: &Snapshot,
+        resolve: impl Fn(&str) -> Option<EndpointId>,
+        now: Timestamp,
+    ) -> Changes {
+        let mut tx = Tx::default();
+        let mut entries: Vec<(IpAddr, Timestamp)> = Vec::new();
+        for ep_snap in &snapshot.endpoints {
+            let Some(ep) = resolve(&ep_snap.endpoint) else {
+                continue;
+            };
+            for name_snap in &ep_snap.names {
+                entries.clear();
+                entries.extend(
+                    name_snap
+                        .ips
+                        .iter()
+                        .filter(|e| e.expires > now)
+                        .map(|e| (e.ip, e.expires)),
+                );
+                if entries.is_empty() {
+                    continue;
+                }
+                let nid = self.mgr.intern(&DnsName::new(&name_snap.name), &mut tx);
+                self.file(ep, nid, &entries, now, &NoConnections, &mut tx);
+            }
+            for z in &ep_snap.zombies {
+                let nid = self.mgr.intern(&DnsName::new(&z.name), &mut tx);
+                let state = self.store.endpoints.entry(ep).or_default();
+                let live = state
+                    .groups
+                    .get(&nid)
+                    .is_some_and(|g| g.ips.iter().any(|(ip, _)| *ip == z.ip));
+                let zombie = state.zombies.entry(z.ip).or_insert_with(|| {
+                    self.store.zombie_checks.insert((now, ep, z.ip));
+                    Zombie {
+                        names: Vec::new(),
+                        check_at: now,
+                    }
+                });
+                if live || zombie.names.iter().any(|(n, _)| *n == nid) {
+                    if zombie.names.is_empty() {
+                        self.store.zombie_checks.remove(&(now, ep, z.ip));
+                        state.zombies.remove(&z.ip);
+                    }
+                    continue;
+                }
+                zombie.names.push((nid, z.expired));
+                self.mgr.hold(nid, z.ip, &mut tx);
+            }
+        }
+        self.generation += 1;
+        self.mgr.finish(tx)
+    }
+}

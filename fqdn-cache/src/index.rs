@@ -1,0 +1,280 @@
+//! Which FQDN selectors match a name, without trying every selector.
+//!
+//! A policy set may carry ten thousand `toFQDNs` selectors, and every learned name must be
+//! matched against all of them (on each DNS answer, and again for every learned name when the
+//! selectors change). Trying each selector's regular expression in turn would cost ten thousand
+//! regex runs per answer. The index sorts selectors by shape instead:
+//!
+//! - `matchName` and wildcard-free patterns: one hash lookup of the whole name;
+//! - `*` and friends (every name): a list that always matches;
+//! - `*.<suffix>` and `**.<suffix>` with a literal suffix (the common forms): a trie keyed by
+//!   the suffix's labels from the right, so a name walks down its own labels and meets only
+//!   the patterns whose suffix it ends with;
+//! - everything else (`*` inside a label, `a.**.b`, ...): hung on the trie node of its longest
+//!   literal label suffix and confirmed with [`FqdnPattern::matches`], after a cheap label-count
+//!   check. Only patterns with no literal last label at all are tried against every name.
+//!
+//! The answers are exactly those of [`FqdnSelector::matches`]; the property tests hold the
+//! index to that.
+
+use std::collections::HashMap;
+
+use policy::fqdn::{DnsName, FqdnPattern};
+use policy::model::FqdnSelector;
+
+/// Characters a `*` may stand for inside one label (the semantics of `matchPattern`).
+fn is_label_char(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+}
+
+/// A label `*` can match: zero or more label characters.
+fn star_matches(label: &str) -> bool {
+    label.bytes().all(is_label_char)
+}
+
+/// A label one step of a leading `**.` can match: one or more label characters.
+fn double_star_step_matches(label: &str) -> bool {
+    !label.is_empty() && star_matches(label)
+}
+
+/// An index of FQDN selectors, each under a caller-chosen `u32` id.
+#[derive(Debug, Default, Clone)]
+pub struct PatternIndex {
+    exact: HashMap<String, Vec<u32>>,
+    match_all: Vec<u32>,
+    root: Node,
+    len: usize,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Node {
+    /// Keyed by the next label to the left.
+    children: HashMap<Box<str>, Node>,
+    /// `*.S` where S is this node's suffix: exactly one more label, `[-a-z0-9_]*`.
+    one_label: Vec<u32>,
+    /// `**.S`: one or more more labels, each `[-a-z0-9_]+`.
+    many_labels: Vec<u32>,
+    /// Other wildcard patterns whose longest literal label suffix is S.
+    other: Vec<OtherPattern>,
+}
+
+#[derive(Debug, Clone)]
+struct OtherPattern {
+    id: u32,
+    pattern: FqdnPattern,
+    /// Labels of the pattern. Without a leading `**.` a name must have exactly this many
+    /// (a `*` never crosses a dot); with it, at least this many.
+    labels: usize,
+    leading_double_star: bool,
+}
+
+/// Labels of a name or pattern in normal form, left to right. The root `.` is one empty label.
+fn labels(normal_form: &str) -> Vec<&str> {
+    normal_form
+        .strip_suffix('.')
+        .unwrap_or(normal_form)
+        .split('.')
+        .collect()
+}
+
+impl PatternIndex {
+    /// Builds the index. Ids need not be distinct from the caller's point of view, but each
+    /// `(id, selector)` pair is reported once per match.
+    pub fn new<'a>(selectors: impl IntoIterator<Item = (u32, &'a FqdnSelector)>) -> Self {
+        let mut index = PatternIndex::default();
+        for (id, sel) in selectors {
+            index.insert(id, sel);
+        }
+        index
+    }
+
+    /// Adds one selector.
+    pub fn insert(&mut self, id: u32, selector: &FqdnSelector) {
+        self.len += 1;
+        let pattern = match selector {
+            FqdnSelector::MatchName(name) => {
+                self.exact
+                    .entry(name.as_str().to_string())
+                    .or_default()
+                    .push(id);
+                return;
+            }
+            FqdnSelector::MatchPattern(p) => p,
+        };
+        if pattern.is_match_all() {
+            self.match_all.push(id);
+            return;
+        }
+        if pattern.is_exact() {
+            self.exact
+                .entry(pattern.as_str().to_string())
+                .or_default()
+                .push(id);
+            return;
+        }
+        let labels = labels(pattern.as_str());
+        // The literal suffix: whole labels from the right without a star.
+        let literal = labels.iter().rev().take_while(|l| !l.contains('*')).count();
+        let first_literal = labels.len() - literal;
+        let node = self.node_mut(&labels[first_literal..]);
+        let first = labels[0];
+        if first_literal == 1 && first == "**" {
+            node.many_labels.push(id);
+        } else if first_literal == 1 && first.bytes().all(|b| b == b'*') {
+            node.one_label.push(id);
+        } else {
+            node.other.push(OtherPattern {
+                id,
+                pattern: pattern.clone(),
+                labels: labels.len(),
+                leading_double_star: first == "**",
+            });
+        }
+    }
+
+    fn node_mut(&mut self, suffix: &[&str]) -> &mut Node {
+        let mut node = &mut self.root;
+        for label in suffix.iter().rev() {
+            node = node.children.entry(Box::from(*label)).or_default();
+        }
+        node
+    }
+
+    /// Number of selectors indexed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends the ids of every selector that matches `name` to `out` (in no particular order;
+    /// an id inserted twice is reported twice).
+    pub fn matches_into(&self, name: &DnsName, out: &mut Vec<u32>) {
+        let text = name.as_str();
+        out.extend_from_slice(&self.match_all);
+        if let Some(ids) = self.exact.get(text) {
+            out.extend_from_slice(ids);
+        }
+        let labels = labels(text);
+        // labels[..rem] can all be steps of a leading `**.` iff rem <= first_bad.
+        let first_bad = labels
+            .iter()
+            .position(|l| !double_star_step_matches(l))
+            .unwrap_or(labels.len());
+        let mut node = &self.root;
+        let mut rem = labels.len();
+        loop {
+            if rem == 1 && star_matches(labels[0]) {
+                out.extend_from_slice(&node.one_label);
+            }
+            if rem >= 1 && rem <= first_bad {
+                out.extend_from_slice(&node.many_labels);
+            }
+            for other in &node.other {
+                let count_fits = if other.leading_double_star {
+                    labels.len() >= other.labels
+                } else {
+                    labels.len() == other.labels
+                };
+                if count_fits && other.pattern.matches(name) {
+                    out.push(other.id);
+                }
+            }
+            if rem == 0 {
+                break;
+            }
+            match node.children.get(labels[rem - 1]) {
+                Some(child) => {
+                    node = child;
+                    rem -= 1;
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// The ids of every selector that matches `name`, sorted and de-duplicated.
+    pub fn matches(&self, name: &DnsName) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.matches_into(name, &mut out);
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(s: &str) -> FqdnSelector {
+        if let Some(name) = s.strip_prefix('=') {
+            FqdnSelector::MatchName(DnsName::parse_match_name(name).unwrap())
+        } else {
+            FqdnSelector::MatchPattern(FqdnPattern::parse(s).unwrap())
+        }
+    }
+
+    fn index(specs: &[&str]) -> (PatternIndex, Vec<FqdnSelector>) {
+        let sels: Vec<FqdnSelector> = specs.iter().map(|s| sel(s)).collect();
+        let idx = PatternIndex::new(sels.iter().enumerate().map(|(i, s)| (i as u32, s)));
+        (idx, sels)
+    }
+
+    fn linear(sels: &[FqdnSelector], name: &DnsName) -> Vec<u32> {
+        (0..sels.len() as u32)
+            .filter(|&i| sels[i as usize].matches(name))
+            .collect()
+    }
+
+    #[test]
+    fn every_shape_agrees_with_the_selectors() {
+        let (idx, sels) = index(&[
+            "=www.example.com",
+            "www.example.com",
+            "*.example.com",
+            "**.example.com",
+            "*example.com",
+            "*.ci*.io",
+            "a.**.com",
+            "api-*.example.com",
+            "*",
+            "**.*",
+            "foo.*",
+            "***.example.com",
+            "**.**.example.com",
+        ]);
+        assert_eq!(idx.len(), sels.len());
+        for name in [
+            "www.example.com",
+            "example.com",
+            "myexample.com",
+            "a.b.example.com",
+            "api-1.example.com",
+            "a.cilium.io",
+            "a.b.com",
+            "a.b.c.com",
+            "foo.bar",
+            ".",
+            ".example.com",
+            "a..example.com",
+            "A_B.example.com",
+            "x y.example.com",
+            "com",
+        ] {
+            let n = DnsName::new(name);
+            assert_eq!(idx.matches(&n), linear(&sels, &n), "{name}");
+        }
+    }
+
+    #[test]
+    fn suffix_patterns_do_not_reach_unrelated_names() {
+        let (idx, _) = index(&["*.example.com", "**.example.org"]);
+        assert_eq!(idx.matches(&DnsName::new("a.example.com")), vec![0]);
+        assert_eq!(idx.matches(&DnsName::new("a.b.example.org")), vec![1]);
+        assert!(idx.matches(&DnsName::new("example.org")).is_empty());
+        assert!(idx.matches(&DnsName::new("a.example.net")).is_empty());
+    }
+}
