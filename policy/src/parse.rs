@@ -27,7 +27,7 @@ use common::{check_object_name, Scope};
 /// plain rule list). All problems are collected. `file` is used verbatim in diagnostics and
 /// `Policy::file`.
 pub fn parse_policies(file: &str, text: &str) -> Result<Vec<Policy>, Vec<Diagnostic>> {
-    let mut d = Decoder::new(file);
+    let mut d = Decoder::new(file).with_case_insensitive_fields();
     let docs = match load_documents(text) {
         Ok(docs) => docs,
         Err((span, message)) => {
@@ -194,6 +194,11 @@ fn object(d: &mut Decoder, doc: &Node, file: &Arc<str>) -> Option<Policy> {
     }
     let (name, namespace) = metadata(d, &mut m, kind);
     m.ignore("status");
+    // Several of Cilium's own examples put a `description` beside `spec`; the API server
+    // drops it and it carries no policy, so it is accepted (checked to be a string) there.
+    if let Some(n) = m.take_some("description") {
+        d.expect_str(n, &root.key("description"));
+    }
     let scope = Scope {
         kind,
         namespace: namespace.clone(),

@@ -455,6 +455,7 @@ impl fmt::Display for Path {
 pub struct Decoder {
     file: Arc<str>,
     diagnostics: Vec<Diagnostic>,
+    fold_case: bool,
 }
 
 impl Decoder {
@@ -462,7 +463,16 @@ impl Decoder {
         Decoder {
             file: Arc::from(file),
             diagnostics: Vec::new(),
+            fold_case: false,
         }
+    }
+
+    /// Field names match regardless of ASCII case when no exact match exists, as Go's
+    /// `encoding/json` (and so Cilium's own policy decoding) does: `HTTP:` reads as `http:`.
+    /// Off by default (configuration files want exact camelCase keys).
+    pub fn with_case_insensitive_fields(mut self) -> Decoder {
+        self.fold_case = true;
+        self
     }
 
     pub fn file(&self) -> &Arc<str> {
@@ -520,8 +530,13 @@ impl Decoder {
     /// A `null` node reads as an empty map.
     pub fn expect_map<'n>(&mut self, node: &'n Node, path: &Path) -> Option<MapReader<'n>> {
         match &node.value {
-            Value::Map(entries) => Some(MapReader::new(node.span, entries, path.clone())),
-            Value::Null => Some(MapReader::new(node.span, &[], path.clone())),
+            Value::Map(entries) => Some(MapReader::new(
+                node.span,
+                entries,
+                path.clone(),
+                self.fold_case,
+            )),
+            Value::Null => Some(MapReader::new(node.span, &[], path.clone(), self.fold_case)),
             _ => {
                 self.type_error(node, path, "a map");
                 None
@@ -681,17 +696,36 @@ pub struct MapReader<'n> {
     taken: Vec<bool>,
     known: Vec<&'static str>,
     path: Path,
+    fold_case: bool,
+    dup_case: Vec<(Span, &'static str)>,
 }
 
 impl<'n> MapReader<'n> {
-    fn new(span: Span, entries: &'n [(Node, Node)], path: Path) -> MapReader<'n> {
+    fn new(span: Span, entries: &'n [(Node, Node)], path: Path, fold_case: bool) -> MapReader<'n> {
         MapReader {
             span,
             entries,
             taken: vec![false; entries.len()],
             known: Vec::new(),
             path,
+            fold_case,
+            dup_case: Vec::new(),
         }
+    }
+
+    /// Index of field `name`: the exact key, else (when folding case) the first untaken key
+    /// equal ignoring ASCII case.
+    fn position(&self, name: &str) -> Option<usize> {
+        let exact = self
+            .entries
+            .iter()
+            .position(|(k, _)| k.as_str() == Some(name));
+        if exact.is_some() || !self.fold_case {
+            return exact;
+        }
+        self.entries
+            .iter()
+            .position(|(k, _)| k.as_str().is_some_and(|k| k.eq_ignore_ascii_case(name)))
     }
 
     /// Where the map starts.
@@ -714,10 +748,16 @@ impl<'n> MapReader<'n> {
         if !self.known.contains(&name) {
             self.known.push(name);
         }
-        let i = self
-            .entries
-            .iter()
-            .position(|(k, _)| k.as_str() == Some(name))?;
+        let i = self.position(name)?;
+        if self.fold_case {
+            // `http` and `HTTP` in one map would be the same field twice.
+            for (j, (k, _)) in self.entries.iter().enumerate() {
+                if j != i && k.as_str().is_some_and(|k| k.eq_ignore_ascii_case(name)) {
+                    self.taken[j] = true;
+                    self.dup_case.push((k.span, name));
+                }
+            }
+        }
         self.taken[i] = true;
         Some(&self.entries[i].1)
     }
@@ -729,15 +769,12 @@ impl<'n> MapReader<'n> {
 
     /// Whether field `name` is present (without taking it).
     pub fn has(&self, name: &str) -> bool {
-        self.entries.iter().any(|(k, _)| k.as_str() == Some(name))
+        self.position(name).is_some()
     }
 
     /// The key node of field `name`, for errors that are about the field itself.
     pub fn key_span(&self, name: &str) -> Option<Span> {
-        self.entries
-            .iter()
-            .find(|(k, _)| k.as_str() == Some(name))
-            .map(|(k, _)| k.span)
+        self.position(name).map(|i| self.entries[i].0.span)
     }
 
     /// Takes a field without reading it: accepted and ignored.
@@ -777,6 +814,13 @@ impl<'n> MapReader<'n> {
     /// As [`MapReader::finish`], with a custom message for some unknown fields
     /// (e.g. "toFQDNs is not allowed in egressDeny").
     pub fn finish_with(self, d: &mut Decoder, explain: impl Fn(&str) -> Option<String>) {
+        for (span, name) in &self.dup_case {
+            d.error(
+                *span,
+                &self.path.key(name),
+                format!("field `{name}` is given twice (field names are compared ignoring case)"),
+            );
+        }
         for (k, _) in self.untaken() {
             let name = match &k.value {
                 Value::Str(s) => s.clone(),

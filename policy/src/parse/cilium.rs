@@ -41,6 +41,7 @@ const MAX_ICMP_FIELDS: usize = 40;
 ///   whose sections are all empty), so that example stopped doing what its documentation says;
 ///   upstream now writes it `egress: [{}]`. Its own NetworkPolicy translation
 ///   (pkg/k8s/network_policy.go) produces `[{}]` for exactly this reason.
+///
 /// fqdnwall follows the documented intent, which fails closed: an empty or null section
 /// enforces its direction and allows nothing. `egress: [{}]` does the same (a `{}` element
 /// names no peer and no port, so it selects nothing: `Peers::Selectors(vec![])`).
@@ -294,7 +295,12 @@ fn peer_rule(
         }
         if let Some(n) = m.take_some(name) {
             if n.as_seq().is_some_and(|s| !s.is_empty()) {
-                if let Some(first) = members.first() {
+                // CIDR and CIDRSet are one kind of peer (Cilium's documentation: "Overlaps
+                // are allowed between ToCIDR and ToCIDRSet", and its cidr example combines
+                // them), so they may appear together.
+                let same_kind =
+                    |a: &str, b: &str| a.trim_end_matches("Set") == b.trim_end_matches("Set");
+                if let Some(first) = members.iter().find(|f| !same_kind(f, name)) {
                     m.error_at(
                         d,
                         name,
@@ -862,10 +868,7 @@ pub(crate) fn parse_port(d: &mut Decoder, node: &Node, path: &Path) -> Option<Po
                 d.error(node.span, path, format!("invalid port {s:?}: leading zeros are ambiguous (Cilium would read it as octal)"));
                 return None;
             }
-            match s.parse::<i64>() {
-                Ok(i) => i,
-                Err(_) => i64::MAX,
-            }
+            s.parse::<i64>().unwrap_or(i64::MAX)
         }
         _ => {
             d.error(

@@ -110,6 +110,15 @@ fn match_expression(
         }
         None => Vec::new(),
     };
+    // Operators are compared ignoring case, as Cilium's selector conversion does
+    // (`strings.ToLower(operator)`); some of its examples write `in`.
+    let op = match op {
+        o if o.eq_ignore_ascii_case("In") => "In",
+        o if o.eq_ignore_ascii_case("NotIn") => "NotIn",
+        o if o.eq_ignore_ascii_case("Exists") => "Exists",
+        o if o.eq_ignore_ascii_case("DoesNotExist") => "DoesNotExist",
+        o => o,
+    };
     let op = match op {
         "In" | "NotIn" => {
             if values.is_empty() {
