@@ -326,7 +326,11 @@ mod tests {
         assert_eq!(q.id, 7);
         assert_eq!(q.qname.as_str(), "www.example.com.");
         let refused_bytes = q.reject(ResponseCode::Refused);
-        assert_eq!(refused_bytes[12..], bytes[12..], "question echoed byte for byte");
+        assert_eq!(
+            refused_bytes[12..],
+            bytes[12..],
+            "question echoed byte for byte"
+        );
         let refused = Message::from_vec(&refused_bytes).unwrap();
         assert_eq!(refused.id, 7);
         assert_eq!(refused.response_code, ResponseCode::Refused);

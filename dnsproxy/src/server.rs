@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
 use tokio::io::Interest;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinHandle;
@@ -28,8 +28,6 @@ use crate::{net, DnsProxyError};
 
 /// Largest UDP query read; larger datagrams are truncated by the kernel and dropped.
 const MAX_UDP_QUERY: usize = 4096;
-/// How long the rest of a TCP frame may take once its length arrived.
-const TCP_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts at finding one free port for UDP and TCP when a listen address has port 0.
 const PORT_ATTEMPTS: usize = 16;
 
@@ -527,31 +525,32 @@ async fn serve_tcp_connection<P: DnsPolicy, L: Learner>(
     let writer = Arc::new(Mutex::new(writer));
     let max_inflight = shared.config.tcp_max_inflight_per_connection;
     let inflight = Arc::new(Semaphore::new(max_inflight));
+    let idle = shared.config.tcp_idle_timeout;
+    // Last query read or answer written: the idle timeout counts from there.
+    let last_activity = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let mut frames = FrameReader::default();
     loop {
-        let len =
-            match tokio::time::timeout(shared.config.tcp_idle_timeout, reader.read_u16()).await {
-                Ok(Ok(len)) => len,
-                Ok(Err(_)) => break, // closed or reset
-                Err(_) if inflight.available_permits() < max_inflight => continue,
-                Err(_) => {
-                    debug!(%client, "TCP connection idle; closing");
-                    break;
+        let deadline = *last_activity.lock().expect("activity lock") + idle;
+        let frame = match tokio::time::timeout_at(deadline.into(), frames.next(&mut reader)).await {
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) | Ok(Err(_)) => break, // closed or reset
+            Err(_) => {
+                let busy = inflight.available_permits() < max_inflight;
+                let quiet_since = *last_activity.lock().expect("activity lock");
+                if busy || quiet_since.elapsed() < idle {
+                    continue;
                 }
-            };
-        let mut frame = vec![0u8; usize::from(len)];
-        match tokio::time::timeout(TCP_FRAME_TIMEOUT, reader.read_exact(&mut frame)).await {
-            Ok(Ok(_)) => {}
-            _ => {
-                shared.metrics.malformed_dropped.fetch_add(1, Relaxed);
-                debug!(%client, "TCP frame cut short; closing");
+                debug!(%client, "TCP connection idle; closing");
                 break;
             }
-        }
+        };
+        *last_activity.lock().expect("activity lock") = Instant::now();
         let Ok(permit) = inflight.clone().acquire_owned().await else {
             break;
         };
         let shared = shared.clone();
         let writer = writer.clone();
+        let last_activity = last_activity.clone();
         tokio::spawn(async move {
             if let Some(answer) = shared
                 .handle(frame, client, received_on, Transport::Tcp)
@@ -567,6 +566,7 @@ async fn serve_tcp_connection<P: DnsPolicy, L: Learner>(
                 if let Err(e) = w.write_all(&framed).await {
                     debug!(%client, error = %e, "TCP answer not sent");
                 }
+                *last_activity.lock().expect("activity lock") = Instant::now();
             }
             drop(permit);
         });
@@ -575,4 +575,34 @@ async fn serve_tcp_connection<P: DnsPolicy, L: Learner>(
     let _ = inflight.acquire_many(max_inflight as u32).await;
     let mut w = writer.lock().await;
     let _ = w.shutdown().await;
+}
+
+/// Splits a TCP byte stream into length-prefixed DNS messages. Cancel-safe: bytes read before
+/// a timeout stay buffered for the next call.
+#[derive(Default)]
+struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// The next whole frame; `None` when the peer closed (a partial frame at close is
+    /// dropped).
+    async fn next<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> io::Result<Option<Vec<u8>>> {
+        loop {
+            if self.buf.len() >= 2 {
+                let len = usize::from(u16::from_be_bytes([self.buf[0], self.buf[1]]));
+                if self.buf.len() >= 2 + len {
+                    let frame = self.buf[2..2 + len].to_vec();
+                    self.buf.drain(..2 + len);
+                    return Ok(Some(frame));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = r.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
 }
