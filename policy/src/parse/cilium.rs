@@ -711,7 +711,7 @@ fn port_rule(
 ) -> Option<PortRule> {
     let before = d.error_count();
     let mut m = d.expect_map(node, path)?;
-    let mut ports: Vec<(PortProtocol, Span)> = Vec::new();
+    let mut ports: Vec<(PortProtocol, Span, Path)> = Vec::new();
     if let Some(n) = m.take_some("ports") {
         let p = path.key("ports");
         if let Some(items) = d.expect_seq(n, &p) {
@@ -724,7 +724,7 @@ fn port_rule(
             }
             for (i, item) in items.iter().enumerate() {
                 if let Some(pp) = port_protocol(d, item, &p.index(i)) {
-                    ports.push((pp, item.span));
+                    ports.push((pp, item.span, p.index(i)));
                 }
             }
         }
@@ -788,7 +788,7 @@ fn port_rule(
         return None;
     }
     Some(PortRule {
-        ports: ports.into_iter().map(|(p, _)| p).collect(),
+        ports: ports.into_iter().map(|(p, _, _)| p).collect(),
         l7,
         server_names,
     })
@@ -933,7 +933,7 @@ fn l7_rules(
     path: &Path,
     dir: Direction,
     ctx: &RuleCtx,
-    ports: &[(PortProtocol, Span)],
+    ports: &[(PortProtocol, Span, Path)],
 ) -> Option<L7Rules> {
     let before = d.error_count();
     let mut m = d.expect_map(node, path)?;
@@ -983,22 +983,22 @@ fn l7_rules(
         d.error(key_span, &kpath, "DNS rules are not allowed on ingress");
     }
     // Port checks of Cilium's PortRule.Validate / PortProtocol.Validate.
-    for (pp, span) in ports {
+    for (pp, span, ppath) in ports {
         if pp.port == Port::Any {
             d.error(
                 *span,
-                path,
+                ppath,
                 "L7 rules cannot be used when a port is 0 (every port)",
             );
         }
         if kind == "dns" {
             if pp.end_port.is_some() {
-                d.error(*span, path, "DNS rules do not support port ranges");
+                d.error(*span, ppath, "DNS rules do not support port ranges");
             }
         } else if pp.protocol != Protocol::Tcp {
             d.error(
                 *span,
-                path,
+                ppath,
                 format!(
                     "{kind} rules only apply to TCP ports (not {}); set `protocol: TCP`",
                     pp.protocol.as_str()

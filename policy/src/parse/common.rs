@@ -445,7 +445,7 @@ mod tests {
         assert!(sel("matchExpressions:\n- {key: env, operator: In}\n").is_err());
         assert!(sel("matchExpressions:\n- {key: env, operator: Exists, values: [x]}\n").is_err());
         let e = sel("matchExpressions:\n- {key: env, operator: Like, values: [x]}\n").unwrap_err();
-        assert_eq!(e, vec!["t:2:28: s.matchExpressions[0].operator: unknown operator \"Like\"; expected In, NotIn, Exists or DoesNotExist"]);
+        assert_eq!(e, vec!["t:2:24: s.matchExpressions[0].operator: unknown operator \"Like\"; expected In, NotIn, Exists or DoesNotExist"]);
         let e = sel("matchLabels: {app: 'has space'}\n").unwrap_err();
         assert!(e[0].contains("invalid label value"), "{e:?}");
         assert!(sel("{}").unwrap().is_wildcard());
