@@ -311,7 +311,7 @@ fn range_of(c: &IpNet) -> (IpNet, IpNet) {
 }
 
 /// Every prefix containing `n` (itself included), from `/0` up.
-fn supernets(n: &IpNet) -> impl Iterator<Item = IpNet> + '_ {
+pub(crate) fn supernets_of(n: &IpNet) -> impl Iterator<Item = IpNet> + '_ {
     (0..=n.prefix_len()).map(move |len| match n {
         IpNet::V4(v) => IpNet::V4(Ipv4Net::new(v.network(), len).expect("len").trunc()),
         IpNet::V6(v) => IpNet::V6(Ipv6Net::new(v.network(), len).expect("len").trunc()),
@@ -465,7 +465,7 @@ impl SelectorCache {
         self.label_sels.for_candidates(&f.labels, &mut check);
         self.entity_sels.iter().for_each(|&s| check(s));
         for n in &f.nets {
-            for sup in supernets(n) {
+            for sup in supernets_of(n) {
                 if let Some(list) = self.cidr_sels.get(&sup) {
                     list.iter().for_each(|&s| check(s));
                 }
