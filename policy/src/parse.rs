@@ -50,23 +50,14 @@ pub fn parse_policies(file: &str, text: &str) -> Result<Vec<Policy>, Vec<Diagnos
                     policies.push(p);
                 }
             }
+            Value::Map(_) if is_list_object(doc) => {
+                for p in list_object(&mut d, doc, &file_arc) {
+                    push_unique(&mut d, &mut policies, p, &Path::root());
+                }
+            }
             Value::Map(_) => {
-                if let Some(p) = object(&mut d, doc, &file_arc) {
-                    if let Some(prev) = policies.iter().find(|q| {
-                        q.kind == p.kind && q.namespace == p.namespace && q.name == p.name
-                    }) {
-                        d.error(
-                            p.span,
-                            &Path::root().key("metadata").key("name"),
-                            format!(
-                                "{} {} is defined twice in this file (first at line {})",
-                                p.kind.as_str(),
-                                p.display_name(),
-                                prev.span.line
-                            ),
-                        );
-                    }
-                    policies.push(p);
+                if let Some(p) = object(&mut d, doc, &file_arc, &Path::root()) {
+                    push_unique(&mut d, &mut policies, p, &Path::root());
                 }
             }
             other => d.error(
@@ -80,6 +71,63 @@ pub fn parse_policies(file: &str, text: &str) -> Result<Vec<Policy>, Vec<Diagnos
         }
     }
     d.finish(policies)
+}
+
+fn push_unique(d: &mut Decoder, policies: &mut Vec<Policy>, p: Policy, root: &Path) {
+    if let Some(prev) = policies
+        .iter()
+        .find(|q| q.kind == p.kind && q.namespace == p.namespace && q.name == p.name)
+    {
+        d.error(
+            p.span,
+            &root.key("metadata").key("name"),
+            format!(
+                "{} {} is defined twice in this file (first at line {})",
+                p.kind.as_str(),
+                p.display_name(),
+                prev.span.line
+            ),
+        );
+    }
+    policies.push(p);
+}
+
+/// `kind: List` (`apiVersion: v1`), what `kubectl get ... -o yaml` prints for several objects.
+fn is_list_object(doc: &Node) -> bool {
+    doc.get("kind").and_then(Node::as_str) == Some("List")
+}
+
+fn list_object(d: &mut Decoder, doc: &Node, file: &Arc<str>) -> Vec<Policy> {
+    let root = Path::root();
+    let mut out = Vec::new();
+    let Some(mut m) = d.expect_map(doc, &root) else {
+        return out;
+    };
+    m.ignore("kind");
+    if let Some(api) = m.take_some("apiVersion") {
+        if let Some(s) = d.expect_str(api, &root.key("apiVersion")) {
+            if s != "v1" {
+                d.error(
+                    api.span,
+                    &root.key("apiVersion"),
+                    format!("apiVersion {s} is not valid for kind List; expected v1"),
+                );
+            }
+        }
+    }
+    m.ignore("metadata");
+    if let Some(items) = m.take_some("items") {
+        let p = root.key("items");
+        if let Some(items) = d.expect_seq(items, &p) {
+            for (i, item) in items.iter().enumerate() {
+                if let Some(pol) = object(d, item, file, &p.index(i)) {
+                    out.push(pol);
+                }
+            }
+        }
+    }
+    m.finish(d);
+    out
 }
 
 /// Reads and parses a file from disk (an I/O error is one diagnostic at 0:0 naming the OS
@@ -138,9 +186,9 @@ const CILIUM_API: &str = "cilium.io/v2";
 const NETWORKING_API: &str = "networking.k8s.io/v1";
 
 /// One Kubernetes object document.
-fn object(d: &mut Decoder, doc: &Node, file: &Arc<str>) -> Option<Policy> {
+fn object(d: &mut Decoder, doc: &Node, file: &Arc<str>, root: &Path) -> Option<Policy> {
     let before = d.error_count();
-    let root = Path::root();
+    let root = root.clone();
     let mut m = d.expect_map(doc, &root)?;
     let kind_node = m.take_some("kind");
     let api_node = m.take_some("apiVersion");
@@ -192,7 +240,7 @@ fn object(d: &mut Decoder, doc: &Node, file: &Arc<str>) -> Option<Policy> {
             }
         }
     }
-    let (name, namespace) = metadata(d, &mut m, kind);
+    let (name, namespace) = metadata(d, &mut m, kind, &root);
     m.ignore("status");
     // Several of Cilium's own examples put a `description` beside `spec`; the API server
     // drops it and it carries no policy, so it is accepted (checked to be a string) there.
@@ -264,8 +312,8 @@ fn metadata(
     d: &mut Decoder,
     m: &mut MapReader<'_>,
     kind: PolicyKind,
+    root: &Path,
 ) -> (Option<String>, Option<String>) {
-    let root = Path::root();
     let Some(md) = m.require(d, "metadata") else {
         return (None, kind.is_namespaced().then(|| "default".to_string()));
     };

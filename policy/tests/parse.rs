@@ -631,3 +631,18 @@ fn everything_file() {
     assert_eq!(p[1].kind, PolicyKind::CiliumClusterwideNetworkPolicy);
     assert_eq!(p[2].kind, PolicyKind::NetworkPolicy);
 }
+
+#[test]
+fn kubectl_list_output() {
+    let p = parse("apiVersion: v1\nkind: List\nmetadata: {resourceVersion: ''}\nitems:\n- apiVersion: cilium.io/v2\n  kind: CiliumNetworkPolicy\n  metadata: {name: a, namespace: x}\n  spec: {endpointSelector: {}, ingress: [{}]}\n- apiVersion: networking.k8s.io/v1\n  kind: NetworkPolicy\n  metadata: {name: b, namespace: y}\n  spec: {podSelector: {}}\n");
+    assert_eq!(p.len(), 2);
+    assert_eq!(p[0].display_name(), "x/a");
+    assert_eq!(p[1].display_name(), "y/b");
+    assert_eq!(p[1].span, Span::new(9, 3));
+    let e = parse_policies(
+        "l.yaml",
+        "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n",
+    )
+    .unwrap_err();
+    assert_eq!(e[0].to_string(), "l.yaml:5:9: items[0].kind: kind Service is not a policy kind (expected CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy)");
+}
