@@ -1559,3 +1559,6 @@ impl Engine {
         c
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,966 @@
+//! Engine tests: semantics per feature, and incremental computation checked against full
+//! recomputation (same engine, and a fresh engine built from the final state).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use super::*;
+use crate::identity::{IdentityAllocator, LOCAL_IDENTITY_FLAG};
+use crate::ipcache::Ipcache;
+use crate::labels::{Label, LabelSet, NAMESPACE_LABEL};
+use crate::mapstate::LookupVerdict;
+use crate::model::{Endpoint, Policy, Protocol};
+use crate::parse::parse_policies;
+
+pub(crate) const PORTS: ProxyPorts = ProxyPorts {
+    dns: 10053,
+    http: 10080,
+    kafka: 10090,
+};
+
+pub(crate) fn engine() -> Engine {
+    Engine::new(IdentityAllocator::new(), PORTS)
+}
+
+pub(crate) fn pols(file: &str, yaml: &str) -> Vec<Policy> {
+    parse_policies(file, yaml).unwrap_or_else(|d| {
+        panic!(
+            "{}",
+            d.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })
+}
+
+pub(crate) fn ep(id: u16, name: &str, ns: &str, labels: &[(&str, &str)], ips: &[&str]) -> Endpoint {
+    let mut v: Vec<Label> = labels.iter().map(|(k, v)| Label::k8s(k, v)).collect();
+    v.push(Label::k8s(NAMESPACE_LABEL, ns));
+    Endpoint {
+        id,
+        name: name.to_string(),
+        labels: LabelSet::new(v),
+        ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+        named_ports: BTreeMap::new(),
+        is_host: false,
+    }
+}
+
+pub(crate) fn host(id: u16, labels: &[(&str, &str)], ips: &[&str]) -> Endpoint {
+    Endpoint {
+        id,
+        name: "host".into(),
+        labels: LabelSet::new(labels.iter().map(|(k, v)| Label::k8s(k, v)).collect()),
+        ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+        named_ports: BTreeMap::new(),
+        is_host: true,
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn look(
+    e: &Engine,
+    ep: u16,
+    dir: Direction,
+    peer: u32,
+    proto: Protocol,
+    port: u16,
+) -> LookupVerdict {
+    e.map_state(ep)
+        .unwrap()
+        .lookup(peer, dir, proto.number(), port)
+        .verdict
+}
+
+fn id_of(e: &Engine, ep: u16) -> u32 {
+    e.endpoint_identity(ep).unwrap()
+}
+
+use Direction::{Egress, Ingress};
+use LookupVerdict::{Allow, Deny, NoMatch};
+
+/// Every endpoint's stored map equals a from-scratch computation, selector users are right,
+/// and the ipcache holds exactly what its sources say.
+pub(crate) fn verify(e: &Engine) {
+    for (id, st) in &e.endpoints {
+        let pol = e.build_policy(&st.ep, None);
+        let full = e.ctx().full_map(&st.ep, &pol);
+        assert!(
+            st.map == full,
+            "endpoint {id}: incremental map differs from full recomputation: {:?}",
+            st.map.diff(&full)
+        );
+        for dir in DIRS {
+            for s in pol.get(dir).by_selector.keys() {
+                assert!(
+                    e.selector_users[s].contains(id),
+                    "selector {s} misses user {id}"
+                );
+            }
+        }
+    }
+    let mut want = Ipcache::new();
+    want.upsert("0.0.0.0/0".parse().unwrap(), reserved::WORLD_IPV4);
+    want.upsert("::/0".parse().unwrap(), reserved::WORLD_IPV6);
+    for (p, pp) in &e.policy_prefixes {
+        if let Some(id) = pp.identity {
+            want.upsert(*p, id);
+        }
+    }
+    for (p, id) in &e.fqdn_prefixes {
+        want.upsert(*p, *id);
+    }
+    for (p, id) in &e.ep_prefixes {
+        want.upsert(*p, *id);
+    }
+    assert_eq!(e.ipcache, want, "ipcache");
+}
+
+/// What a datapath holds after applying every `Changes` in order.
+#[derive(Default)]
+pub(crate) struct Mirror {
+    maps: BTreeMap<u16, MapState>,
+    ipcache: Ipcache,
+}
+
+impl Mirror {
+    pub(crate) fn new(e: &Engine) -> Mirror {
+        Mirror {
+            maps: BTreeMap::new(),
+            ipcache: e.ipcache.clone(),
+        }
+    }
+
+    pub(crate) fn apply(&mut self, c: &Changes) {
+        for (ep, d) in &c.maps {
+            let m = self.maps.entry(*ep).or_default();
+            for k in &d.deletes {
+                assert!(m.remove(k).is_some(), "delete of absent key {k:?}");
+            }
+            for (k, v) in &d.adds {
+                assert!(m.get(k) != Some(v), "no-op upsert of {k:?}");
+                m.insert(*k, v.clone());
+            }
+        }
+        for (p, id) in &c.ipcache_upserts {
+            self.ipcache.upsert(*p, *id);
+        }
+        for p in &c.ipcache_deletes {
+            assert!(self.ipcache.remove(p).is_some());
+        }
+        self.maps.retain(|_, m| !m.is_empty());
+    }
+
+    pub(crate) fn check(&self, e: &Engine) {
+        let mut n = 0;
+        for (id, st) in &e.endpoints {
+            if st.map.is_empty() {
+                continue;
+            }
+            n += 1;
+            let m = self.maps.get(id).cloned().unwrap_or_default();
+            assert!(
+                m == st.map,
+                "endpoint {id}: diffs do not add up: {:?}",
+                m.diff(&st.map)
+            );
+        }
+        assert_eq!(n, self.maps.len(), "maps of removed endpoints linger");
+        assert_eq!(self.ipcache, e.ipcache);
+    }
+}
+
+// ---------------------------------------------------------------- semantics per feature
+
+const WEB_DB: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+"#;
+
+#[test]
+fn l3_l4_allow_and_default_deny() {
+    let mut e = engine();
+    let mut m = Mirror::new(&e);
+    m.apply(&e.upsert_endpoint(ep(1, "web", "prod", &[("app", "web")], &["10.0.0.1"])));
+    m.apply(&e.upsert_endpoint(ep(2, "db", "prod", &[("app", "db")], &["10.0.0.2"])));
+    m.apply(&e.upsert_endpoint(ep(3, "web-dev", "dev", &[("app", "web")], &["10.0.0.3"])));
+    m.apply(&e.set_policies("db.yaml", pols("db.yaml", WEB_DB)));
+    m.check(&e);
+    verify(&e);
+    let (web, webdev) = (id_of(&e, 1), id_of(&e, 3));
+    assert_eq!(
+        e.enforcement(2),
+        Some(PerDir {
+            ingress: true,
+            egress: false
+        })
+    );
+    assert_eq!(
+        e.enforcement(1),
+        Some(PerDir {
+            ingress: false,
+            egress: false
+        })
+    );
+    assert_eq!(look(&e, 2, Ingress, web, Protocol::Tcp, 5432), Allow);
+    assert_eq!(look(&e, 2, Ingress, web, Protocol::Tcp, 5433), NoMatch);
+    assert_eq!(look(&e, 2, Ingress, web, Protocol::Udp, 5432), NoMatch);
+    // Namespaced: web in another namespace is not selected.
+    assert_eq!(look(&e, 2, Ingress, webdev, Protocol::Tcp, 5432), NoMatch);
+    assert_eq!(
+        look(&e, 2, Ingress, reserved::WORLD, Protocol::Tcp, 5432),
+        NoMatch
+    );
+    // Egress not enforced: allow-all entry.
+    assert_eq!(
+        look(&e, 2, Egress, reserved::WORLD, Protocol::Udp, 9),
+        Allow
+    );
+    let l = e.map_state(2).unwrap().lookup(web, Ingress, 6, 5432);
+    assert_eq!(&*l.entry.unwrap().rules[0].policy, "prod/db");
+    assert_eq!(&*l.entry.unwrap().rules[0].file, "db.yaml");
+
+    // A new web endpoint in prod with new labels: only its identity's entries appear in db.
+    let c = e.upsert_endpoint(ep(
+        4,
+        "web2",
+        "prod",
+        &[("app", "web"), ("v", "2")],
+        &["10.0.0.4"],
+    ));
+    m.apply(&c);
+    m.check(&e);
+    let web2 = id_of(&e, 4);
+    let db_diff = &c.maps.iter().find(|(id, _)| *id == 2).unwrap().1;
+    assert!(db_diff.deletes.is_empty());
+    assert!(db_diff.adds.iter().all(|(k, _)| k.identity == web2));
+    assert_eq!(look(&e, 2, Ingress, web2, Protocol::Tcp, 5432), Allow);
+    // Removing the policy lifts enforcement everywhere.
+    m.apply(&e.set_policies("db.yaml", vec![]));
+    m.check(&e);
+    verify(&e);
+    assert_eq!(look(&e, 2, Ingress, web, Protocol::Tcp, 1), Allow);
+    assert_eq!(e.map_state(2).unwrap().len(), 2);
+    assert!(e.selector_cache().is_empty());
+}
+
+#[test]
+fn deny_wins_across_policies_and_kinds() {
+    let mut e = engine();
+    let mut m = Mirror::new(&e);
+    m.apply(&e.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &["10.0.0.1"])));
+    m.apply(&e.upsert_endpoint(ep(2, "b", "x", &[("app", "b")], &["10.0.0.2"])));
+    m.apply(&e.set_policies(
+        "allow.yaml",
+        pols(
+            "allow.yaml",
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: allow-all-ingress, namespace: x}
+spec:
+  endpointSelector: {}
+  ingress: [{fromEntities: [all]}]
+"#,
+        ),
+    ));
+    m.apply(&e.set_policies(
+        "deny.yaml",
+        pols(
+            "deny.yaml",
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: no-b-to-a}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: b}}]
+    toPorts: [{ports: [{port: "8000", endPort: 8100, protocol: TCP}]}]
+"#,
+        ),
+    ));
+    m.check(&e);
+    verify(&e);
+    let b = id_of(&e, 2);
+    assert_eq!(look(&e, 1, Ingress, b, Protocol::Tcp, 8050), Deny);
+    assert_eq!(look(&e, 1, Ingress, b, Protocol::Tcp, 8101), Allow);
+    assert_eq!(look(&e, 1, Ingress, b, Protocol::Udp, 8050), Allow);
+    assert_eq!(
+        look(&e, 1, Ingress, reserved::WORLD, Protocol::Tcp, 8050),
+        Allow
+    );
+    let l = e.map_state(1).unwrap().lookup(b, Ingress, 6, 8050);
+    assert_eq!(&*l.entry.unwrap().rules[0].policy, "no-b-to-a");
+    assert_eq!(
+        l.entry.unwrap().rules[0].kind,
+        crate::model::PolicyKind::CiliumClusterwideNetworkPolicy
+    );
+}
+
+#[test]
+fn deny_only_policy_enforces_but_enable_default_deny_false_does_not() {
+    let mut e = engine();
+    e.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &[]));
+    e.set_policies(
+        "p.yaml",
+        pols(
+            "p.yaml",
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: soft, namespace: x}
+spec:
+  endpointSelector: {}
+  enableDefaultDeny: {egress: false}
+  egress:
+  - toEntities: [world]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+  egressDeny:
+  - toCIDR: [192.0.2.0/24]
+"#,
+        ),
+    );
+    verify(&e);
+    assert_eq!(
+        e.enforcement(1),
+        Some(PerDir {
+            ingress: false,
+            egress: false
+        })
+    );
+    assert_eq!(
+        look(&e, 1, Egress, reserved::WORLD_IPV4, Protocol::Udp, 53),
+        Allow
+    );
+    let bad = e.ipcache().identity_of(ip("192.0.2.7"));
+    assert_eq!(look(&e, 1, Egress, bad, Protocol::Tcp, 443), Deny);
+    // Without the opt-out the deny section alone puts egress into default deny.
+    e.set_policies(
+        "p.yaml",
+        pols(
+            "p.yaml",
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: hard, namespace: x}
+spec:
+  endpointSelector: {}
+  egressDeny: [{toCIDR: [192.0.2.0/24]}]
+"#,
+        ),
+    );
+    verify(&e);
+    assert_eq!(
+        e.enforcement(1),
+        Some(PerDir {
+            ingress: false,
+            egress: true
+        })
+    );
+    assert_eq!(
+        look(&e, 1, Egress, reserved::WORLD_IPV4, Protocol::Udp, 53),
+        NoMatch
+    );
+    assert_eq!(e.enforcing_rules(1, Egress).len(), 1);
+}
+
+#[test]
+fn cidr_except_and_world_through_the_ipcache() {
+    let mut e = engine();
+    let mut m = Mirror::new(&e);
+    m.apply(&e.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &["10.9.0.1"])));
+    let c = e.set_policies(
+        "p.yaml",
+        pols(
+            "p.yaml",
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: out, namespace: x}
+spec:
+  endpointSelector: {}
+  egress:
+  - toCIDRSet: [{cidr: 0.0.0.0/0, except: [10.0.0.0/8]}]
+    toPorts: [{ports: [{port: "443"}]}]
+  - toCIDR: [10.1.0.0/16]
+"#,
+        ),
+    );
+    assert!(c.prefixes_changed);
+    assert_eq!(c.identities_added.len(), 2);
+    m.apply(&c);
+    m.check(&e);
+    verify(&e);
+    let v = |e: &Engine, a: &str, proto, port| {
+        look(e, 1, Egress, e.ipcache().identity_of(ip(a)), proto, port)
+    };
+    assert_eq!(v(&e, "8.8.8.8", Protocol::Tcp, 443), Allow);
+    assert_eq!(v(&e, "8.8.8.8", Protocol::Udp, 443), Allow);
+    assert_eq!(v(&e, "8.8.8.8", Protocol::Sctp, 443), Allow);
+    assert_eq!(v(&e, "8.8.8.8", Protocol::Tcp, 80), NoMatch);
+    assert_eq!(v(&e, "10.2.0.1", Protocol::Tcp, 443), NoMatch);
+    assert_eq!(v(&e, "10.1.0.1", Protocol::Tcp, 22), Allow);
+    assert_eq!(v(&e, "10.1.0.1", Protocol::Icmp, 8), Allow);
+    // The endpoint's own address is the endpoint, not a CIDR: not selected by toCIDR.
+    assert_eq!(e.ipcache().identity_of(ip("10.9.0.1")), id_of(&e, 1));
+    assert_eq!(v(&e, "10.9.0.1", Protocol::Tcp, 443), NoMatch);
+    // An FQDN-learned address inside 10.1/16 carries that prefix as a label.
+    let labels = e.fqdn_identity_labels(&[], ip("10.1.2.3"));
+    assert!(labels
+        .labels()
+        .contains(&Label::new("cidr", "10.1.0.0/16", "")));
+    assert!(labels
+        .labels()
+        .contains(&Label::new("cidr", "10.0.0.0/8", "")));
+    assert!(labels
+        .labels()
+        .contains(&Label::new("cidr", "0.0.0.0/0", "")));
+    let (fid, c) = e.upsert_identity(labels);
+    m.apply(&c);
+    m.apply(&e.upsert_prefix("10.1.2.3/32".parse().unwrap(), fid));
+    m.check(&e);
+    assert_eq!(v(&e, "10.1.2.3", Protocol::Tcp, 22), Allow);
+    // Policy gone: prefixes and their identities leave; the learned prefix stays.
+    let c = e.set_policies("p.yaml", vec![]);
+    assert_eq!(c.identities_removed.len(), 2);
+    m.apply(&c);
+    m.check(&e);
+    verify(&e);
+    assert_eq!(e.ipcache().len(), 4);
+}
+
+const FQDN_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: fqdn, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toEndpoints: [{matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, k8s-app: kube-dns}}]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules: {dns: [{matchPattern: "*.example.com"}]}
+  - toFQDNs: [{matchPattern: "*.example.com"}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+"#;
+
+fn fqdn_labels(sels: &[&str]) -> LabelSet {
+    let mut v: Vec<Label> = sels.iter().map(|s| Label::new("fqdn", s, "")).collect();
+    v.push(Label::reserved("world"));
+    LabelSet::new(v)
+}
+
+#[test]
+fn fqdn_identity_is_incremental() {
+    let mut e = engine();
+    let mut m = Mirror::new(&e);
+    for i in 0..5u16 {
+        m.apply(&e.upsert_endpoint(ep(
+            i + 1,
+            &format!("a{i}"),
+            "x",
+            &[("app", "a"), ("i", &i.to_string())],
+            &[],
+        )));
+    }
+    m.apply(&e.upsert_endpoint(ep(
+        9,
+        "dns",
+        "kube-system",
+        &[("k8s-app", "kube-dns")],
+        &["10.96.0.10"],
+    )));
+    m.apply(&e.set_policies("f.yaml", pols("f.yaml", FQDN_POLICY)));
+    m.check(&e);
+    let sel: Vec<String> = e.fqdn_selectors().iter().map(|s| s.label_value()).collect();
+    assert_eq!(sel, vec!["*.example.com.".to_string()]);
+    let (fid, c) = e.upsert_identity(fqdn_labels(&["*.example.com."]));
+    assert!(fid & LOCAL_IDENTITY_FLAG != 0);
+    assert_eq!(c.identities_added, vec![fid]);
+    // Exactly one new entry per selecting endpoint.
+    assert_eq!(c.maps.len(), 5);
+    for (_, d) in &c.maps {
+        assert_eq!(d.deletes.len(), 0);
+        assert_eq!(d.adds.len(), 1);
+        let (k, v) = &d.adds[0];
+        assert_eq!(
+            (k.identity, k.direction, k.protocol, k.port, k.prefix_len),
+            (fid, Egress, 6, 443, 16)
+        );
+        assert!(!v.deny && v.proxy_port == 0);
+    }
+    m.apply(&c);
+    m.apply(&e.upsert_prefix("93.184.216.34/32".parse().unwrap(), fid));
+    m.check(&e);
+    verify(&e);
+    let dst = e.ipcache().identity_of(ip("93.184.216.34"));
+    assert_eq!(dst, fid);
+    assert_eq!(look(&e, 1, Egress, dst, Protocol::Tcp, 443), Allow);
+    assert_eq!(look(&e, 1, Egress, dst, Protocol::Tcp, 80), NoMatch);
+    // An identity nobody selects changes no map.
+    let (other, c) = e.upsert_identity(fqdn_labels(&["other.org."]));
+    assert!(c.maps.is_empty());
+    // A second user: no change; releasing once: no change; last release: entries go.
+    let (again, c) = e.upsert_identity(fqdn_labels(&["*.example.com."]));
+    assert_eq!((again, c.is_empty()), (fid, true));
+    assert!(e.release_identity(fid).is_empty());
+    m.apply(&e.delete_prefix("93.184.216.34/32".parse().unwrap()));
+    let c = e.release_identity(fid);
+    assert_eq!(c.identities_removed, vec![fid]);
+    assert_eq!(c.maps.len(), 5);
+    assert!(c
+        .maps
+        .iter()
+        .all(|(_, d)| d.adds.is_empty() && d.deletes.len() == 1));
+    m.apply(&c);
+    m.apply(&e.release_identity(other));
+    m.check(&e);
+    verify(&e);
+}
+
+#[test]
+fn dns_rules_for_semantics() {
+    let mut e = engine();
+    e.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &[]));
+    e.upsert_endpoint(ep(2, "b", "x", &[("app", "b")], &[]));
+    e.upsert_endpoint(ep(
+        9,
+        "dns",
+        "kube-system",
+        &[("k8s-app", "kube-dns")],
+        &["10.96.0.10"],
+    ));
+    e.set_policies("f.yaml", pols("f.yaml", FQDN_POLICY));
+    let dns = id_of(&e, 9);
+    let yes = DnsName::new("api.example.com");
+    let no = DnsName::new("example.org");
+    let v = e.dns_rules_for(1, dns, 53, Protocol::Udp).unwrap();
+    assert!(matches!(
+        v,
+        DnsVerdict::Rules {
+            allow_all: false,
+            ..
+        }
+    ));
+    assert!(v.allows(&yes) && !v.allows(&no));
+    assert_eq!(&*v.matching_rule(&yes).unwrap().policy, "x/fqdn");
+    assert!(e
+        .dns_rules_for(1, dns, 53, Protocol::Tcp)
+        .unwrap()
+        .allows(&yes));
+    // Another server: not allowed at L3 (egress enforced).
+    let v = e
+        .dns_rules_for(1, reserved::WORLD_IPV4, 53, Protocol::Udp)
+        .unwrap();
+    assert!(matches!(&v, DnsVerdict::Denied { rules } if rules.len() == 1));
+    // No policy for b: every name, still learned.
+    assert_eq!(
+        e.dns_rules_for(2, dns, 53, Protocol::Udp),
+        Some(DnsVerdict::Unrestricted)
+    );
+    assert_eq!(e.dns_rules_for(77, dns, 53, Protocol::Udp), None);
+    // An L4-only allow of the same server and port ORs in every name; the redirect stays.
+    e.set_policies(
+        "g.yaml",
+        pols(
+            "g.yaml",
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: dns-l4, namespace: x}
+spec:
+  endpointSelector: {}
+  egress:
+  - toEndpoints: [{matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system}}]
+    toPorts: [{ports: [{port: "53", protocol: UDP}]}]
+"#,
+        ),
+    );
+    verify(&e);
+    let v = e.dns_rules_for(1, dns, 53, Protocol::Udp).unwrap();
+    assert!(matches!(
+        v,
+        DnsVerdict::Rules {
+            allow_all: true,
+            ..
+        }
+    ));
+    assert!(v.allows(&no));
+    let l = e.map_state(1).unwrap().lookup(dns, Egress, 17, 53);
+    assert_eq!(l.proxy_port, PORTS.dns);
+    assert_eq!(l.entry.unwrap().rules.len(), 2);
+    // TCP is not covered by the L4-only rule: the DNS rules alone decide.
+    assert!(!e
+        .dns_rules_for(1, dns, 53, Protocol::Tcp)
+        .unwrap()
+        .allows(&no));
+    // For b (only the L4 rule) there is no redirect: unrestricted.
+    assert_eq!(
+        e.dns_rules_for(2, dns, 53, Protocol::Udp),
+        Some(DnsVerdict::Unrestricted)
+    );
+}
+
+#[test]
+fn l7_redirects_and_l4_lifts() {
+    let mut e = engine();
+    e.upsert_endpoint(ep(1, "api", "x", &[("app", "api")], &[]));
+    e.upsert_endpoint(ep(2, "c", "x", &[("app", "c")], &[]));
+    e.upsert_endpoint(ep(3, "d", "x", &[("app", "d")], &[]));
+    e.set_policies(
+        "h.yaml",
+        pols(
+            "h.yaml",
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: http, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: c}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET, path: "/v1/.*"}]}
+  - fromEndpoints: [{matchLabels: {app: d}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: POST}]}
+  - fromEndpoints: [{matchLabels: {app: d}}]
+"#,
+        ),
+    );
+    verify(&e);
+    let (c, d) = (id_of(&e, 2), id_of(&e, 3));
+    let ms = e.map_state(1).unwrap();
+    let lc = ms.lookup(c, Ingress, 6, 80);
+    assert_eq!((lc.verdict, lc.proxy_port), (Allow, PORTS.http));
+    assert_eq!(ms.lookup(c, Ingress, 6, 81).verdict, NoMatch);
+    let p = e.l7_policy(1, Ingress, c, 6, 80).unwrap();
+    assert_eq!(
+        (p.kind, p.allow_all, p.rules.len()),
+        (L7Kind::Http, false, 1)
+    );
+    // d: the L3-only rule ORs in everything on port 80 (redirect kept, proxy allows all).
+    let ld = ms.lookup(d, Ingress, 6, 80);
+    assert_eq!(ld.proxy_port, PORTS.http);
+    let p = e.l7_policy(1, Ingress, d, 6, 80).unwrap();
+    assert!(p.allow_all);
+    assert_eq!(p.rules.len(), 1);
+    assert_eq!(ms.lookup(d, Ingress, 6, 22).proxy_port, 0);
+    assert!(e.l7_policy(1, Ingress, d, 6, 22).is_none());
+    // Proxy ports move: every redirect follows.
+    let c2 = e.set_proxy_ports(ProxyPorts {
+        http: 20080,
+        ..PORTS
+    });
+    assert_eq!(c2.maps.len(), 1);
+    assert_eq!(
+        e.map_state(1).unwrap().lookup(c, Ingress, 6, 80).proxy_port,
+        20080
+    );
+}
+
+#[test]
+fn ports_ranges_any_and_icmp() {
+    let mut e = engine();
+    e.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &[]));
+    e.set_policies(
+        "p.yaml",
+        pols(
+            "p.yaml",
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ports, namespace: x}
+spec:
+  endpointSelector: {}
+  egress:
+  - toEntities: [world]
+    toPorts: [{ports: [{port: "1000", endPort: 1999}, {port: "53", protocol: UDP}]}]
+  - toEntities: [world]
+    icmps: [{fields: [{type: 8, family: IPv4}, {type: 128, family: IPv6}]}]
+"#,
+        ),
+    );
+    verify(&e);
+    let w = reserved::WORLD_IPV4;
+    for (proto, port, want) in [
+        (Protocol::Tcp, 1000, Allow),
+        (Protocol::Tcp, 1999, Allow),
+        (Protocol::Tcp, 2000, NoMatch),
+        (Protocol::Tcp, 999, NoMatch),
+        (Protocol::Udp, 1500, Allow),
+        (Protocol::Sctp, 1024, Allow),
+        (Protocol::Udp, 53, Allow),
+        (Protocol::Tcp, 53, NoMatch),
+        (Protocol::Icmp, 8, Allow),
+        (Protocol::Icmp, 0, NoMatch),
+        (Protocol::Icmpv6, 128, Allow),
+        (Protocol::Icmpv6, 8, NoMatch),
+    ] {
+        assert_eq!(
+            look(&e, 1, Egress, w, proto, port),
+            want,
+            "{proto:?}/{port}"
+        );
+    }
+    // 1000-1999 is split into aligned blocks: 1000/13, 1008/12, 1024/7, 1536/8, 1792/9, 1920/10, 1984/12
+    let tcp_keys = e
+        .map_state(1)
+        .unwrap()
+        .identity_entries(Egress, w)
+        .iter()
+        .filter(|(k, _)| k.protocol == 6)
+        .count();
+    assert_eq!(tcp_keys, port_range_keys(1000, 1999).len());
+}
+
+#[test]
+fn named_ports() {
+    let mut e = engine();
+    let mut web = ep(1, "web", "x", &[("app", "web")], &[]);
+    web.named_ports.insert("http".into(), (8080, Protocol::Tcp));
+    let mut web2 = ep(2, "web2", "x", &[("app", "web"), ("v", "2")], &[]);
+    web2.named_ports
+        .insert("http".into(), (9090, Protocol::Tcp));
+    let client = ep(3, "client", "x", &[("app", "client")], &[]);
+    let mut m = Mirror::new(&e);
+    m.apply(&e.upsert_endpoint(web));
+    m.apply(&e.upsert_endpoint(client));
+    m.apply(&e.set_policies(
+        "p.yaml",
+        pols(
+            "p.yaml",
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: named, namespace: x}
+spec:
+  endpointSelector: {}
+  ingress:
+  - toPorts: [{ports: [{port: http}]}]
+  egress:
+  - toEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: http, protocol: TCP}]}]
+"#,
+        ),
+    ));
+    let w1 = id_of(&e, 1);
+    assert_eq!(
+        look(&e, 1, Ingress, reserved::WORLD, Protocol::Tcp, 8080),
+        Allow
+    );
+    assert_eq!(
+        look(&e, 1, Ingress, reserved::WORLD, Protocol::Tcp, 9090),
+        NoMatch
+    );
+    assert_eq!(look(&e, 3, Egress, w1, Protocol::Tcp, 8080), Allow);
+    // A second web endpoint with another port: its identity gets its own port only.
+    m.apply(&e.upsert_endpoint(web2));
+    m.check(&e);
+    verify(&e);
+    let w2 = id_of(&e, 2);
+    assert_eq!(look(&e, 3, Egress, w2, Protocol::Tcp, 9090), Allow);
+    assert_eq!(look(&e, 3, Egress, w2, Protocol::Tcp, 8080), NoMatch);
+    assert_eq!(look(&e, 3, Egress, w1, Protocol::Tcp, 9090), NoMatch);
+    assert_eq!(
+        look(&e, 2, Ingress, reserved::WORLD, Protocol::Tcp, 9090),
+        Allow
+    );
+    // Ports renamed: egress of the client follows.
+    let mut web2b = ep(2, "web2", "x", &[("app", "web"), ("v", "2")], &[]);
+    web2b
+        .named_ports
+        .insert("http".into(), (7070, Protocol::Tcp));
+    m.apply(&e.upsert_endpoint(web2b));
+    m.check(&e);
+    verify(&e);
+    assert_eq!(look(&e, 3, Egress, w2, Protocol::Tcp, 7070), Allow);
+    assert_eq!(look(&e, 3, Egress, w2, Protocol::Tcp, 9090), NoMatch);
+}
+
+#[test]
+fn host_endpoint_node_selector_and_host_entity() {
+    let mut e = engine();
+    let mut m = Mirror::new(&e);
+    m.apply(&e.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &["10.0.0.1"])));
+    m.apply(&e.upsert_endpoint(host(100, &[("node-role", "worker")], &["192.168.1.10"])));
+    m.apply(&e.set_policies(
+        "host.yaml",
+        pols(
+            "host.yaml",
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: host-fw}
+spec:
+  nodeSelector: {matchLabels: {node-role: worker}}
+  ingress:
+  - fromEntities: [cluster]
+    toPorts: [{ports: [{port: "22", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: to-host, namespace: x}
+spec:
+  endpointSelector: {}
+  egress: [{toEntities: [host]}]
+"#,
+        ),
+    ));
+    m.check(&e);
+    verify(&e);
+    assert_eq!(e.endpoint_identity(100), Some(reserved::HOST));
+    assert_eq!(e.ipcache().identity_of(ip("192.168.1.10")), reserved::HOST);
+    assert_eq!(
+        e.enforcement(100),
+        Some(PerDir {
+            ingress: true,
+            egress: false
+        })
+    );
+    // The endpoint selector `{}` does not select the host.
+    assert_eq!(
+        e.enforcement(1),
+        Some(PerDir {
+            ingress: false,
+            egress: true
+        })
+    );
+    let a = id_of(&e, 1);
+    assert_eq!(look(&e, 100, Ingress, a, Protocol::Tcp, 22), Allow);
+    assert_eq!(
+        look(&e, 100, Ingress, reserved::WORLD_IPV4, Protocol::Tcp, 22),
+        NoMatch
+    );
+    assert_eq!(
+        look(&e, 1, Egress, reserved::HOST, Protocol::Tcp, 22),
+        Allow
+    );
+    assert_eq!(
+        look(&e, 1, Egress, reserved::WORLD_IPV4, Protocol::Tcp, 22),
+        NoMatch
+    );
+    m.apply(&e.remove_endpoint(100));
+    m.check(&e);
+    verify(&e);
+    assert_eq!(
+        e.identities()
+            .get(reserved::HOST)
+            .unwrap()
+            .labels
+            .labels()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn network_policy_namespace_selector_and_ipblock() {
+    let mut e = engine();
+    let mut tagged = ep(2, "b", "y", &[("app", "b")], &[]);
+    let mut v = tagged.labels.labels().to_vec();
+    v.push(Label::k8s("io.cilium.k8s.namespace.labels.team", "blue"));
+    tagged.labels = LabelSet::new(v);
+    e.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &[]));
+    e.upsert_endpoint(tagged);
+    e.upsert_endpoint(ep(3, "c", "z", &[("app", "c")], &[]));
+    e.set_policies(
+        "np.yaml",
+        pols(
+            "np.yaml",
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: np, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {team: blue}}
+    - ipBlock: {cidr: 172.16.0.0/12, except: [172.16.1.0/24]}
+    ports: [{port: 80}]
+"#,
+        ),
+    );
+    verify(&e);
+    let (b, c) = (id_of(&e, 2), id_of(&e, 3));
+    assert_eq!(look(&e, 1, Ingress, b, Protocol::Tcp, 80), Allow);
+    assert_eq!(look(&e, 1, Ingress, c, Protocol::Tcp, 80), NoMatch);
+    let inside = e.ipcache().identity_of(ip("172.17.0.1"));
+    let hole = e.ipcache().identity_of(ip("172.16.1.9"));
+    assert_eq!(look(&e, 1, Ingress, inside, Protocol::Tcp, 80), Allow);
+    assert_eq!(look(&e, 1, Ingress, hole, Protocol::Tcp, 80), NoMatch);
+    assert_eq!(
+        e.enforcement(1),
+        Some(PerDir {
+            ingress: true,
+            egress: false
+        })
+    );
+}
+
+#[test]
+fn identities_survive_a_restart() {
+    let mut e = engine();
+    e.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &[]));
+    e.set_policies("f.yaml", pols("f.yaml", FQDN_POLICY));
+    let (fid, _) = e.upsert_identity(fqdn_labels(&["*.example.com."]));
+    let a = id_of(&e, 1);
+    let saved = e.identities().to_persisted();
+    let mut f = Engine::new(IdentityAllocator::from_persisted(&saved).unwrap(), PORTS);
+    f.upsert_identity(fqdn_labels(&["*.example.com."]));
+    f.set_policies("f.yaml", pols("f.yaml", FQDN_POLICY));
+    f.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &[]));
+    assert_eq!(f.endpoint_identity(1), Some(a));
+    assert_eq!(
+        f.identities().lookup(&fqdn_labels(&["*.example.com."])),
+        Some(fid)
+    );
+    assert!(f.map_state(1).unwrap() == e.map_state(1).unwrap());
+}
+
+#[test]
+fn changes_merge_folds_batches() {
+    let mut e = engine();
+    let mut m1 = Mirror::new(&e);
+    let mut m2 = Mirror::new(&e);
+    let mut all = Changes::default();
+    for c in [
+        e.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &["10.0.0.1"])),
+        e.set_policies("f.yaml", pols("f.yaml", FQDN_POLICY)),
+        e.upsert_identity(fqdn_labels(&["*.example.com."])).1,
+        e.set_policies("f.yaml", vec![]),
+        e.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &["10.0.0.2"])),
+    ] {
+        m1.apply(&c);
+        all.merge(c);
+    }
+    // The merged batch lands on the same state (no-op upserts are allowed here).
+    for (ep, d) in &all.maps {
+        let m = m2.maps.entry(*ep).or_default();
+        m.apply(d);
+    }
+    for (p, id) in &all.ipcache_upserts {
+        m2.ipcache.upsert(*p, *id);
+    }
+    for p in &all.ipcache_deletes {
+        m2.ipcache.remove(p);
+    }
+    m2.maps.retain(|_, m| !m.is_empty());
+    m1.check(&e);
+    m2.check(&e);
+}
