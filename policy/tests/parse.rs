@@ -646,3 +646,19 @@ fn kubectl_list_output() {
     .unwrap_err();
     assert_eq!(e[0].to_string(), "l.yaml:5:9: items[0].kind: kind Service is not a policy kind (expected CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy)");
 }
+
+#[test]
+fn empty_port_entries_allow_nothing() {
+    // `toPorts: [{}]` names no port: it must not become "every port".
+    let r = cnp("endpointSelector: {}\negress:\n- toEntities: [world]\n  toPorts: [{}]\n- toEntities: [world]\n  toPorts: [{}, {ports: [{port: '443', protocol: TCP}]}]\n");
+    assert_eq!(r.allow.egress[0].peers, Peers::Selectors(vec![]));
+    assert!(r.allow.egress[0].ports.is_empty());
+    assert_eq!(r.allow.egress[1].ports.len(), 1);
+    assert_eq!(
+        r.allow.egress[1].peers,
+        Peers::Selectors(vec![PeerSelector::Entity(Entity::World)])
+    );
+    // The same for ICMP rules without types.
+    let r = cnp("endpointSelector: {}\negress:\n- toEntities: [world]\n  icmps: [{fields: []}]\n");
+    assert_eq!(r.allow.egress[0].peers, Peers::Selectors(vec![]));
+}

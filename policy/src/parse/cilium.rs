@@ -478,9 +478,11 @@ fn peer_rule(
         }
     }
     let mut icmps = Vec::new();
+    let mut has_icmps = false;
     if let Some(n) = m.take_some("icmps") {
         let p = path.key("icmps");
         if let Some(items) = d.expect_seq(n, &p) {
+            has_icmps = !items.is_empty();
             if has_to_ports && !items.is_empty() {
                 m.error_at(
                     d,
@@ -531,7 +533,16 @@ fn peer_rule(
     // exactly what it lists (an empty list selects nothing: Cilium's mergeEndpointSelectors);
     // a rule naming only ports (or ICMP types) applies to every peer; a rule naming nothing
     // (`{}`) selects nothing but still counts for default deny.
-    let peers = if let Some(f) = fqdns {
+    // A toPorts entry with neither ports nor L7 rules allows nothing (Cilium's mergeIngress /
+    // mergeEgress iterate its empty port list); it must not read as "every port". When every
+    // entry is like that, the whole rule allows nothing.
+    let all_ports_empty = (has_to_ports
+        && ports.iter().all(|p| p.ports.is_empty() && p.l7.is_none()))
+        || (has_icmps && icmps.is_empty());
+    ports.retain(|p| !p.ports.is_empty() || p.l7.is_some());
+    let peers = if all_ports_empty {
+        Peers::Selectors(Vec::new())
+    } else if let Some(f) = fqdns {
         if f.is_empty() {
             Peers::Selectors(Vec::new())
         } else {
