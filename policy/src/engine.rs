@@ -694,8 +694,11 @@ impl Engine {
             self.recompute_named_users(&mut p);
         }
         if let Some(o) = old {
-            if o.identity != identity {
-                self.release_identity_inner(o.identity, &mut p);
+            // The allocation above counted this endpoint once more; drop its previous count
+            // (a no-op for the reserved host identity).
+            self.release_identity_inner(o.identity, &mut p);
+            if o.ep.is_host && !self.endpoints[&id].ep.is_host {
+                self.reset_host_labels(&mut p);
             }
         }
         self.finish(p)
@@ -721,14 +724,7 @@ impl Engine {
             self.recompute_named_users(&mut p);
         }
         if st.ep.is_host {
-            let labels = crate::identity::reserved_labels(reserved::HOST).expect("host");
-            if self
-                .ids
-                .set_reserved_labels(reserved::HOST, labels.clone())
-                .is_some()
-            {
-                self.identity_relabelled(reserved::HOST, labels, &mut p);
-            }
+            self.reset_host_labels(&mut p);
         } else {
             self.release_identity_inner(st.identity, &mut p);
         }
@@ -1315,6 +1311,18 @@ impl Engine {
         sels.extend(self.sel.add_identity(id, labels));
         for ep in self.users_of(&sels) {
             self.recompute_identity(ep, id, p);
+        }
+    }
+
+    /// The host identity without a host endpoint: `reserved:host` only.
+    fn reset_host_labels(&mut self, p: &mut Pending) {
+        let labels = crate::identity::reserved_labels(reserved::HOST).expect("host");
+        if self
+            .ids
+            .set_reserved_labels(reserved::HOST, labels.clone())
+            .is_some()
+        {
+            self.identity_relabelled(reserved::HOST, labels, p);
         }
     }
 

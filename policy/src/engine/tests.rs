@@ -964,3 +964,344 @@ fn changes_merge_folds_batches() {
     m1.check(&e);
     m2.check(&e);
 }
+
+// ---------------------------------------------------------------- incremental == full
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len())]
+    }
+}
+
+const VARIANTS: &[(&str, &str)] = &[
+    (
+        "a.yaml",
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: a1, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}, {port: "6000", endPort: 6100}]}]
+  - fromEndpoints: [{matchLabels: {app: a}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET}]}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: web, v: "2"}}]
+    toPorts: [{ports: [{port: "6050", protocol: TCP}]}]
+"#,
+    ),
+    (
+        "a.yaml",
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: a2, namespace: x}
+spec:
+  endpointSelector: {}
+  ingress:
+  - fromEndpoints: [{}]
+  - fromEntities: [world]
+    toPorts: [{ports: [{port: http}]}]
+  egress:
+  - toEndpoints: [{matchLabels: {app: db}}]
+    toPorts: [{ports: [{port: http, protocol: TCP}]}]
+  - toEndpoints: [{matchExpressions: [{key: app, operator: NotIn, values: [web]}]}]
+"#,
+    ),
+    (
+        "b.yaml",
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: b1}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+  - toEntities: [cluster]
+  - toCIDRSet: [{cidr: 0.0.0.0/0, except: [10.0.0.0/8, 192.168.0.0/16]}]
+    toPorts: [{ports: [{port: "443"}]}]
+  - toCIDR: [10.1.0.0/16, "fd00::/8"]
+  egressDeny:
+  - toCIDR: [10.1.2.0/24]
+    toPorts: [{ports: [{port: "22", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: b-host}
+spec:
+  nodeSelector: {}
+  ingress:
+  - fromEntities: [cluster, remote-node]
+  - fromCIDR: [10.0.0.0/8]
+    toPorts: [{ports: [{port: "22", protocol: TCP}]}]
+"#,
+    ),
+    (
+        "b.yaml",
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: b2}
+spec:
+  endpointSelector: {}
+  enableDefaultDeny: {ingress: false}
+  ingressDeny:
+  - fromEntities: [world]
+    icmps: [{fields: [{type: 8, family: IPv4}]}]
+  ingress:
+  - fromCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]
+"#,
+    ),
+    (
+        "c.yaml",
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: c1, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toEndpoints: [{matchLabels: {"k8s:io.kubernetes.pod.namespace": y}}]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules: {dns: [{matchPattern: "*.example.com"}, {matchName: api.example.com}]}
+  - toFQDNs: [{matchPattern: "*.example.com"}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+  - toFQDNs: [{matchName: api.example.com}, {matchPattern: "*.org"}]
+"#,
+    ),
+    (
+        "c.yaml",
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: c2, namespace: y}
+spec:
+  endpointSelector: {}
+  egress:
+  - toFQDNs: [{matchPattern: "*.org"}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}, {port: "8000", endPort: 8080, protocol: TCP}]}]
+  - toEntities: [world-ipv4]
+    toPorts: [{ports: [{port: "123", protocol: UDP}]}]
+"#,
+    ),
+    (
+        "d.yaml",
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: d1, namespace: y}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - namespaceSelector: {}
+      podSelector: {matchLabels: {app: web}}
+    - ipBlock: {cidr: 192.168.0.0/16, except: [192.168.7.0/24]}
+    ports: [{port: http}, {port: 9000, endPort: 9010, protocol: UDP}]
+  egress:
+  - to: [{podSelector: {}}]
+"#,
+    ),
+];
+
+const FQDN_SELS: &[&str] = &["*.example.com.", "api.example.com.", "*.org."];
+const IPS: &[&str] = &[
+    "10.0.0.1",
+    "10.0.0.2",
+    "10.1.2.3",
+    "10.1.9.9",
+    "192.168.7.1",
+    "192.168.8.1",
+    "8.8.8.8",
+    "fd00::5",
+    "2001:db8::1",
+];
+
+fn random_endpoint(r: &mut Rng) -> Endpoint {
+    let id = 1 + r.below(6) as u16;
+    let app = *r.pick(&["a", "web", "db", "b"]);
+    let ns = *r.pick(&["x", "y"]);
+    let mut labels = vec![("app", app)];
+    if r.below(3) == 0 {
+        labels.push(("v", "2"));
+    }
+    // Addresses are unique per endpoint id so that two endpoints never share one.
+    let ips: Vec<String> = match r.below(3) {
+        0 => vec![],
+        1 => vec![format!("10.0.1.{id}")],
+        _ => vec![format!("10.0.1.{id}"), format!("fd00::1:{id}")],
+    };
+    let ips: Vec<&str> = ips.iter().map(|s| s.as_str()).collect();
+    let mut e = ep(id, &format!("ep{id}"), ns, &labels, &ips);
+    if r.below(2) == 0 {
+        let port = *r.pick(&[80u16, 8080, 9005]);
+        let proto = *r.pick(&[Protocol::Tcp, Protocol::Udp]);
+        e.named_ports.insert("http".into(), (port, proto));
+    }
+    e
+}
+
+fn rebuild_fresh(e: &Engine, held: &[LabelSet]) -> Engine {
+    let ids = IdentityAllocator::from_persisted(&e.identities().to_persisted()).unwrap();
+    let mut f = Engine::new(ids, e.proxy_ports());
+    let sources: Vec<(String, Vec<Policy>)> = e
+        .sources
+        .iter()
+        .map(|(s, (pols, _))| (s.clone(), pols.iter().map(|p| (**p).clone()).collect()))
+        .collect();
+    f.set_policy_sources(sources);
+    for l in held {
+        f.upsert_identity(l.clone());
+    }
+    for st in e.endpoints.values() {
+        f.upsert_endpoint(st.ep.clone());
+    }
+    for (p, id) in &e.fqdn_prefixes {
+        f.upsert_prefix(*p, *id);
+    }
+    f
+}
+
+fn compare_fresh(e: &Engine, held: &[LabelSet]) {
+    let f = rebuild_fresh(e, held);
+    for i in e.identities().iter() {
+        assert_eq!(
+            f.identities().get(i.id),
+            Some(i),
+            "identity {} ({} users) missing in fresh engine; endpoints: {:?}",
+            i.id,
+            e.identities().refs(i.id),
+            e.endpoints
+                .values()
+                .map(|s| (s.ep.id, s.identity))
+                .collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(f.ipcache, e.ipcache, "fresh ipcache");
+    for (id, st) in &e.endpoints {
+        let fm = f.map_state(*id).unwrap();
+        assert_eq!(f.endpoint_identity(*id), Some(st.identity));
+        assert!(
+            *fm == st.map,
+            "endpoint {id}: fresh engine differs: {:?}",
+            st.map.diff(fm)
+        );
+    }
+}
+
+#[test]
+fn incremental_equals_full_random_sequences() {
+    let (mut seen_local, mut seen_deny, mut seen_redirect) = (false, false, false);
+    for seed in 1..=12u64 {
+        let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut e = engine();
+        let mut m = Mirror::new(&e);
+        let policies: Vec<(String, Vec<Policy>)> = VARIANTS
+            .iter()
+            .map(|(f, y)| (f.to_string(), pols(f, y)))
+            .collect();
+        let mut held: Vec<(u32, LabelSet)> = Vec::new();
+        for step in 0..120 {
+            let c = match r.below(9) {
+                0 | 1 => {
+                    let (file, p) = r.pick(&policies).clone();
+                    let p = if r.below(4) == 0 { vec![] } else { p };
+                    e.set_policies(&file, p)
+                }
+                2 | 3 => e.upsert_endpoint(random_endpoint(&mut r)),
+                4 => e.remove_endpoint(1 + r.below(6) as u16),
+                5 => {
+                    let mut sels: Vec<FqdnSelector> = Vec::new();
+                    for s in FQDN_SELS {
+                        if r.below(2) == 0 {
+                            let sel = if s.contains('*') {
+                                FqdnSelector::MatchPattern(
+                                    crate::fqdn::FqdnPattern::parse(s).unwrap(),
+                                )
+                            } else {
+                                FqdnSelector::MatchName(DnsName::parse_match_name(s).unwrap())
+                            };
+                            sels.push(sel);
+                        }
+                    }
+                    let a: IpAddr = r.pick(IPS).parse().unwrap();
+                    let labels = e.fqdn_identity_labels(&sels, a);
+                    let (id, c) = e.upsert_identity(labels.clone());
+                    held.push((id, labels));
+                    let c2 = e.upsert_prefix(IpNet::from(a), id);
+                    m.apply(&c);
+                    c2
+                }
+                6 if !held.is_empty() => {
+                    let i = r.below(held.len());
+                    let (id, _) = held.swap_remove(i);
+                    let mut c = Changes::default();
+                    if !held.iter().any(|(h, _)| *h == id) {
+                        let stale: Vec<IpNet> = e
+                            .fqdn_prefixes
+                            .iter()
+                            .filter(|(_, v)| **v == id)
+                            .map(|(p, _)| *p)
+                            .collect();
+                        for p in stale {
+                            let d = e.delete_prefix(p);
+                            m.apply(&d);
+                        }
+                    }
+                    c.merge(e.release_identity(id));
+                    c
+                }
+                7 => {
+                    if r.below(3) == 0 {
+                        e.remove_endpoint(100)
+                    } else {
+                        let role = *r.pick(&["worker", "edge"]);
+                        e.upsert_endpoint(host(100, &[("node-role", role)], &["192.168.1.10"]))
+                    }
+                }
+                _ => {
+                    let ports = if r.below(2) == 0 {
+                        PORTS
+                    } else {
+                        ProxyPorts { http: 1, ..PORTS }
+                    };
+                    e.set_proxy_ports(ports)
+                }
+            };
+            m.apply(&c);
+            m.check(&e);
+            verify(&e);
+            for st in e.endpoints.values() {
+                for (k, v) in st.map.entries() {
+                    seen_local |= k.identity & LOCAL_IDENTITY_FLAG != 0;
+                    seen_deny |= v.deny;
+                    seen_redirect |= v.proxy_port != 0;
+                }
+            }
+            if step % 15 == 14 {
+                let labels: Vec<LabelSet> = held.iter().map(|(_, l)| l.clone()).collect();
+                compare_fresh(&e, &labels);
+            }
+        }
+    }
+    // The sequences reach the interesting cases.
+    assert!(seen_local && seen_deny && seen_redirect);
+}
