@@ -384,3 +384,287 @@ pub fn trace(
         dst_identity: d.facts.id,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::tests::{engine, ep, host, pols};
+
+    const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET}]}
+  egress:
+  - toEndpoints: [{matchLabels: {app: db}}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+  - toCIDR: [203.0.113.0/24]
+  egressDeny:
+  - toCIDR: [203.0.113.66/32]
+"#;
+
+    fn setup() -> Engine {
+        let mut e = engine();
+        e.upsert_endpoint(ep(1, "web", "prod", &[("app", "web")], &["10.0.0.1"]));
+        e.upsert_endpoint(ep(2, "db", "prod", &[("app", "db")], &["10.0.0.2"]));
+        e.upsert_endpoint(host(100, &[], &["192.168.1.10"]));
+        e.set_policies("web.yaml", pols("web.yaml", POLICY));
+        e
+    }
+
+    fn t(e: &Engine, src: TracePeer, dst: TracePeer, port: u16, proto: Protocol) -> Trace {
+        trace(e, &src, &dst, port, proto, &AuditModes::default()).unwrap()
+    }
+
+    fn lbl(pairs: &[(&str, &str)]) -> TracePeer {
+        TracePeer::Labels(LabelSet::new(
+            pairs.iter().map(|(k, v)| Label::k8s(k, v)).collect(),
+        ))
+    }
+
+    #[test]
+    fn endpoint_to_endpoint_both_sides() {
+        let e = setup();
+        let tr = t(
+            &e,
+            TracePeer::Endpoint("web".into()),
+            TracePeer::Endpoint("db".into()),
+            5432,
+            Protocol::Tcp,
+        );
+        assert_eq!(tr.verdict, Verdict::Allowed);
+        assert!(tr.egress.enforced);
+        assert_eq!(&*tr.egress.rules[0].policy, "prod/web");
+        assert_eq!(&*tr.egress.rules[0].file, "web.yaml");
+        assert_eq!(tr.egress.endpoint.as_deref(), Some("web"));
+        assert!(!tr.ingress.enforced);
+        assert!(tr.ingress.rules.is_empty());
+        let tr = t(
+            &e,
+            TracePeer::Endpoint("1".into()),
+            TracePeer::Endpoint("db".into()),
+            22,
+            Protocol::Tcp,
+        );
+        assert_eq!(tr.verdict, Verdict::Denied);
+        assert_eq!(tr.egress.verdict, Verdict::Denied);
+        assert!(tr.egress.reason.contains("default deny"));
+        assert_eq!(tr.egress.rules.len(), 1, "the enforcing rule is named");
+        assert!(trace(
+            &e,
+            &TracePeer::Endpoint("nope".into()),
+            &TracePeer::Endpoint("db".into()),
+            1,
+            Protocol::Tcp,
+            &AuditModes::default()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn hypothetical_labels_peer() {
+        let e = setup();
+        // No endpoint has these labels: evaluated as a hypothetical endpoint in `prod`.
+        let tr = t(
+            &e,
+            lbl(&[("app", "client"), ("io.kubernetes.pod.namespace", "prod")]),
+            TracePeer::Endpoint("web".into()),
+            80,
+            Protocol::Tcp,
+        );
+        assert_eq!(tr.verdict, Verdict::Allowed);
+        assert_eq!(tr.src_identity, HYPOTHETICAL_IDENTITY);
+        assert_eq!(tr.ingress.proxy_port, crate::engine::tests::PORTS.http);
+        assert_eq!(tr.ingress.l7, Some(L7Kind::Http));
+        // Namespace defaults to `default`: not selected by the namespaced rule.
+        let tr = t(
+            &e,
+            lbl(&[("app", "client")]),
+            TracePeer::Endpoint("web".into()),
+            80,
+            Protocol::Tcp,
+        );
+        assert_eq!(tr.verdict, Verdict::Denied);
+        assert_eq!(tr.ingress.verdict, Verdict::Denied);
+        // A hypothetical web endpoint gets the web policy as its own.
+        let tr = t(
+            &e,
+            lbl(&[("app", "web"), ("io.kubernetes.pod.namespace", "prod")]),
+            TracePeer::Endpoint("db".into()),
+            5432,
+            Protocol::Tcp,
+        );
+        assert_eq!(tr.verdict, Verdict::Allowed);
+        assert!(tr.egress.enforced);
+        // Labels of an existing endpoint: its identity is used.
+        let tr = t(
+            &e,
+            lbl(&[("app", "db"), ("io.kubernetes.pod.namespace", "prod")]),
+            TracePeer::Endpoint("web".into()),
+            80,
+            Protocol::Tcp,
+        );
+        assert_eq!(tr.src_identity, e.endpoint_identity(2).unwrap());
+        assert_eq!(tr.verdict, Verdict::Denied);
+    }
+
+    #[test]
+    fn ip_and_entity_peers() {
+        let e = setup();
+        let web = TracePeer::Endpoint("web".into());
+        let tr = t(
+            &e,
+            web.clone(),
+            TracePeer::Ip("203.0.113.5".parse().unwrap()),
+            443,
+            Protocol::Tcp,
+        );
+        assert_eq!(tr.verdict, Verdict::Allowed);
+        assert_eq!(tr.ingress.endpoint, None);
+        let tr = t(
+            &e,
+            web.clone(),
+            TracePeer::Ip("203.0.113.66".parse().unwrap()),
+            443,
+            Protocol::Tcp,
+        );
+        assert_eq!(tr.verdict, Verdict::Denied);
+        assert!(tr.egress.reason.contains("deny rule"));
+        let tr = t(
+            &e,
+            web.clone(),
+            TracePeer::Ip("10.0.0.2".parse().unwrap()),
+            5432,
+            Protocol::Tcp,
+        );
+        assert_eq!(tr.verdict, Verdict::Allowed);
+        assert_eq!(tr.ingress.endpoint.as_deref(), Some("db"));
+        let tr = t(
+            &e,
+            web.clone(),
+            TracePeer::Entity(Entity::World),
+            443,
+            Protocol::Tcp,
+        );
+        assert_eq!(tr.verdict, Verdict::Denied);
+        assert_eq!(tr.dst_identity, reserved::WORLD);
+        let tr = t(
+            &e,
+            web.clone(),
+            TracePeer::Entity(Entity::Host),
+            22,
+            Protocol::Tcp,
+        );
+        assert_eq!(tr.ingress.endpoint.as_deref(), Some("host"));
+        assert_eq!(tr.dst_identity, reserved::HOST);
+        let tr = t(
+            &e,
+            TracePeer::Ip("192.168.1.10".parse().unwrap()),
+            TracePeer::Endpoint("db".into()),
+            1,
+            Protocol::Udp,
+        );
+        assert_eq!(tr.egress.endpoint.as_deref(), Some("host"));
+        // World as the source: no egress policy applies, the destination's ingress decides.
+        let tr = t(&e, TracePeer::Entity(Entity::World), web, 80, Protocol::Tcp);
+        assert_eq!(tr.egress.verdict, Verdict::Allowed);
+        assert_eq!(tr.ingress.verdict, Verdict::Denied);
+        assert!(trace(
+            &e,
+            &TracePeer::Entity(Entity::Cluster),
+            &TracePeer::Entity(Entity::World),
+            1,
+            Protocol::Tcp,
+            &AuditModes::default()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn audit_modes() {
+        let e = setup();
+        let (web, db) = (
+            TracePeer::Endpoint("web".into()),
+            TracePeer::Endpoint("db".into()),
+        );
+        let global = AuditModes {
+            global: true,
+            ..Default::default()
+        };
+        let tr = trace(&e, &web, &db, 22, Protocol::Tcp, &global).unwrap();
+        assert_eq!(
+            (tr.verdict, tr.egress.verdict),
+            (Verdict::Audit, Verdict::Audit)
+        );
+        let per_ep = AuditModes {
+            global: false,
+            endpoints: [1u16].into_iter().collect(),
+        };
+        assert_eq!(
+            trace(&e, &web, &db, 22, Protocol::Tcp, &per_ep)
+                .unwrap()
+                .verdict,
+            Verdict::Audit
+        );
+        let other = AuditModes {
+            global: false,
+            endpoints: [2u16].into_iter().collect(),
+        };
+        assert_eq!(
+            trace(&e, &web, &db, 22, Protocol::Tcp, &other)
+                .unwrap()
+                .verdict,
+            Verdict::Denied
+        );
+        // Allowed flows stay allowed.
+        assert_eq!(
+            trace(&e, &web, &db, 5432, Protocol::Tcp, &global)
+                .unwrap()
+                .verdict,
+            Verdict::Allowed
+        );
+    }
+
+    #[test]
+    fn learned_fqdn_address_counts_when_live() {
+        let mut e = setup();
+        e.set_policies(
+            "f.yaml",
+            pols(
+                "f.yaml",
+                r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: f, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  egress:
+  - toFQDNs: [{matchName: api.example.com}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+"#,
+            ),
+        );
+        let db = TracePeer::Endpoint("db".into());
+        let dst = TracePeer::Ip("93.184.216.34".parse().unwrap());
+        assert_eq!(
+            t(&e, db.clone(), dst.clone(), 443, Protocol::Tcp).verdict,
+            Verdict::Denied
+        );
+        let sels: Vec<_> = e.fqdn_selectors().into_iter().collect();
+        let labels = e.fqdn_identity_labels(&sels, "93.184.216.34".parse().unwrap());
+        let (id, _) = e.upsert_identity(labels);
+        e.upsert_prefix("93.184.216.34/32".parse().unwrap(), id);
+        let tr = t(&e, db.clone(), dst.clone(), 443, Protocol::Tcp);
+        assert_eq!(tr.verdict, Verdict::Allowed);
+        assert_eq!(tr.dst_identity, id);
+        e.delete_prefix("93.184.216.34/32".parse().unwrap());
+        e.release_identity(id);
+        assert_eq!(t(&e, db, dst, 443, Protocol::Tcp).verdict, Verdict::Denied);
+    }
+}
