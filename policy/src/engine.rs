@@ -949,6 +949,9 @@ impl Engine {
     }
 
     /// Every `toFQDNs` selector in force (for the name manager).
+    // The compiled regex inside a pattern has interior caches, but ordering and equality use
+    // only the pattern text, so the set is sound.
+    #[allow(clippy::mutable_key_type)]
     pub fn fqdn_selectors(&self) -> BTreeSet<FqdnSelector> {
         self.sel.fqdn_selectors().cloned().collect()
     }

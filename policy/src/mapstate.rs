@@ -437,7 +437,7 @@ impl MapState {
                 v.extend(g.entries.iter().map(|(k, e)| (MapKey::new(id, d, *k), e)));
             }
         }
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.sort_by_key(|a| a.0);
         v
     }
 
@@ -544,7 +544,7 @@ impl MapState {
                 }
             }
         }
-        d.adds.sort_by(|a, b| a.0.cmp(&b.0));
+        d.adds.sort_by_key(|a| a.0);
         d.deletes.sort();
         d
     }
