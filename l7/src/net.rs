@@ -1,0 +1,77 @@
+//! Sockets of the transparent proxies: listeners with `IP_TRANSPARENT`, the original
+//! destination of a steered connection, and upstream connections carrying a mark.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Where a proxy sends what it allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// The datapath steers flows to the listener (`bpf_sk_assign`); each connection goes on to
+    /// its original destination (the accepted socket's local address). The listener is opened
+    /// with `IP_TRANSPARENT` so it may own connections to addresses that are not local.
+    /// `mark` is set (`SO_MARK`) on upstream connections so the datapath does not steer them
+    /// back to the proxy.
+    Transparent { mark: Option<u32> },
+    /// Every connection goes to one upstream (a plain reverse proxy; tests and benches).
+    Fixed {
+        upstream: SocketAddr,
+        mark: Option<u32>,
+    },
+}
+
+impl ProxyMode {
+    pub fn mark(&self) -> Option<u32> {
+        match self {
+            ProxyMode::Transparent { mark } | ProxyMode::Fixed { mark, .. } => *mark,
+        }
+    }
+
+    pub fn is_transparent(&self) -> bool {
+        matches!(self, ProxyMode::Transparent { .. })
+    }
+}
+
+/// Opens a TCP listener; `transparent` sets `IP_TRANSPARENT` (needs CAP_NET_ADMIN).
+pub fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if transparent {
+        if addr.is_ipv4() {
+            sock.set_ip_transparent_v4(true)?;
+        } else {
+            sock.set_ip_transparent_v6(true)?;
+        }
+    }
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// The destination the client connected to. For a connection steered by `bpf_sk_assign` (or
+/// TPROXY) to a transparent listener, the kernel keeps the original address as the socket's
+/// local address, so `getsockname` gives it.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    stream.local_addr()
+}
+
+/// Connects to `dst` with `SO_MARK` set before the SYN leaves, so the datapath recognizes
+/// the proxy's own upstream traffic.
+pub async fn connect_marked(dst: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(m) = mark {
+        sock.set_mark(m)?;
+    }
+    sock.set_nonblocking(true)?;
+    let sock = TcpSocket::from_std_stream(sock.into());
+    let stream = sock.connect(dst).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
