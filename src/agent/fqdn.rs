@@ -1,0 +1,496 @@
+//! DNS in the agent: the policy and learning hooks the DNS proxy calls, the expiry timer, the
+//! persistence of learned state, and the `fqdn cache` and `monitor` API handlers.
+//!
+//! The road of one answer: proxy → [`AgentLearner::learn`] → FQDN cache (`learn`) → identity
+//! and ipcache changes through the policy engine → datapath (policy maps first, ipcache
+//! second) → the returned future resolves once the datapath confirmed every change issued so
+//! far (so a sibling request's in-flight update is waited for too) → the proxy releases the
+//! response.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use dnsproxy::{
+    Decision, DnsPolicy, HoldOutcome, LearnedAnswer, Learner, QueryContext, QueryEvent, Transport,
+};
+use fqdn_cache::{Answer, NoConnections, SaveSchedule, Snapshot, Timestamp};
+use policy::fqdn::DnsName;
+use policy::model::FqdnSelector;
+
+use super::events::Event;
+use super::server::query_pairs;
+use super::Agent;
+use crate::view::{FqdnCleanView, FqdnEntryView};
+
+pub fn now() -> Timestamp {
+    Timestamp::from_system_time(SystemTime::now())
+}
+
+/// The proxy's view of the agent.
+pub struct AgentDns(pub Arc<Agent>);
+
+impl DnsPolicy for AgentDns {
+    fn check(
+        &self,
+        client: SocketAddr,
+        server: SocketAddr,
+        transport: Transport,
+        qname: &DnsName,
+    ) -> Decision {
+        let st = self.0.lock();
+        st.dns_decision(client.ip(), server, transport, qname)
+    }
+}
+
+impl Learner for AgentDns {
+    fn learn(
+        &self,
+        ctx: &QueryContext,
+        answer: LearnedAnswer,
+    ) -> impl Future<Output = HoldOutcome> + Send + 'static {
+        let agent = self.0.clone();
+        let target = {
+            let mut st = agent.lock();
+            let (qname, chain) = match answer.names.split_first() {
+                Some((q, rest)) => (q.clone(), rest.to_vec()),
+                None => (ctx.qname.clone(), Vec::new()),
+            };
+            let a = Answer {
+                endpoint: ctx.endpoint_id,
+                qname: &qname,
+                chain: &chain,
+                ips: &answer.ips,
+                ttl: answer.ttl,
+            };
+            let fc = st.fqdn.learn(&a, now(), &NoConnections);
+            let changes = st.apply_fqdn_changes(fc);
+            agent.submit(&st, &changes);
+            // Every change issued so far, this answer's and any sibling's still in flight.
+            agent.issued()
+        };
+        agent.expiry_wakeup.notify_one();
+        async move {
+            match agent.wait_applied(target).await {
+                Ok(()) => HoldOutcome::Enforceable,
+                Err(e) => HoldOutcome::Failed(e),
+            }
+        }
+    }
+
+    fn observe(&self, ev: &QueryEvent) {
+        if !self.0.events.has_subscribers() {
+            return;
+        }
+        let st = self.0.lock();
+        let endpoint_id = match ev.decision {
+            Decision::Allow { endpoint_id } | Decision::Deny { endpoint_id } => Some(endpoint_id),
+            Decision::UnknownEndpoint => None,
+        };
+        let endpoint = endpoint_id.and_then(|id| st.engine.endpoint(id));
+        let src_identity = endpoint_id.and_then(|id| st.engine.endpoint_identity(id));
+        let dst_identity = st
+            .engine
+            .ipcache()
+            .lookup(ev.server.ip())
+            .map(|(_, id)| id)
+            .unwrap_or(policy::identity::reserved::WORLD);
+        let mut extra = serde_json::Map::new();
+        extra.insert("query".into(), ev.qname.as_str().into());
+        extra.insert("qtype".into(), qtype_name(ev.qtype).into());
+        extra.insert(
+            "rcode".into(),
+            ev.rcode
+                .map(|r| serde_json::Value::from(rcode_name(r)))
+                .unwrap_or(serde_json::Value::Null),
+        );
+        let (ips, ttl) = match &ev.learned {
+            Some(l) => (
+                l.ips.iter().map(|i| i.to_string().into()).collect(),
+                serde_json::Value::from(l.ttl),
+            ),
+            None => (Vec::new(), serde_json::Value::Null),
+        };
+        extra.insert("ips".into(), serde_json::Value::Array(ips));
+        extra.insert("ttl".into(), ttl);
+        extra.insert("transport".into(), ev.transport.as_str().into());
+        extra.insert(
+            "holdMicros".into(),
+            (ev.hold.as_micros().min(u128::from(u64::MAX)) as u64).into(),
+        );
+        self.0.events.publish(Event {
+            time: now().to_rfc3339(),
+            kind: "dns",
+            endpoint: endpoint.map(|e| e.name.clone()),
+            direction: Some("egress"),
+            src_ip: Some(ev.client.ip().to_string()),
+            dst_ip: Some(ev.server.ip().to_string()),
+            dport: Some(ev.server.port()),
+            protocol: Some(match ev.transport {
+                Transport::Udp => "UDP",
+                Transport::Tcp => "TCP",
+            }),
+            src_identity,
+            dst_identity: Some(dst_identity),
+            verdict: match ev.decision {
+                Decision::Allow { .. } => "allowed",
+                _ => "denied",
+            },
+            extra,
+        });
+    }
+}
+
+pub fn qtype_name(t: u16) -> String {
+    match t {
+        1 => "A".into(),
+        2 => "NS".into(),
+        5 => "CNAME".into(),
+        6 => "SOA".into(),
+        12 => "PTR".into(),
+        15 => "MX".into(),
+        16 => "TXT".into(),
+        28 => "AAAA".into(),
+        33 => "SRV".into(),
+        64 => "SVCB".into(),
+        65 => "HTTPS".into(),
+        255 => "ANY".into(),
+        n => format!("TYPE{n}"),
+    }
+}
+
+pub fn rcode_name(r: u16) -> String {
+    match r {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("RCODE{n}"),
+    }
+}
+
+/// Ends learned lifetimes exactly when they are over: sleeps until the cache's next deadline
+/// (or until a new answer may have brought an earlier one), then expires and applies.
+pub async fn expiry_loop(agent: Arc<Agent>) {
+    loop {
+        let next = agent.lock().fqdn.next_expiry();
+        let wait = match next {
+            Some(t) => {
+                let left = t.as_unix_millis().saturating_sub(now().as_unix_millis());
+                Duration::from_millis(left)
+            }
+            // Nothing learned: wait for the first answer.
+            None => Duration::from_secs(3600),
+        };
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = agent.expiry_wakeup.notified() => continue,
+            }
+        }
+        // Asked before taking the lock: a kernel datapath reads its conntrack map here.
+        let open: HashSet<(u16, IpAddr)> = agent.datapath.connections().into_iter().collect();
+        let target = {
+            let mut st = agent.lock();
+            let fc = st.fqdn.expire(now(), &open);
+            if fc.is_empty() {
+                continue;
+            }
+            let changes = st.apply_fqdn_changes(fc);
+            agent.submit(&st, &changes);
+            agent.issued()
+        };
+        if let Err(e) = agent.wait_applied(target).await {
+            tracing::error!("datapath refused an expiry: {e}");
+        }
+    }
+}
+
+const FQDN_STATE_FILE: &str = "fqdn-cache.json";
+/// Learned state is written at most this often (writes are batched).
+const SAVE_INTERVAL_MS: u64 = 1000;
+
+pub fn state_file(dir: &Path) -> PathBuf {
+    dir.join(FQDN_STATE_FILE)
+}
+
+/// Writes `bytes` to `path` atomically: a reader (or a restart after a crash) sees the old
+/// file or the new one, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Moves an unreadable state file out of the way so it can be inspected, and says so.
+pub fn set_aside(path: &Path, why: &str) {
+    let aside = path.with_extension(format!("corrupt-{}", now().as_unix_millis() / 1000));
+    match std::fs::rename(path, &aside) {
+        Ok(()) => tracing::error!(
+            "{}: {why}; set aside as {} and starting without it",
+            path.display(),
+            aside.display()
+        ),
+        Err(e) => tracing::error!("{}: {why}; cannot set it aside: {e}", path.display()),
+    }
+}
+
+/// Restores learned state from the state directory (before the proxy answers anything).
+pub fn restore(agent: &Arc<Agent>) {
+    let path = state_file(&agent.lock().cfg.state_dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::error!(
+                "cannot read {}: {e}; starting without learned names",
+                path.display()
+            );
+            return;
+        }
+    };
+    let snapshot = match Snapshot::decode(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            set_aside(&path, &e.to_string());
+            return;
+        }
+    };
+    let mut st = agent.lock();
+    let names: Vec<(String, u16)> = st
+        .engine
+        .endpoints()
+        .map(|e| (e.name.clone(), e.id))
+        .collect();
+    let fc = st.fqdn.restore(
+        &snapshot,
+        |n| names.iter().find(|(name, _)| name == n).map(|(_, id)| *id),
+        now(),
+    );
+    let changes = st.apply_fqdn_changes(fc);
+    agent.submit(&st, &changes);
+    let stats = st.fqdn.stats();
+    tracing::info!(
+        names = stats.names,
+        ips = stats.ips,
+        file = %path.display(),
+        "learned names restored"
+    );
+}
+
+/// Saves learned state when it changed, at most once per second.
+pub async fn save_loop(agent: Arc<Agent>) {
+    let mut schedule = SaveSchedule::new(SAVE_INTERVAL_MS, agent.lock().fqdn.generation());
+    loop {
+        tokio::time::sleep(Duration::from_millis(SAVE_INTERVAL_MS)).await;
+        save_if_due(&agent, &mut schedule);
+    }
+}
+
+pub fn save_if_due(agent: &Agent, schedule: &mut SaveSchedule) {
+    let (bytes, generation, path) = {
+        let st = agent.lock();
+        let generation = st.fqdn.generation();
+        match schedule.due(generation) {
+            Some(t) if t <= now() => {}
+            _ => return,
+        }
+        let names: Vec<(u16, String)> = st
+            .engine
+            .endpoints()
+            .map(|e| (e.id, e.name.clone()))
+            .collect();
+        let snap = st
+            .fqdn
+            .snapshot(|id| names.iter().find(|(i, _)| *i == id).map(|(_, n)| n.clone()));
+        (snap.encode(), generation, state_file(&st.cfg.state_dir))
+    };
+    match write_atomic(&path, &bytes) {
+        Ok(()) => schedule.saved(generation, now()),
+        Err(e) => tracing::error!("cannot save learned names to {}: {e}", path.display()),
+    }
+}
+
+/// Saves unconditionally (clean stop).
+pub fn save_now(agent: &Agent) {
+    let mut schedule = SaveSchedule::new(0, u64::MAX);
+    save_if_due(agent, &mut schedule);
+}
+
+/// `fqdn cache` filters: endpoint id and name, and the name as given.
+type CacheFilter = (Option<u16>, Option<String>, Option<FqdnSelector>);
+
+fn filter_of(
+    agent: &Agent,
+    q: &Option<String>,
+) -> Result<CacheFilter, (StatusCode, String)> {
+    let mut endpoint = None;
+    let mut endpoint_name = None;
+    let mut name = None;
+    for (k, v) in query_pairs(q) {
+        match k.as_str() {
+            "endpoint" => {
+                let st = agent.lock();
+                let ep = st
+                    .find_endpoint(&v)
+                    .ok_or((StatusCode::NOT_FOUND, format!("no endpoint {v:?}")))?;
+                endpoint = Some(ep.id);
+                endpoint_name = Some(ep.name.clone());
+            }
+            "name" => {
+                let sel = if v.contains('*') {
+                    policy::fqdn::FqdnPattern::parse(&v).map(FqdnSelector::MatchPattern)
+                } else {
+                    DnsName::parse_match_name(&v).map(FqdnSelector::MatchName)
+                }
+                .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+                name = Some(sel);
+            }
+            other => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter {other:?}"),
+                ))
+            }
+        }
+    }
+    Ok((endpoint, endpoint_name, name))
+}
+
+fn error(code: StatusCode, msg: String) -> Response {
+    (code, Json(serde_json::json!({ "error": msg }))).into_response()
+}
+
+pub async fn cache_list(State(a): State<Arc<Agent>>, RawQuery(q): RawQuery) -> Response {
+    let (ep, _, name) = match filter_of(&a, &q) {
+        Ok(f) => f,
+        Err((c, m)) => return error(c, m),
+    };
+    let st = a.lock();
+    let t = now();
+    let rows: Vec<FqdnEntryView> = st
+        .fqdn
+        .list(ep, name.as_ref())
+        .into_iter()
+        .map(|r| FqdnEntryView {
+            endpoint: st
+                .engine
+                .endpoints()
+                .find(|e| e.id == r.endpoint)
+                .map(|e| e.name.clone())
+                .unwrap_or_else(|| r.endpoint.to_string()),
+            name: r.name.as_str().to_string(),
+            ips: r.ips,
+            ttl: r.expires.secs_left(t),
+            expires_at: r.expires.to_rfc3339(),
+            source: r.source.as_str().to_string(),
+        })
+        .collect();
+    Json(rows).into_response()
+}
+
+pub async fn cache_clean(State(a): State<Arc<Agent>>, RawQuery(q): RawQuery) -> Response {
+    let (ep, ep_name, name) = match filter_of(&a, &q) {
+        Ok(f) => f,
+        Err((c, m)) => return error(c, m),
+    };
+    let (target, removed) = {
+        let mut st = a.lock();
+        let before = st.fqdn.stats().entries + st.fqdn.stats().zombies;
+        let fc = st.fqdn.clean(ep, name.as_ref());
+        let after = st.fqdn.stats().entries + st.fqdn.stats().zombies;
+        let changes = st.apply_fqdn_changes(fc);
+        a.submit(&st, &changes);
+        (a.issued(), before.saturating_sub(after))
+    };
+    if let Err(e) = a.wait_applied(target).await {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    }
+    tracing::info!(
+        endpoint = ep_name.as_deref().unwrap_or("*"),
+        name = name
+            .as_ref()
+            .map(|n| n.label_value())
+            .as_deref()
+            .unwrap_or("*"),
+        removed,
+        "learned names cleaned"
+    );
+    Json(FqdnCleanView { removed }).into_response()
+}
+
+/// Streams events as JSON lines until the client goes away.
+pub async fn monitor(State(a): State<Arc<Agent>>, RawQuery(q): RawQuery) -> Response {
+    let mut types: Vec<String> = Vec::new();
+    for (k, v) in query_pairs(&q) {
+        if k != "type" {
+            return error(StatusCode::BAD_REQUEST, format!("unknown parameter {k:?}"));
+        }
+        if !matches!(v.as_str(), "policy-verdict" | "drop" | "dns" | "l7") {
+            return error(StatusCode::BAD_REQUEST, format!("unknown event type {v:?}"));
+        }
+        types.push(v);
+    }
+    let mut rx = a.events.subscribe();
+    let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(256);
+    tokio::spawn(async move {
+        loop {
+            let line = match rx.recv().await {
+                Ok(ev) => {
+                    if !types.is_empty() && !types.iter().any(|t| t == ev.kind) {
+                        continue;
+                    }
+                    let mut l = serde_json::to_vec(&*ev).unwrap_or_default();
+                    l.push(b'\n');
+                    l
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let mut l = serde_json::to_vec(&serde_json::json!({
+                        "time": now().to_rfc3339(), "type": "lost", "lost": n
+                    }))
+                    .unwrap_or_default();
+                    l.push(b'\n');
+                    l
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            if tx.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = ReceiverStream(body_rx);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// An mpsc receiver as a stream of body chunks.
+struct ReceiverStream(tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>);
+
+impl futures_core::Stream for ReceiverStream {
+    type Item = Result<Vec<u8>, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}

@@ -1,0 +1,155 @@
+//! The running agent: the shared state behind the local API, the policy directory watcher,
+//! the datapath and the metrics.
+//!
+//! One lock ([`Agent::state`]) guards the policy engine. Every change is computed and handed
+//! to the datapath while that lock is held, so the datapath sees changes in the order the
+//! engine made them; waiting for the datapath to confirm happens after the lock is released.
+
+pub mod datapath;
+pub mod events;
+pub mod fqdn;
+pub mod metrics;
+pub mod metrics_http;
+pub mod reload;
+pub mod server;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use policy::engine::Changes;
+use tokio::sync::{watch, Notify};
+
+use datapath::Datapath;
+use events::Events;
+use metrics::Metrics;
+use state::AgentState;
+
+pub struct Agent {
+    state: Mutex<AgentState>,
+    pub datapath: Arc<dyn Datapath>,
+    pub events: Events,
+    pub metrics: Metrics,
+    pub started: Instant,
+    /// Sequence number of the last change handed to the datapath.
+    issued: AtomicU64,
+    /// Highest sequence number the datapath confirmed (it confirms in order).
+    applied: watch::Sender<u64>,
+    /// Woken when new learned lifetimes may end earlier than the expiry timer thinks.
+    pub expiry_wakeup: Notify,
+    /// Addresses the DNS proxy and the metrics endpoint really serve (ports resolved).
+    pub dns_bound: OnceLock<Vec<SocketAddr>>,
+    pub metrics_bound: OnceLock<SocketAddr>,
+    pub proxy_metrics: OnceLock<Arc<dnsproxy::ProxyMetrics>>,
+}
+
+impl Agent {
+    pub fn new(state: AgentState, datapath: Arc<dyn Datapath>) -> Arc<Agent> {
+        Arc::new(Agent {
+            state: Mutex::new(state),
+            datapath,
+            events: Events::new(),
+            metrics: Metrics::default(),
+            started: Instant::now(),
+            issued: AtomicU64::new(0),
+            applied: watch::channel(0).0,
+            expiry_wakeup: Notify::new(),
+            dns_bound: OnceLock::new(),
+            metrics_bound: OnceLock::new(),
+            proxy_metrics: OnceLock::new(),
+        })
+    }
+
+    /// The state, for reading or for changes that go through [`Agent::apply`].
+    pub fn lock(&self) -> MutexGuard<'_, AgentState> {
+        // A panic while holding the lock leaves the engine as it was before the panicking
+        // call finished; serving on is better than taking the firewall down.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands engine changes to the datapath, in order, and returns the sequence number of the
+    /// last one. Call with the state lock held (pass the guard): that is what makes the
+    /// datapath see changes in the order the engine made them.
+    pub fn submit(
+        self: &Arc<Self>,
+        _held: &MutexGuard<'_, AgentState>,
+        changes: &[Changes],
+    ) -> u64 {
+        let mut seq = self.issued.load(Ordering::SeqCst);
+        for c in changes.iter().filter(|c| !c.is_empty()) {
+            seq = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
+            let mut fut = self.datapath.apply(c);
+            // The in-memory datapath is done at once; don't pay for a task then.
+            match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(r) => self.confirmed(seq, r),
+                Poll::Pending => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let r = fut.await;
+                        me.confirmed(seq, r);
+                    });
+                }
+            }
+        }
+        seq
+    }
+
+    fn confirmed(&self, seq: u64, r: Result<(), String>) {
+        if let Err(e) = r {
+            self.metrics.datapath_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("datapath: {e}");
+        }
+        self.applied.send_if_modified(|v| {
+            if seq > *v {
+                *v = seq;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Sequence number of the last change issued.
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the datapath confirmed every change up to `seq`.
+    pub async fn wait_applied(&self, seq: u64) -> Result<(), String> {
+        let mut rx = self.applied.subscribe();
+        rx.wait_for(|v| *v >= seq)
+            .await
+            .map(|_| ())
+            .map_err(|_| "the datapath stopped".to_string())
+    }
+
+    /// Learned names and IPs, for `status`.
+    pub fn fqdn_counts(&self, st: &AgentState) -> (usize, usize) {
+        let s = st.fqdn.stats();
+        (s.names, s.ips)
+    }
+
+    pub fn dns_listen(&self) -> Vec<SocketAddr> {
+        self.dns_bound.get().cloned().unwrap_or_default()
+    }
+
+    pub fn metrics_listen(&self) -> Option<SocketAddr> {
+        self.metrics_bound.get().copied()
+    }
+
+    /// Re-reads the policy directory and applies what changed; waits for the datapath.
+    pub async fn sync_policies(self: &Arc<Self>) -> Vec<String> {
+        let (target, problems) = {
+            let mut st = self.lock();
+            let (changes, problems) = st.sync_policy_dir();
+            (self.submit(&st, &changes), problems)
+        };
+        if let Err(e) = self.wait_applied(target).await {
+            tracing::error!("policy change not confirmed: {e}");
+        }
+        problems
+    }
+}

@@ -1,0 +1,524 @@
+//! The agent's policy state: the configuration, the policy engine fed with the config's
+//! endpoints and the policy directory's files, which file contributes what, and the audit
+//! switches. Offline commands (`policy trace --config`) build it once; the running agent keeps
+//! one behind a lock and hands the engine's changes to the datapath.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use dnsproxy::{Decision, Transport};
+use fqdn_cache::{FqdnCache, FqdnIdentity};
+use policy::fqdn::DnsName;
+
+use policy::engine::{Changes, Engine};
+use policy::identity::IdentityAllocator;
+use policy::mapstate::ProxyPorts;
+use policy::model::{Direction, Protocol};
+use policy::trace::{AuditModes, DirTrace, Trace, Verdict};
+
+use super::datapath::MapRow;
+use crate::config::Config;
+use crate::peer::PeerSel;
+use crate::policies::{self, Loaded};
+use crate::view::{
+    DirTraceView, EndpointView, Enforcement, IdentityView, MapEntryView, PolicyGetView,
+    PolicyRuleCount, PolicySourceView, RuleView, TracePeerView, TraceView,
+};
+
+/// What one policy file contributes.
+#[derive(Debug, Clone, Default)]
+pub struct SourceState {
+    /// Policies of the file's content in force.
+    pub policies: usize,
+    /// Whether the file's current content is what is in force.
+    pub valid: bool,
+    /// Why the current content was refused (the previous content stays in force).
+    pub errors: Vec<String>,
+    /// Modification time and length of the content last read, to notice changes.
+    pub stamp: Option<FileStamp>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    pub modified: Option<std::time::SystemTime>,
+    pub len: u64,
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        let md = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            modified: md.modified().ok(),
+            len: md.len(),
+        })
+    }
+}
+
+pub struct AgentState {
+    pub cfg: Config,
+    pub engine: Engine,
+    pub sources: BTreeMap<PathBuf, SourceState>,
+    /// Grows with every applied policy change.
+    pub revision: u64,
+    pub audit_global: bool,
+    pub audit_endpoints: BTreeMap<u16, bool>,
+    pub proxy_ports: ProxyPorts,
+    /// Learned names and their identities.
+    pub fqdn: FqdnCache,
+    /// The engine's numeric identity of each FQDN identity the cache uses.
+    pub fqdn_ids: HashMap<FqdnIdentity, u32>,
+    /// Endpoint of each source address (a query's endpoint is found from its source).
+    pub by_ip: HashMap<IpAddr, u16>,
+}
+
+impl AgentState {
+    /// An engine with the config's endpoints and no policy yet. The returned changes are what
+    /// a datapath must apply to match it.
+    pub fn new(
+        cfg: Config,
+        identities: IdentityAllocator,
+        proxy_ports: ProxyPorts,
+    ) -> (AgentState, Vec<Changes>) {
+        let mut engine = Engine::new(identities, proxy_ports);
+        let mut changes = Vec::new();
+        let mut by_ip = HashMap::new();
+        for ep in cfg.policy_endpoints() {
+            for ip in &ep.ips {
+                by_ip.insert(*ip, ep.id);
+            }
+            changes.push(engine.upsert_endpoint(ep));
+        }
+        let fqdn = FqdnCache::new(fqdn_cache::Config {
+            min_ttl: cfg.dns.min_ttl,
+            max_ips_per_hostname: cfg.dns.max_ips_per_hostname,
+            ..fqdn_cache::Config::default()
+        });
+        let state = AgentState {
+            fqdn,
+            fqdn_ids: HashMap::new(),
+            by_ip,
+            audit_global: cfg.policy_audit_mode,
+            cfg,
+            engine,
+            sources: BTreeMap::new(),
+            revision: 0,
+            audit_endpoints: BTreeMap::new(),
+            proxy_ports,
+        };
+        (state, changes)
+    }
+
+    /// The proxy ports map entries carry: the DNS proxy's listening port.
+    pub fn default_proxy_ports(cfg: &Config) -> ProxyPorts {
+        ProxyPorts {
+            dns: cfg.dns.listen.first().map(|a| a.port()).unwrap_or(0),
+            http: 0,
+            kafka: 0,
+        }
+    }
+
+    /// The state an offline command sees: config endpoints and every valid policy file.
+    /// Invalid files are left out and described in the returned problems.
+    pub fn offline(cfg: Config) -> anyhow::Result<(AgentState, Vec<String>)> {
+        let ports = AgentState::default_proxy_ports(&cfg);
+        let (mut state, _) = AgentState::new(cfg, IdentityAllocator::new(), ports);
+        let problems = state.sync_policy_dir().1;
+        Ok((state, problems))
+    }
+
+    /// Reads the policy directory and applies every added, changed or removed file. A file
+    /// whose new content is invalid keeps its previous content in force. Returns the engine's
+    /// changes (one per applied file) and a description of each problem.
+    pub fn sync_policy_dir(&mut self) -> (Vec<Changes>, Vec<String>) {
+        let dir = self.cfg.policy_dir.clone();
+        let mut changes = Vec::new();
+        let mut problems = Vec::new();
+        let files = match policies::policy_files(&dir) {
+            Ok(f) => f,
+            Err(e) => {
+                // An unreadable directory changes nothing: the policy in force stays.
+                problems.push(format!(
+                    "cannot read policy directory {}: {e}",
+                    dir.display()
+                ));
+                return (changes, problems);
+            }
+        };
+        let gone: Vec<PathBuf> = self
+            .sources
+            .keys()
+            .filter(|p| !files.contains(p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.sources.remove(&path);
+            changes.push(self.engine.set_policies(&source_name(&path), Vec::new()));
+            self.revision += 1;
+            self.selectors_changed(&mut changes);
+            tracing::info!(file = %path.display(), revision = self.revision, "policy file removed");
+        }
+        for path in files {
+            let stamp = FileStamp::of(&path);
+            if let Some(s) = self.sources.get(&path) {
+                if s.stamp.is_some() && s.stamp == stamp {
+                    continue;
+                }
+            }
+            let loaded = policies::load(&path);
+            self.sources.entry(path.clone()).or_default().stamp = stamp;
+            match loaded {
+                Loaded::Ok(p) => {
+                    let n = p.len();
+                    if let Some(entry) = self.sources.get_mut(&path) {
+                        entry.policies = n;
+                        entry.valid = true;
+                        entry.errors.clear();
+                    }
+                    changes.push(self.engine.set_policies(&source_name(&path), p));
+                    self.revision += 1;
+                    self.selectors_changed(&mut changes);
+                    tracing::info!(
+                        file = %path.display(),
+                        policies = n,
+                        revision = self.revision,
+                        "policy file applied"
+                    );
+                }
+                Loaded::Invalid(diags) => {
+                    if let Some(entry) = self.sources.get_mut(&path) {
+                        entry.valid = false;
+                        entry.errors = diags.iter().map(|d| d.to_string()).collect();
+                    }
+                    for d in &diags {
+                        tracing::error!("{d}");
+                    }
+                    problems.push(format!(
+                        "{}: refused ({} {}); the previous content stays in force",
+                        path.display(),
+                        diags.len(),
+                        if diags.len() == 1 { "error" } else { "errors" }
+                    ));
+                    problems.extend(diags.iter().map(|d| d.to_string()));
+                }
+                Loaded::Io(e) => {
+                    if let Some(entry) = self.sources.get_mut(&path) {
+                        entry.valid = false;
+                        entry.errors = vec![format!("{}: cannot read: {e}", path.display())];
+                        // Read again next time: the stamp of an unreadable file says nothing.
+                        entry.stamp = None;
+                    }
+                    tracing::error!(file = %path.display(), "cannot read policy file: {e}");
+                    problems.push(format!("{}: cannot read: {e}", path.display()));
+                }
+            }
+        }
+        (changes, problems)
+    }
+
+    /// Tells the FQDN cache the `toFQDNs` selectors now in force: a new one selects the names
+    /// already learned at once, a removed one releases what only it needed.
+    fn selectors_changed(&mut self, changes: &mut Vec<Changes>) {
+        let fc = self.fqdn.set_selectors(self.engine.fqdn_selectors());
+        changes.extend(self.apply_fqdn_changes(fc));
+    }
+
+    /// Turns what the FQDN cache changed into engine changes, in the cache's order: identities
+    /// first (their map entries go to the datapath before any IP carries them), then ipcache
+    /// upserts and deletes, then released identities.
+    pub fn apply_fqdn_changes(&mut self, fc: fqdn_cache::Changes) -> Vec<Changes> {
+        let mut out = Vec::new();
+        for (fid, labels) in fc.identities_added {
+            let (num, c) = self.engine.upsert_identity(labels);
+            self.fqdn_ids.insert(fid, num);
+            out.push(c);
+        }
+        for (prefix, fid) in fc.ipcache_upserts {
+            match self.fqdn_ids.get(&fid) {
+                Some(&num) => out.push(self.engine.upsert_prefix(prefix, num)),
+                None => {
+                    tracing::error!(%prefix, "learned IP carries an identity the engine does not know")
+                }
+            }
+        }
+        for prefix in fc.ipcache_deletes {
+            out.push(self.engine.delete_prefix(prefix));
+        }
+        for fid in fc.identities_released {
+            if let Some(num) = self.fqdn_ids.remove(&fid) {
+                out.push(self.engine.release_identity(num));
+            }
+        }
+        out
+    }
+
+    /// The DNS proxy's question: may the endpoint at `client` resolve `qname` through
+    /// `server`? Allowed when a DNS rule of the endpoint for (server identity, port,
+    /// protocol) matches the name; with no DNS rules and no egress enforcement the query is
+    /// allowed (and its answer learned, for visibility).
+    pub fn dns_decision(
+        &self,
+        client: IpAddr,
+        server: SocketAddr,
+        transport: Transport,
+        qname: &DnsName,
+    ) -> Decision {
+        let Some(&endpoint_id) = self.by_ip.get(&client).or_else(|| {
+            // IPv4-mapped IPv6 sources from dual-stack sockets belong to the IPv4 address.
+            match client {
+                IpAddr::V6(v6) => v6
+                    .to_ipv4_mapped()
+                    .and_then(|v4| self.by_ip.get(&IpAddr::V4(v4))),
+                IpAddr::V4(_) => None,
+            }
+        }) else {
+            return Decision::UnknownEndpoint;
+        };
+        let server_identity = self
+            .engine
+            .ipcache()
+            .lookup(server.ip())
+            .map(|(_, id)| id)
+            .unwrap_or(policy::identity::reserved::WORLD);
+        let proto = match transport {
+            Transport::Udp => Protocol::Udp,
+            Transport::Tcp => Protocol::Tcp,
+        };
+        let verdict = self
+            .engine
+            .dns_rules_for(endpoint_id, server_identity, server.port(), proto);
+        if verdict.is_some_and(|v| v.allows(qname)) {
+            Decision::Allow { endpoint_id }
+        } else {
+            Decision::Deny { endpoint_id }
+        }
+    }
+
+    pub fn audit_modes(&self) -> AuditModes {
+        AuditModes {
+            global: self.audit_global,
+            endpoints: self
+                .audit_endpoints
+                .iter()
+                .filter(|(_, on)| **on)
+                .map(|(id, _)| *id)
+                .collect(),
+        }
+    }
+
+    /// An endpoint by name or numeric id.
+    pub fn find_endpoint(&self, key: &str) -> Option<&policy::model::Endpoint> {
+        self.engine.find_endpoint(key)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn trace(
+        &self,
+        src: &PeerSel,
+        src_text: &str,
+        dst: &PeerSel,
+        dst_text: &str,
+        port: u16,
+        proto: Protocol,
+        mode: &str,
+    ) -> Result<TraceView, String> {
+        for sel in [src, dst] {
+            if let PeerSel::Endpoint(name) = sel {
+                if self.find_endpoint(name).is_none() {
+                    return Err(format!(
+                        "no endpoint {name:?} (endpoints: {})",
+                        self.engine
+                            .endpoints()
+                            .map(|e| e.name.clone())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
+        }
+        let sp = src.to_trace_peer(&self.cfg);
+        let dp = dst.to_trace_peer(&self.cfg);
+        let t: Trace =
+            policy::trace::trace(&self.engine, &sp, &dp, port, proto, &self.audit_modes())
+                .map_err(|e| e.to_string())?;
+        let peer = |text: &str, id: u32| TracePeerView {
+            selector: text.to_string(),
+            identity: id,
+            labels: self
+                .engine
+                .identities()
+                .get(id)
+                .map(|i| i.labels.labels().iter().map(|l| l.to_string()).collect())
+                .unwrap_or_default(),
+        };
+        Ok(TraceView {
+            verdict: verdict_str(t.verdict).to_string(),
+            egress: dir_view(&t.egress),
+            ingress: dir_view(&t.ingress),
+            src: peer(src_text, t.src_identity),
+            dst: peer(dst_text, t.dst_identity),
+            dport: port,
+            protocol: proto.as_str().to_string(),
+            mode: mode.to_string(),
+        })
+    }
+
+    pub fn endpoint_view(&self, ep: &policy::model::Endpoint) -> EndpointView {
+        let enf = self.engine.enforcement(ep.id).unwrap_or_default();
+        let identity = self.engine.endpoint_identity(ep.id).unwrap_or(0);
+        EndpointView {
+            id: ep.id,
+            name: ep.name.clone(),
+            identity,
+            labels: ep
+                .labels
+                .labels()
+                .iter()
+                .map(|l| (format!("{}:{}", l.source, l.key), l.value.clone()))
+                .collect(),
+            ips: ep.ips.clone(),
+            policy_enforcement: Enforcement {
+                ingress: enf.ingress,
+                egress: enf.egress,
+            },
+            audit_mode: self.audit_global
+                || self.audit_endpoints.get(&ep.id).copied().unwrap_or(false),
+            is_host: ep.is_host,
+            interface: self
+                .cfg
+                .endpoints
+                .iter()
+                .find(|c| c.id == ep.id)
+                .and_then(|c| c.interface.clone()),
+        }
+    }
+
+    pub fn endpoint_views(&self) -> Vec<EndpointView> {
+        let mut v: Vec<EndpointView> = self
+            .engine
+            .endpoints()
+            .map(|e| self.endpoint_view(e))
+            .collect();
+        v.sort_by_key(|e| e.id);
+        v
+    }
+
+    pub fn identity_views(&self) -> Vec<IdentityView> {
+        let mut v: Vec<IdentityView> = self
+            .engine
+            .identities()
+            .iter()
+            .map(|i| IdentityView {
+                id: i.id,
+                labels: i.labels.labels().iter().map(|l| l.to_string()).collect(),
+            })
+            .collect();
+        v.sort_by_key(|i| i.id);
+        v
+    }
+
+    pub fn policy_view(&self) -> PolicyGetView {
+        let mut policies: Vec<PolicyRuleCount> = self
+            .engine
+            .policies()
+            .map(|(_, p)| PolicyRuleCount {
+                policy: p.display_name(),
+                kind: p.kind.as_str().to_string(),
+                file: p.file.to_string(),
+                line: p.span.line,
+                rules: p.rules.len(),
+            })
+            .collect();
+        policies.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        PolicyGetView {
+            revision: self.revision,
+            policy_dir: self.cfg.policy_dir.display().to_string(),
+            policies,
+            sources: self
+                .sources
+                .iter()
+                .map(|(p, s)| PolicySourceView {
+                    file: p.display().to_string(),
+                    valid: s.valid,
+                    policies: s.policies,
+                    errors: s.errors.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Every source's refusal, one line each, for `status`.
+    pub fn policy_errors(&self) -> Vec<String> {
+        self.sources
+            .values()
+            .flat_map(|s| s.errors.iter().cloned())
+            .collect()
+    }
+}
+
+/// The engine's name for a policy file's contribution: its path as displayed.
+pub fn source_name(path: &Path) -> String {
+    path.display().to_string()
+}
+
+pub fn verdict_str(v: Verdict) -> &'static str {
+    v.as_str()
+}
+
+fn dir_view(d: &DirTrace) -> DirTraceView {
+    DirTraceView {
+        verdict: verdict_str(d.verdict).to_string(),
+        rules: d
+            .rules
+            .iter()
+            .map(|r| RuleView {
+                policy: r.policy.to_string(),
+                kind: r.kind.as_str().to_string(),
+                file: r.file.to_string(),
+                line: r.span.line,
+                column: r.span.column,
+            })
+            .collect(),
+        enforced: d.enforced,
+        endpoint: d.endpoint.clone(),
+        reason: d.reason.clone(),
+        proxy_port: d.proxy_port,
+    }
+}
+
+/// One policy map's rows in the JSON shape of `bpf policy get`.
+pub fn map_rows(rows: Vec<MapRow>) -> Vec<MapEntryView> {
+    rows.into_iter()
+        .map(
+            |MapRow {
+                 key: k,
+                 entry: e,
+                 packets,
+                 bytes,
+             }| {
+                // Port 0 with prefix 0 is "any port": shown as 0, as the contract says.
+                let end_port = if k.prefix_len == 0 { 0 } else { k.end_port() };
+                let mut rules: Vec<String> = e.rules.iter().map(|r| r.policy.to_string()).collect();
+                rules.dedup();
+                MapEntryView {
+                    policy: if e.deny { "Deny" } else { "Allow" }.to_string(),
+                    direction: match k.direction {
+                        Direction::Ingress => "Ingress",
+                        Direction::Egress => "Egress",
+                    }
+                    .to_string(),
+                    identity: k.identity,
+                    port: k.port,
+                    end_port,
+                    protocol: Protocol::from_number(k.protocol)
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_else(|| k.protocol.to_string()),
+                    proxy_port: e.proxy_port,
+                    packets,
+                    bytes,
+                    rules,
+                }
+            },
+        )
+        .collect()
+}
