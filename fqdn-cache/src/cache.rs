@@ -12,8 +12,13 @@
 //! keys — no sweep over the whole cache, one timer in the agent.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::BuildHasher;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+// hashbrown: `HashTable` lets the name interner keep each name's text once; its default
+// hasher is seeded per process (names and IPs come from DNS answers) and faster than SipHash.
+use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
 
 use ipnet::IpNet;
 use policy::fqdn::DnsName;
@@ -83,7 +88,7 @@ impl ConnectionSource for NoConnections {
     }
 }
 
-impl ConnectionSource for HashSet<(EndpointId, IpAddr)> {
+impl ConnectionSource for std::collections::HashSet<(EndpointId, IpAddr)> {
     fn is_alive(&self, endpoint: EndpointId, ip: IpAddr) -> bool {
         self.contains(&(endpoint, ip))
     }
@@ -181,22 +186,82 @@ pub struct Stats {
 
 type NameId = u32;
 type SelId = u32;
+/// 0 is "no identity"; handles start at 1.
 type SetId = u32;
+const NO_SET: SetId = 0;
+const NO_EXTRA: u32 = u32::MAX;
 
 #[derive(Debug)]
 struct NameState {
     name: DnsName,
     /// Selectors in force that match the name, sorted.
     sels: Box<[SelId]>,
-    /// IP → how many endpoints hold (name, IP), as a lookup or a zombie.
-    ips: HashMap<IpAddr, u32>,
+    /// (endpoint, IP) pairs holding the name, as lookups or zombies. 0 = unused.
+    holds: u32,
 }
 
-#[derive(Debug)]
+/// What the manager knows about one IP: the names it is held under, each with the number
+/// of endpoints holding it, and its identity. Sixteen bytes: most IPs have one name, kept
+/// inline; more go to a shared slab (a million learned IPs must fit in little memory).
+#[derive(Debug, Clone, Copy)]
 struct IpState {
-    /// Names some endpoint holds this IP under.
-    names: Vec<NameId>,
-    identity: Option<SetId>,
+    identity: SetId,
+    first_name: NameId,
+    /// 0 when the IP has no name left.
+    first_count: u32,
+    /// Index into `Manager::extra_names`, or `NO_EXTRA`.
+    extra: u32,
+}
+
+/// A map keyed by IP with the families apart, so an IPv4 key costs 4 bytes, not 17.
+#[derive(Debug)]
+struct IpMap<V> {
+    v4: HashMap<Ipv4Addr, V>,
+    v6: HashMap<Ipv6Addr, V>,
+}
+
+impl<V> Default for IpMap<V> {
+    fn default() -> Self {
+        IpMap {
+            v4: HashMap::default(),
+            v6: HashMap::default(),
+        }
+    }
+}
+
+impl<V> IpMap<V> {
+    fn get(&self, ip: IpAddr) -> Option<&V> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(&a),
+            IpAddr::V6(a) => self.v6.get(&a),
+        }
+    }
+    fn get_mut(&mut self, ip: IpAddr) -> Option<&mut V> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get_mut(&a),
+            IpAddr::V6(a) => self.v6.get_mut(&a),
+        }
+    }
+    fn get_or_insert_with(&mut self, ip: IpAddr, f: impl FnOnce() -> V) -> &mut V {
+        match ip {
+            IpAddr::V4(a) => self.v4.entry(a).or_insert_with(f),
+            IpAddr::V6(a) => self.v6.entry(a).or_insert_with(f),
+        }
+    }
+    fn remove(&mut self, ip: IpAddr) -> Option<V> {
+        match ip {
+            IpAddr::V4(a) => self.v4.remove(&a),
+            IpAddr::V6(a) => self.v6.remove(&a),
+        }
+    }
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+    fn iter(&self) -> impl Iterator<Item = (IpAddr, &V)> {
+        let v4 = self.v4.iter().map(|(a, v)| (IpAddr::V4(*a), v));
+        let v6 = self.v6.iter().map(|(a, v)| (IpAddr::V6(*a), v));
+        v4.chain(v6)
+    }
 }
 
 #[derive(Debug)]
@@ -245,15 +310,20 @@ struct Store {
 struct Manager {
     names: Vec<Option<NameState>>,
     free_names: Vec<NameId>,
-    name_ids: HashMap<DnsName, NameId>,
-    ips: HashMap<IpAddr, IpState>,
+    /// Name text → id, storing only the id (the text lives once, in `names`).
+    name_table: HashTable<NameId>,
+    hasher: DefaultHashBuilder,
+    ips: IpMap<IpState>,
+    /// Names beyond the first of IPs that have several: (name, holders).
+    extra_names: Vec<Vec<(NameId, u32)>>,
+    free_extra: Vec<u32>,
     selectors: BTreeMap<FqdnSelector, SelId>,
     selector_of: HashMap<SelId, FqdnSelector>,
     next_sel: SelId,
     index: PatternIndex,
     sets: HashMap<SetId, SetState>,
     set_ids: HashMap<Box<[SelId]>, SetId>,
-    next_set: SetId,
+    last_set: SetId,
     pinned: HashMap<SelId, SetId>,
 }
 
@@ -282,15 +352,27 @@ impl Manager {
             .expect("a held or listed name is interned")
     }
 
+    fn find_name(&self, name: &str) -> Option<NameId> {
+        let hash = self.hasher.hash_one(name);
+        let names = &self.names;
+        self.name_table
+            .find(hash, |&id| {
+                names[id as usize]
+                    .as_ref()
+                    .is_some_and(|s| s.name.as_str() == name)
+            })
+            .copied()
+    }
+
     fn intern(&mut self, name: &DnsName, tx: &mut Tx) -> NameId {
         // Freed at the end of the operation if nothing ends up held under it.
-        let nid = match self.name_ids.get(name) {
-            Some(&nid) => nid,
+        let nid = match self.find_name(name.as_str()) {
+            Some(nid) => nid,
             None => {
                 let state = NameState {
                     name: name.clone(),
                     sels: self.index.matches(name).into_boxed_slice(),
-                    ips: HashMap::new(),
+                    holds: 0,
                 };
                 let nid = match self.free_names.pop() {
                     Some(nid) => {
@@ -302,7 +384,16 @@ impl Manager {
                         u32::try_from(self.names.len() - 1).expect("fewer than 2^32 names")
                     }
                 };
-                self.name_ids.insert(name.clone(), nid);
+                let Manager {
+                    names,
+                    name_table,
+                    hasher,
+                    ..
+                } = self;
+                name_table.insert_unique(hasher.hash_one(name.as_str()), nid, |&id| {
+                    let state = names[id as usize].as_ref().expect("tabled names are live");
+                    hasher.hash_one(state.name.as_str())
+                });
                 nid
             }
         };
@@ -310,35 +401,108 @@ impl Manager {
         nid
     }
 
+    fn free_name(&mut self, nid: NameId) {
+        let hash = self.hasher.hash_one(self.name(nid).name.as_str());
+        if let Ok(entry) = self.name_table.find_entry(hash, |&id| id == nid) {
+            entry.remove();
+        }
+        self.names[nid as usize] = None;
+        self.free_names.push(nid);
+    }
+
+    /// The names an IP is held under.
+    fn ip_names<'a>(&'a self, state: &'a IpState) -> impl Iterator<Item = NameId> + 'a {
+        let first = (state.first_count > 0).then_some(state.first_name);
+        let extra: &[(NameId, u32)] = if state.extra == NO_EXTRA {
+            &[]
+        } else {
+            &self.extra_names[state.extra as usize]
+        };
+        first.into_iter().chain(extra.iter().map(|(n, _)| *n))
+    }
+
+    /// One more endpoint holds (name, ip).
     fn hold(&mut self, nid: NameId, ip: IpAddr, tx: &mut Tx) {
-        let state = self.names[nid as usize].as_mut().expect("interned");
-        let count = state.ips.entry(ip).or_insert(0);
-        *count += 1;
-        if *count == 1 {
-            self.ips
-                .entry(ip)
-                .or_insert_with(|| IpState {
-                    names: Vec::new(),
-                    identity: None,
-                })
-                .names
-                .push(nid);
+        self.names[nid as usize].as_mut().expect("interned").holds += 1;
+        let state = self.ips.get_or_insert_with(ip, || IpState {
+            identity: NO_SET,
+            first_name: nid,
+            first_count: 0,
+            extra: NO_EXTRA,
+        });
+        if state.first_count == 0 {
+            state.first_name = nid;
+            state.first_count = 1;
             tx.touched.insert(ip);
+            return;
+        }
+        if state.first_name == nid {
+            state.first_count += 1;
+            return;
+        }
+        if state.extra == NO_EXTRA {
+            state.extra = match self.free_extra.pop() {
+                Some(i) => i,
+                None => {
+                    self.extra_names.push(Vec::new());
+                    u32::try_from(self.extra_names.len() - 1).expect("slab index fits")
+                }
+            };
+        }
+        let extra = &mut self.extra_names[state.extra as usize];
+        match extra.iter_mut().find(|(n, _)| *n == nid) {
+            Some((_, count)) => *count += 1,
+            None => {
+                extra.push((nid, 1));
+                tx.touched.insert(ip);
+            }
         }
     }
 
+    /// One endpoint no longer holds (name, ip).
     fn release(&mut self, nid: NameId, ip: IpAddr, tx: &mut Tx) {
-        let state = self.names[nid as usize].as_mut().expect("interned");
-        let count = state.ips.get_mut(&ip).expect("released IP was held");
-        *count -= 1;
-        if *count == 0 {
-            state.ips.remove(&ip);
-            if state.ips.is_empty() {
-                tx.maybe_free_names.push(nid);
+        let name = self.names[nid as usize].as_mut().expect("interned");
+        name.holds -= 1;
+        if name.holds == 0 {
+            tx.maybe_free_names.push(nid);
+        }
+        let state = self.ips.get_mut(ip).expect("released IP was held");
+        let gone = if state.first_count > 0 && state.first_name == nid {
+            state.first_count -= 1;
+            if state.first_count == 0 && state.extra != NO_EXTRA {
+                // Keep the first slot filled while the IP has names.
+                let extra = &mut self.extra_names[state.extra as usize];
+                let (n, c) = extra.pop().expect("slab entries are never empty");
+                state.first_name = n;
+                state.first_count = c;
+                if extra.is_empty() {
+                    self.free_extra.push(state.extra);
+                    state.extra = NO_EXTRA;
+                }
+                true
+            } else {
+                state.first_count == 0
             }
-            if let Some(ip_state) = self.ips.get_mut(&ip) {
-                ip_state.names.retain(|&n| n != nid);
+        } else {
+            let slot = state.extra;
+            let extra = &mut self.extra_names[slot as usize];
+            let i = extra
+                .iter()
+                .position(|(n, _)| *n == nid)
+                .expect("released name was held");
+            extra[i].1 -= 1;
+            let gone = extra[i].1 == 0;
+            if gone {
+                extra.swap_remove(i);
+                if extra.is_empty() {
+                    extra.shrink_to_fit();
+                    self.free_extra.push(slot);
+                    state.extra = NO_EXTRA;
+                }
             }
+            gone
+        };
+        if gone {
             tx.touched.insert(ip);
         }
     }
@@ -347,8 +511,8 @@ impl Manager {
         if let Some(&id) = self.set_ids.get(sels) {
             return id;
         }
-        let id = self.next_set;
-        self.next_set = self.next_set.checked_add(1).expect("identity handles left");
+        self.last_set = self.last_set.checked_add(1).expect("identity handles left");
+        let id = self.last_set;
         let mut labels: Vec<Label> = sels
             .iter()
             .map(|s| Label::new(SOURCE_FQDN, &self.selector_of[s].label_value(), ""))
@@ -375,47 +539,47 @@ impl Manager {
         for nid in tx.maybe_free_names.drain(..) {
             let unused = self.names[nid as usize]
                 .as_ref()
-                .is_some_and(|s| s.ips.is_empty());
+                .is_some_and(|s| s.holds == 0);
             if unused {
-                let state = self.names[nid as usize].take().expect("checked");
-                self.name_ids.remove(&state.name);
-                self.free_names.push(nid);
+                self.free_name(nid);
             }
         }
         let mut touched: Vec<IpAddr> = tx.touched.drain().collect();
         touched.sort_unstable();
         let mut sels: Vec<SelId> = Vec::new();
         for ip in touched {
-            let Some(ip_state) = self.ips.get(&ip) else {
+            let Some(&state) = self.ips.get(ip) else {
                 continue;
             };
             sels.clear();
-            for &nid in &ip_state.names {
+            for nid in self.ip_names(&state) {
                 sels.extend_from_slice(&self.name(nid).sels);
             }
             sels.sort_unstable();
             sels.dedup();
-            let old = ip_state.identity;
-            let new = (!sels.is_empty()).then(|| self.set_for(&sels, &mut tx));
-            let ip_state = self.ips.get_mut(&ip).expect("present");
+            let old = state.identity;
+            let new = if sels.is_empty() {
+                NO_SET
+            } else {
+                self.set_for(&sels, &mut tx)
+            };
             if old != new {
-                ip_state.identity = new;
-                if let Some(o) = old {
-                    self.sets.get_mut(&o).expect("in use").users -= 1;
-                    tx.maybe_unused.push(o);
+                self.ips.get_mut(ip).expect("present").identity = new;
+                if old != NO_SET {
+                    self.sets.get_mut(&old).expect("in use").users -= 1;
+                    tx.maybe_unused.push(old);
                 }
-                match new {
-                    Some(n) => {
-                        self.sets.get_mut(&n).expect("created").users += 1;
-                        changes
-                            .ipcache_upserts
-                            .push((IpNet::from(ip), FqdnIdentity(n)));
-                    }
-                    None => changes.ipcache_deletes.push(IpNet::from(ip)),
+                if new != NO_SET {
+                    self.sets.get_mut(&new).expect("created").users += 1;
+                    changes
+                        .ipcache_upserts
+                        .push((IpNet::from(ip), FqdnIdentity(new)));
+                } else {
+                    changes.ipcache_deletes.push(IpNet::from(ip));
                 }
             }
-            if ip_state.names.is_empty() {
-                self.ips.remove(&ip);
+            if state.first_count == 0 {
+                self.ips.remove(ip);
             }
         }
         for &id in &tx.created {
@@ -563,25 +727,34 @@ impl FqdnCache {
         let group = groups.entry(nid).or_default();
         let old_deadline = (!group.ips.is_empty()).then_some(group.deadline);
 
-        // Where each IP sits in the group, so a large answer into a large group stays linear.
-        let mut position: HashMap<IpAddr, usize> = group
-            .ips
-            .iter()
-            .enumerate()
-            .map(|(i, (ip, _))| (*ip, i))
-            .collect();
-        let mut in_call: HashMap<IpAddr, usize> = HashMap::with_capacity(entries.len());
-        for (pos, &(ip, exp)) in entries.iter().enumerate() {
+        // Where each IP already sits in the group: a scan for small groups, a map when a
+        // large answer meets a large group (so that stays linear).
+        let index: Option<HashMap<IpAddr, usize>> =
+            (group.ips.len() * entries.len() > 256).then(|| {
+                group
+                    .ips
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (ip, _))| (*ip, i))
+                    .collect()
+            });
+        let find = |ips: &[(IpAddr, Timestamp)], ip: IpAddr| match &index {
+            Some(map) => map.get(&ip).copied(),
+            None => ips.iter().position(|(i, _)| *i == ip),
+        };
+        let mut fresh: Vec<(IpAddr, Timestamp)> = Vec::new();
+        for &(ip, exp) in entries {
             if exp <= now {
                 continue;
             }
-            in_call.entry(ip).or_insert(pos);
-            if let Some(&i) = position.get(&ip) {
-                let slot = &mut group.ips[i].1;
-                *slot = (*slot).max(exp);
-                continue;
+            match find(&group.ips, ip) {
+                Some(i) => group.ips[i].1 = group.ips[i].1.max(exp),
+                None => fresh.push((ip, exp)),
             }
-            position.insert(ip, group.ips.len());
+        }
+        // Exactly the room needed: a million entries should not carry growth slack.
+        group.ips.reserve_exact(fresh.len());
+        for (ip, exp) in fresh {
             group.ips.push((ip, exp));
             // Re-learned under a name it is a zombie for: the zombie's hold becomes the
             // lookup's. Otherwise a new hold.
@@ -602,6 +775,12 @@ impl FqdnCache {
         }
 
         if max > 0 && group.ips.len() > max {
+            let in_call: HashMap<IpAddr, usize> = entries
+                .iter()
+                .enumerate()
+                .rev()
+                .map(|(pos, (ip, _))| (*ip, pos))
+                .collect();
             group.ips.sort_by_key(|(ip, exp)| {
                 let pos = in_call.get(ip).copied();
                 (Reverse(*exp), pos.is_none(), pos.unwrap_or(usize::MAX))
@@ -619,6 +798,7 @@ impl FqdnCache {
                     conns,
                 );
             }
+            group.ips.shrink_to_fit();
         }
 
         let new_deadline = group.ips.iter().map(|(_, e)| *e).min();
@@ -684,6 +864,9 @@ impl FqdnCache {
                 } else {
                     i += 1;
                 }
+            }
+            if group.ips.capacity() > 2 * group.ips.len() + 4 {
+                group.ips.shrink_to_fit();
             }
             match group.ips.iter().map(|(_, e)| *e).min() {
                 Some(d) => {
@@ -784,17 +967,29 @@ impl FqdnCache {
         mgr.index = PatternIndex::new(mgr.selectors.iter().map(|(s, &id)| (id, s)));
         let added_index = PatternIndex::new(added_ids.iter().map(|id| (*id, &mgr.selector_of[id])));
 
-        // One pass over the learned names, each matched against the new selectors only.
+        // One pass over the learned names, each matched against the new selectors only;
+        // then one over the IPs to find those holding a name whose selectors changed.
+        let mut changed: HashSet<NameId> = HashSet::new();
         let mut sels: Vec<SelId> = Vec::new();
-        for state in mgr.names.iter_mut().flatten() {
+        for (nid, state) in mgr.names.iter_mut().enumerate() {
+            let Some(state) = state else {
+                continue;
+            };
             sels.clear();
-            sels.extend(state.sels.iter().filter(|s| !removed_ids.contains(s)));
+            sels.extend(state.sels.iter().filter(|&s| !removed_ids.contains(s)));
             added_index.matches_into(&state.name, &mut sels);
             sels.sort_unstable();
             sels.dedup();
             if sels[..] != state.sels[..] {
                 state.sels = sels.as_slice().into();
-                tx.touched.extend(state.ips.keys());
+                changed.insert(nid as NameId);
+            }
+        }
+        if !changed.is_empty() {
+            for (ip, state) in mgr.ips.iter() {
+                if mgr.ip_names(state).any(|n| changed.contains(&n)) {
+                    tx.touched.insert(ip);
+                }
             }
         }
         for &id in &added_ids {
@@ -921,7 +1116,7 @@ impl FqdnCache {
 
     /// The live (lookup) IPs of one endpoint's name with their expiries.
     pub fn lookup(&self, endpoint: EndpointId, name: &DnsName) -> Vec<(IpAddr, Timestamp)> {
-        let Some(&nid) = self.mgr.name_ids.get(name) else {
+        let Some(nid) = self.mgr.find_name(name.as_str()) else {
             return Vec::new();
         };
         self.store
@@ -936,14 +1131,20 @@ impl FqdnCache {
     pub fn names_of(&self, ip: IpAddr) -> Vec<&DnsName> {
         self.mgr
             .ips
-            .get(&ip)
-            .map(|s| s.names.iter().map(|&n| &self.mgr.name(n).name).collect())
+            .get(ip)
+            .map(|s| {
+                self.mgr
+                    .ip_names(s)
+                    .map(|n| &self.mgr.name(n).name)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// The identity an IP carries in the ipcache, if its names match any selector.
     pub fn identity_of(&self, ip: IpAddr) -> Option<FqdnIdentity> {
-        self.mgr.ips.get(&ip)?.identity.map(FqdnIdentity)
+        let id = self.mgr.ips.get(ip)?.identity;
+        (id != NO_SET).then_some(FqdnIdentity(id))
     }
 
     /// The labels of an identity in use or preallocated.
@@ -972,7 +1173,7 @@ impl FqdnCache {
     pub fn stats(&self) -> Stats {
         let mut stats = Stats {
             endpoints: self.store.endpoints.len(),
-            names: self.mgr.name_ids.len(),
+            names: self.mgr.name_table.len(),
             ips: self.mgr.ips.len(),
             identities: self.mgr.sets.len(),
             selectors: self.mgr.selectors.len(),
