@@ -16,8 +16,10 @@
 
 pub mod error;
 pub mod events;
+pub mod http_proxy;
 pub mod http_rules;
 pub mod kafka_codec;
+pub mod kafka_proxy;
 pub mod kafka_rules;
 pub mod net;
 pub mod policy;
@@ -25,7 +27,9 @@ pub mod secret;
 
 pub use error::L7Error;
 pub use events::{EventSink, L7Event, L7EventKind, L7Protocol, L7Stats, L7Verdict};
+pub use http_proxy::{HttpProxy, HttpProxyConfig, HttpProxyService};
 pub use http_rules::{HeaderAction, HttpDecision, HttpPolicy, HttpRequestView};
+pub use kafka_proxy::{KafkaProxy, KafkaProxyConfig, KafkaProxyService};
 pub use kafka_rules::{KafkaDecision, KafkaPolicy, KafkaRequestView};
 pub use net::ProxyMode;
 pub use policy::{FlowKey, L7PolicySource, Redirect, SwappablePolicy};
