@@ -321,7 +321,8 @@ async fn read_frame(tcp: &mut TcpStream) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_pipelined_answers_out_of_order_idle_timeout_and_limit() {
     let ub = unbound_or_skip!();
-    // Learning www.test takes 400 ms in the datapath; nothere.test teaches nothing.
+    // Learning www.test A takes 400 ms in the datapath; nothere.test (NXDOMAIN) and www.test
+    // MX (no data) teach nothing and are answered at once.
     let mut c = config(ub.addr);
     c.tcp_idle_timeout = Duration::from_millis(300);
     c.tcp_max_connections = 2;
@@ -330,7 +331,7 @@ async fn tcp_pipelined_answers_out_of_order_idle_timeout_and_limit() {
     for q in [
         query(1, "www.test", 1),
         query(2, "nothere.test", 1),
-        query(3, "other.test", 1),
+        query(3, "www.test", 15),
     ] {
         frames.extend_from_slice(&(q.len() as u16).to_be_bytes());
         frames.extend_from_slice(&q);
@@ -463,6 +464,51 @@ async fn upstream_timeout_means_no_reply_and_slow_upstream_is_waited_for() {
     relay_task.abort();
 }
 
+/// An upstream that first sends two answers that must be ignored (another question with the
+/// right ID, the right question with another ID), then relays the real answer from `to`.
+async fn lying_relay(to: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = front.local_addr().unwrap();
+    let t = tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        loop {
+            let Ok((n, from)) = front.recv_from(&mut buf).await else {
+                continue;
+            };
+            let q = buf[..n].to_vec();
+            let id = u16::from_be_bytes([q[0], q[1]]);
+            let mut wrong_question = query(id, "other.test", 1);
+            wrong_question[2] |= 0x80;
+            let mut wrong_id = q.clone();
+            wrong_id[0] ^= 0xff;
+            wrong_id[2] |= 0x80;
+            front.send_to(&wrong_question, from).await.unwrap();
+            front.send_to(&wrong_id, from).await.unwrap();
+            let back = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            back.send_to(&q, to).await.unwrap();
+            let mut a = [0u8; 4096];
+            if let Ok(Ok((n, _))) =
+                tokio::time::timeout(Duration::from_secs(2), back.recv_from(&mut a)).await
+            {
+                let _ = front.send_to(&a[..n], from).await;
+            }
+        }
+    });
+    (addr, t)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_for_other_questions_or_ids_are_ignored() {
+    let ub = unbound_or_skip!();
+    let (relay, relay_task) = lying_relay(ub.addr).await;
+    let (proxy, addr) = start(config(relay), MemDatapath::new(Duration::ZERO)).await;
+    let r = d("127.0.0.2", addr, &["www.test", "A"]).await;
+    assert_eq!(status(&r), "NOERROR", "{}", r.raw);
+    assert_eq!(r.answers, ["www.test. 60 IN A 192.0.2.10"]);
+    assert_eq!(proxy.metrics().upstream_mismatches.load(Relaxed), 2);
+    relay_task.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_is_held_until_enforceable_for_every_request_of_a_name() {
     let ub = unbound_or_skip!();
@@ -545,6 +591,8 @@ async fn transparent_sockets_and_original_destination_hook() {
     let mut c = config(hole);
     c.transparent = true;
     c.forward_timeout = Duration::from_millis(400);
+    // Marked upstream sockets (SO_MARK needs CAP_NET_ADMIN too): queries still flow.
+    c.upstream_mark = Some(0x4657);
     let proxy = DnsProxy::start(
         c,
         allowlist(),

@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# DNS forwarding benchmark: dnsperf through fqdnwall vs through dnsdist vs through dnsmasq
+# (cache-size=0) vs straight to the upstream, with the same query file and the same upstream
+# (unbound, authoritative for a generated zone), all in one run, on loopback.
+#
+# For each target it measures
+#   1. throughput: dnsperf with 100 outstanding queries for DURATION seconds -> queries/s;
+#   2. latency at a fixed rate (RATE q/s, default 20000) -> p50 / p99 from dnsperf -v per-query
+#      latencies, and the p50 added over the direct path;
+# and reports the ratios fqdnwall/dnsdist (qps) and fqdnwall/direct (latency).
+#
+# Usage:
+#   bench/dns/run.sh [--fqdnwall BIN] [--config FILE] [--example] [--duration S] [--rate QPS]
+#                    [--out FILE]
+#   --fqdnwall BIN  the fqdnwall binary (default: target/release/fqdnwall); run as
+#                   `BIN run --config FILE`
+#   --config FILE   its config; dns.listen must include 127.0.0.1:25301 and dns.upstreams
+#                   127.0.0.1:25300 (the upstream this script starts). Default: a generated
+#                   config (datapath none) with a policy of 1,000 DNS patterns and a toFQDNs
+#                   selector, the bench client 127.0.0.2 as its endpoint.
+#   --example       measure dnsproxy/examples/allow_all (the proxy crate alone, allow-all
+#                   policy, learning into an in-memory table) instead of the fqdnwall binary
+#   --out FILE      append the results as a Markdown section to FILE (e.g. bench/RESULTS.md)
+#
+# Client and servers share this machine's cores, so every figure is relative: compare the rows
+# of one run, never runs on different machines.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+FW_BIN="$ROOT/target/release/fqdnwall"
+FW_CONFIG=""
+EXAMPLE=0
+DURATION=10
+RATE=20000
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --fqdnwall) FW_BIN=$2; shift 2 ;;
+    --config) FW_CONFIG=$2; shift 2 ;;
+    --example) EXAMPLE=1; shift ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --rate) RATE=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+UP=127.0.0.1:25300
+FW=127.0.0.1:25301
+DD=127.0.0.1:25302
+DM=127.0.0.1:25303
+METRICS=127.0.0.1:25309
+CLIENT=127.0.0.2
+
+need() {
+  local bin=$1 pkg=$2
+  if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get install -y -qq "$pkg" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$pkg" >/dev/null; }
+    else
+      echo "run.sh: $bin missing: apt-get install $pkg" >&2; exit 2
+    fi
+  fi
+}
+need unbound unbound
+need dnsperf dnsperf
+need dnsdist dnsdist
+need dnsmasq dnsmasq
+need dig bind9-dnsutils
+export PATH="$PATH:/usr/sbin"
+
+WORK=$(mktemp -d /tmp/fqdnwall-dnsbench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# --- the zone and the query file -------------------------------------------------------------
+{
+  echo '$ORIGIN bench.test.'
+  echo '$TTL 300'
+  echo '@ IN SOA ns.bench.test. admin.bench.test. 1 3600 600 86400 300'
+  echo '@ IN NS ns.bench.test.'
+  echo 'ns IN A 127.0.0.1'
+  for i in $(seq 1 1000); do
+    echo "h$i IN A 198.18.$((i / 256)).$((i % 256))"
+  done
+  for i in $(seq 1 100); do
+    echo "c$i IN CNAME h$i.bench.test."
+  done
+} > "$WORK/bench.zone"
+{
+  for i in $(seq 1 1000); do echo "h$i.bench.test A"; done
+  for i in $(seq 1 100); do echo "c$i.bench.test A"; done
+} | shuf --random-source=<(yes) > "$WORK/queries.txt"
+
+# --- the upstream ----------------------------------------------------------------------------
+cat > "$WORK/unbound.conf" <<CONF
+server:
+  interface: ${UP%:*}@${UP#*:}
+  port: ${UP#*:}
+  do-daemonize: no
+  chroot: ""
+  username: ""
+  directory: "$WORK"
+  pidfile: ""
+  use-syslog: no
+  logfile: ""
+  verbosity: 0
+  num-threads: 1
+  access-control: 127.0.0.0/8 allow
+  module-config: "iterator"
+  do-ip6: no
+  local-zone: "test." nodefault
+auth-zone:
+  name: "bench.test."
+  zonefile: "$WORK/bench.zone"
+  for-downstream: yes
+  for-upstream: yes
+remote-control:
+  control-enable: no
+CONF
+unbound -d -c "$WORK/unbound.conf" >"$WORK/unbound.log" 2>&1 &
+PIDS+=($!)
+
+wait_dns() { # addr
+  local addr=$1
+  for _ in $(seq 1 100); do
+    if dig +short +tries=1 +time=1 -b "$CLIENT" -p "${addr#*:}" "@${addr%:*}" h1.bench.test A 2>/dev/null | grep -q '^198\.18\.'; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "run.sh: nothing answers on $addr" >&2
+  return 1
+}
+wait_dns "$UP"
+
+# --- the peers -------------------------------------------------------------------------------
+start_fqdnwall() {
+  if [ "$EXAMPLE" = 1 ]; then
+    (cd "$ROOT" && cargo build -q --release -p dnsproxy --example allow_all)
+    local bin
+    bin="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/allow_all"
+    RUST_LOG=warn "$bin" --listen "$FW" --upstream "$UP" >"$WORK/fqdnwall.out" 2>"$WORK/fqdnwall.log" &
+    FW_PID=$!
+  else
+    [ -x "$FW_BIN" ] || { echo "run.sh: $FW_BIN is not an executable (build with cargo build --release, or pass --fqdnwall/--example)" >&2; exit 2; }
+    if [ -z "$FW_CONFIG" ]; then
+      FW_CONFIG="$WORK/fqdnwall.yaml"
+      mkdir -p "$WORK/policies" "$WORK/state"
+      cat > "$FW_CONFIG" <<CONF
+policyDir: policies/
+stateDir: $WORK/state
+apiSocket: $WORK/api.sock
+datapath: none
+dns:
+  listen: ["$FW"]
+  upstreams: ["$UP"]
+  transparent: false
+  responseMaxDelay: 100ms
+endpoints:
+  - name: bench
+    namespace: default
+    labels: {app: bench}
+    ips: ["$CLIENT"]
+metrics:
+  listen: $METRICS
+CONF
+      {
+        echo 'apiVersion: cilium.io/v2'
+        echo 'kind: CiliumNetworkPolicy'
+        echo 'metadata: {name: bench-dns, namespace: default}'
+        echo 'spec:'
+        echo '  endpointSelector: {matchLabels: {app: bench}}'
+        echo '  egress:'
+        echo '  - toEntities: [all]'
+        echo "    toPorts: [{ports: [{port: \"${UP#*:}\", protocol: ANY}], rules: {dns: ["
+        for i in $(seq 1 999); do echo "      {matchPattern: \"*.p$i.example.com\"},"; done
+        echo '      {matchPattern: "*.bench.test"}]}}]'
+        echo '  - toFQDNs: [{matchPattern: "*.bench.test"}]'
+        echo '    toPorts: [{ports: [{port: "443", protocol: TCP}]}]'
+      } > "$WORK/policies/bench.yaml"
+    fi
+    "$FW_BIN" run --config "$FW_CONFIG" >"$WORK/fqdnwall.out" 2>"$WORK/fqdnwall.log" &
+    FW_PID=$!
+  fi
+  PIDS+=("$FW_PID")
+}
+
+start_dnsdist() {
+  cat > "$WORK/dnsdist.conf" <<CONF
+setLocal("$DD")
+-- Health-check with a name the upstream serves (the default asks the root, which it does not).
+newServer({address="$UP", checkName="h1.bench.test.", checkType="A"})
+setACL({"127.0.0.0/8"})
+setSecurityPollSuffix("")
+CONF
+  dnsdist --supervised --disable-syslog -C "$WORK/dnsdist.conf" >"$WORK/dnsdist.log" 2>&1 &
+  PEER_PID=$!
+  PIDS+=("$PEER_PID")
+}
+
+start_dnsmasq() {
+  dnsmasq -k --no-resolv --no-hosts --server="${UP%:*}#${UP#*:}" --listen-address="${DM%:*}" \
+    --port="${DM#*:}" --bind-interfaces --cache-size=0 --dns-forward-max=10000 \
+    --pid-file="$WORK/dnsmasq.pid" --user=root >"$WORK/dnsmasq.log" 2>&1 &
+  PEER_PID=$!
+  PIDS+=("$PEER_PID")
+}
+
+# --- measuring -------------------------------------------------------------------------------
+# dnsperf_max ADDR -> "qps avg_latency_s lost"
+dnsperf_max() {
+  local addr=$1
+  dnsperf -s "${addr%:*}" -p "${addr#*:}" -a "$CLIENT" -d "$WORK/queries.txt" -l "$DURATION" \
+    -c 4 -q 100 2>&1 | awk '
+      /Queries per second:/ {q=$4}
+      /Average Latency \(s\):/ {l=$4}
+      /Queries lost:/ {lost=$3}
+      END {print q, l, lost}'
+}
+# dnsperf_rate ADDR -> "p50_us p99_us lost"
+dnsperf_rate() {
+  local addr=$1
+  dnsperf -s "${addr%:*}" -p "${addr#*:}" -a "$CLIENT" -d "$WORK/queries.txt" -l "$DURATION" \
+    -c 4 -q 1000 -Q "$RATE" -v 2>/dev/null > "$WORK/rate.out"
+  local lost
+  lost=$(awk '/Queries lost:/ {print $3}' "$WORK/rate.out")
+  awk '/^> / {print $NF * 1e6}' "$WORK/rate.out" | sort -n > "$WORK/lat.txt"
+  local n
+  n=$(wc -l < "$WORK/lat.txt")
+  if [ "$n" -eq 0 ]; then echo "- - $lost"; return; fi
+  local p50 p99
+  p50=$(sed -n "$(( (n * 50 + 99) / 100 ))p" "$WORK/lat.txt")
+  p99=$(sed -n "$(( (n * 99 + 99) / 100 ))p" "$WORK/lat.txt")
+  printf '%.0f %.0f %s\n' "$p50" "$p99" "$lost"
+}
+
+declare -A QPS AVG P50 P99 LOSTM LOSTR
+measure() { # name addr
+  local name=$1 addr=$2
+  wait_dns "$addr"
+  read -r QPS[$name] AVG[$name] LOSTM[$name] < <(dnsperf_max "$addr")
+  read -r P50[$name] P99[$name] LOSTR[$name] < <(dnsperf_rate "$addr")
+  echo "$name: ${QPS[$name]} q/s (avg ${AVG[$name]} s, lost ${LOSTM[$name]}); at $RATE q/s p50 ${P50[$name]} us p99 ${P99[$name]} us (lost ${LOSTR[$name]})" >&2
+}
+
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+measure direct "$UP"
+
+start_fqdnwall
+measure fqdnwall "$FW"
+if [ "$EXAMPLE" = 1 ]; then FW_LABEL="dnsproxy allow_all example"; else FW_LABEL="fqdnwall run"; fi
+HOLD=""
+if [ "$EXAMPLE" = 0 ] && command -v curl >/dev/null; then
+  HOLD=$(curl -s "http://$METRICS/metrics" | grep -i 'hold' | grep -v '^#' || true)
+fi
+kill -TERM "$FW_PID" 2>/dev/null || true
+wait "$FW_PID" 2>/dev/null || true
+if [ "$EXAMPLE" = 1 ]; then HOLD=$(cat "$WORK/fqdnwall.out"); fi
+
+start_dnsdist
+measure dnsdist "$DD"
+stop "$PEER_PID"
+
+start_dnsmasq
+measure dnsmasq "$DM"
+stop "$PEER_PID"
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0 && a != "-" && b != "-") printf "%.2f", a / b; else print "-" }'; }
+added() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "-" && b != "-") printf "%+d", a - b; else print "-" }'; }
+
+REPORT=$(
+  echo "### DNS forwarding: $FW_LABEL vs dnsdist vs dnsmasq vs direct ($(date -u +%Y-%m-%dT%H:%MZ))"
+  echo
+  echo "Method: \`bench/dns/run.sh$( [ "$EXAMPLE" = 1 ] && echo ' --example')\`; upstream unbound $(unbound -V | awk 'NR==1{print $2}') (1 thread, authoritative zone of 1,000 A names + 100 CNAMEs); $(wc -l < "$WORK/queries.txt") distinct A queries, looped;"
+  echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/{print $2}'), client $CLIENT; throughput: 4 clients, 100 outstanding, ${DURATION} s; latency: fixed ${RATE} q/s for ${DURATION} s, per-query latencies from \`dnsperf -v\`."
+  echo "dnsdist $(dnsdist --version | awk 'NR==1{print $2}') (no packet cache), dnsmasq $(dnsmasq --version | awk 'NR==1{print $3}') (cache-size=0, dns-forward-max=10000). $(nproc) cores shared by client and servers."
+  echo
+  echo "| target | q/s (max) | vs dnsdist | avg latency (ms) at max | p50 at ${RATE} q/s (µs) | p99 (µs) | p50 added vs direct (µs) | lost (max / rate) |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  for t in direct fqdnwall dnsdist dnsmasq; do
+    name=$t; [ "$t" = fqdnwall ] && name="$FW_LABEL"
+    printf '| %s | %.0f | %s | %.3f | %s | %s | %s | %s / %s |\n' "$name" "${QPS[$t]:-0}" "$(ratio "${QPS[$t]:-0}" "${QPS[dnsdist]:-0}")" \
+      "$(awk -v a="${AVG[$t]:-0}" 'BEGIN{print a*1000}')" "${P50[$t]}" "${P99[$t]}" "$(added "${P50[$t]}" "${P50[direct]}")" "${LOSTM[$t]}" "${LOSTR[$t]}"
+  done
+  echo
+  if [ -n "$HOLD" ]; then
+    echo "Hold time (answer to enforceable) and counters reported by $FW_LABEL after the run:"
+    echo
+    echo '```'
+    echo "$HOLD"
+    echo '```'
+  fi
+)
+echo "$REPORT"
+if [ -n "$OUT" ]; then
+  { echo; echo "$REPORT"; } >> "$OUT"
+fi
