@@ -20,7 +20,13 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    init_logging();
+    // The agent logs what it does; the other commands speak through their output and only
+    // log warnings.
+    let level = match cli.command {
+        cli::Command::Run(_) => "info",
+        _ => "warn",
+    };
+    init_logging(level);
     match cli.run() {
         Ok(code) => code,
         Err(e) => {
@@ -30,13 +36,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the default level (info).
-fn init_logging() {
+/// Logs go to stderr; `RUST_LOG` overrides the default level.
+fn init_logging(level: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }

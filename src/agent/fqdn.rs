@@ -335,10 +335,7 @@ pub fn save_now(agent: &Agent) {
 /// `fqdn cache` filters: endpoint id and name, and the name as given.
 type CacheFilter = (Option<u16>, Option<String>, Option<FqdnSelector>);
 
-fn filter_of(
-    agent: &Agent,
-    q: &Option<String>,
-) -> Result<CacheFilter, (StatusCode, String)> {
+fn filter_of(agent: &Agent, q: &Option<String>) -> Result<CacheFilter, (StatusCode, String)> {
     let mut endpoint = None;
     let mut endpoint_name = None;
     let mut name = None;

@@ -351,10 +351,19 @@ impl AgentState {
                 .map(|i| i.labels.labels().iter().map(|l| l.to_string()).collect())
                 .unwrap_or_default(),
         };
+        // A `labels:` peer is a hypothetical endpoint: name it as the user wrote it.
+        let mut egress = dir_view(&t.egress);
+        if matches!(src, PeerSel::Labels(_)) && egress.endpoint.is_some() {
+            egress.endpoint = Some(src_text.to_string());
+        }
+        let mut ingress = dir_view(&t.ingress);
+        if matches!(dst, PeerSel::Labels(_)) && ingress.endpoint.is_some() {
+            ingress.endpoint = Some(dst_text.to_string());
+        }
         Ok(TraceView {
             verdict: verdict_str(t.verdict).to_string(),
-            egress: dir_view(&t.egress),
-            ingress: dir_view(&t.ingress),
+            egress,
+            ingress,
             src: peer(src_text, t.src_identity),
             dst: peer(dst_text, t.dst_identity),
             dport: port,

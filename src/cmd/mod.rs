@@ -24,11 +24,22 @@ pub fn show<T: Serialize>(
     value: &T,
     text: impl FnOnce(&T) -> String,
 ) -> anyhow::Result<ExitCode> {
-    match g.output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Format::Text => print!("{}", text(value)),
-    }
+    let out = match g.output {
+        Format::Json => serde_json::to_string_pretty(value)? + "\n",
+        Format::Text => text(value),
+    };
+    print_out(&out)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+pub fn print_out(s: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    match o.write_all(s.as_bytes()).and_then(|_| o.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 pub fn client(g: &Global) -> anyhow::Result<Client> {

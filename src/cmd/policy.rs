@@ -9,7 +9,6 @@ use hyper::Method;
 use crate::agent::state::AgentState;
 use crate::api::paths;
 use crate::cli::{Format, Global};
-use crate::config::Config;
 use crate::peer;
 use crate::policies::{self, Loaded};
 use crate::view::{self, ErrorView, PolicyGetView, TraceRequest, TraceView, ValidateView};
@@ -90,17 +89,17 @@ pub fn validate(g: &Global, a: ValidateArgs) -> anyhow::Result<ExitCode> {
         results.push(r);
     }
     match g.output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&results)?),
+        Format::Json => super::print_out(&(serde_json::to_string_pretty(&results)? + "\n"))?,
         Format::Text => {
             for r in results.iter().filter(|r| r.valid) {
-                println!(
-                    "{}: OK ({} {}, {} {})",
+                super::print_out(&format!(
+                    "{}: OK ({} {}, {} {})\n",
                     r.file,
                     r.policies,
                     plural(r.policies, "policy", "policies"),
                     r.rules,
                     plural(r.rules, "rule", "rules")
-                );
+                ))?;
             }
             let bad = results.iter().filter(|r| !r.valid).count();
             if bad > 0 {
@@ -142,7 +141,10 @@ pub fn trace(g: &Global, a: TraceArgs) -> anyhow::Result<ExitCode> {
     let (port, proto) = peer::parse_dport(&a.dport).map_err(anyhow::Error::msg)?;
     let t: TraceView = match &a.config {
         Some(path) => {
-            let cfg = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let cfg = match super::run::load_config(Some(path))? {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
             let (state, problems) =
                 AgentState::offline(cfg).context("building the policy engine")?;
             for p in problems {

@@ -189,6 +189,16 @@ async fn agent_main(cfg: Config) -> anyhow::Result<ExitCode> {
         .await
         .context("starting the DNS proxy")?;
     let _ = agent.dns_bound.set(proxy.udp_addrs().to_vec());
+    // With `port: 0` in dns.listen the port is known only now; redirect entries carry it.
+    if let Some(bound) = proxy.udp_addrs().first() {
+        let mut st = agent.lock();
+        if st.proxy_ports.dns != bound.port() {
+            st.proxy_ports.dns = bound.port();
+            let ports = st.proxy_ports;
+            let c = st.engine.set_proxy_ports(ports);
+            agent.submit(&st, &[c]);
+        }
+    }
     let _ = agent.proxy_metrics.set(proxy.metrics());
 
     let tasks = vec![

@@ -814,13 +814,19 @@ fn decode_dns(
     };
     if let Some(l) = f.get("listen") {
         let mut out = Vec::new();
-        for (span, p, s) in d.string_list(l, "dns.listen") {
+        let given = d.string_list(l, "dns.listen");
+        let none_given = given.is_empty()
+            && matches!(
+                l.value,
+                policy::yaml::Value::Seq(_) | policy::yaml::Value::Null
+            );
+        for (span, p, s) in given {
             match parse_listen(&s) {
                 Ok(a) => out.push(a),
                 Err(e) => d.error(span, &p, e),
             }
         }
-        if out.is_empty() {
+        if none_given {
             d.error(
                 l.span,
                 "dns.listen",
@@ -832,13 +838,19 @@ fn decode_dns(
     if let Some(l) = f.get("upstreams") {
         *upstreams_given = true;
         let mut out = Vec::new();
-        for (span, p, s) in d.string_list(l, "dns.upstreams") {
+        let given = d.string_list(l, "dns.upstreams");
+        let none_given = given.is_empty()
+            && matches!(
+                l.value,
+                policy::yaml::Value::Seq(_) | policy::yaml::Value::Null
+            );
+        for (span, p, s) in given {
             match parse_upstream(&s) {
                 Ok(a) => out.push(a),
                 Err(e) => d.error(span, &p, e),
             }
         }
-        if out.is_empty() {
+        if none_given {
             d.error(l.span, "dns.upstreams", "at least one upstream is needed");
         }
         dns.upstreams = out;
