@@ -464,7 +464,9 @@ pub fn ping(ns: &Netns, to: IpAddr, timeout: Duration) -> bool {
         let fd = unsafe { libc::socket(domain, libc::SOCK_RAW, proto) };
         assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
         let sock = socket2::Socket::from(unsafe_fd(fd));
-        let id: u16 = (std::process::id() as u16) ^ 0x5a5a;
+        // A new identifier per ping: a new flow for conntrack.
+        static PING_ID: AtomicU32 = AtomicU32::new(0);
+        let id: u16 = (std::process::id() as u16) ^ (PING_ID.fetch_add(1, Ordering::Relaxed) as u16);
         let mut pkt = vec![ty, 0, 0, 0];
         pkt.extend_from_slice(&id.to_be_bytes());
         pkt.extend_from_slice(&1u16.to_be_bytes());
