@@ -58,7 +58,7 @@ fn usage(msg: &str) -> ! {
     std::process::exit(2);
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(

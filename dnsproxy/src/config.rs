@@ -33,10 +33,12 @@ pub struct ProxyConfig {
     /// `dns.forwardTimeout`: an upstream that has not answered by then gets no more waiting and
     /// the client no reply.
     pub forward_timeout: Duration,
-    /// UDP sockets per listen address, bound with SO_REUSEPORT so the kernel spreads queries
-    /// over them (and over the cores). Default: the number of cores.
+    /// UDP shards: each an OS thread with one socket of every listen address (bound with
+    /// SO_REUSEPORT, so the kernel spreads queries over them) and its own upstream sockets.
+    /// Default: the number of cores.
     pub udp_sockets_per_listen: usize,
-    /// UDP sockets of the upstream client that queries are multiplexed over (by random ID).
+    /// UDP sockets of the upstream client that queries are multiplexed over (by random ID),
+    /// over all shards (each shard gets its share, at least one per address family).
     pub upstream_udp_sockets: usize,
     /// A TCP client connection with no query for this long is closed.
     pub tcp_idle_timeout: Duration,

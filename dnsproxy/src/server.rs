@@ -3,6 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use hickory_proto::op::{Message, ResponseCode};
 use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{oneshot, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -23,7 +24,7 @@ use crate::message::{
     extract_learning, header_rcode, parse_client_query, set_id, ClientQuery, Rejection,
 };
 use crate::metrics::{ProxyMetrics, Verdict};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::{tcp_exchange, UdpPool, UpstreamError};
 use crate::{net, DnsProxyError};
 
 /// Largest UDP query read; larger datagrams are truncated by the kernel and dropped.
@@ -37,7 +38,10 @@ pub struct DnsProxy {
     udp_addrs: Vec<SocketAddr>,
     tcp_addrs: Vec<SocketAddr>,
     metrics: Arc<ProxyMetrics>,
+    /// TCP listeners, on the runtime that started the proxy.
     tasks: Vec<JoinHandle<()>>,
+    /// Dropping a sender stops its UDP shard.
+    shard_stops: Vec<oneshot::Sender<()>>,
 }
 
 impl Drop for DnsProxy {
@@ -45,6 +49,7 @@ impl Drop for DnsProxy {
         for t in &self.tasks {
             t.abort();
         }
+        self.shard_stops.clear();
     }
 }
 
@@ -53,7 +58,6 @@ struct Shared<P, L> {
     policy: Arc<P>,
     learner: Arc<L>,
     original_dst: Option<Arc<dyn OriginalDst>>,
-    upstream: Upstream,
     metrics: Arc<ProxyMetrics>,
     /// The bound listen addresses: a query received on one of these was sent to the proxy
     /// itself, not intercepted.
@@ -65,6 +69,14 @@ impl DnsProxy {
     /// Binds every listen address (UDP: `udp_sockets_per_listen` SO_REUSEPORT sockets; TCP: one
     /// listener), opens the upstream client and starts serving on the current tokio runtime.
     /// A listen address with port 0 gets one free port shared by its UDP and TCP sockets.
+    ///
+    /// UDP is served by `udp_sockets_per_listen` shards: each an OS thread with its own
+    /// current-thread runtime, one socket of every listen address's SO_REUSEPORT group and its
+    /// own upstream sockets, so a query is received, forwarded, matched and answered on one
+    /// thread (shared nothing but the policy, the learner and the counters). TCP is served on
+    /// the runtime that calls `start`. The learner's futures are therefore polled on a shard's
+    /// runtime: they must rely on runtime-agnostic primitives (tokio channels, `watch`,
+    /// `Notify`), not on tasks of the caller's runtime being polled by the shard.
     pub async fn start<P: DnsPolicy, L: Learner>(
         config: ProxyConfig,
         policy: Arc<P>,
@@ -73,12 +85,16 @@ impl DnsProxy {
     ) -> Result<DnsProxy, DnsProxyError> {
         config.check()?;
         let metrics = Arc::new(ProxyMetrics::default());
-        let mut udp_groups = Vec::new();
+        let shards = config.udp_sockets_per_listen;
+        let mut shard_sockets: Vec<Vec<std::net::UdpSocket>> =
+            (0..shards).map(|_| Vec::new()).collect();
         let mut tcp_listeners = Vec::new();
         let mut own = Vec::new();
         for &addr in &config.listen {
             let (udp, tcp, bound) = bind_listen(addr, &config)?;
-            udp_groups.push(udp);
+            for (i, socket) in udp.into_iter().enumerate() {
+                shard_sockets[i].push(socket);
+            }
             tcp_listeners.push(tcp);
             own.push(bound);
         }
@@ -87,43 +103,60 @@ impl DnsProxy {
                 "upstream {u} is one of the proxy's own listen addresses"
             )));
         }
-        let upstream = Upstream::start(
-            config.upstream_udp_sockets,
-            config.upstream_mark,
-            metrics.clone(),
-        )
-        .map_err(DnsProxyError::UpstreamSocket)?;
+        let pool_sockets = config.upstream_udp_sockets.div_ceil(shards).max(1);
         let tcp_limit = Arc::new(Semaphore::new(config.tcp_max_connections));
         let shared = Arc::new(Shared {
             config,
             policy,
             learner,
             original_dst,
-            upstream,
             metrics: metrics.clone(),
             own: own.clone(),
             next_upstream: AtomicUsize::new(0),
         });
-        let mut tasks = Vec::new();
-        for group in udp_groups {
-            for socket in group {
-                let socket = Arc::new(socket);
-                tasks.push(tokio::spawn(serve_udp(shared.clone(), socket)));
+        let mut shard_stops = Vec::new();
+        for (i, sockets) in shard_sockets.into_iter().enumerate() {
+            let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            let (ready_tx, ready_rx) = oneshot::channel::<Result<(), DnsProxyError>>();
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("dns-udp-{i}"))
+                .spawn(move || run_shard(shared, sockets, pool_sockets, ready_tx, stop_rx))
+                .map_err(|e| {
+                    DnsProxyError::UpstreamSocket(io::Error::other(format!(
+                        "cannot start a UDP shard thread: {e}"
+                    )))
+                })?;
+            match ready_rx.await {
+                Ok(Ok(())) => shard_stops.push(stop_tx),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(DnsProxyError::UpstreamSocket(io::Error::other(
+                        "a UDP shard thread died while starting",
+                    )))
+                }
             }
         }
+        let mut tasks = Vec::new();
         for listener in tcp_listeners {
+            let listener = TcpListener::from_std(listener).map_err(|e| DnsProxyError::Listen {
+                transport: "tcp",
+                addr: own[tasks.len()],
+                source: e,
+            })?;
             tasks.push(tokio::spawn(serve_tcp(
                 shared.clone(),
                 listener,
                 tcp_limit.clone(),
             )));
         }
-        info!(listen = ?own, upstreams = ?shared.config.upstreams, transparent = shared.config.transparent, "DNS proxy serving");
+        info!(listen = ?own, upstreams = ?shared.config.upstreams, transparent = shared.config.transparent, shards, "DNS proxy serving");
         Ok(DnsProxy {
             udp_addrs: own.clone(),
             tcp_addrs: own,
             metrics,
             tasks,
+            shard_stops,
         })
     }
 
@@ -147,7 +180,7 @@ impl DnsProxy {
     }
 }
 
-type Bound = (Vec<UdpSocket>, TcpListener, SocketAddr);
+type Bound = (Vec<std::net::UdpSocket>, std::net::TcpListener, SocketAddr);
 
 fn bind_listen(addr: SocketAddr, config: &ProxyConfig) -> Result<Bound, DnsProxyError> {
     let listen_err = |transport, addr, source| DnsProxyError::Listen {
@@ -158,9 +191,8 @@ fn bind_listen(addr: SocketAddr, config: &ProxyConfig) -> Result<Bound, DnsProxy
     let attempts = if addr.port() == 0 { PORT_ATTEMPTS } else { 1 };
     let mut last = None;
     for _ in 0..attempts {
-        let first = net::udp_listener(addr, config.transparent)
-            .and_then(UdpSocket::from_std)
-            .map_err(|e| listen_err("udp", addr, e))?;
+        let first =
+            net::udp_listener(addr, config.transparent).map_err(|e| listen_err("udp", addr, e))?;
         let bound = first.local_addr().map_err(|e| listen_err("udp", addr, e))?;
         let tcp = match net::tcp_listener(bound, config.transparent) {
             Ok(t) => t,
@@ -170,11 +202,9 @@ fn bind_listen(addr: SocketAddr, config: &ProxyConfig) -> Result<Bound, DnsProxy
             }
             Err(e) => return Err(listen_err("tcp", bound, e)),
         };
-        let tcp = TcpListener::from_std(tcp).map_err(|e| listen_err("tcp", bound, e))?;
         let mut udp = vec![first];
         for _ in 1..config.udp_sockets_per_listen {
             let s = net::udp_listener(bound, config.transparent)
-                .and_then(UdpSocket::from_std)
                 .map_err(|e| listen_err("udp", bound, e))?;
             udp.push(s);
         }
@@ -219,6 +249,7 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
     /// One query from bytes to the answer to send (`None`: no reply).
     async fn handle(
         &self,
+        pool: Option<&UdpPool>,
         bytes: Vec<u8>,
         client: SocketAddr,
         received_on: SocketAddr,
@@ -276,9 +307,12 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             }
         };
         let timeout = self.config.forward_timeout;
-        let answer = match transport {
-            Transport::Udp => self.upstream.udp(server, &q.query, bytes, timeout).await,
-            Transport::Tcp => self.upstream.tcp(server, &q.query, bytes, timeout).await,
+        let answer = match (transport, pool) {
+            (Transport::Udp, Some(pool)) => pool.udp(server, &q.query, bytes, timeout).await,
+            _ => {
+                let mark = self.config.upstream_mark;
+                tcp_exchange(server, &q.query, bytes, timeout, mark, &self.metrics).await
+            }
         };
         let mut answer = match answer {
             Ok(a) => a,
@@ -414,7 +448,65 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
     }
 }
 
-async fn serve_udp<P: DnsPolicy, L: Learner>(shared: Arc<Shared<P, L>>, socket: Arc<UdpSocket>) {
+/// One UDP shard: its own current-thread runtime, its sockets of the listen groups and its own
+/// upstream pool, until `stop` fires (or its sender is dropped).
+fn run_shard<P: DnsPolicy, L: Learner>(
+    shared: Arc<Shared<P, L>>,
+    sockets: Vec<std::net::UdpSocket>,
+    pool_sockets: usize,
+    ready: oneshot::Sender<Result<(), DnsProxyError>>,
+    stop: oneshot::Receiver<()>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(DnsProxyError::UpstreamSocket(e)));
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let pool = match UdpPool::start(
+            pool_sockets,
+            shared.config.upstream_mark,
+            shared.metrics.clone(),
+        ) {
+            Ok(p) => Rc::new(p),
+            Err(e) => {
+                let _ = ready.send(Err(DnsProxyError::UpstreamSocket(e)));
+                return;
+            }
+        };
+        let mut listeners = Vec::new();
+        for s in sockets {
+            match UdpSocket::from_std(s) {
+                Ok(s) => listeners.push(Rc::new(s)),
+                Err(e) => {
+                    let _ = ready.send(Err(DnsProxyError::UpstreamSocket(e)));
+                    return;
+                }
+            }
+        }
+        let local = tokio::task::LocalSet::new();
+        for socket in listeners {
+            local.spawn_local(serve_udp(shared.clone(), socket, pool.clone()));
+        }
+        let _ = ready.send(Ok(()));
+        local
+            .run_until(async move {
+                let _ = stop.await;
+            })
+            .await;
+    });
+}
+
+async fn serve_udp<P: DnsPolicy, L: Learner>(
+    shared: Arc<Shared<P, L>>,
+    socket: Rc<UdpSocket>,
+    pool: Rc<UdpPool>,
+) {
     let local = match socket.local_addr() {
         Ok(a) => a,
         Err(e) => {
@@ -449,9 +541,10 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(shared: Arc<Shared<P, L>>, socket: 
             let bytes = buf[..n].to_vec();
             let shared = shared.clone();
             let socket = socket.clone();
-            tokio::spawn(async move {
+            let pool = pool.clone();
+            tokio::task::spawn_local(async move {
                 let Some(answer) = shared
-                    .handle(bytes, client, received_on, Transport::Udp)
+                    .handle(Some(&pool), bytes, client, received_on, Transport::Udp)
                     .await
                 else {
                     return;
@@ -553,7 +646,7 @@ async fn serve_tcp_connection<P: DnsPolicy, L: Learner>(
         let last_activity = last_activity.clone();
         tokio::spawn(async move {
             if let Some(answer) = shared
-                .handle(frame, client, received_on, Transport::Tcp)
+                .handle(None, frame, client, received_on, Transport::Tcp)
                 .await
             {
                 let Ok(len) = u16::try_from(answer.len()) else {

@@ -60,16 +60,17 @@ struct Family {
     next: AtomicUsize,
 }
 
-pub(crate) struct Upstream {
+/// The UDP side of the upstream client. Each shard of the proxy owns one, on its own
+/// current-thread runtime, so a query, its upstream socket and its answer never cross threads.
+pub(crate) struct UdpPool {
     v4: Option<Family>,
     v6: Option<Family>,
     tokens: AtomicU64,
-    mark: Option<u32>,
     metrics: Arc<ProxyMetrics>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl Drop for Upstream {
+impl Drop for UdpPool {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
@@ -94,14 +95,14 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-impl Upstream {
+impl UdpPool {
     /// Opens `sockets_per_family` UDP sockets per address family (IPv6 best effort: a machine
     /// without IPv6 gets an IPv4-only client) and starts their receive tasks.
     pub(crate) fn start(
         sockets_per_family: usize,
         mark: Option<u32>,
         metrics: Arc<ProxyMetrics>,
-    ) -> io::Result<Upstream> {
+    ) -> io::Result<UdpPool> {
         let mut tasks = Vec::new();
         let mut family = |ipv6: bool| -> io::Result<Family> {
             let mut slots = Vec::new();
@@ -127,11 +128,10 @@ impl Upstream {
                 None
             }
         };
-        Ok(Upstream {
+        Ok(UdpPool {
             v4: Some(v4),
             v6,
             tokens: AtomicU64::new(0),
-            mark,
             metrics,
             tasks,
         })
@@ -191,61 +191,62 @@ impl Upstream {
             Err(_) => Err(UpstreamError::Timeout),
         }
     }
+}
 
-    /// Sends `query` over a new TCP connection to `server` and reads one answer.
-    pub(crate) async fn tcp(
-        &self,
-        server: SocketAddr,
-        question: &Query,
-        mut query: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, UpstreamError> {
-        let id: u16 = rand::random();
-        set_id(&mut query, id);
-        let started = Instant::now();
-        let exchange = async {
-            let socket = net::tcp_upstream(server, self.mark)
-                .map_err(|e| format!("socket for {server}: {e}"))?;
-            let mut stream = socket
-                .connect(server)
+/// Sends `query` over a new TCP connection to `server` and reads one answer.
+pub(crate) async fn tcp_exchange(
+    server: SocketAddr,
+    question: &Query,
+    mut query: Vec<u8>,
+    timeout: Duration,
+    mark: Option<u32>,
+    metrics: &ProxyMetrics,
+) -> Result<Vec<u8>, UpstreamError> {
+    let id: u16 = rand::random();
+    set_id(&mut query, id);
+    let started = Instant::now();
+    let exchange = async {
+        let socket =
+            net::tcp_upstream(server, mark).map_err(|e| format!("socket for {server}: {e}"))?;
+        let mut stream = socket
+            .connect(server)
+            .await
+            .map_err(|e| format!("connect to {server}: {e}"))?;
+        let len = u16::try_from(query.len()).map_err(|_| "query longer than 65535 bytes")?;
+        let mut framed = Vec::with_capacity(query.len() + 2);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&query);
+        stream
+            .write_all(&framed)
+            .await
+            .map_err(|e| format!("write to {server}: {e}"))?;
+        loop {
+            let n = stream
+                .read_u16()
                 .await
-                .map_err(|e| format!("connect to {server}: {e}"))?;
-            let len = u16::try_from(query.len()).map_err(|_| "query longer than 65535 bytes")?;
-            let mut framed = Vec::with_capacity(query.len() + 2);
-            framed.extend_from_slice(&len.to_be_bytes());
-            framed.extend_from_slice(&query);
+                .map_err(|e| format!("read from {server}: {e}"))?;
+            let mut answer = vec![0u8; usize::from(n)];
             stream
-                .write_all(&framed)
+                .read_exact(&mut answer)
                 .await
-                .map_err(|e| format!("write to {server}: {e}"))?;
-            loop {
-                let n = stream
-                    .read_u16()
-                    .await
-                    .map_err(|e| format!("read from {server}: {e}"))?;
-                let mut answer = vec![0u8; usize::from(n)];
-                stream
-                    .read_exact(&mut answer)
-                    .await
-                    .map_err(|e| format!("read from {server}: {e}"))?;
-                match answer_key(&answer) {
-                    Some((got, q)) if got == id && same_question(&q, question) => {
-                        return Ok::<_, String>(answer)
-                    }
-                    // A server may send unrelated messages on a connection (RFC 7766 allows
-                    // it); skip them, the timeout bounds the wait.
-                    _ => self.metrics.upstream_mismatches.fetch_add(1, Relaxed),
-                };
-            }
-        };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(Ok(answer)) => {
-                self.metrics.upstream_latency.observe(started.elapsed());
-                Ok(answer)
-            }
-            Ok(Err(e)) => Err(UpstreamError::Failed(e)),
-            Err(_) => Err(UpstreamError::Timeout),
+                .map_err(|e| format!("read from {server}: {e}"))?;
+            match answer_key(&answer) {
+                Some((got, q)) if got == id && same_question(&q, question) => {
+                    return Ok::<_, String>(answer)
+                }
+                // A server may send unrelated messages on a connection (RFC 7766 allows
+                // it); skip them, the timeout bounds the wait.
+                _ => metrics.upstream_mismatches.fetch_add(1, Relaxed),
+            };
         }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(answer)) => {
+            metrics.upstream_latency.observe(started.elapsed());
+            Ok(answer)
+        }
+        Ok(Err(e)) => Err(UpstreamError::Failed(e)),
+        Err(_) => Err(UpstreamError::Timeout),
     }
 }
 
