@@ -297,10 +297,14 @@ impl Drop for Unbound {
 }
 
 impl Unbound {
+    /// On 127.0.0.1 and a free port.
     pub fn start() -> Option<Unbound> {
-        let bin = require("unbound", "unbound")?;
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let port = free_port(ip);
+        Unbound::start_on(ip, free_port(ip))
+    }
+
+    pub fn start_on(ip: IpAddr, port: u16) -> Option<Unbound> {
+        let bin = require("unbound", "unbound")?;
         let dir = tempdir();
         std::fs::write(dir.path().join("example.zone"), ZONE).unwrap();
         let conf = format!(
@@ -318,7 +322,7 @@ impl Unbound {
   access-control: 127.0.0.0/8 allow
   module-config: "iterator"
   do-ip6: no
-  local-zone: "example.test." nodefault
+  local-zone: "test." nodefault
 auth-zone:
   name: "example.test."
   zonefile: "{d}/example.zone"

@@ -1,0 +1,585 @@
+//! The agent (`fqdnwall run`) end to end: start-up, the local API and every live command, DNS
+//! through the proxy with a real unbound upstream and real `dig`, learning and its effect on
+//! `policy trace`, expiry, restart with restored state, policy hot reload, metrics, monitor,
+//! and a clean stop on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The upstream's address: port 53, because DNS rules name the port the query goes to, on a
+/// loopback address of its own so it never meets a resolver of the machine.
+const UPSTREAM_IP: &str = "127.0.0.153";
+
+fn write(dir: &Path, name: &str, text: &str) {
+    let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    // Write then rename, as editors and deploy tools do: the agent never sees half a file.
+    let tmp = dir.join(format!(".{}.tmp", name.replace('/', "_")));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &p).unwrap();
+}
+
+fn config(dir: &Path, upstream: SocketAddr) -> String {
+    let text = format!(
+        r#"policyDir: policies
+stateDir: state
+datapath: none
+dns:
+  listen: ["127.0.0.1:0"]
+  upstreams: ["{upstream}"]
+  forwardTimeout: 3s
+endpoints:
+  - name: frontend
+    labels: {{app: frontend}}
+    ips: ["127.0.0.2"]
+  - name: backend
+    labels: {{app: backend}}
+    ips: ["127.0.0.3"]
+metrics:
+  listen: 127.0.0.1:0
+"#
+    );
+    write(dir, "config.yaml", &text);
+    dir.join("config.yaml").display().to_string()
+}
+
+const POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: frontend-dns
+spec:
+  endpointSelector:
+    matchLabels: {app: frontend}
+  egress:
+    - toCIDR: ["127.0.0.153/32"]
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules:
+            dns:
+              - matchName: www.example.test
+              - matchPattern: "short.example.*"
+    - toFQDNs:
+        - matchName: www.example.test
+        - matchPattern: "short.example.test"
+      toPorts:
+        - ports: [{port: "443", protocol: TCP}]
+"#;
+
+/// Root (port 53), unbound and dig are needed; without them the test is skipped (CI fails).
+fn upstream() -> Option<Unbound> {
+    if !is_root() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("the agent tests run as root in CI");
+        }
+        eprintln!("*** SKIPPED: needs root (upstream DNS server on port 53)");
+        return None;
+    }
+    require("dig", "bind9-dnsutils")?;
+    Unbound::start_on(UPSTREAM_IP.parse().unwrap(), 53)
+}
+
+fn trace_verdict(a: &Agent, dst: &str, dport: &str) -> (i32, String) {
+    let o = a.cmd(&[
+        "-o",
+        "json",
+        "policy",
+        "trace",
+        "--src",
+        "endpoint:frontend",
+        "--dst",
+        dst,
+        "--dport",
+        dport,
+    ]);
+    let c = code(&o);
+    assert!(c == 0 || c == 1, "trace failed: {}", stderr(&o));
+    let v = json(&o);
+    assert_eq!(v["mode"], "live");
+    (c, v["verdict"].as_str().unwrap().to_string())
+}
+
+fn metrics(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+#[test]
+fn live_api_dns_learning_trace_reload_and_restart() {
+    let Some(ub) = upstream() else { return };
+    let d = tempdir();
+    let cfg = config(d.path(), ub.addr);
+    write(d.path(), "policies/frontend.yaml", POLICY);
+    let sock = d.path().join("api.sock");
+    let mut a = Agent::start(&["--config", &cfg], &sock);
+    assert!(a.banner[0].contains("datapath none"), "{:?}", a.banner);
+    assert!(
+        a.banner
+            .iter()
+            .any(|l| l.starts_with("Policies: 1 from 1 files")),
+        "{:?}",
+        a.banner
+    );
+
+    // The API socket is private to its owner.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // status
+    let st = a.json(&["status"]);
+    assert_eq!(st["health"], "ok");
+    assert_eq!(st["datapath"], "none");
+    assert_eq!(st["endpoints"], 3);
+    assert_eq!(st["dnsListen"][0], a.dns.to_string());
+    assert_eq!(st["proxyPorts"]["dns"], a.dns.port());
+    assert_eq!(st["policyRevision"], 1);
+
+    // endpoint list / get
+    let eps = a.json(&["endpoint", "list"]);
+    let eps = eps.as_array().unwrap();
+    assert_eq!(eps.len(), 3);
+    let fe = eps.iter().find(|e| e["name"] == "frontend").unwrap();
+    for key in [
+        "id",
+        "name",
+        "identity",
+        "labels",
+        "ips",
+        "policyEnforcement",
+        "auditMode",
+    ] {
+        assert!(fe.get(key).is_some(), "endpoint list lacks {key}");
+    }
+    assert_eq!(fe["labels"]["k8s:app"], "frontend");
+    assert_eq!(fe["ips"], serde_json::json!(["127.0.0.2"]));
+    assert_eq!(
+        fe["policyEnforcement"],
+        serde_json::json!({"ingress": false, "egress": true})
+    );
+    assert_eq!(fe["auditMode"], false);
+    let by_id = a.json(&["endpoint", "get", &fe["id"].to_string()]);
+    assert_eq!(by_id["name"], "frontend");
+    let o = a.cmd(&["endpoint", "get", "nope"]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("no endpoint \"nope\""));
+
+    // identity list / get
+    let ids = a.json(&["identity", "list"]);
+    let fe_id = fe["identity"].as_u64().unwrap();
+    let mine = ids
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == fe_id)
+        .unwrap();
+    assert!(mine["labels"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("k8s:app=frontend")));
+    assert_eq!(
+        a.json(&["identity", "get", "2"])["labels"],
+        serde_json::json!(["reserved:world"])
+    );
+
+    // bpf policy get: the DNS redirect to the proxy and the toFQDNs entry.
+    let rows = a.json(&["bpf", "policy", "get", "frontend"]);
+    let rows = rows.as_array().unwrap();
+    for key in [
+        "policy",
+        "direction",
+        "identity",
+        "port",
+        "endPort",
+        "protocol",
+        "proxyPort",
+        "packets",
+        "bytes",
+    ] {
+        assert!(rows[0].get(key).is_some(), "bpf policy get lacks {key}");
+    }
+    assert!(
+        rows.iter().any(|r| r["direction"] == "Egress"
+            && r["port"] == 53
+            && r["proxyPort"] == a.dns.port()),
+        "{rows:?}"
+    );
+
+    // Before any lookup the learned IP is not allowed.
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "443"),
+        (1, "denied".into())
+    );
+
+    // DNS: allowed names resolve, others are refused, over UDP and TCP.
+    let r = dig(&a.dns, "127.0.0.2", "www.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    assert_eq!(r.answers, vec!["192.0.2.10"]);
+    let r = dig(&a.dns, "127.0.0.2", "WWW.Example.Test.", "A", true).expect("reply");
+    assert_eq!(r.status, "NOERROR", "names compare case-insensitively");
+    let r = dig(&a.dns, "127.0.0.2", "api.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "REFUSED");
+    assert!(r.answers.is_empty());
+    let r = dig(&a.dns, "127.0.0.2", "api.example.test", "A", true).expect("reply");
+    assert_eq!(r.status, "REFUSED");
+    // The backend has no policy: allowed, and learned for visibility.
+    let r = dig(&a.dns, "127.0.0.3", "api.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    // An address that belongs to no endpoint is refused.
+    let r = dig(&a.dns, "127.0.0.9", "www.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "REFUSED");
+
+    // The learned IP is allowed on the toFQDNs port now, and only there.
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "443"),
+        (0, "allowed".into())
+    );
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "80"),
+        (1, "denied".into())
+    );
+
+    // fqdn cache list
+    let rows = a.json(&["fqdn", "cache", "list", "--endpoint", "frontend"]);
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["endpoint"], "frontend");
+    assert_eq!(rows[0]["name"], "www.example.test.");
+    assert_eq!(rows[0]["ips"], serde_json::json!(["192.0.2.10"]));
+    assert_eq!(rows[0]["source"], "lookup");
+    let ttl = rows[0]["ttl"].as_u64().unwrap();
+    assert!(ttl > 50 && ttl <= 60, "ttl {ttl}");
+    assert!(rows[0]["expiresAt"].as_str().unwrap().ends_with('Z'));
+    let all = a.json(&["fqdn", "cache", "list"]);
+    assert!(all
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["endpoint"] == "backend" && r["name"] == "api.example.test."));
+
+    // ipcache and identities show the learned IP's FQDN identity.
+    let ipc = a.json(&["bpf", "ipcache", "list"]);
+    let entry = ipc
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["prefix"] == "192.0.2.10/32")
+        .expect("learned IP in the ipcache");
+    let fqdn_id = entry["identity"].as_u64().unwrap();
+    assert!(fqdn_id >= 1 << 24, "node-local identity, got {fqdn_id}");
+    let id = a.json(&["identity", "get", &fqdn_id.to_string()]);
+    assert!(id["labels"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("fqdn:www.example.test.")));
+
+    // Short TTL: allowed right after the lookup, denied right after expiry (TTL 2 s).
+    let r = dig(&a.dns, "127.0.0.2", "short.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.40", "443"),
+        (0, "allowed".into())
+    );
+    let learned = Instant::now();
+    let (c, v) = eventually(Duration::from_secs(6), "short TTL to expire", || {
+        let t = trace_verdict(&a, "ip:192.0.2.40", "443");
+        (t.0 == 1).then_some(t)
+    });
+    assert_eq!((c, v.as_str()), (1, "denied"));
+    assert!(learned.elapsed() >= Duration::from_millis(1500));
+
+    // Metrics count the queries by verdict and rcode.
+    let m = metrics(a.metrics.expect("metrics address"));
+    assert!(
+        m.contains("fqdnwall_dns_queries_total{verdict=\"allowed\",rcode=\"NOERROR\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("fqdnwall_dns_queries_total{verdict=\"denied\",rcode=\"REFUSED\"}"),
+        "{m}"
+    );
+    assert!(m.contains("fqdnwall_dns_hold_seconds_bucket"));
+    assert!(m.contains("fqdnwall_endpoints 3"));
+
+    // Audit mode: global, then per endpoint.
+    assert_eq!(
+        a.json(&["config", "PolicyAuditMode=true"])["PolicyAuditMode"],
+        true
+    );
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.99", "443"),
+        (0, "audit".into())
+    );
+    a.json(&["config", "PolicyAuditMode=false"]);
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.99", "443"),
+        (1, "denied".into())
+    );
+    let ep = a.json(&["endpoint", "config", "frontend", "PolicyAuditMode=Enabled"]);
+    assert_eq!(ep["auditMode"], true);
+    assert_eq!(a.json(&["endpoint", "get", "frontend"])["auditMode"], true);
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.99", "443"),
+        (0, "audit".into())
+    );
+    a.json(&["endpoint", "config", "frontend", "PolicyAuditMode=Disabled"]);
+    let o = a.cmd(&["config", "Foo=1"]);
+    assert_eq!(code(&o), 2);
+
+    // Hot reload: a new file is applied within a second or two.
+    write(
+        d.path(),
+        "policies/backend.yaml",
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: backend-ingress
+spec:
+  endpointSelector:
+    matchLabels: {app: backend}
+  ingress:
+    - fromEndpoints:
+        - matchLabels: {app: frontend}
+      toPorts:
+        - ports: [{port: "8080", protocol: TCP}]
+"#,
+    );
+    let p = eventually(Duration::from_secs(5), "the new policy", || {
+        let p = a.json(&["policy", "get"]);
+        (p["policies"].as_array().unwrap().len() == 2).then_some(p)
+    });
+    assert!(p["revision"].as_u64().unwrap() >= 2);
+    let o = a.cmd(&[
+        "policy",
+        "trace",
+        "--src",
+        "labels:app=other",
+        "--dst",
+        "endpoint:backend",
+        "--dport",
+        "8080",
+    ]);
+    assert_eq!(code(&o), 1, "backend ingress now enforced");
+
+    // A broken edit keeps the previous content in force and is reported.
+    write(
+        d.path(),
+        "policies/backend.yaml",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: backend-ingress\nspec:\n  endpointSelector: {}\n  ingres: []\n",
+    );
+    let st = eventually(Duration::from_secs(5), "the refusal in status", || {
+        let st = a.json(&["status"]);
+        (st["health"] == "degraded").then_some(st)
+    });
+    let errors: Vec<&str> = st["policyErrors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.ends_with(
+            "backend.yaml:7:3: spec.ingres: unknown field `ingres` (did you mean `ingress`?)"
+        )),
+        "{errors:?}"
+    );
+    a.wait_log("spec.ingres: unknown field", Duration::from_secs(5));
+    assert_eq!(
+        a.json(&["policy", "get"])["policies"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let o = a.cmd(&[
+        "policy",
+        "trace",
+        "--src",
+        "labels:app=other",
+        "--dst",
+        "endpoint:backend",
+        "--dport",
+        "8080",
+    ]);
+    assert_eq!(code(&o), 1, "the previous backend policy stays in force");
+    // Removing the file removes its policy.
+    std::fs::remove_file(d.path().join("policies/backend.yaml")).unwrap();
+    eventually(Duration::from_secs(5), "the removal", || {
+        let p = a.json(&["policy", "get"]);
+        (p["policies"].as_array().unwrap().len() == 1).then_some(())
+    });
+    assert_eq!(a.json(&["status"])["health"], "ok");
+
+    // Restart: learned state comes back before any new query.
+    let status = a.stop();
+    assert_eq!(status.code(), Some(0), "clean stop on SIGTERM");
+    assert!(!sock.exists(), "the API socket is removed on stop");
+    let a = Agent::start(&["--config", &cfg], &sock);
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "443"),
+        (0, "allowed".into()),
+        "restored before any query"
+    );
+
+    // fqdn cache clean forgets the name, and its allow goes with it.
+    let done = a.json(&[
+        "fqdn",
+        "cache",
+        "clean",
+        "--endpoint",
+        "frontend",
+        "--name",
+        "www.example.test",
+    ]);
+    assert_eq!(done["removed"], 1);
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "443"),
+        (1, "denied".into())
+    );
+    assert!(a
+        .json(&["fqdn", "cache", "list", "--endpoint", "frontend"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(a.stop().code(), Some(0));
+    drop(ub);
+}
+
+#[test]
+fn monitor_streams_dns_events() {
+    let Some(ub) = upstream_other() else { return };
+    let d = tempdir();
+    let cfg = config(d.path(), ub.addr);
+    let sock = d.path().join("api.sock");
+    let a = Agent::start(&["--config", &cfg], &sock);
+    let mut mon = Command::new(BIN)
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .args(["-o", "json", "monitor", "--type", "dns"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = mon.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(l) = line else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    // The monitor subscribes asynchronously: query until an event shows up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let r = dig(&a.dns, "127.0.0.3", "www.example.test", "A", false).expect("reply");
+        assert_eq!(r.status, "NOERROR");
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no monitor event");
+    };
+    let _ = mon.kill();
+    let _ = mon.wait();
+    let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(ev["type"], "dns");
+    assert_eq!(ev["endpoint"], "backend");
+    assert_eq!(ev["srcIp"], "127.0.0.3");
+    assert_eq!(ev["verdict"], "allowed");
+    assert_eq!(ev["query"], "www.example.test.");
+    assert_eq!(ev["qtype"], "A");
+    assert_eq!(ev["rcode"], "NOERROR");
+    assert_eq!(ev["ips"], serde_json::json!(["192.0.2.10"]));
+    assert_eq!(ev["ttl"], 60);
+    for key in [
+        "time",
+        "direction",
+        "dstIp",
+        "dport",
+        "protocol",
+        "srcIdentity",
+        "dstIdentity",
+    ] {
+        assert!(ev.get(key).is_some(), "monitor event lacks {key}");
+    }
+    assert_eq!(a.stop().code(), Some(0));
+}
+
+/// A second upstream on another address, so the two tests can run at the same time.
+fn upstream_other() -> Option<Unbound> {
+    if !is_root() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("the agent tests run as root in CI");
+        }
+        return None;
+    }
+    require("dig", "bind9-dnsutils")?;
+    Unbound::start_on("127.0.0.154".parse::<IpAddr>().unwrap(), 53)
+}
+
+#[test]
+fn run_on_the_embedded_default_prints_where_it_listens_and_stops_on_sigterm() {
+    if !is_root() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("the agent tests run as root in CI");
+        }
+        eprintln!("*** SKIPPED: the embedded default needs root (/var/lib, /run)");
+        return;
+    }
+    if Path::new("/etc/fqdnwall/config.yaml").exists() {
+        eprintln!("*** SKIPPED: /etc/fqdnwall/config.yaml exists, so `run` would not use the embedded default");
+        return;
+    }
+    let busy = |addr: &str| std::net::UdpSocket::bind(addr).is_err();
+    if busy("127.0.0.1:5353") || std::net::TcpListener::bind("127.0.0.1:9962").is_err() {
+        panic!("127.0.0.1:5353 or 127.0.0.1:9962 is taken: the embedded default needs them");
+    }
+    let d = tempdir();
+    let sock = d.path().join("api.sock");
+    let a = Agent::start(&[], &sock);
+    assert_eq!(
+        a.banner[0],
+        format!(
+            "fqdnwall {} running: datapath none, config embedded default",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    assert!(
+        a.banner[1]
+            .starts_with("DNS proxy listening on 127.0.0.1:5353 (UDP and TCP), forwarding to "),
+        "{:?}",
+        a.banner
+    );
+    assert_eq!(a.dns, "127.0.0.1:5353".parse().unwrap());
+    assert!(a
+        .banner
+        .iter()
+        .any(|l| l.contains("/etc/fqdnwall/policies")));
+    assert!(a
+        .banner
+        .iter()
+        .any(|l| l.starts_with("Add a policy: check it with `fqdnwall policy validate FILE`")));
+    let st = a.json(&["status"]);
+    assert_eq!(st["config"], "embedded default");
+    assert_eq!(st["endpoints"], 1);
+    let eps = a.json(&["endpoint", "list"]);
+    assert_eq!(eps[0]["name"], "host");
+    assert_eq!(eps[0]["labels"]["reserved:host"], "");
+    assert_eq!(a.stop().code(), Some(0));
+    assert!(!sock.exists());
+}
