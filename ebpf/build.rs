@@ -21,7 +21,13 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     let out = out_dir.join("fqdnwall-bpf.o");
     println!("cargo:rerun-if-env-changed=FQDNWALL_BPF_OBJECT");
-    for p in ["kernel/src", "kernel/Cargo.toml", "kernel/Cargo.lock", "common/src", "common/Cargo.toml"] {
+    for p in [
+        "kernel/src",
+        "kernel/Cargo.toml",
+        "kernel/Cargo.lock",
+        "common/src",
+        "common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", manifest_dir.join(p).display());
     }
 
@@ -70,7 +76,10 @@ fn main() {
     }
     let built = target_dir.join("bpfel-unknown-none/release/fqdnwall-bpf");
     if let Err(e) = std::fs::copy(&built, &out) {
-        fail(&format!("kernel object {} missing after the build: {e}", built.display()));
+        fail(&format!(
+            "kernel object {} missing after the build: {e}",
+            built.display()
+        ));
     }
 }
 

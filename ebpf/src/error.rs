@@ -71,7 +71,10 @@ impl Error {
 /// Maps a failed map update to `MapFull` when the kernel said there is no room.
 pub(crate) fn map_err(map: &'static str, capacity: u32, e: aya::maps::MapError) -> Error {
     if let aya::maps::MapError::SyscallError(s) = &e {
-        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC)) {
+        if matches!(
+            s.io_error.raw_os_error(),
+            Some(libc::E2BIG) | Some(libc::ENOSPC)
+        ) {
             return Error::MapFull { map, capacity };
         }
     }

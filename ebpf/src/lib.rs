@@ -41,8 +41,7 @@ use std::sync::Mutex;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{
-    Array, HashMap as BpfHash, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues,
-    RingBuf,
+    Array, HashMap as BpfHash, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues, RingBuf,
 };
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{qdisc_add_clsact, SchedClassifier, TcAttachType};
@@ -72,8 +71,16 @@ const LAYOUT: [(&str, u32, u32); 11] = [
     (names::POLICY_STATS, 4, size_of::<c::PolicyStats>() as u32),
     (names::IPCACHE4, 8, size_of::<c::IpcacheValue>() as u32),
     (names::IPCACHE6, 20, size_of::<c::IpcacheValue>() as u32),
-    (names::IPCACHE4_EXACT, 4, size_of::<c::IpcacheValue>() as u32),
-    (names::IPCACHE6_EXACT, 16, size_of::<c::IpcacheValue>() as u32),
+    (
+        names::IPCACHE4_EXACT,
+        4,
+        size_of::<c::IpcacheValue>() as u32,
+    ),
+    (
+        names::IPCACHE6_EXACT,
+        16,
+        size_of::<c::IpcacheValue>() as u32,
+    ),
     (
         names::CT,
         size_of::<c::CtKey>() as u32,
@@ -385,8 +392,8 @@ impl BpfDatapath {
             ipcache_exact: max_entries(&pin, names::IPCACHE4_EXACT)?,
             ct: max_entries(&pin, names::CT)?,
         };
-        let nr_cpus = aya::util::nr_cpus()
-            .map_err(|(what, e)| Error::io(format!("reading {what}"), e))?;
+        let nr_cpus =
+            aya::util::nr_cpus().map_err(|(what, e)| Error::io(format!("reading {what}"), e))?;
         let mut inner = Inner {
             ebpf,
             maps,
@@ -678,7 +685,7 @@ impl BpfDatapath {
                 bytes,
             });
         }
-        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        rows.sort_by_key(|r| r.key);
         Ok(rows)
     }
 
@@ -701,62 +708,61 @@ impl BpfDatapath {
         let v = c::IpcacheValue { identity, _pad: 0 };
         let mut inner = self.lock();
         let caps = inner.caps;
-        let (idx, r) = match prefix.trunc() {
-            IpNet::V4(n) if n.prefix_len() == 32 => {
-                let k = c::Ip4 {
-                    addr: n.addr().octets(),
-                };
-                let new = inner.maps.ip4x.get(&k, 0).is_err();
-                let r = inner
-                    .maps
-                    .ip4x
-                    .insert(k, v, 0)
-                    .map_err(|e| error::map_err(names::IPCACHE4_EXACT, caps.ipcache_exact, e));
-                (new.then_some(0), r)
-            }
-            IpNet::V4(n) => {
-                let k = Key::new(
-                    u32::from(n.prefix_len()),
-                    c::Ip4 {
+        let (idx, r) =
+            match prefix.trunc() {
+                IpNet::V4(n) if n.prefix_len() == 32 => {
+                    let k = c::Ip4 {
                         addr: n.addr().octets(),
-                    },
-                );
-                let new = inner.maps.ip4.get(&k, 0).is_err();
-                let r = inner
-                    .maps
-                    .ip4
-                    .insert(&k, v, 0)
-                    .map_err(|e| error::map_err(names::IPCACHE4, caps.ipcache_lpm, e));
-                (new.then_some(1), r)
-            }
-            IpNet::V6(n) if n.prefix_len() == 128 => {
-                let k = c::Ip6 {
-                    addr: n.addr().octets(),
-                };
-                let new = inner.maps.ip6x.get(&k, 0).is_err();
-                let r = inner
-                    .maps
-                    .ip6x
-                    .insert(k, v, 0)
-                    .map_err(|e| error::map_err(names::IPCACHE6_EXACT, caps.ipcache_exact, e));
-                (new.then_some(2), r)
-            }
-            IpNet::V6(n) => {
-                let k = Key::new(
-                    u32::from(n.prefix_len()),
-                    c::Ip6 {
+                    };
+                    let new = inner.maps.ip4x.get(&k, 0).is_err();
+                    let r =
+                        inner.maps.ip4x.insert(k, v, 0).map_err(|e| {
+                            error::map_err(names::IPCACHE4_EXACT, caps.ipcache_exact, e)
+                        });
+                    (new.then_some(0), r)
+                }
+                IpNet::V4(n) => {
+                    let k = Key::new(
+                        u32::from(n.prefix_len()),
+                        c::Ip4 {
+                            addr: n.addr().octets(),
+                        },
+                    );
+                    let new = inner.maps.ip4.get(&k, 0).is_err();
+                    let r = inner
+                        .maps
+                        .ip4
+                        .insert(&k, v, 0)
+                        .map_err(|e| error::map_err(names::IPCACHE4, caps.ipcache_lpm, e));
+                    (new.then_some(1), r)
+                }
+                IpNet::V6(n) if n.prefix_len() == 128 => {
+                    let k = c::Ip6 {
                         addr: n.addr().octets(),
-                    },
-                );
-                let new = inner.maps.ip6.get(&k, 0).is_err();
-                let r = inner
-                    .maps
-                    .ip6
-                    .insert(&k, v, 0)
-                    .map_err(|e| error::map_err(names::IPCACHE6, caps.ipcache_lpm, e));
-                (new.then_some(3), r)
-            }
-        };
+                    };
+                    let new = inner.maps.ip6x.get(&k, 0).is_err();
+                    let r =
+                        inner.maps.ip6x.insert(k, v, 0).map_err(|e| {
+                            error::map_err(names::IPCACHE6_EXACT, caps.ipcache_exact, e)
+                        });
+                    (new.then_some(2), r)
+                }
+                IpNet::V6(n) => {
+                    let k = Key::new(
+                        u32::from(n.prefix_len()),
+                        c::Ip6 {
+                            addr: n.addr().octets(),
+                        },
+                    );
+                    let new = inner.maps.ip6.get(&k, 0).is_err();
+                    let r = inner
+                        .maps
+                        .ip6
+                        .insert(&k, v, 0)
+                        .map_err(|e| error::map_err(names::IPCACHE6, caps.ipcache_lpm, e));
+                    (new.then_some(3), r)
+                }
+            };
         r.map_err(|e| self.full(e))?;
         if let Some(i) = idx {
             inner.ipcache_counts[i] += 1;
@@ -891,8 +897,7 @@ impl BpfDatapath {
                 remote_identity: v.remote_identity,
                 expires_in_secs: (v.expires_ns - now) / 1_000_000_000,
                 replied: v.flags & c::CT_FLAG_SEEN_REPLY != 0,
-                closing: v.flags & (c::CT_FLAG_RST | c::CT_FLAG_FIN_FWD | c::CT_FLAG_FIN_REV)
-                    != 0,
+                closing: v.flags & (c::CT_FLAG_RST | c::CT_FLAG_FIN_FWD | c::CT_FLAG_FIN_REV) != 0,
                 audit: v.flags & c::CT_FLAG_AUDIT != 0,
                 proxy_port: v.proxy_port,
             });
@@ -1080,13 +1085,10 @@ impl Inner {
             flags,
             _pad1: 0,
         };
-        self.maps
-            .config
-            .set(0, v, 0)
-            .map_err(|source| Error::Map {
-                map: names::CONFIG,
-                source,
-            })
+        self.maps.config.set(0, v, 0).map_err(|source| Error::Map {
+            map: names::CONFIG,
+            source,
+        })
     }
 
     /// Rebuilds bookkeeping from the (possibly adopted) maps and link pins.
@@ -1102,7 +1104,10 @@ impl Inner {
             }
             self.policy.insert((k.prefix_len(), k.data()), v);
         }
-        self.free_slots = (0..self.caps.policy).rev().filter(|i| !used[*i as usize]).collect();
+        self.free_slots = (0..self.caps.policy)
+            .rev()
+            .filter(|i| !used[*i as usize])
+            .collect();
         self.ipcache_counts = [
             self.maps.ip4x.keys().filter(|k| k.is_ok()).count() as u64,
             self.maps.ip4.keys().filter(|k| k.is_ok()).count() as u64,
@@ -1186,12 +1191,12 @@ impl Inner {
             program: prog,
             source,
         })?;
-        let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
-            Error::Link {
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| Error::Link {
                 path: path.to_path_buf(),
                 message: format!("not a TCX link (kernel without TCX?): {e}"),
-            }
-        })?;
+            })?;
         let _ = std::fs::remove_file(path);
         fd.pin(path).map_err(|e| Error::Link {
             path: path.to_path_buf(),

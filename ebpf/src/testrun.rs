@@ -64,7 +64,12 @@ const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 impl BpfDatapath {
     /// Runs `program` `repeat` times on `packet` (an Ethernet frame).
-    pub fn test_run(&self, program: Program, packet: &[u8], repeat: u32) -> Result<RunResult, Error> {
+    pub fn test_run(
+        &self,
+        program: Program,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<RunResult, Error> {
         self.with_program(program.name(), |p| {
             let fd = p.fd().map_err(|source| Error::Program {
                 program: program.name(),

@@ -64,7 +64,9 @@ fn default_deny_then_identity_and_port_allow() {
     let mut events = b.dp().events().unwrap();
     let _srv = Servers::start(&b.world, &[8080, 9090]);
     b.attach(1, 7, 300, ENFORCE);
-    b.dp().upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID).unwrap();
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID)
+        .unwrap();
     let c = &b.client(1).ns;
 
     // Enforced, no entries: nothing goes out.
@@ -85,9 +87,18 @@ fn default_deny_then_identity_and_port_allow() {
     b.dp()
         .apply_policy_diff(7, &[(egress(WORLD_ID, TCP, 8080, 16), allow())], &[])
         .unwrap();
-    assert_eq!(tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(), Ok("echo:hi"));
-    assert!(tcp(c, sa(b.world_v4, 9090), SHORT).is_err(), "other port must stay closed");
-    assert!(udp(c, sa(b.world_v4, 8080), SHORT).is_err(), "UDP was not allowed");
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
+    assert!(
+        tcp(c, sa(b.world_v4, 9090), SHORT).is_err(),
+        "other port must stay closed"
+    );
+    assert!(
+        udp(c, sa(b.world_v4, 8080), SHORT).is_err(),
+        "UDP was not allowed"
+    );
     assert!(!ping(c, b.world_v4.into(), SHORT), "ICMP was not allowed");
 
     // Counters of the entry.
@@ -97,14 +108,19 @@ fn default_deny_then_identity_and_port_allow() {
     assert!(rows[0].bytes > 100);
 
     // Another identity for the same IP: the entry no longer applies.
-    b.dp().upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID + 1).unwrap();
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID + 1)
+        .unwrap();
     assert!(tcp(c, sa(b.world_v4, 8080), SHORT).is_err());
 
     // Any-identity entry for UDP 9090.
     b.dp()
         .apply_policy_diff(7, &[(egress(0, UDP, 9090, 16), allow())], &[])
         .unwrap();
-    assert_eq!(udp(c, sa(b.world_v4, 9090), SHORT).as_deref(), Ok("echo:hi"));
+    assert_eq!(
+        udp(c, sa(b.world_v4, 9090), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
     let st = b.dp().status().unwrap();
     let get = |n: &str| st.counters.iter().find(|(k, _)| *k == n).unwrap().1;
     assert!(get("drop_policy") >= 4, "{st:?}");
@@ -118,7 +134,8 @@ fn cidr_except_and_lpm_fallback() {
     let _srv = Servers::start(&b.world, &[8080]);
     // A second world address, covered only by the /24.
     let other = Ipv4Addr::new(10, b.n as u8, 200, 3);
-    b.world.ip(&["addr", "add", &format!("{other}/24"), "dev", "eth0"]);
+    b.world
+        .ip(&["addr", "add", &format!("{other}/24"), "dev", "eth0"]);
     b.attach(1, 3, 300, ENFORCE);
     // toCIDRSet 10.n.200.0/24 except 10.n.200.2/32: the /24 maps to the CIDR identity, the
     // excepted /32 to an identity the policy does not select.
@@ -131,12 +148,18 @@ fn cidr_except_and_lpm_fallback() {
         .unwrap();
     let c = &b.client(1).ns;
     assert_eq!(tcp(c, sa(other, 8080), SHORT).as_deref(), Ok("echo:hi"));
-    assert!(tcp(c, sa(b.world_v4, 8080), SHORT).is_err(), "excepted address must be denied");
+    assert!(
+        tcp(c, sa(b.world_v4, 8080), SHORT).is_err(),
+        "excepted address must be denied"
+    );
     // Deleting the /32 makes the address fall back to the /24 (LPM).
     b.dp()
         .delete_ipcache(net(&format!("{}/32", b.world_v4)))
         .unwrap();
-    assert_eq!(tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(), Ok("echo:hi"));
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
     let list = b.dp().ipcache_entries().unwrap();
     assert_eq!(list, vec![(b.world_net4(), 20_000)]);
 }
@@ -146,7 +169,9 @@ fn port_ranges_icmp_and_deny_precedence() {
     let Some(b) = bed(1) else { return };
     let _srv = Servers::start(&b.world, &[8080, 8190, 8300]);
     b.attach(1, 4, 300, ENFORCE);
-    b.dp().upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID).unwrap();
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID)
+        .unwrap();
     // TCP 8000-8191 as prefix-aligned keys, ICMP echo.
     let mut adds: Vec<(MapKey, EntryValue)> = port_range_keys(8000, 8191)
         .into_iter()
@@ -155,8 +180,14 @@ fn port_ranges_icmp_and_deny_precedence() {
     adds.push((egress(WORLD_ID, ICMP, 8, 16), allow()));
     b.dp().apply_policy_diff(4, &adds, &[]).unwrap();
     let c = &b.client(1).ns;
-    assert_eq!(tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(), Ok("echo:hi"));
-    assert_eq!(tcp(c, sa(b.world_v4, 8190), SHORT).as_deref(), Ok("echo:hi"));
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 8190), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
     assert!(tcp(c, sa(b.world_v4, 8300), SHORT).is_err());
     assert!(ping(c, b.world_v4.into(), SHORT));
 
@@ -164,8 +195,14 @@ fn port_ranges_icmp_and_deny_precedence() {
     b.dp()
         .apply_policy_diff(4, &[(egress(0, TCP, 8190, 16), deny())], &[])
         .unwrap();
-    assert!(tcp(c, sa(b.world_v4, 8190), SHORT).is_err(), "deny must win");
-    assert_eq!(tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(), Ok("echo:hi"));
+    assert!(
+        tcp(c, sa(b.world_v4, 8190), SHORT).is_err(),
+        "deny must win"
+    );
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
     // An L3 deny of the identity: the engine never keeps an allow of the same identity that
     // the deny covers, so the diff adds the deny and deletes those allows.
     let covered: Vec<MapKey> = adds.iter().map(|(k, _)| *k).collect();
@@ -178,7 +215,10 @@ fn port_ranges_icmp_and_deny_precedence() {
     b.dp()
         .apply_policy_diff(4, &adds, &[egress(WORLD_ID, 0, 0, 0)])
         .unwrap();
-    assert_eq!(tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(), Ok("echo:hi"));
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
     assert!(ping(c, b.world_v4.into(), SHORT));
 }
 
@@ -198,9 +238,14 @@ fn ingress_policy_and_unenforced_direction() {
             enforce_egress: false,
         },
     );
-    b.dp().upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID).unwrap();
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID)
+        .unwrap();
     let _wsrv = Servers::start(&b.world, &[8080]);
-    assert_eq!(tcp(&c.ns, sa(b.world_v4, 8080), SHORT).as_deref(), Ok("echo:hi"));
+    assert_eq!(
+        tcp(&c.ns, sa(b.world_v4, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
     assert!(tcp(&b.world, sa(c.v4, 5000), SHORT).is_err());
     b.dp()
         .apply_policy_diff(
@@ -209,7 +254,10 @@ fn ingress_policy_and_unenforced_direction() {
             &[],
         )
         .unwrap();
-    assert_eq!(tcp(&b.world, sa(c.v4, 5000), SHORT).as_deref(), Ok("echo:hi"));
+    assert_eq!(
+        tcp(&b.world, sa(c.v4, 5000), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
     assert!(tcp(&b.world, sa(c.v4, 5001), SHORT).is_err());
     // An egress entry does not open ingress.
     b.dp()
@@ -240,11 +288,21 @@ fn ipv6_and_icmpv6() {
             &[],
         )
         .unwrap();
-    assert_eq!(tcp(c, sa(b.world_v6, 8080), SHORT).as_deref(), Ok("echo:hi"));
+    assert_eq!(
+        tcp(c, sa(b.world_v6, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
     assert!(ping(c, b.world_v6.into(), SHORT));
     // The world-ipv6 fallback identity (from ::/0) is not allowed.
     let other = format!("fd00:{:x}:c8::3", b.n);
-    b.world.ip(&["addr", "add", &format!("{other}/64"), "dev", "eth0", "nodad"]);
+    b.world.ip(&[
+        "addr",
+        "add",
+        &format!("{other}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
     let other: std::net::Ipv6Addr = other.parse().unwrap();
     assert!(tcp(c, sa(other, 8080), SHORT).is_err());
     b.dp()
@@ -273,12 +331,17 @@ fn audit_mode_passes_and_reports() {
             enforce_egress: true,
         },
     );
-    b.dp().upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID).unwrap();
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID)
+        .unwrap();
     b.dp()
         .apply_policy_diff(8, &[(egress(WORLD_ID, TCP, 8080, 16), deny())], &[])
         .unwrap();
     let c = &b.client(1).ns;
-    assert_eq!(tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(), Ok("echo:hi"));
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
     assert!(ping(c, b.world_v4.into(), SHORT));
     let ev = events.drain();
     let audit: Vec<_> = ev.iter().filter(|e| e.kind == EventKind::Audit).collect();
@@ -289,7 +352,9 @@ fn audit_mode_passes_and_reports() {
         "{ev:?}"
     );
     assert!(
-        audit.iter().any(|e| e.reason == Reason::PolicyDefaultDeny && e.protocol == ICMP),
+        audit
+            .iter()
+            .any(|e| e.reason == Reason::PolicyDefaultDeny && e.protocol == ICMP),
         "{ev:?}"
     );
     assert!(!ev.iter().any(|e| e.kind == EventKind::Drop), "{ev:?}");
@@ -366,7 +431,9 @@ fn pinned_state_survives_the_loader_and_is_adopted() {
     let Some(mut b) = bed(1) else { return };
     let _srv = Servers::start(&b.world, &[8080, 9090]);
     b.attach(1, 12, 300, ENFORCE);
-    b.dp().upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID).unwrap();
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID)
+        .unwrap();
     b.dp()
         .apply_policy_diff(12, &[(egress(WORLD_ID, TCP, 8080, 16), allow())], &[])
         .unwrap();
@@ -374,8 +441,14 @@ fn pinned_state_survives_the_loader_and_is_adopted() {
     // The agent goes away (as with kill -9: nothing is cleaned up).
     b.dp = None;
     let c = &b.client(1).ns;
-    assert_eq!(tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(), Ok("echo:hi"));
-    assert!(tcp(c, sa(b.world_v4, 9090), SHORT).is_err(), "still enforcing");
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
+    assert!(
+        tcp(c, sa(b.world_v4, 9090), SHORT).is_err(),
+        "still enforcing"
+    );
     // A new loader adopts maps and links (in the router namespace, where the interface is).
     let pin = b.pins.0.clone();
     let dp = b
@@ -398,14 +471,20 @@ fn pinned_state_survives_the_loader_and_is_adopted() {
     // The adopted loader changes enforcement.
     dp.apply_policy_diff(12, &[(egress(WORLD_ID, TCP, 9090, 16), allow())], &[])
         .unwrap();
-    assert_eq!(tcp(c, sa(b.world_v4, 9090), SHORT).as_deref(), Ok("echo:hi"));
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 9090), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
     dp.apply_policy_diff(12, &[], &[egress(WORLD_ID, TCP, 8080, 16)])
         .unwrap();
     assert!(tcp(c, sa(b.world_v4, 8080), SHORT).is_err());
     // Unload removes programs and pins: traffic flows unfiltered.
     dp.unload().unwrap();
     assert!(!b.pins.0.join("maps").exists());
-    assert_eq!(tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(), Ok("echo:hi"));
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
 }
 
 #[test]
@@ -423,4 +502,59 @@ fn full_policy_map_is_an_error_and_counted() {
     assert!(matches!(err, ebpf::Error::MapFull { .. }), "{err}");
     assert_eq!(b.dp().policy_len(), 4);
     assert!(b.dp().status().unwrap().map_full_errors >= 1);
+}
+
+#[test]
+fn host_firewall_on_a_host_interface() {
+    let Some(b) = bed(1) else { return };
+    // The router's world-facing interface is the "host interface"; the router is the host.
+    let dp: &'static ebpf::BpfDatapath = unsafe_static(b.dp());
+    b.router.run(move || {
+        dp.attach_host(
+            "hw",
+            ebpf::EndpointSpec {
+                id: 1000,
+                identity: 1,
+                flags: EndpointFlags {
+                    audit: false,
+                    enforce_ingress: true,
+                    enforce_egress: false,
+                },
+            },
+        )
+        .unwrap()
+    });
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID)
+        .unwrap();
+    let router_v4 = Ipv4Addr::new(10, b.n as u8, 200, 1);
+    let _srv = Servers::start(&b.router, &[7000]);
+    assert!(!ping(&b.world, router_v4.into(), SHORT));
+    assert!(tcp(&b.world, sa(router_v4, 7000), SHORT).is_err());
+    b.dp()
+        .apply_policy_diff(
+            1000,
+            &[
+                (key(WORLD_ID, Direction::Ingress, ICMP, 8, 16), allow()),
+                (key(WORLD_ID, Direction::Ingress, TCP, 7000, 16), allow()),
+            ],
+            &[],
+        )
+        .unwrap();
+    assert!(ping(&b.world, router_v4.into(), SHORT));
+    assert_eq!(
+        tcp(&b.world, sa(router_v4, 7000), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
+    // The host's own egress is not enforced: it reaches the world.
+    let _wsrv = Servers::start(&b.world, &[8080]);
+    assert_eq!(
+        tcp(&b.router, sa(b.world_v4, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
+    let st = b.dp().status().unwrap();
+    assert!(st
+        .attachments
+        .iter()
+        .any(|a| a.kind == ebpf::AttachKind::Host && a.ifname == "hw"));
 }

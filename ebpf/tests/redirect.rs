@@ -51,7 +51,12 @@ fn setsockopt(fd: i32, level: i32, opt: i32) {
             size_of::<libc::c_int>() as u32,
         )
     };
-    assert_eq!(r, 0, "setsockopt {opt}: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "setsockopt {opt}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// An IPv4 socket with IP_TRANSPARENT (and SO_REUSEADDR) bound to `addr`.
@@ -263,6 +268,8 @@ fn proxy_ports_and_dns_are_steered_to_local_sockets() {
     assert!(get("redirected") >= 2, "{counters:?}");
     assert!(get("drop_proxy_unavailable") >= 1, "{counters:?}");
     let conns = b.dp().connections().unwrap();
-    assert!(conns.iter().any(|c| c.proxy_port == L7_PORT && c.dst_port == 8080));
+    assert!(conns
+        .iter()
+        .any(|c| c.proxy_port == L7_PORT && c.dst_port == 8080));
     b.router.run(move || routing.remove()).unwrap();
 }

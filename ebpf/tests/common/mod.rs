@@ -172,16 +172,46 @@ impl Bed {
         let world_v4 = Ipv4Addr::new(10, n as u8, 200, 2);
         let world_v6: Ipv6Addr = format!("fd00:{n:x}:c8::2").parse().unwrap();
         router.ip(&[
-            "link", "add", "hw", "type", "veth", "peer", "name", "eth0", "netns", &world.name,
+            "link",
+            "add",
+            "hw",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &world.name,
         ]);
         router.ip(&["addr", "add", &format!("10.{n}.200.1/24"), "dev", "hw"]);
-        router.ip(&["addr", "add", &format!("fd00:{n:x}:c8::1/64"), "dev", "hw", "nodad"]);
+        router.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:{n:x}:c8::1/64"),
+            "dev",
+            "hw",
+            "nodad",
+        ]);
         router.ip(&["link", "set", "hw", "up"]);
         world.ip(&["addr", "add", &format!("{world_v4}/24"), "dev", "eth0"]);
-        world.ip(&["addr", "add", &format!("{world_v6}/64"), "dev", "eth0", "nodad"]);
+        world.ip(&[
+            "addr",
+            "add",
+            &format!("{world_v6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         world.ip(&["link", "set", "eth0", "up"]);
         world.ip(&["route", "add", "default", "via", &format!("10.{n}.200.1")]);
-        world.ip(&["-6", "route", "add", "default", "via", &format!("fd00:{n:x}:c8::1")]);
+        world.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:{n:x}:c8::1"),
+        ]);
         let mut cl = Vec::new();
         for i in 1..=clients {
             let ns = Netns::new(format!("fwt{id}c{i}"));
@@ -205,7 +235,14 @@ impl Bed {
             ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
             ns.ip(&["link", "set", "eth0", "up"]);
             ns.ip(&["route", "add", "default", "via", &format!("10.{n}.{i}.1")]);
-            ns.ip(&["-6", "route", "add", "default", "via", &format!("fd00:{n:x}:{i:x}::1")]);
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:{n:x}:{i:x}::1"),
+            ]);
             let hi = host_if.clone();
             let ifindex = router.run(move || ebpf::ifindex(&hi).unwrap());
             cl.push(Client {
@@ -264,7 +301,7 @@ impl Bed {
 }
 
 /// The namespace thread is joined before the borrow ends; the datapath outlives it.
-fn unsafe_static(dp: &BpfDatapath) -> &'static BpfDatapath {
+pub fn unsafe_static(dp: &BpfDatapath) -> &'static BpfDatapath {
     // SAFETY: callers join the thread that uses the reference before returning.
     unsafe { &*(dp as *const BpfDatapath) }
 }
@@ -288,54 +325,53 @@ impl Servers {
         let mut threads = Vec::new();
         for &port in ports {
             // [::] without V6ONLY serves IPv4 too (mapped addresses).
-            for any in [IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
-                let (tx, rx) = std::sync::mpsc::channel();
-                let st = stop.clone();
-                threads.push(ns.spawn(move || {
-                    let l = TcpListener::bind(SocketAddr::new(any, port)).expect("bind tcp");
-                    l.set_nonblocking(true).unwrap();
-                    tx.send(()).unwrap();
-                    while !st.load(Ordering::Relaxed) {
-                        match l.accept() {
-                            Ok((mut s, _)) => {
-                                s.set_nonblocking(false).unwrap();
-                                std::thread::spawn(move || {
-                                    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-                                    let mut buf = [0u8; 512];
-                                    while let Ok(n) = s.read(&mut buf) {
-                                        if n == 0 {
-                                            break;
-                                        }
-                                        let mut out = b"echo:".to_vec();
-                                        out.extend_from_slice(&buf[..n]);
-                                        if s.write_all(&out).is_err() {
-                                            break;
-                                        }
+            let any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let st = stop.clone();
+            threads.push(ns.spawn(move || {
+                let l = TcpListener::bind(SocketAddr::new(any, port)).expect("bind tcp");
+                l.set_nonblocking(true).unwrap();
+                tx.send(()).unwrap();
+                while !st.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((mut s, _)) => {
+                            s.set_nonblocking(false).unwrap();
+                            std::thread::spawn(move || {
+                                s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                                let mut buf = [0u8; 512];
+                                while let Ok(n) = s.read(&mut buf) {
+                                    if n == 0 {
+                                        break;
                                     }
-                                });
-                            }
-                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                                    let mut out = b"echo:".to_vec();
+                                    out.extend_from_slice(&buf[..n]);
+                                    if s.write_all(&out).is_err() {
+                                        break;
+                                    }
+                                }
+                            });
                         }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
-                }));
-                rx.recv().unwrap();
-                let (tx, rx) = std::sync::mpsc::channel();
-                let st = stop.clone();
-                threads.push(ns.spawn(move || {
-                    let u = UdpSocket::bind(SocketAddr::new(any, port)).expect("bind udp");
-                    u.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-                    tx.send(()).unwrap();
-                    let mut buf = [0u8; 512];
-                    while !st.load(Ordering::Relaxed) {
-                        if let Ok((n, from)) = u.recv_from(&mut buf) {
-                            let mut out = b"echo:".to_vec();
-                            out.extend_from_slice(&buf[..n]);
-                            let _ = u.send_to(&out, from);
-                        }
+                }
+            }));
+            rx.recv().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let st = stop.clone();
+            threads.push(ns.spawn(move || {
+                let u = UdpSocket::bind(SocketAddr::new(any, port)).expect("bind udp");
+                u.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                tx.send(()).unwrap();
+                let mut buf = [0u8; 512];
+                while !st.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = u.recv_from(&mut buf) {
+                        let mut out = b"echo:".to_vec();
+                        out.extend_from_slice(&buf[..n]);
+                        let _ = u.send_to(&out, from);
                     }
-                }));
-                rx.recv().unwrap();
-            }
+                }
+            }));
+            rx.recv().unwrap();
         }
         Servers { stop, threads }
     }
@@ -386,7 +422,8 @@ impl OpenConn {
                     return;
                 }
             };
-            s.set_read_timeout(Some(Duration::from_millis(900))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(900)))
+                .unwrap();
             while let Ok(Some(msg)) = crx.recv() {
                 let r = s.write_all(&msg).map_err(|e| e.to_string()).and_then(|_| {
                     let mut buf = [0u8; 64];
@@ -398,11 +435,7 @@ impl OpenConn {
             }
         });
         rx.recv().unwrap()?;
-        Ok(OpenConn {
-            tx,
-            rx,
-            t: Some(t),
-        })
+        Ok(OpenConn { tx, rx, t: Some(t) })
     }
 
     pub fn exchange(&self, msg: &str) -> Result<String, String> {
@@ -466,7 +499,8 @@ pub fn ping(ns: &Netns, to: IpAddr, timeout: Duration) -> bool {
         let sock = socket2::Socket::from(unsafe_fd(fd));
         // A new identifier per ping: a new flow for conntrack.
         static PING_ID: AtomicU32 = AtomicU32::new(0);
-        let id: u16 = (std::process::id() as u16) ^ (PING_ID.fetch_add(1, Ordering::Relaxed) as u16);
+        let id: u16 =
+            (std::process::id() as u16) ^ (PING_ID.fetch_add(1, Ordering::Relaxed) as u16);
         let mut pkt = vec![ty, 0, 0, 0];
         pkt.extend_from_slice(&id.to_be_bytes());
         pkt.extend_from_slice(&1u16.to_be_bytes());
@@ -486,7 +520,10 @@ pub fn ping(ns: &Netns, to: IpAddr, timeout: Duration) -> bool {
                 return false;
             };
             // SAFETY: recv_from initialised the first n bytes.
-            let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            let data: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
             if from.as_socket().map(|s| s.ip()) != Some(to) {
                 continue;
             }
