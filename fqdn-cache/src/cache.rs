@@ -276,13 +276,9 @@ struct SetState {
     pinned: bool,
 }
 
-/// The IPs of one (endpoint, name).
-#[derive(Debug, Default)]
-struct Group {
-    ips: Vec<(IpAddr, Timestamp)>,
-    /// The earliest expiry among `ips`: this group's key in the deadline index.
-    deadline: Timestamp,
-}
+/// The IPs of one (endpoint, name) with their expiries. Its earliest expiry is its key in
+/// the deadline index (recomputed rather than stored: a million groups, eight bytes each).
+type Group = Vec<(IpAddr, Timestamp)>;
 
 #[derive(Debug)]
 struct Zombie {
@@ -613,6 +609,10 @@ impl Manager {
     }
 }
 
+fn deadline_of(group: &Group) -> Option<Timestamp> {
+    group.iter().map(|(_, e)| *e).min()
+}
+
 impl Store {
     /// The lifetime of (endpoint, name, ip) under a lookup ended at `ended`: the IP becomes a
     /// zombie if a connection to it is open, else the hold goes.
@@ -685,10 +685,18 @@ impl FqdnCache {
             return Changes::default();
         }
         let mut entries: Vec<(IpAddr, Timestamp)> = Vec::with_capacity(answer.ips.len());
-        let mut seen = HashSet::with_capacity(answer.ips.len());
-        for &ip in answer.ips {
-            if seen.insert(ip) {
-                entries.push((ip, expires));
+        if answer.ips.len() <= 16 {
+            for &ip in answer.ips {
+                if !entries.iter().any(|(i, _)| *i == ip) {
+                    entries.push((ip, expires));
+                }
+            }
+        } else {
+            let mut seen = HashSet::with_capacity(answer.ips.len());
+            for &ip in answer.ips {
+                if seen.insert(ip) {
+                    entries.push((ip, expires));
+                }
             }
         }
         let mut tx = Tx::default();
@@ -725,14 +733,13 @@ impl FqdnCache {
         let mgr = &mut self.mgr;
         let EndpointState { groups, zombies } = endpoints.entry(ep).or_default();
         let group = groups.entry(nid).or_default();
-        let old_deadline = (!group.ips.is_empty()).then_some(group.deadline);
+        let old_deadline = deadline_of(group);
 
         // Where each IP already sits in the group: a scan for small groups, a map when a
         // large answer meets a large group (so that stays linear).
         let index: Option<HashMap<IpAddr, usize>> =
-            (group.ips.len() * entries.len() > 256).then(|| {
+            (group.len() * entries.len() > 256).then(|| {
                 group
-                    .ips
                     .iter()
                     .enumerate()
                     .map(|(i, (ip, _))| (*ip, i))
@@ -747,15 +754,15 @@ impl FqdnCache {
             if exp <= now {
                 continue;
             }
-            match find(&group.ips, ip) {
-                Some(i) => group.ips[i].1 = group.ips[i].1.max(exp),
+            match find(&group, ip) {
+                Some(i) => group[i].1 = group[i].1.max(exp),
                 None => fresh.push((ip, exp)),
             }
         }
         // Exactly the room needed: a million entries should not carry growth slack.
-        group.ips.reserve_exact(fresh.len());
+        group.reserve_exact(fresh.len());
         for (ip, exp) in fresh {
-            group.ips.push((ip, exp));
+            group.push((ip, exp));
             // Re-learned under a name it is a zombie for: the zombie's hold becomes the
             // lookup's. Otherwise a new hold.
             let mut transferred = false;
@@ -774,18 +781,18 @@ impl FqdnCache {
             }
         }
 
-        if max > 0 && group.ips.len() > max {
+        if max > 0 && group.len() > max {
             let in_call: HashMap<IpAddr, usize> = entries
                 .iter()
                 .enumerate()
                 .rev()
                 .map(|(pos, (ip, _))| (*ip, pos))
                 .collect();
-            group.ips.sort_by_key(|(ip, exp)| {
+            group.sort_by_key(|(ip, exp)| {
                 let pos = in_call.get(ip).copied();
                 (Reverse(*exp), pos.is_none(), pos.unwrap_or(usize::MAX))
             });
-            for (ip, _) in group.ips.split_off(max) {
+            for (ip, _) in group.split_off(max) {
                 Store::end_lifetime(
                     zombies,
                     zombie_checks,
@@ -798,20 +805,19 @@ impl FqdnCache {
                     conns,
                 );
             }
-            group.ips.shrink_to_fit();
+            group.shrink_to_fit();
         }
 
-        let new_deadline = group.ips.iter().map(|(_, e)| *e).min();
+        let new_deadline = deadline_of(group);
         if old_deadline != new_deadline {
             if let Some(d) = old_deadline {
                 expiry.remove(&(d, ep, nid));
             }
             if let Some(d) = new_deadline {
                 expiry.insert((d, ep, nid));
-                group.deadline = d;
             }
         }
-        if group.ips.is_empty() {
+        if group.is_empty() {
             groups.remove(&nid);
         }
     }
@@ -846,10 +852,10 @@ impl FqdnCache {
                 endpoints.get_mut(&ep).expect("indexed endpoint");
             let group = groups.get_mut(&nid).expect("indexed group");
             let mut i = 0;
-            while i < group.ips.len() {
-                let (ip, exp) = group.ips[i];
+            while i < group.len() {
+                let (ip, exp) = group[i];
                 if exp <= now {
-                    group.ips.swap_remove(i);
+                    group.swap_remove(i);
                     Store::end_lifetime(
                         zombies,
                         zombie_checks,
@@ -865,12 +871,11 @@ impl FqdnCache {
                     i += 1;
                 }
             }
-            if group.ips.capacity() > 2 * group.ips.len() + 4 {
-                group.ips.shrink_to_fit();
+            if group.capacity() > 2 * group.len() + 4 {
+                group.shrink_to_fit();
             }
-            match group.ips.iter().map(|(_, e)| *e).min() {
+            match deadline_of(group) {
                 Some(d) => {
-                    group.deadline = d;
                     expiry.insert((d, ep, nid));
                 }
                 None => {
@@ -1029,8 +1034,10 @@ impl FqdnCache {
                 .collect();
             for nid in doomed {
                 let group = state.groups.remove(&nid).expect("listed");
-                expiry.remove(&(group.deadline, ep, nid));
-                for (ip, _) in group.ips {
+                if let Some(d) = deadline_of(&group) {
+                    expiry.remove(&(d, ep, nid));
+                }
+                for (ip, _) in group {
                     mgr.release(nid, ip, &mut tx);
                 }
                 changed = true;
@@ -1082,7 +1089,7 @@ impl FqdnCache {
             for (&nid, group) in &state.groups {
                 let n = &self.mgr.name(nid).name;
                 if wanted(n) {
-                    for &(ip, exp) in &group.ips {
+                    for &(ip, exp) in group {
                         rows.entry((ep, n, Source::Lookup, exp))
                             .or_default()
                             .push(ip);
@@ -1123,7 +1130,7 @@ impl FqdnCache {
             .endpoints
             .get(&endpoint)
             .and_then(|s| s.groups.get(&nid))
-            .map(|g| g.ips.clone())
+            .map(|g| g.clone())
             .unwrap_or_default()
     }
 
@@ -1180,7 +1187,7 @@ impl FqdnCache {
             ..Stats::default()
         };
         for state in self.store.endpoints.values() {
-            stats.entries += state.groups.values().map(|g| g.ips.len()).sum::<usize>();
+            stats.entries += state.groups.values().map(|g| g.len()).sum::<usize>();
             stats.zombies += state.zombies.values().map(|z| z.names.len()).sum::<usize>();
         }
         stats
@@ -1199,7 +1206,6 @@ impl FqdnCache {
                 .iter()
                 .map(|(&nid, g)| {
                     let mut ips: Vec<IpSnapshot> = g
-                        .ips
                         .iter()
                         .map(|&(ip, expires)| IpSnapshot { ip, expires })
                         .collect();
@@ -1272,7 +1278,7 @@ impl FqdnCache {
                 let live = state
                     .groups
                     .get(&nid)
-                    .is_some_and(|g| g.ips.iter().any(|(ip, _)| *ip == z.ip));
+                    .is_some_and(|g| g.iter().any(|(ip, _)| *ip == z.ip));
                 let zombie = state.zombies.entry(z.ip).or_insert_with(|| {
                     self.store.zombie_checks.insert((now, ep, z.ip));
                     Zombie {
