@@ -754,7 +754,7 @@ impl FqdnCache {
             if exp <= now {
                 continue;
             }
-            match find(&group, ip) {
+            match find(group, ip) {
                 Some(i) => group[i].1 = group[i].1.max(exp),
                 None => fresh.push((ip, exp)),
             }
@@ -1130,7 +1130,7 @@ impl FqdnCache {
             .endpoints
             .get(&endpoint)
             .and_then(|s| s.groups.get(&nid))
-            .map(|g| g.clone())
+            .cloned()
             .unwrap_or_default()
     }
 
