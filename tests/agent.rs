@@ -469,7 +469,15 @@ fn monitor_streams_dns_events() {
     let a = Agent::start(&["--config", &cfg], &sock);
     let mut mon = Command::new(BIN)
         .args(["--api-socket", sock.to_str().unwrap()])
-        .args(["-o", "json", "monitor", "--type", "dns"])
+        .args([
+            "-o",
+            "json",
+            "monitor",
+            "--type",
+            "dns",
+            "--type",
+            "policy-verdict",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -484,18 +492,32 @@ fn monitor_streams_dns_events() {
             }
         }
     });
-    // The monitor subscribes asynchronously: query until an event shows up.
+    // The monitor subscribes asynchronously: query until both kinds of event show up.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let line = loop {
+    let mut dns_line = None;
+    let mut verdict_line = None;
+    while dns_line.is_none() || verdict_line.is_none() {
         let r = dig(&a.dns, "127.0.0.3", "www.example.test", "A", false).expect("reply");
         assert_eq!(r.status, "NOERROR");
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
-            break l;
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            match v["type"].as_str() {
+                Some("dns") => dns_line = Some(l),
+                Some("policy-verdict") => verdict_line = Some(l),
+                other => panic!("unexpected event type {other:?}: {l}"),
+            }
         }
-        assert!(Instant::now() < deadline, "no monitor event");
-    };
+        assert!(Instant::now() < deadline, "no monitor events");
+    }
     let _ = mon.kill();
     let _ = mon.wait();
+    let pv: serde_json::Value = serde_json::from_str(&verdict_line.unwrap()).unwrap();
+    assert_eq!(pv["endpoint"], "backend");
+    assert_eq!(pv["direction"], "egress");
+    assert_eq!(pv["dport"], 53);
+    assert_eq!(pv["protocol"], "UDP");
+    assert_eq!(pv["verdict"], "allowed", "no policy: egress not enforced");
+    let line = dns_line.unwrap();
     let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(ev["type"], "dns");
     assert_eq!(ev["endpoint"], "backend");

@@ -24,7 +24,8 @@ use dnsproxy::{
 };
 use fqdn_cache::{Answer, NoConnections, SaveSchedule, Snapshot, Timestamp};
 use policy::fqdn::DnsName;
-use policy::model::FqdnSelector;
+use policy::mapstate::LookupVerdict;
+use policy::model::{Direction, FqdnSelector, Protocol};
 
 use super::events::Event;
 use super::server::query_pairs;
@@ -126,18 +127,71 @@ impl Learner for AgentDns {
             "holdMicros".into(),
             (ev.hold.as_micros().min(u128::from(u64::MAX)) as u64).into(),
         );
+        let protocol = match ev.transport {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+        };
+        let time = now().to_rfc3339();
+        // The L4 verdict of the DNS flow itself, as the datapath's policy map decides it:
+        // `redirected` when the entry sends it to the DNS proxy.
+        if let (Some(id), Some(ep)) = (endpoint_id, endpoint) {
+            if let Some(map) = st.engine.map_state(id) {
+                let proto = match ev.transport {
+                    Transport::Udp => Protocol::Udp,
+                    Transport::Tcp => Protocol::Tcp,
+                };
+                let l = map.lookup(
+                    dst_identity,
+                    Direction::Egress,
+                    proto.number(),
+                    ev.server.port(),
+                );
+                let audit =
+                    st.audit_global || st.audit_endpoints.get(&id).copied().unwrap_or(false);
+                let verdict = match l.verdict {
+                    LookupVerdict::Allow if l.proxy_port != 0 => "redirected",
+                    LookupVerdict::Allow => "allowed",
+                    _ if audit => "audit",
+                    _ => "denied",
+                };
+                let mut extra = serde_json::Map::new();
+                extra.insert("proxyPort".into(), l.proxy_port.into());
+                extra.insert(
+                    "rules".into(),
+                    l.entry
+                        .map(|e| {
+                            e.rules
+                                .iter()
+                                .map(|r| serde_json::Value::from(r.policy.to_string()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                );
+                self.0.events.publish(Event {
+                    time: time.clone(),
+                    kind: "policy-verdict",
+                    endpoint: Some(ep.name.clone()),
+                    direction: Some("egress"),
+                    src_ip: Some(ev.client.ip().to_string()),
+                    dst_ip: Some(ev.server.ip().to_string()),
+                    dport: Some(ev.server.port()),
+                    protocol: Some(protocol),
+                    src_identity,
+                    dst_identity: Some(dst_identity),
+                    verdict,
+                    extra,
+                });
+            }
+        }
         self.0.events.publish(Event {
-            time: now().to_rfc3339(),
+            time,
             kind: "dns",
             endpoint: endpoint.map(|e| e.name.clone()),
             direction: Some("egress"),
             src_ip: Some(ev.client.ip().to_string()),
             dst_ip: Some(ev.server.ip().to_string()),
             dport: Some(ev.server.port()),
-            protocol: Some(match ev.transport {
-                Transport::Udp => "UDP",
-                Transport::Tcp => "TCP",
-            }),
+            protocol: Some(protocol),
             src_identity,
             dst_identity: Some(dst_identity),
             verdict: match ev.decision {
