@@ -30,7 +30,7 @@
 //!   makes the proxy allow everything for that peer ([`Engine::l7_policy`]), as Cilium adds a
 //!   wildcard L7 rule (`l4.go` `ensureWildcard`, `toMapState`'s priority to L7 redirection).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -41,7 +41,7 @@ use crate::identity::{reserved, IdentityAllocator, NumericIdentity};
 use crate::labels::{Label, LabelSet, SOURCE_CIDR, SOURCE_RESERVED};
 use crate::mapstate::{
     port_range_keys, EntryBuilder, IdMap, LookupVerdict, MapDiff, MapEntry, MapKey, MapState,
-    PortKey, RuleRef,
+    PortKey, RuleRef, Summary,
 };
 use crate::model::{
     Direction, DnsRule, Endpoint, FqdnSelector, IpFamily, L7Kind, L7Rules, PeerRule, PeerSelector,
@@ -194,6 +194,11 @@ pub(crate) struct DirPolicy {
     pub(crate) by_selector: IdMap<Vec<Arc<CompiledPeerRule>>>,
     /// Some egress port is named (its keys depend on other endpoints' named ports).
     pub(crate) named_egress: bool,
+    /// Per selector, what its rules say (see [`Summary`]).
+    pub(crate) summaries: IdMap<Arc<Summary>>,
+    /// What the wildcard-peer rules say, with the allow-all entry when not enforced: the
+    /// identity-0 entries.
+    pub(crate) wildcard_summary: Arc<Summary>,
 }
 
 #[derive(Debug)]
@@ -530,25 +535,79 @@ impl Ctx<'_> {
         identity: NumericIdentity,
         sels: &[SelectorId],
     ) -> Vec<(PortKey, MapEntry)> {
+        if identity == 0 {
+            return dp.wildcard_summary.finished.clone();
+        }
+        let mut parts: Vec<&Summary> = Vec::with_capacity(sels.len());
+        let mut named = false;
+        for s in sels {
+            if let Some(sum) = dp.summaries.get(s) {
+                named |= sum.has_named_egress;
+                parts.push(sum);
+            }
+        }
+        match parts.len() {
+            0 => return Vec::new(),
+            1 if !named => return parts[0].finished.clone(),
+            _ => {}
+        }
         let mut b = EntryBuilder::new();
+        for p in &parts {
+            b.merge(p);
+        }
+        if named {
+            let mut keys = Vec::new();
+            for c in Ctx::contributions(dp, identity, sels) {
+                for spec in &c.ports {
+                    if !matches!(spec.keys, PortKeys::Named { .. }) {
+                        continue;
+                    }
+                    keys.clear();
+                    self.resolve(spec, dir, ep, identity, &mut keys);
+                    let l7 = spec.l7.as_ref().map(|r| r.kind());
+                    for k in &keys {
+                        b.add(*k, c.deny, l7, &c.origin);
+                    }
+                }
+            }
+        }
+        b.finish(self.proxy)
+    }
+
+    /// What a group of compiled rules says for one direction of `ep`. Egress named ports are
+    /// left out (flagged) unless the group is the wildcard one, whose peers are all endpoints.
+    fn summarize(
+        &self,
+        ep: &Endpoint,
+        dir: Direction,
+        contribs: &[Arc<CompiledPeerRule>],
+        wildcard: bool,
+        allow_all: bool,
+    ) -> Summary {
+        let mut b = EntryBuilder::new();
+        let mut named = false;
         let mut keys = Vec::new();
-        for c in Ctx::contributions(dp, identity, sels) {
+        for c in contribs {
             for spec in &c.ports {
+                if dir == Direction::Egress
+                    && !wildcard
+                    && matches!(spec.keys, PortKeys::Named { .. })
+                {
+                    named = true;
+                    continue;
+                }
                 keys.clear();
-                self.resolve(spec, dir, ep, identity, &mut keys);
+                self.resolve(spec, dir, ep, 0, &mut keys);
                 let l7 = spec.l7.as_ref().map(|r| r.kind());
                 for k in &keys {
                     b.add(*k, c.deny, l7, &c.origin);
                 }
             }
         }
-        if identity == 0 && !dp.enforced {
+        if allow_all {
             b.add_allow_all();
         }
-        if b.is_empty() {
-            return Vec::new();
-        }
-        b.finish(self.proxy)
+        b.summarize(self.proxy, named)
     }
 
     /// A whole map.
@@ -562,9 +621,25 @@ impl Ctx<'_> {
                     per_id.entry(id).or_default().push(s);
                 }
             }
+            // Identities selected by the same selectors get the same entries (unless egress
+            // names ports, which resolve per identity): compute each such signature once.
+            let shareable = !(dir == Direction::Egress && dp.named_egress);
+            let mut by_signature: HashMap<Vec<SelectorId>, Vec<(PortKey, MapEntry)>> =
+                HashMap::new();
             for (id, mut sels) in per_id {
                 sels.sort_unstable();
-                let e = self.identity_entries(ep, dp, dir, id, &sels);
+                let e = if shareable {
+                    match by_signature.get(&sels) {
+                        Some(e) => e.clone(),
+                        None => {
+                            let e = self.identity_entries(ep, dp, dir, id, &sels);
+                            by_signature.insert(sels, e.clone());
+                            e
+                        }
+                    }
+                } else {
+                    self.identity_entries(ep, dp, dir, id, &sels)
+                };
                 if !e.is_empty() {
                     ms.set_identity(dir, id, e);
                 }
@@ -1082,7 +1157,7 @@ impl Engine {
             .lookup(server_identity, Direction::Egress, protocol.number(), port);
         Some(match (l.verdict, l.entry) {
             (LookupVerdict::Deny, Some(e)) => DnsVerdict::Denied {
-                rules: e.rules.clone(),
+                rules: e.rules.to_vec(),
             },
             (LookupVerdict::Allow, Some(e)) if e.l7 == Some(L7Kind::Dns) => {
                 let sels = self.sel.selectors_of(server_identity);
@@ -1215,6 +1290,18 @@ impl Engine {
                     }
                 }
             }
+        }
+        let ctx = self.ctx();
+        for dir in DIRS {
+            let dp = pol.get_mut(dir);
+            let summaries: IdMap<Arc<Summary>> = dp
+                .by_selector
+                .iter()
+                .map(|(s, cs)| (*s, Arc::new(ctx.summarize(ep, dir, cs, false, false))))
+                .collect();
+            dp.summaries = summaries;
+            dp.wildcard_summary =
+                Arc::new(ctx.summarize(ep, dir, &dp.wildcard, true, !dp.enforced));
         }
         pol
     }

@@ -53,10 +53,6 @@ impl fmt::Display for RuleRef {
     }
 }
 
-fn rule_order(r: &Arc<RuleRef>) -> (&str, Span, &str, PolicyKind) {
-    (&r.file, r.span, &r.policy, r.kind)
-}
-
 /// Which proxy listens where (0 = that proxy is not running; redirects to it carry port 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ProxyPorts {
@@ -194,6 +190,9 @@ impl MapKey {
     }
 }
 
+/// The rules behind an entry.
+pub type RuleSet = Arc<[Arc<RuleRef>]>;
+
 /// A policy map value.
 #[derive(Debug, Clone)]
 pub struct MapEntry {
@@ -203,8 +202,9 @@ pub struct MapEntry {
     /// The proxy the flow goes to, when allow rules with L7 rules produced the entry.
     pub l7: Option<L7Kind>,
     /// The rules that produced the entry, ordered by file and position, without duplicates.
-    /// Empty only for the allow-all entry of an unenforced direction.
-    pub rules: Vec<Arc<RuleRef>>,
+    /// Empty only for the allow-all entry of an unenforced direction. Shared between entries
+    /// produced by the same rules (thousands of identities often share one rule set).
+    pub rules: RuleSet,
 }
 
 impl PartialEq for MapEntry {
@@ -212,12 +212,13 @@ impl PartialEq for MapEntry {
         self.deny == other.deny
             && self.proxy_port == other.proxy_port
             && self.l7 == other.l7
-            && self.rules.len() == other.rules.len()
-            && self
-                .rules
-                .iter()
-                .zip(&other.rules)
-                .all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+            && (Arc::ptr_eq(&self.rules, &other.rules)
+                || self.rules.len() == other.rules.len()
+                    && self
+                        .rules
+                        .iter()
+                        .zip(other.rules.iter())
+                        .all(|(a, b)| Arc::ptr_eq(a, b) || a == b))
     }
 }
 impl Eq for MapEntry {}
@@ -589,26 +590,120 @@ pub(crate) fn diff_group(
     }
 }
 
-#[derive(Default)]
+/// Rules gathered for one key: nothing, one shared set (merged from a summary), or a list.
+#[derive(Default, Clone)]
+enum Rules {
+    #[default]
+    Empty,
+    Shared(RuleSet),
+    Owned(Vec<Arc<RuleRef>>),
+}
+
+impl Rules {
+    fn is_empty(&self) -> bool {
+        match self {
+            Rules::Empty => true,
+            Rules::Shared(s) => s.is_empty(),
+            Rules::Owned(v) => v.is_empty(),
+        }
+    }
+
+    fn owned(&mut self) -> &mut Vec<Arc<RuleRef>> {
+        if !matches!(self, Rules::Owned(_)) {
+            let v = match std::mem::take(self) {
+                Rules::Shared(s) => s.to_vec(),
+                _ => Vec::new(),
+            };
+            *self = Rules::Owned(v);
+        }
+        match self {
+            Rules::Owned(v) => v,
+            _ => unreachable!("just made owned"),
+        }
+    }
+
+    fn add(&mut self, r: &Arc<RuleRef>) {
+        self.owned().push(r.clone());
+    }
+
+    fn add_set(&mut self, s: &RuleSet) {
+        if s.is_empty() {
+            return;
+        }
+        match self {
+            Rules::Empty => *self = Rules::Shared(s.clone()),
+            Rules::Shared(x) if Arc::ptr_eq(x, s) => {}
+            _ => self.owned().extend(s.iter().cloned()),
+        }
+    }
+
+    fn finish(self) -> RuleSet {
+        match self {
+            Rules::Empty => Arc::new([]),
+            Rules::Shared(s) => s,
+            Rules::Owned(v) => sorted_rules(v),
+        }
+    }
+}
+
+#[derive(Default, Clone)]
 struct Acc {
-    deny: Vec<Arc<RuleRef>>,
-    allow: Vec<Arc<RuleRef>>,
+    deny: Rules,
+    allow: Rules,
     /// The proxy asked for by allow rules with L7 rules on exactly this key.
     l7: Option<L7Kind>,
     /// The allow-all entry of an unenforced direction.
     allow_all: bool,
 }
 
-fn push_rule(v: &mut Vec<Arc<RuleRef>>, r: &Arc<RuleRef>) {
-    if !v.iter().any(|x| Arc::ptr_eq(x, r)) {
-        v.push(r.clone());
+fn cmp_rules(a: &Arc<RuleRef>, b: &Arc<RuleRef>) -> std::cmp::Ordering {
+    use std::cmp::Ordering::Equal;
+    if Arc::ptr_eq(a, b) {
+        return Equal;
     }
+    let by_file = if Arc::ptr_eq(&a.file, &b.file) {
+        Equal
+    } else {
+        a.file.cmp(&b.file)
+    };
+    by_file
+        .then(a.span.cmp(&b.span))
+        .then_with(|| {
+            if Arc::ptr_eq(&a.policy, &b.policy) {
+                Equal
+            } else {
+                a.policy.cmp(&b.policy)
+            }
+        })
+        .then(a.kind.cmp(&b.kind))
 }
 
-fn sorted_rules(mut v: Vec<Arc<RuleRef>>) -> Vec<Arc<RuleRef>> {
-    v.sort_by(|a, b| rule_order(a).cmp(&rule_order(b)));
-    v.dedup_by(|a, b| a == b);
-    v
+fn sorted_rules(mut v: Vec<Arc<RuleRef>>) -> RuleSet {
+    v.sort_by(cmp_rules);
+    v.dedup_by(|a, b| Arc::ptr_eq(a, b) || a == b);
+    v.into()
+}
+
+/// What a group of rules says, key by key, before it is turned into entries: the rules of
+/// one peer selector of one endpoint direction, computed once and merged for each identity the
+/// selector selects (most identities are selected by a single selector and take `finished`
+/// as it is).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Summary {
+    keys: Vec<(PortKey, SumAcc)>,
+    /// The entries when this summary alone applies to an identity.
+    pub(crate) finished: Vec<(PortKey, MapEntry)>,
+    /// Some rule of the group names an egress port, resolved per peer identity (not part of
+    /// the summary).
+    pub(crate) has_named_egress: bool,
+}
+
+#[derive(Debug, Clone)]
+struct SumAcc {
+    deny: RuleSet,
+    allow: RuleSet,
+    l7: Option<L7Kind>,
+    allow_all: bool,
 }
 
 /// Collects what the rules say about one identity in one direction, key by key, and turns it
@@ -638,9 +733,9 @@ impl EntryBuilder {
     ) {
         let acc = self.keys.entry(key).or_default();
         if deny {
-            push_rule(&mut acc.deny, rule);
+            acc.deny.add(rule);
         } else {
-            push_rule(&mut acc.allow, rule);
+            acc.allow.add(rule);
             if let Some(k) = l7 {
                 acc.l7 = Some(acc.l7.map_or(k, |x| x.min(k)));
             }
@@ -652,8 +747,49 @@ impl EntryBuilder {
         self.keys.entry(PortKey::ANY).or_default().allow_all = true;
     }
 
+    /// Adds everything a summary says.
+    pub(crate) fn merge(&mut self, s: &Summary) {
+        for (k, sa) in &s.keys {
+            let acc = self.keys.entry(*k).or_default();
+            acc.deny.add_set(&sa.deny);
+            acc.allow.add_set(&sa.allow);
+            if let Some(l7) = sa.l7 {
+                acc.l7 = Some(acc.l7.map_or(l7, |x| x.min(l7)));
+            }
+            acc.allow_all |= sa.allow_all;
+        }
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    /// Freezes the collected rules into a summary (and its entries when it applies alone).
+    pub(crate) fn summarize(self, ports: &ProxyPorts, has_named_egress: bool) -> Summary {
+        let keys: Vec<(PortKey, SumAcc)> = self
+            .keys
+            .into_iter()
+            .map(|(k, a)| {
+                (
+                    k,
+                    SumAcc {
+                        deny: a.deny.finish(),
+                        allow: a.allow.finish(),
+                        l7: a.l7,
+                        allow_all: a.allow_all,
+                    },
+                )
+            })
+            .collect();
+        let mut b = EntryBuilder::new();
+        let mut s = Summary {
+            keys,
+            finished: Vec::new(),
+            has_named_egress,
+        };
+        b.merge(&s);
+        s.finished = b.finish(ports);
+        s
     }
 
     /// The entries, sorted by port key.
@@ -673,7 +809,7 @@ impl EntryBuilder {
                         deny: true,
                         proxy_port: 0,
                         l7: None,
-                        rules: sorted_rules(acc.deny),
+                        rules: acc.deny.finish(),
                     },
                 ));
                 continue;
@@ -690,7 +826,7 @@ impl EntryBuilder {
                     deny: false,
                     proxy_port: acc.l7.map_or(0, |kind| ports.port_for(kind)),
                     l7: acc.l7,
-                    rules: sorted_rules(acc.allow),
+                    rules: acc.allow.finish(),
                 },
             ));
         }
@@ -716,7 +852,7 @@ mod tests {
             deny: false,
             proxy_port: port,
             l7: None,
-            rules: vec![],
+            rules: Arc::new([]),
         }
     }
 
@@ -725,7 +861,7 @@ mod tests {
             deny: true,
             proxy_port: 0,
             l7: None,
-            rules: vec![],
+            rules: Arc::new([]),
         }
     }
 
@@ -839,10 +975,10 @@ mod tests {
         );
         assert_eq!(out[0].1.proxy_port, 80);
         assert_eq!(out[0].1.l7, Some(L7Kind::Http));
-        assert_eq!(out[0].1.rules, vec![a.clone(), b.clone()]);
+        assert_eq!(&out[0].1.rules[..], &[a.clone(), b.clone()][..]);
         assert!(out[1].1.deny);
         assert!(out[2].1.deny);
-        assert_eq!(out[2].1.rules, vec![b]);
+        assert_eq!(&out[2].1.rules[..], &[b][..]);
     }
 
     #[test]

@@ -308,7 +308,7 @@ fn judge(
             (
                 Verdict::Allowed,
                 reason,
-                e.rules.clone(),
+                e.rules.to_vec(),
                 e.proxy_port,
                 e.l7,
             )
@@ -316,7 +316,7 @@ fn judge(
         (LookupVerdict::Deny, Some(e)) => (
             drop_verdict,
             "denied by a deny rule".to_string(),
-            e.rules.clone(),
+            e.rules.to_vec(),
             0,
             None,
         ),

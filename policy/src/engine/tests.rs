@@ -1305,3 +1305,252 @@ fn incremental_equals_full_random_sequences() {
     // The sequences reach the interesting cases.
     assert!(seen_local && seen_deny && seen_redirect);
 }
+
+// ---------------------------------------------------------------- scale
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The scale: 1,000 endpoints × 10,000 rules. Run with
+/// `cargo test --release -p policy --lib scale -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn scale_full_incremental_and_lookup() {
+    use crate::error::Span;
+    use crate::fqdn::FqdnPattern;
+    use crate::labels::{LabelKey, LabelSelector, Operator, Requirement};
+    use crate::model::{
+        CidrSelector, Entity, PeerRule, PeerSelector, PolicyKind, PortProtocol, PortRule, Rule,
+        Subject,
+    };
+    use std::time::Instant;
+
+    let sel = |pairs: &[(&str, String)]| LabelSelector {
+        requirements: pairs
+            .iter()
+            .map(|(k, v)| Requirement {
+                key: LabelKey::parse(k),
+                op: Operator::In(vec![v.clone()]),
+            })
+            .collect(),
+    };
+    let ns = ("k8s:io.kubernetes.pod.namespace", "default".to_string());
+    let port = |p: u16, end: Option<u16>, proto| PortRule {
+        ports: vec![PortProtocol {
+            port: Port::Number(p),
+            end_port: end,
+            protocol: proto,
+        }],
+        l7: None,
+        server_names: vec![],
+    };
+    let mut files: Vec<(String, Vec<Policy>)> = Vec::new();
+    for f in 0..10 {
+        let mut rules = Vec::new();
+        for j in 0..1000 {
+            let i = f * 1000 + j;
+            let peer = |peers, ports| PeerRule {
+                peers,
+                ports,
+                icmps: vec![],
+                span: Span::new(j as u32 + 1, 3),
+            };
+            let (ingress, egress) = match i % 5 {
+                0 => (
+                    vec![],
+                    vec![peer(
+                        Peers::Selectors(vec![PeerSelector::Endpoints(sel(&[
+                            ("app", format!("app-{}", (i * 7) % 100)),
+                            ns.clone(),
+                        ]))]),
+                        vec![port(80 + (i % 50) as u16, None, Protocol::Tcp)],
+                    )],
+                ),
+                1 => (
+                    vec![],
+                    vec![peer(
+                        Peers::Selectors(vec![PeerSelector::Cidr(CidrSelector {
+                            cidr: format!("10.{}.0.0/16", i % 256).parse().unwrap(),
+                            except: vec![format!("10.{}.1.0/24", i % 256).parse().unwrap()],
+                        })]),
+                        vec![port(443, None, Protocol::Tcp)],
+                    )],
+                ),
+                2 => (
+                    vec![],
+                    vec![peer(
+                        Peers::Selectors(vec![PeerSelector::Entity(if i % 2 == 0 {
+                            Entity::World
+                        } else {
+                            Entity::Cluster
+                        })]),
+                        vec![port(8000, Some(8000 + (i % 100) as u16), Protocol::Any)],
+                    )],
+                ),
+                3 => (
+                    vec![],
+                    vec![peer(
+                        Peers::Fqdns(vec![FqdnSelector::MatchPattern(
+                            FqdnPattern::parse(&format!("*.svc{}.example.com", i % 10)).unwrap(),
+                        )]),
+                        vec![port(443, None, Protocol::Tcp)],
+                    )],
+                ),
+                _ => (
+                    vec![peer(
+                        Peers::Selectors(vec![PeerSelector::Endpoints(sel(&[
+                            ("app", format!("app-{}", (i * 3) % 100)),
+                            ns.clone(),
+                        ]))]),
+                        vec![],
+                    )],
+                    vec![],
+                ),
+            };
+            rules.push(Rule {
+                subject: Subject::Endpoints(sel(&[
+                    ("app", format!("app-{}", i % 100)),
+                    ns.clone(),
+                ])),
+                allow: PerDir { ingress, egress },
+                deny: PerDir::default(),
+                default_deny: PerDir {
+                    ingress: true,
+                    egress: true,
+                },
+                has_direction: PerDir {
+                    ingress: true,
+                    egress: true,
+                },
+                description: None,
+                span: Span::new(j as u32 + 1, 1),
+            });
+        }
+        let file = format!("f{f}.yaml");
+        files.push((
+            file.clone(),
+            vec![Policy {
+                kind: PolicyKind::CiliumNetworkPolicy,
+                name: format!("p{f}"),
+                namespace: Some("default".into()),
+                file: file.as_str().into(),
+                span: Span::new(1, 1),
+                rules,
+            }],
+        ));
+    }
+    let endpoints: Vec<Endpoint> = (0..1000u16)
+        .map(|j| {
+            let mut e = ep(
+                j + 1,
+                &format!("ep{j}"),
+                "default",
+                &[
+                    ("app", &format!("app-{}", j % 100)),
+                    ("idx", &j.to_string()),
+                ],
+                &[],
+            );
+            e.ips = vec![IpAddr::from([10, 200, (j / 256) as u8, (j % 256) as u8])];
+            e
+        })
+        .collect();
+
+    let rss0 = peak_rss_kib();
+    let mut e = engine();
+    let t = Instant::now();
+    for x in &endpoints {
+        e.upsert_endpoint(x.clone());
+    }
+    let t_eps = t.elapsed();
+    let t = Instant::now();
+    let c = e.set_policy_sources(files.clone());
+    let t_full = t.elapsed();
+    let entries: usize = e.endpoints.values().map(|s| s.map.len()).sum();
+    println!(
+        "full: endpoints {t_eps:?}, 10,000 rules onto 1,000 endpoints {t_full:?}; {entries} entries, {} endpoint diffs; peak RSS {} MiB (+{} MiB)",
+        c.maps.len(),
+        peak_rss_kib() / 1024,
+        (peak_rss_kib() - rss0) / 1024
+    );
+    drop(c);
+
+    // Policies first, then endpoints.
+    let mut e2 = engine();
+    let t = Instant::now();
+    e2.set_policy_sources(files);
+    let t_pol = t.elapsed();
+    let t = Instant::now();
+    for x in &endpoints {
+        e2.upsert_endpoint(x.clone());
+    }
+    println!(
+        "full (policies first): policies {t_pol:?}, then endpoints {:?}",
+        t.elapsed()
+    );
+    drop(e2);
+
+    // One FQDN identity that the rules of 100 endpoints select.
+    let labels = fqdn_labels(&["*.svc3.example.com."]);
+    let t = Instant::now();
+    let (fid, c) = e.upsert_identity(labels);
+    let t_incr = t.elapsed();
+    // The rules of 100 endpoints name the selector; `world` rules of others select it too.
+    assert!(c.maps.len() >= 100);
+    println!(
+        "incremental: one FQDN identity for {} endpoints {t_incr:?} ({} entries); ratio to full {:.0}x",
+        c.maps.len(),
+        c.maps.iter().map(|(_, d)| d.adds.len()).sum::<usize>(),
+        t_full.as_secs_f64() / t_incr.as_secs_f64()
+    );
+    let t = Instant::now();
+    let c = e.release_identity(fid);
+    println!(
+        "incremental release: {:?} ({} endpoints)",
+        t.elapsed(),
+        c.maps.len()
+    );
+    for sels in [
+        &["*.svc8.example.com."][..],
+        &["*.svc3.example.com.", "*.svc8.example.com."],
+        &["*.svc3.example.com."],
+    ] {
+        let t = Instant::now();
+        let (id, c) = e.upsert_identity(fqdn_labels(sels));
+        let add = t.elapsed();
+        let t = Instant::now();
+        let r = e.release_identity(id);
+        println!(
+            "incremental {sels:?}: add {add:?} ({} endpoints), release {:?} ({} endpoints)",
+            c.maps.len(),
+            t.elapsed(),
+            r.maps.len()
+        );
+    }
+
+    // Lookups.
+    let ms = e.map_state(1).unwrap();
+    let ids: Vec<u32> = e.identities().iter().map(|i| i.id).collect();
+    let n = 2_000_000u32;
+    let t = Instant::now();
+    let mut allowed = 0u32;
+    for k in 0..n {
+        let id = ids[(k as usize * 7919) % ids.len()];
+        let l = ms.lookup(id, Egress, 6, 80 + (k % 64) as u16);
+        allowed += u32::from(l.verdict == Allow);
+    }
+    let per = t.elapsed() / n;
+    println!(
+        "lookup: {per:?} per verdict ({allowed} allowed of {n}); map of endpoint 1: {} entries",
+        ms.len()
+    );
+}
