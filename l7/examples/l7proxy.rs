@@ -1,0 +1,140 @@
+//! Runs the L7 proxies in front of fixed upstreams (the non-transparent mode), with a rule
+//! set like a real policy's, for benchmarks and manual testing:
+//!
+//!   l7proxy --http LISTEN UPSTREAM [--http-rules N] [--kafka LISTEN UPSTREAM] [--kafka-topic T]
+//!
+//! The HTTP rule set has N rules (default 20): N-1 that do not match typical traffic and a
+//! last one allowing `GET /api/v1/.*`. The Kafka rules allow role produce on topic T
+//! (default `bench`), so every request is decoded and its topics matched.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use l7::{
+    EventSink, HttpPolicy, HttpProxy, HttpProxyConfig, KafkaPolicy, KafkaProxy, KafkaProxyConfig,
+    ProxyMode, Redirect, SecretDir, SwappablePolicy,
+};
+use policy::model::{HeaderRule, HttpRule, KafkaRole, KafkaRule};
+
+fn http_rules(n: usize) -> Vec<HttpRule> {
+    let mut rules: Vec<HttpRule> = (0..n.saturating_sub(1))
+        .map(|i| HttpRule {
+            method: Some(if i % 2 == 0 { "POST" } else { "PUT|PATCH" }.into()),
+            path: Some(format!("/service{i}/v[0-9]+/items/[0-9]+")),
+            host: (i % 3 == 0).then(|| format!(r"svc{i}\.example\.com")),
+            headers: if i % 4 == 0 {
+                vec![HeaderRule {
+                    name: "x-tenant".into(),
+                    value: Some(format!("t{i}")),
+                }]
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        })
+        .collect();
+    rules.push(HttpRule {
+        method: Some("GET".into()),
+        path: Some("/api/v1/.*".into()),
+        ..Default::default()
+    });
+    rules
+}
+
+fn arg_after(args: &[String], flag: &str, i: usize) -> Option<String> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|p| args.get(p + i).cloned())
+}
+
+fn addr(s: Option<String>, what: &str) -> SocketAddr {
+    s.unwrap_or_else(|| panic!("missing {what}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let policy = Arc::new(SwappablePolicy::new());
+    let events = EventSink::new(1024);
+    let mut tasks = Vec::new();
+    let redirect = |p| Redirect {
+        endpoint_id: 1,
+        endpoint: Arc::from("bench"),
+        remote_identity: 256,
+        policy: Arc::new(p),
+    };
+    if args.iter().any(|a| a == "--http") {
+        let n = arg_after(&args, "--http-rules", 1)
+            .map(|s| s.parse().expect("--http-rules N"))
+            .unwrap_or(20);
+        let rules = HttpPolicy::compile(&http_rules(n), &SecretDir::new("/nonexistent"))
+            .expect("rules compile");
+        policy.set_http(Some(redirect(rules)));
+        let listen = addr(arg_after(&args, "--http", 1), "--http LISTEN");
+        let upstream = addr(arg_after(&args, "--http", 2), "--http UPSTREAM");
+        let proxy = HttpProxy::bind(
+            HttpProxyConfig::new(
+                listen,
+                ProxyMode::Fixed {
+                    upstream,
+                    mark: None,
+                },
+            ),
+            policy.clone(),
+            events.clone(),
+        )
+        .expect("bind http proxy");
+        println!(
+            "http proxy on {} -> {upstream} with {n} rules",
+            proxy.local_addr()
+        );
+        tasks.push(tokio::spawn(proxy.run()));
+    }
+    if args.iter().any(|a| a == "--kafka") {
+        let topic = arg_after(&args, "--kafka-topic", 1).unwrap_or_else(|| "bench".into());
+        let rules = KafkaPolicy::compile(&[KafkaRule {
+            role: Some(KafkaRole::Produce),
+            topic: Some(topic.clone()),
+            ..Default::default()
+        }])
+        .expect("kafka rules");
+        policy.set_kafka(Some(Redirect {
+            endpoint_id: 1,
+            endpoint: Arc::from("bench"),
+            remote_identity: 256,
+            policy: Arc::new(rules),
+        }));
+        let listen = addr(arg_after(&args, "--kafka", 1), "--kafka LISTEN");
+        let upstream = addr(arg_after(&args, "--kafka", 2), "--kafka UPSTREAM");
+        let proxy = KafkaProxy::bind(
+            KafkaProxyConfig::new(
+                listen,
+                ProxyMode::Fixed {
+                    upstream,
+                    mark: None,
+                },
+            ),
+            policy.clone(),
+            events.clone(),
+        )
+        .expect("bind kafka proxy");
+        println!(
+            "kafka proxy on {} -> {upstream}, produce allowed to {topic}",
+            proxy.local_addr()
+        );
+        tasks.push(tokio::spawn(proxy.run()));
+    }
+    if tasks.is_empty() {
+        eprintln!("usage: l7proxy --http LISTEN UPSTREAM [--http-rules N] [--kafka LISTEN UPSTREAM] [--kafka-topic T]");
+        std::process::exit(2);
+    }
+    tokio::signal::ctrl_c().await.expect("signal");
+    let s = events.stats();
+    println!(
+        "http {:?}\nkafka {:?}",
+        s.http.snapshot(),
+        s.kafka.snapshot()
+    );
+}
