@@ -605,3 +605,84 @@ fn run_on_the_embedded_default_prints_where_it_listens_and_stops_on_sigterm() {
     assert_eq!(a.stop().code(), Some(0));
     assert!(!sock.exists());
 }
+
+const HOST_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata:
+  name: host-egress
+spec:
+  nodeSelector:
+    matchLabels: {node-role.kubernetes.io/worker: ""}
+  egress:
+    - toEntities: [world]
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}, {port: "443", protocol: TCP}]
+"#;
+
+#[test]
+fn host_endpoint_under_a_clusterwide_node_policy_with_name_error_replies() {
+    if !is_root() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("the agent tests run as root in CI");
+        }
+        return;
+    }
+    if require("dig", "bind9-dnsutils").is_none() {
+        return;
+    }
+    let Some(ub) = Unbound::start_on("127.0.0.155".parse().unwrap(), 53) else {
+        return;
+    };
+    let d = tempdir();
+    write(
+        d.path(),
+        "config.yaml",
+        &format!(
+            "policyDir: policies\nstateDir: state\ndatapath: none\ndns:\n  listen: [\"127.0.0.1:0\"]\n  upstreams: [\"{}\"]\n  rejectResponseCode: nameError\nhost:\n  labels: {{node-role.kubernetes.io/worker: \"\"}}\nmetrics:\n  listen: null\n",
+            ub.addr
+        ),
+    );
+    write(d.path(), "policies/host.yaml", HOST_POLICY);
+    let sock = d.path().join("api.sock");
+    let a = Agent::start(
+        &["--config", d.path().join("config.yaml").to_str().unwrap()],
+        &sock,
+    );
+    assert!(a.metrics.is_none(), "metrics switched off");
+    let host = a.json(&["endpoint", "get", "host"]);
+    assert_eq!(host["policyEnforcement"]["egress"], true);
+    // Port 53 to the world is allowed at L4, with no DNS rules: every name resolves.
+    let r = dig(&a.dns, "127.0.0.1", "www.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    let o = a.cmd(&[
+        "policy",
+        "trace",
+        "--src",
+        "endpoint:host",
+        "--dst",
+        "ip:192.0.2.10",
+        "--dport",
+        "443",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("rule host-egress (CiliumClusterwideNetworkPolicy)"),
+        "{}",
+        stdout(&o)
+    );
+    // Without port 53 the host's egress denies the DNS flow: queries get NXDOMAIN.
+    write(
+        d.path(),
+        "policies/host.yaml",
+        &HOST_POLICY.replace(r#"{port: "53", protocol: ANY}, "#, ""),
+    );
+    eventually(Duration::from_secs(5), "the edit to apply", || {
+        (a.json(&["policy", "get"])["revision"] == 2).then_some(())
+    });
+    let r = dig(&a.dns, "127.0.0.1", "www.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NXDOMAIN", "rejectResponseCode: nameError");
+    let r = dig(&a.dns, "127.0.0.1", "www.example.test", "AAAA", true).expect("reply");
+    assert_eq!(r.status, "NXDOMAIN");
+    assert!(r.answers.is_empty());
+    assert_eq!(a.stop().code(), Some(0));
+}
