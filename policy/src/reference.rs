@@ -82,7 +82,7 @@ pub fn evaluate(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> RefVerdict {
     // 1. A matching deny wins, whether or not the direction is enforced.
     for rule in &selecting {
         for pr in rule.deny.get(dir) {
-            if peer_rule_match(u, ep, pr, flow).is_some() {
+            if !contributions(u, ep, pr, flow).is_empty() {
                 return RefVerdict::Deny;
             }
         }
@@ -94,7 +94,7 @@ pub fn evaluate(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> RefVerdict {
     let mut best: Option<(Rank, Option<L7Kind>)> = None;
     for rule in &selecting {
         for pr in rule.allow.get(dir) {
-            if let Some((rank, l7)) = peer_rule_match(u, ep, pr, flow) {
+            for (rank, l7) in contributions(u, ep, pr, flow) {
                 offer(&mut best, rank, l7);
             }
         }
@@ -109,6 +109,21 @@ pub fn evaluate(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> RefVerdict {
     } else {
         RefVerdict::Allow { l7: None }
     }
+}
+
+/// For a flow the rules redirect to a proxy: whether some allow without L7 rules also matches
+/// it, so that the proxy must let every request through (rules are ORed).
+pub fn l7_allows_all(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> bool {
+    u.policies
+        .iter()
+        .flat_map(|p| p.rules.iter())
+        .filter(|r| rule_selects(r, ep))
+        .flat_map(|r| r.allow.get(flow.direction).iter())
+        .any(|pr| {
+            contributions(u, ep, pr, flow)
+                .iter()
+                .any(|(_, l7)| l7.is_none())
+        })
 }
 
 /// Whether `dir` of `ep` is in default deny: some rule selecting it asks for it.
@@ -146,77 +161,98 @@ fn offer(best: &mut Option<(Rank, Option<L7Kind>)>, rank: Rank, l7: Option<L7Kin
     });
 }
 
-/// L4-only (None) absorbs L7; two L7 kinds on one entry keep the first by order (a policy
-/// that mixes proxies on one port is rejected by the parser in Cilium's spirit).
+/// On one key a redirect wins over an L3/L4-only allow (the proxy then lets every request of
+/// that peer through, see [`l7_allows_all`]); two L7 kinds on one key keep the first by order
+/// (Cilium rejects such a mix).
 fn merge_l7(a: Option<L7Kind>, b: Option<L7Kind>) -> Option<L7Kind> {
     match (a, b) {
         (Some(x), Some(y)) => Some(x.min(y)),
-        _ => None,
+        (x, y) => x.or(y),
     }
 }
 
-/// If the peer rule matches the flow: how specifically, and which proxy it asks for.
-fn peer_rule_match(
+/// Every way the peer rule matches the flow: how specifically, and which proxy it asks for.
+///
+/// A peer rule writes map entries either for "any peer" (no L3 peer, or a peer list holding
+/// the empty selector or entity `all`) or for the peer's own identity; the datapath prefers
+/// the second on equal port specificity.
+fn contributions(
     u: &Universe<'_>,
     ep: &Endpoint,
     pr: &PeerRule,
     flow: &RefFlow,
-) -> Option<(Rank, Option<L7Kind>)> {
-    let specific_peer = match &pr.peers {
-        Peers::All => false,
-        Peers::Selectors(sels) => {
-            if !sels.iter().any(|s| selector_matches(s, &flow.peer)) {
-                return None;
-            }
-            true
-        }
+) -> Vec<(Rank, Option<L7Kind>)> {
+    let peer = &flow.peer;
+    let (wildcard, specific) = match &pr.peers {
+        Peers::All => (true, false),
+        // A peer list holding a wildcard stands for any peer as a whole: its other selectors
+        // add nothing (the engine's documented choice; it only matters for which entry wins a
+        // redirect).
+        Peers::Selectors(sels) if sels.iter().any(is_wildcard_selector) => (true, false),
+        Peers::Selectors(sels) => (false, sels.iter().any(|s| selector_matches(s, peer))),
         Peers::Fqdns(sels) => {
-            let peer = &flow.peer;
-            let ip = peer.ip?;
-            if peer.in_cluster || flow.direction != Direction::Egress {
-                return None;
-            }
-            let learned = u
-                .learned
-                .iter()
-                .any(|(name, lip)| *lip == ip && sels.iter().any(|s| s.matches(name)));
-            if !learned {
-                return None;
-            }
-            true
+            let learned = match peer.ip {
+                Some(ip) if !peer.in_cluster && flow.direction == Direction::Egress => u
+                    .learned
+                    .iter()
+                    .any(|(name, lip)| *lip == ip && sels.iter().any(|s| s.matches(name))),
+                _ => false,
+            };
+            (false, learned)
         }
     };
-
-    if pr.ports.is_empty() && pr.icmps.is_empty() {
-        return Some((
-            Rank {
-                proto_exact: false,
-                port_prefix: 0,
-                specific_peer,
-            },
-            None,
-        ));
+    let mut out = Vec::new();
+    for (applies, specific_peer) in [(wildcard, false), (specific, true)] {
+        if applies {
+            l4_matches(u, ep, pr, flow, specific_peer, &mut out);
+        }
     }
+    out
+}
 
-    // The best match among the port rules and ICMP fields (they are ORed).
-    let mut best: Option<(Rank, Option<L7Kind>)> = None;
+/// The empty endpoint selector and entity `all` stand for any peer (identity 0), as Cilium's
+/// wildcard selector.
+fn is_wildcard_selector(sel: &PeerSelector) -> bool {
+    match sel {
+        PeerSelector::Endpoints(ls) => ls.is_wildcard(),
+        PeerSelector::Entity(e) => *e == Entity::All,
+        PeerSelector::Cidr(_) => false,
+    }
+}
+
+/// The ports part of a peer rule (port rules and ICMP fields are ORed), for the peer matched
+/// specifically or as "any peer".
+fn l4_matches(
+    u: &Universe<'_>,
+    ep: &Endpoint,
+    pr: &PeerRule,
+    flow: &RefFlow,
+    specific_peer: bool,
+    out: &mut Vec<(Rank, Option<L7Kind>)>,
+) {
     let rank = |proto_exact: bool, port_prefix: u8| Rank {
         proto_exact,
         port_prefix,
         specific_peer,
     };
+    if pr.ports.is_empty() && pr.icmps.is_empty() {
+        out.push((rank(false, 0), None));
+        return;
+    }
     for port_rule in &pr.ports {
-        if let Some((proto_exact, prefix)) = port_rule_match(u, ep, port_rule, flow) {
-            let l7 = port_rule.l7.as_ref().map(|l| l.kind());
-            offer(&mut best, rank(proto_exact, prefix), l7);
+        if let Some((proto_exact, prefix)) = port_rule_match(u, ep, port_rule, flow, specific_peer)
+        {
+            out.push((
+                rank(proto_exact, prefix),
+                port_rule.l7.as_ref().map(|l| l.kind()),
+            ));
         }
     }
     for icmp in &pr.icmps {
         if icmp_matches(icmp, flow) {
-            offer(&mut best, rank(true, 16), None);
+            out.push((rank(true, 16), None));
         }
     }
-    best
 }
 
 /// Whether one peer selector matches the peer.
@@ -306,6 +342,7 @@ fn port_rule_match(
     ep: &Endpoint,
     pr: &PortRule,
     flow: &RefFlow,
+    specific_peer: bool,
 ) -> Option<(bool, u8)> {
     if pr.ports.is_empty() {
         // Only L7 rules: every port of every protocol.
@@ -313,7 +350,7 @@ fn port_rule_match(
     }
     pr.ports
         .iter()
-        .filter_map(|pp| port_protocol_match(u, ep, pp, flow))
+        .filter_map(|pp| port_protocol_match(u, ep, pp, flow, specific_peer))
         .max()
 }
 
@@ -327,6 +364,7 @@ fn port_protocol_match(
     ep: &Endpoint,
     pp: &PortProtocol,
     flow: &RefFlow,
+    specific_peer: bool,
 ) -> Option<(bool, u8)> {
     let proto_ok = |rule_proto: Protocol, port_given: bool| {
         rule_proto == flow.protocol
@@ -351,13 +389,15 @@ fn port_protocol_match(
             Some((true, range_prefix(*p, end, flow.port)))
         }
         Port::Named(name) => {
-            // Ingress: the port the endpoint itself serves under that name. Egress: a port of
-            // that name on any endpoint of the node (the destination is not known by name).
+            // Ingress: the port the endpoint itself serves under that name. Egress: the port of
+            // that name on the endpoints that are the peer (any endpoint for an "any peer"
+            // entry); a peer that is no endpoint serves no named port.
             let candidates: Vec<(u16, Protocol)> = match flow.direction {
                 Direction::Ingress => ep.named_ports.get(name).copied().into_iter().collect(),
                 Direction::Egress => u
                     .endpoints
                     .iter()
+                    .filter(|e| !specific_peer || e.labels == flow.peer.labels)
                     .filter_map(|e| e.named_ports.get(name).copied())
                     .collect(),
             };
@@ -725,10 +765,19 @@ mod tests {
             l7: Some(L7Kind::Http),
         };
         check(vec![pr(from_b(), vec![tcp(80, None, http())])], redirect);
-        // An L4-only allow on the same port and peer lifts it.
+        // An L4-only allow on the same port and peer keeps the redirect (the proxy then
+        // allows every request, see l7_allows_all).
         check(
             vec![
                 pr(from_b(), vec![tcp(80, None, http())]),
+                pr(from_b(), vec![tcp(80, None, None)]),
+            ],
+            redirect,
+        );
+        // A more specific L4-only allow wins over a wildcard-peer L7 rule.
+        check(
+            vec![
+                pr(Peers::All, vec![tcp(80, None, http())]),
                 pr(from_b(), vec![tcp(80, None, None)]),
             ],
             ALLOW,
@@ -748,6 +797,114 @@ mod tests {
             ],
             redirect,
         );
+    }
+
+    #[test]
+    fn l7_allows_all_when_an_l4_allow_also_matches() {
+        let a = ep(10, "x", "a", "10.0.0.1");
+        let b = ep(11, "x", "b", "10.0.0.2");
+        let http = Some(L7Rules::Http(vec![HttpRule::default()]));
+        let from_b = Peers::Selectors(vec![PeerSelector::Endpoints(sel(&[("app", "b")]))]);
+        let eps = [a.clone(), b.clone()];
+        let f = flow(Direction::Ingress, peer_of(&b), Protocol::Tcp, 80);
+        let only_l7 = [policy(vec![with_ingress(
+            rule(sel(&[("app", "a")])),
+            vec![pr(from_b.clone(), vec![tcp(80, None, http.clone())])],
+            vec![],
+        )])];
+        let u = Universe {
+            policies: &only_l7,
+            endpoints: &eps,
+            learned: &[],
+        };
+        assert!(!l7_allows_all(&u, &a, &f));
+        let with_l4 = [policy(vec![with_ingress(
+            rule(sel(&[("app", "a")])),
+            vec![
+                pr(from_b.clone(), vec![tcp(80, None, http)]),
+                pr(Peers::All, vec![tcp(64, Some(127), None)]),
+            ],
+            vec![],
+        )])];
+        let u = Universe {
+            policies: &with_l4,
+            endpoints: &eps,
+            learned: &[],
+        };
+        assert_eq!(
+            evaluate(&u, &a, &f),
+            RefVerdict::Allow {
+                l7: Some(L7Kind::Http)
+            }
+        );
+        assert!(l7_allows_all(&u, &a, &f));
+    }
+
+    #[test]
+    fn egress_named_ports_resolve_on_the_peer() {
+        let a = ep(10, "x", "a", "10.0.0.1");
+        let mut b = ep(11, "x", "b", "10.0.0.2");
+        b.named_ports.insert("web".into(), (8080, Protocol::Tcp));
+        let mut c = ep(12, "x", "c", "10.0.0.3");
+        c.named_ports.insert("web".into(), (9090, Protocol::Tcp));
+        let named = || PortRule {
+            ports: vec![PortProtocol {
+                port: Port::Named("web".into()),
+                end_port: None,
+                protocol: Protocol::Any,
+            }],
+            l7: None,
+            server_names: vec![],
+        };
+        let to_bc = Peers::Selectors(vec![PeerSelector::Endpoints(LabelSelector {
+            requirements: vec![Requirement {
+                key: LabelKey::parse("app"),
+                op: Operator::In(vec!["b".into(), "c".into()]),
+            }],
+        })]);
+        let pols = [policy(vec![with_egress(
+            rule(sel(&[("app", "a")])),
+            vec![pr(to_bc, vec![named()])],
+            vec![],
+        )])];
+        let eps = [a.clone(), b.clone(), c.clone()];
+        let u = Universe {
+            policies: &pols,
+            endpoints: &eps,
+            learned: &[],
+        };
+        let v = |peer: &Endpoint, port| {
+            evaluate(
+                &u,
+                &a,
+                &flow(Direction::Egress, peer_of(peer), Protocol::Tcp, port),
+            )
+        };
+        assert_eq!(v(&b, 8080), ALLOW);
+        assert_eq!(v(&b, 9090), RefVerdict::DefaultDeny);
+        assert_eq!(v(&c, 9090), ALLOW);
+        assert_eq!(v(&c, 8080), RefVerdict::DefaultDeny);
+        // With any peer, every endpoint's port of that name counts, for every peer.
+        let pols = [policy(vec![with_egress(
+            rule(sel(&[("app", "a")])),
+            vec![pr(Peers::All, vec![named()])],
+            vec![],
+        )])];
+        let u = Universe {
+            policies: &pols,
+            endpoints: &eps,
+            learned: &[],
+        };
+        let w = |port| {
+            evaluate(
+                &u,
+                &a,
+                &flow(Direction::Egress, world("1.1.1.1"), Protocol::Tcp, port),
+            )
+        };
+        assert_eq!(w(8080), ALLOW);
+        assert_eq!(w(9090), ALLOW);
+        assert_eq!(w(7070), RefVerdict::DefaultDeny);
     }
 
     #[test]
