@@ -280,14 +280,14 @@ fn config_errors_are_reported_with_positions_and_exit_1() {
     assert_eq!(
         lines,
         vec![
-            format!("{cfg}:1:1: policyDirr: unknown field `policyDirr`, expected one of policyDir, stateDir, apiSocket, datapath, policyAuditMode, dns, endpoints, namespaces, host, metrics"),
-            format!("{cfg}:2:11: datapath: unknown datapath \"ebpf\", expected auto, bpf or none"),
+            format!("{cfg}:1:1: policyDirr: unknown field `policyDirr` (did you mean `policyDir`?)"),
+            format!("{cfg}:2:11: datapath: unknown datapath \"ebpf\"; expected auto, bpf or none"),
             format!("{cfg}:4:12: dns.listen[0]: invalid listen address \"127.0.0.1\"; write `127.0.0.1:5353` or `[::1]:5353`"),
             format!("{cfg}:5:21: dns.responseMaxDelay: invalid duration \"soon\"; write e.g. `100ms` or `10s`"),
             format!("{cfg}:9:11: endpoints[1].name: endpoint name \"a\" is already used by endpoints[0]"),
             format!("{cfg}:10:11: endpoints[1].ips[0]: address 10.0.0.1 is already used by endpoint \"a\""),
             format!("{cfg}:10:23: endpoints[1].ips[1]: invalid IP address \"10.0.0.300\""),
-            format!("{cfg}:11:5: endpoints[1].lables: unknown field `lables`, expected one of id, name, namespace, labels, ips, interface, namedPorts, serviceAccount"),
+            format!("{cfg}:11:5: endpoints[1].lables: unknown field `lables` (did you mean `labels`?)"),
             format!("fqdnwall: {cfg}: 8 errors in the configuration"),
         ]
     );

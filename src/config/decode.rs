@@ -27,6 +27,36 @@ impl<'n> Fields<'n> {
     }
 }
 
+/// The message for an unknown field, worded as the policy parser words it: a suggestion when a
+/// known field is close (a typo or a case slip), else the list of known fields.
+pub fn unknown_field(name: &str, known: &[&str]) -> String {
+    match known
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(name) || edit_distance(k, name) <= 2)
+    {
+        Some(close) => format!("unknown field `{name}` (did you mean `{close}`?)"),
+        None => format!(
+            "unknown field `{name}`; expected one of: {}",
+            known.join(", ")
+        ),
+    }
+}
+
+/// Levenshtein distance (fields are short; quadratic is fine).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 /// `parent.child`, or `child` at the top.
 pub fn join(parent: &str, child: &str) -> String {
     if parent.is_empty() {
@@ -92,14 +122,7 @@ impl Decoder {
                 continue;
             };
             if !known.contains(&key.as_str()) {
-                self.error(
-                    k.span,
-                    &join(path, key),
-                    format!(
-                        "unknown field `{key}`, expected one of {}",
-                        known.join(", ")
-                    ),
-                );
+                self.error(k.span, &join(path, key), unknown_field(key, known));
                 continue;
             }
             if entries.iter().any(|(seen, _)| *seen == key.as_str()) {
@@ -290,5 +313,22 @@ mod tests {
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("10 parsecs").is_err());
+    }
+
+    #[test]
+    fn unknown_fields_suggest_the_close_one() {
+        let known = ["listen", "upstreams"];
+        assert_eq!(
+            unknown_field("upstream", &known),
+            "unknown field `upstream` (did you mean `upstreams`?)"
+        );
+        assert_eq!(
+            unknown_field("Listen", &known),
+            "unknown field `Listen` (did you mean `listen`?)"
+        );
+        assert_eq!(
+            unknown_field("servers", &known),
+            "unknown field `servers`; expected one of: listen, upstreams"
+        );
     }
 }

@@ -574,7 +574,7 @@ fn decode_top(
                 other => d.error(
                     n.span,
                     "datapath",
-                    format!("unknown datapath {other:?}, expected auto, bpf or none"),
+                    format!("unknown datapath {other:?}; expected auto, bpf or none"),
                 ),
             }
         }
@@ -869,7 +869,7 @@ fn decode_dns(
                 other => d.error(
                     x.span,
                     "dns.rejectResponseCode",
-                    format!("unknown response code {other:?}, expected refused or nameError"),
+                    format!("unknown response code {other:?}; expected refused or nameError"),
                 ),
             }
         }
@@ -1029,7 +1029,7 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                "/etc/fw/config.yaml:1:1: policyDirr: unknown field `policyDirr`, expected one of policyDir, stateDir, apiSocket, datapath, policyAuditMode, dns, endpoints, namespaces, host, metrics",
+                "/etc/fw/config.yaml:1:1: policyDirr: unknown field `policyDirr` (did you mean `policyDir`?)",
                 "/etc/fw/config.yaml:3:11: dns.minTTL: -1 is out of range (0 to 4294967295)",
                 "/etc/fw/config.yaml:4:21: dns.responseMaxDelay: invalid duration \"fast\"; write e.g. `100ms` or `10s`",
                 "/etc/fw/config.yaml:8:11: endpoints[1].name: endpoint name \"a\" is already used by endpoints[0]",
