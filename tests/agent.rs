@@ -70,6 +70,9 @@ spec:
         - matchPattern: "short.example.test"
       toPorts:
         - ports: [{port: "443", protocol: TCP}]
+    - toCIDR: ["192.0.2.0/24"]
+      toPorts:
+        - ports: [{port: "80", protocol: TCP}]
 "#;
 
 /// Root (port 53), unbound and dig are needed; without them the test is skipped (CI fails).
@@ -220,10 +223,14 @@ fn live_api_dns_learning_trace_reload_and_restart() {
         "{rows:?}"
     );
 
-    // Before any lookup the learned IP is not allowed.
+    // Before any lookup the learned IP is not allowed (but its CIDR's port is).
     assert_eq!(
         trace_verdict(&a, "ip:192.0.2.10", "443"),
         (1, "denied".into())
+    );
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "80"),
+        (0, "allowed".into())
     );
 
     // DNS: allowed names resolve, others are refused, over UDP and TCP.
@@ -250,8 +257,13 @@ fn live_api_dns_learning_trace_reload_and_restart() {
         (0, "allowed".into())
     );
     assert_eq!(
-        trace_verdict(&a, "ip:192.0.2.10", "80"),
+        trace_verdict(&a, "ip:192.0.2.10", "8443"),
         (1, "denied".into())
+    );
+    // The learned /32 shadows the /24 in the ipcache; the CIDR rule still selects it.
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "80"),
+        (0, "allowed".into())
     );
 
     // fqdn cache list
@@ -283,10 +295,12 @@ fn live_api_dns_learning_trace_reload_and_restart() {
     let fqdn_id = entry["identity"].as_u64().unwrap();
     assert!(fqdn_id >= 1 << 24, "node-local identity, got {fqdn_id}");
     let id = a.json(&["identity", "get", &fqdn_id.to_string()]);
-    assert!(id["labels"]
-        .as_array()
-        .unwrap()
-        .contains(&serde_json::json!("fqdn:www.example.test.")));
+    let labels = id["labels"].as_array().unwrap();
+    assert!(labels.contains(&serde_json::json!("fqdn:www.example.test.")));
+    assert!(
+        labels.contains(&serde_json::json!("cidr:192.0.2.0/24")),
+        "{labels:?}"
+    );
 
     // Short TTL: allowed right after the lookup, denied right after expiry (TTL 2 s).
     let r = dig(&a.dns, "127.0.0.2", "short.example.test", "A", false).expect("reply");

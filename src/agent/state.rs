@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use dnsproxy::{Decision, Transport};
 use fqdn_cache::{FqdnCache, FqdnIdentity};
+use ipnet::IpNet;
 use policy::fqdn::DnsName;
+use policy::labels::LabelSet;
 
 use policy::engine::{Changes, Engine};
 use policy::identity::IdentityAllocator;
@@ -25,6 +27,15 @@ use crate::view::{
     DirTraceView, EndpointView, Enforcement, IdentityView, MapEntryView, PolicyGetView,
     PolicyRuleCount, PolicySourceView, RuleView, TracePeerView, TraceView,
 };
+
+/// A learned IP's place in the ipcache.
+#[derive(Debug, Clone, Copy)]
+pub struct FqdnIp {
+    pub cache: FqdnIdentity,
+    pub identity: u32,
+    /// Whether `identity` was allocated for this IP's `cidr:` labels (one reference each).
+    pub derived: bool,
+}
 
 /// What one policy file contributes.
 #[derive(Debug, Clone, Default)]
@@ -67,7 +78,11 @@ pub struct AgentState {
     /// Learned names and their identities.
     pub fqdn: FqdnCache,
     /// The engine's numeric identity of each FQDN identity the cache uses.
-    pub fqdn_ids: HashMap<FqdnIdentity, u32>,
+    pub fqdn_ids: HashMap<FqdnIdentity, (u32, LabelSet)>,
+    /// Each learned IP in the ipcache: its cache identity and, when policies name prefixes
+    /// containing it, the numeric identity of its selector set plus those `cidr:` labels
+    /// (one engine reference per IP).
+    pub fqdn_ips: HashMap<IpNet, FqdnIp>,
     /// Endpoint of each source address (a query's endpoint is found from its source).
     pub by_ip: HashMap<IpAddr, u16>,
 }
@@ -97,6 +112,7 @@ impl AgentState {
         let state = AgentState {
             fqdn,
             fqdn_ids: HashMap::new(),
+            fqdn_ips: HashMap::new(),
             by_ip,
             audit_global: cfg.policy_audit_mode,
             cfg,
@@ -221,6 +237,9 @@ impl AgentState {
     fn selectors_changed(&mut self, changes: &mut Vec<Changes>) {
         let fc = self.fqdn.set_selectors(self.engine.fqdn_selectors());
         changes.extend(self.apply_fqdn_changes(fc));
+        if changes.iter().any(|c| c.prefixes_changed) && !self.fqdn_ips.is_empty() {
+            self.relabel_fqdn_ips(changes);
+        }
     }
 
     /// Turns what the FQDN cache changed into engine changes, in the cache's order: identities
@@ -229,27 +248,78 @@ impl AgentState {
     pub fn apply_fqdn_changes(&mut self, fc: fqdn_cache::Changes) -> Vec<Changes> {
         let mut out = Vec::new();
         for (fid, labels) in fc.identities_added {
-            let (num, c) = self.engine.upsert_identity(labels);
-            self.fqdn_ids.insert(fid, num);
+            let (num, c) = self.engine.upsert_identity(labels.clone());
+            self.fqdn_ids.insert(fid, (num, labels));
             out.push(c);
         }
         for (prefix, fid) in fc.ipcache_upserts {
-            match self.fqdn_ids.get(&fid) {
-                Some(&num) => out.push(self.engine.upsert_prefix(prefix, num)),
-                None => {
-                    tracing::error!(%prefix, "learned IP carries an identity the engine does not know")
-                }
+            if !self.fqdn_ids.contains_key(&fid) {
+                tracing::error!(%prefix, "learned IP carries an identity the engine does not know");
+                continue;
             }
+            self.place_fqdn_ip(prefix, fid, &mut out);
         }
         for prefix in fc.ipcache_deletes {
             out.push(self.engine.delete_prefix(prefix));
+            if let Some(old) = self.fqdn_ips.remove(&prefix) {
+                self.release_derived(old, &mut out);
+            }
         }
         for fid in fc.identities_released {
-            if let Some(num) = self.fqdn_ids.remove(&fid) {
+            if let Some((num, _)) = self.fqdn_ids.remove(&fid) {
                 out.push(self.engine.release_identity(num));
             }
         }
         out
+    }
+
+    /// Puts a learned IP into the ipcache with the identity it must carry: its selector set's,
+    /// plus a `cidr:` label for each policy prefix containing it, so that CIDR rules still
+    /// select the IP when its /32 (or /128) entry shadows the prefix's own entry. The engine
+    /// keeps one reference per IP on such a derived identity.
+    fn place_fqdn_ip(&mut self, prefix: IpNet, fid: FqdnIdentity, out: &mut Vec<Changes>) {
+        let Some((base, labels)) = self.fqdn_ids.get(&fid).cloned() else {
+            return;
+        };
+        let cidr = self.engine.prefix_labels_for(prefix.addr());
+        let entry = if cidr.is_empty() {
+            FqdnIp {
+                cache: fid,
+                identity: base,
+                derived: false,
+            }
+        } else {
+            let mut all = labels.labels().to_vec();
+            all.extend(cidr);
+            let (num, c) = self.engine.upsert_identity(LabelSet::new(all));
+            out.push(c);
+            FqdnIp {
+                cache: fid,
+                identity: num,
+                derived: true,
+            }
+        };
+        out.push(self.engine.upsert_prefix(prefix, entry.identity));
+        // The old identity goes only after the IP carries the new one.
+        if let Some(old) = self.fqdn_ips.insert(prefix, entry) {
+            self.release_derived(old, out);
+        }
+    }
+
+    fn release_derived(&mut self, ip: FqdnIp, out: &mut Vec<Changes>) {
+        if ip.derived {
+            out.push(self.engine.release_identity(ip.identity));
+        }
+    }
+
+    /// The prefixes named by policies changed: learned IPs get the `cidr:` labels that now
+    /// apply to them.
+    fn relabel_fqdn_ips(&mut self, out: &mut Vec<Changes>) {
+        let ips: Vec<(IpNet, FqdnIdentity)> =
+            self.fqdn_ips.iter().map(|(p, e)| (*p, e.cache)).collect();
+        for (prefix, fid) in ips {
+            self.place_fqdn_ip(prefix, fid, out);
+        }
     }
 
     /// The DNS proxy's question: may the endpoint at `client` resolve `qname` through
