@@ -194,8 +194,9 @@ const NO_EXTRA: u32 = u32::MAX;
 #[derive(Debug)]
 struct NameState {
     name: DnsName,
-    /// Selectors in force that match the name, sorted.
-    sels: Box<[SelId]>,
+    /// The selectors in force that match the name: an index into `Manager::sel_lists`
+    /// (names share the few distinct lists; a million names must fit in little memory).
+    sels: u32,
     /// (endpoint, IP) pairs holding the name, as lookups or zombies. 0 = unused.
     holds: u32,
 }
@@ -309,6 +310,10 @@ struct Manager {
     /// Name text → id, storing only the id (the text lives once, in `names`).
     name_table: HashTable<NameId>,
     hasher: DefaultHashBuilder,
+    /// Distinct sorted selector lists, with how many names use each; 0 is the empty list.
+    sel_lists: Vec<(Box<[SelId]>, u32)>,
+    sel_list_ids: HashMap<Box<[SelId]>, u32>,
+    free_sel_lists: Vec<u32>,
     ips: IpMap<IpState>,
     /// Names beyond the first of IPs that have several: (name, holders).
     extra_names: Vec<Vec<(NameId, u32)>>,
@@ -367,9 +372,12 @@ impl Manager {
             None => {
                 let state = NameState {
                     name: name.clone(),
-                    sels: self.index.matches(name).into_boxed_slice(),
+                    sels: 0,
                     holds: 0,
                 };
+                let matching = self.index.matches(name);
+                let sels = self.acquire_sel_list(&matching);
+                let state = NameState { sels, ..state };
                 let nid = match self.free_names.pop() {
                     Some(nid) => {
                         self.names[nid as usize] = Some(state);
@@ -397,12 +405,54 @@ impl Manager {
         nid
     }
 
+    fn sels_of(&self, nid: NameId) -> &[SelId] {
+        &self.sel_lists[self.name(nid).sels as usize].0
+    }
+
+    /// The id of a sorted selector list, counting one more user.
+    fn acquire_sel_list(&mut self, sels: &[SelId]) -> u32 {
+        if self.sel_lists.is_empty() {
+            self.sel_lists.push((Box::default(), 0));
+            self.sel_list_ids.insert(Box::default(), 0);
+        }
+        let id = match self.sel_list_ids.get(sels) {
+            Some(&id) => id,
+            None => {
+                let id = match self.free_sel_lists.pop() {
+                    Some(id) => {
+                        self.sel_lists[id as usize] = (sels.into(), 0);
+                        id
+                    }
+                    None => {
+                        self.sel_lists.push((sels.into(), 0));
+                        u32::try_from(self.sel_lists.len() - 1).expect("list ids fit")
+                    }
+                };
+                self.sel_list_ids.insert(sels.into(), id);
+                id
+            }
+        };
+        self.sel_lists[id as usize].1 += 1;
+        id
+    }
+
+    fn release_sel_list(&mut self, id: u32) {
+        let entry = &mut self.sel_lists[id as usize];
+        entry.1 -= 1;
+        if entry.1 == 0 && id != 0 {
+            let list = std::mem::take(&mut entry.0);
+            self.sel_list_ids.remove(&list);
+            self.free_sel_lists.push(id);
+        }
+    }
+
     fn free_name(&mut self, nid: NameId) {
         let hash = self.hasher.hash_one(self.name(nid).name.as_str());
         if let Ok(entry) = self.name_table.find_entry(hash, |&id| id == nid) {
             entry.remove();
         }
-        self.names[nid as usize] = None;
+        let state = self.names[nid as usize].take().expect("live name");
+        self.release_sel_list(state.sels);
         self.free_names.push(nid);
     }
 
@@ -549,7 +599,7 @@ impl Manager {
             };
             sels.clear();
             for nid in self.ip_names(&state) {
-                sels.extend_from_slice(&self.name(nid).sels);
+                sels.extend_from_slice(self.sels_of(nid));
             }
             sels.sort_unstable();
             sels.dedup();
@@ -976,17 +1026,25 @@ impl FqdnCache {
         // then one over the IPs to find those holding a name whose selectors changed.
         let mut changed: HashSet<NameId> = HashSet::new();
         let mut sels: Vec<SelId> = Vec::new();
-        for (nid, state) in mgr.names.iter_mut().enumerate() {
-            let Some(state) = state else {
+        for nid in 0..mgr.names.len() {
+            let Some(state) = &mgr.names[nid] else {
                 continue;
             };
+            let old = state.sels;
             sels.clear();
-            sels.extend(state.sels.iter().filter(|&s| !removed_ids.contains(s)));
+            sels.extend(
+                mgr.sel_lists[old as usize]
+                    .0
+                    .iter()
+                    .filter(|&s| !removed_ids.contains(s)),
+            );
             added_index.matches_into(&state.name, &mut sels);
             sels.sort_unstable();
             sels.dedup();
-            if sels[..] != state.sels[..] {
-                state.sels = sels.as_slice().into();
+            if sels[..] != mgr.sel_lists[old as usize].0[..] {
+                let new = mgr.acquire_sel_list(&sels);
+                mgr.release_sel_list(old);
+                mgr.names[nid].as_mut().expect("live").sels = new;
                 changed.insert(nid as NameId);
             }
         }
