@@ -22,8 +22,9 @@ use axum::Json;
 use dnsproxy::{
     Decision, DnsPolicy, HoldOutcome, LearnedAnswer, Learner, QueryContext, QueryEvent, Transport,
 };
-use fqdn_cache::{Answer, NoConnections, SaveSchedule, Snapshot, Timestamp};
+use fqdn_cache::{Answer, SaveSchedule, Snapshot, Timestamp};
 use policy::fqdn::DnsName;
+use policy::identity::IdentityAllocator;
 use policy::mapstate::LookupVerdict;
 use policy::model::{Direction, FqdnSelector, Protocol};
 
@@ -59,6 +60,8 @@ impl Learner for AgentDns {
         answer: LearnedAnswer,
     ) -> impl Future<Output = HoldOutcome> + Send + 'static {
         let agent = self.0.clone();
+        // An IP pushed out by maxIPsPerHostname stays while a connection to it is open.
+        let open: HashSet<(u16, IpAddr)> = agent.datapath.connections().into_iter().collect();
         let target = {
             let mut st = agent.lock();
             let (qname, chain) = match answer.names.split_first() {
@@ -72,7 +75,7 @@ impl Learner for AgentDns {
                 ips: &answer.ips,
                 ttl: answer.ttl,
             };
-            let fc = st.fqdn.learn(&a, now(), &NoConnections);
+            let fc = st.fqdn.learn(&a, now(), &open);
             let changes = st.apply_fqdn_changes(fc);
             agent.submit(&st, &changes);
             // Every change issued so far, this answer's and any sibling's still in flight.
@@ -377,6 +380,47 @@ pub fn save_if_due(agent: &Agent, schedule: &mut SaveSchedule) {
     match write_atomic(&path, &bytes) {
         Ok(()) => schedule.saved(generation, now()),
         Err(e) => tracing::error!("cannot save learned names to {}: {e}", path.display()),
+    }
+    // Learned names allocate identities: keep their numbers stable across restarts too.
+    save_identities(agent);
+}
+
+const IDENTITIES_FILE: &str = "identities.json";
+
+pub fn restore_identities(state_dir: &Path) -> IdentityAllocator {
+    let path = state_dir.join(IDENTITIES_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match IdentityAllocator::from_persisted(&text) {
+            Ok(a) => {
+                tracing::info!(file = %path.display(), "identities restored");
+                a
+            }
+            Err(e) => {
+                set_aside(&path, &e.to_string());
+                IdentityAllocator::new()
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => IdentityAllocator::new(),
+        Err(e) => {
+            tracing::error!(
+                "cannot read {}: {e}; identities start afresh",
+                path.display()
+            );
+            IdentityAllocator::new()
+        }
+    }
+}
+
+pub fn save_identities(agent: &Agent) {
+    let (text, path) = {
+        let st = agent.lock();
+        (
+            st.engine.identities().to_persisted(),
+            st.cfg.state_dir.join(IDENTITIES_FILE),
+        )
+    };
+    if let Err(e) = write_atomic(&path, text.as_bytes()) {
+        tracing::error!("cannot save identities to {}: {e}", path.display());
     }
 }
 

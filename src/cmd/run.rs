@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use dnsproxy::{DnsProxy, ProxyConfig};
-use policy::identity::IdentityAllocator;
 
 use crate::agent::datapath::{Datapath, MemoryDatapath};
 use crate::agent::fqdn::{self, AgentDns};
@@ -74,45 +73,6 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
     rt.block_on(agent_main(cfg))
 }
 
-const IDENTITIES_FILE: &str = "identities.json";
-
-fn restore_identities(state_dir: &Path) -> IdentityAllocator {
-    let path = state_dir.join(IDENTITIES_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => match IdentityAllocator::from_persisted(&text) {
-            Ok(a) => {
-                tracing::info!(file = %path.display(), "identities restored");
-                a
-            }
-            Err(e) => {
-                fqdn::set_aside(&path, &e.to_string());
-                IdentityAllocator::new()
-            }
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => IdentityAllocator::new(),
-        Err(e) => {
-            tracing::error!(
-                "cannot read {}: {e}; identities start afresh",
-                path.display()
-            );
-            IdentityAllocator::new()
-        }
-    }
-}
-
-pub fn save_identities(agent: &Agent) {
-    let (text, path) = {
-        let st = agent.lock();
-        (
-            st.engine.identities().to_persisted(),
-            st.cfg.state_dir.join(IDENTITIES_FILE),
-        )
-    };
-    if let Err(e) = fqdn::write_atomic(&path, text.as_bytes()) {
-        tracing::error!("cannot save identities to {}: {e}", path.display());
-    }
-}
-
 fn choose_datapath(mode: DatapathMode) -> anyhow::Result<Arc<dyn Datapath>> {
     match mode {
         DatapathMode::None => Ok(Arc::new(MemoryDatapath::new())),
@@ -149,7 +109,7 @@ async fn agent_main(cfg: Config) -> anyhow::Result<ExitCode> {
     let datapath = choose_datapath(cfg.datapath)?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
-    let identities = restore_identities(&cfg.state_dir);
+    let identities = fqdn::restore_identities(&cfg.state_dir);
     let ports = AgentState::default_proxy_ports(&cfg);
     let api_socket = cfg.api_socket.clone();
     let metrics_listen = cfg.metrics.listen;
@@ -220,7 +180,7 @@ async fn agent_main(cfg: Config) -> anyhow::Result<ExitCode> {
         m.abort();
     }
     fqdn::save_now(&agent);
-    save_identities(&agent);
+    fqdn::save_identities(&agent);
     let _ = std::fs::remove_file(&api_socket);
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
