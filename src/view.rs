@@ -415,8 +415,13 @@ pub mod text {
         for pol in &p.policies {
             let _ = writeln!(
                 s,
-                "{} {} ({} rules) from {}:{}",
-                pol.kind, pol.policy, pol.rules, pol.file, pol.line
+                "{} {} ({} {}) from {}:{}",
+                pol.kind,
+                pol.policy,
+                pol.rules,
+                if pol.rules == 1 { "rule" } else { "rules" },
+                pol.file,
+                pol.line
             );
         }
         for src in p.sources.iter().filter(|s| !s.valid) {

@@ -480,7 +480,7 @@ fn monitor_streams_dns_events() {
     let d = tempdir();
     let cfg = config(d.path(), ub.addr);
     let sock = d.path().join("api.sock");
-    let a = Agent::start(&["--config", &cfg], &sock);
+    let mut a = Agent::start(&["--config", &cfg], &sock);
     let mut mon = Command::new(BIN)
         .args(["--api-socket", sock.to_str().unwrap()])
         .args([
@@ -553,6 +553,16 @@ fn monitor_streams_dns_events() {
     ] {
         assert!(ev.get(key).is_some(), "monitor event lacks {key}");
     }
+    // No policy in force: every query is logged too.
+    let log = a.wait_log("query=www.example.test.", Duration::from_secs(5));
+    assert!(
+        log.contains("endpoint=\"backend\"") || log.contains("endpoint=backend"),
+        "{log}"
+    );
+    assert!(
+        log.contains("verdict=\"allowed\"") || log.contains("verdict=allowed"),
+        "{log}"
+    );
     assert_eq!(a.stop().code(), Some(0));
 }
 

@@ -91,15 +91,46 @@ impl Learner for AgentDns {
     }
 
     fn observe(&self, ev: &QueryEvent) {
-        if !self.0.events.has_subscribers() {
-            return;
-        }
         let st = self.0.lock();
         let endpoint_id = match ev.decision {
             Decision::Allow { endpoint_id } | Decision::Deny { endpoint_id } => Some(endpoint_id),
             Decision::UnknownEndpoint => None,
         };
         let endpoint = endpoint_id.and_then(|id| st.engine.endpoint(id));
+        // With no policy in force the agent is a visibility tool: every query is logged.
+        // Under policy, queries are logged at debug level (the monitor shows them all).
+        let visibility = st.engine.policies().next().is_none();
+        if visibility || tracing::enabled!(tracing::Level::DEBUG) {
+            let name = endpoint.map(|e| e.name.as_str()).unwrap_or("-");
+            let verdict = match ev.decision {
+                Decision::Allow { .. } => "allowed",
+                Decision::Deny { .. } => "denied",
+                Decision::UnknownEndpoint => "denied (unknown endpoint)",
+            };
+            let rcode = ev
+                .rcode
+                .map(rcode_name)
+                .unwrap_or_else(|| "no reply".into());
+            let ips = ev
+                .learned
+                .as_ref()
+                .map(|l| {
+                    l.ips
+                        .iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            if visibility {
+                tracing::info!(endpoint = name, client = %ev.client, query = %ev.qname, qtype = %qtype_name(ev.qtype), verdict, rcode = %rcode, ips = %ips, "dns");
+            } else {
+                tracing::debug!(endpoint = name, client = %ev.client, query = %ev.qname, qtype = %qtype_name(ev.qtype), verdict, rcode = %rcode, ips = %ips, "dns");
+            }
+        }
+        if !self.0.events.has_subscribers() {
+            return;
+        }
         let src_identity = endpoint_id.and_then(|id| st.engine.endpoint_identity(id));
         let dst_identity = st
             .engine
