@@ -11,9 +11,8 @@ what="${1:-run}"
 
 # Building: a C compiler and linker for crates with C parts, pkg-config for -sys crates.
 run_packages=(gcc libc6-dev pkg-config ca-certificates iproute2)
-# The test suite: real DNS servers and clients, network tools for namespaces and datapath tests.
-test_packages=(bind9-dnsutils unbound nsd knot dnsmasq iproute2 nftables iptables socat
-               netcat-openbsd curl python3)
+# The test suite: the real DNS server and client the end-to-end tests drive, network tools.
+test_packages=(bind9-dnsutils unbound iproute2 curl)
 
 case "$what" in
   run) packages=("${run_packages[@]}") ;;
@@ -39,7 +38,7 @@ if ((${#missing[@]})); then
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null >/dev/null
   # Debian starts some daemons on install; the tests start their own instances on loopback
   # and must not find the ports taken.
-  for svc in unbound nsd knot dnsmasq; do
+  for svc in unbound; do
     if command -v systemctl >/dev/null 2>&1; then
       $sudo systemctl disable --now "$svc" >/dev/null 2>&1 || true
     fi
