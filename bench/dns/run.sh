@@ -11,7 +11,7 @@
 #
 # Usage:
 #   bench/dns/run.sh [--fqdnwall BIN] [--config FILE] [--example] [--duration S] [--rate QPS]
-#                    [--out FILE]
+#                    [--rounds N] [--out FILE]
 #   --fqdnwall BIN  the fqdnwall binary (default: target/release/fqdnwall); run as
 #                   `BIN run --config FILE`
 #   --config FILE   its config; dns.listen must include 127.0.0.1:25301 and dns.upstreams
@@ -20,6 +20,7 @@
 #                   selector, the bench client 127.0.0.2 as its endpoint.
 #   --example       measure dnsproxy/examples/allow_all (the proxy crate alone, allow-all
 #                   policy, learning into an in-memory table) instead of the fqdnwall binary
+#   --rounds N      interleaved rounds per measurement, the median is reported (default 3)
 #   --out FILE      append the results as a Markdown section to FILE (e.g. bench/RESULTS.md)
 #
 # Client and servers share this machine's cores, so every figure is relative: compare the rows
@@ -32,6 +33,7 @@ FW_CONFIG=""
 EXAMPLE=0
 DURATION=10
 RATE=20000
+ROUNDS=3
 OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -40,6 +42,7 @@ while [ $# -gt 0 ]; do
     --example) EXAMPLE=1; shift ;;
     --duration) DURATION=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
@@ -214,15 +217,24 @@ start_dnsmasq() {
 }
 
 # --- measuring -------------------------------------------------------------------------------
-# dnsperf_max ADDR -> "qps avg_latency_s lost"
+# CPU time (clock ticks, all threads) a process has used so far; 0 for no process.
+cpu_ticks() {
+  [ -n "${1:-}" ] && [ -r "/proc/$1/stat" ] || { echo 0; return; }
+  awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat"
+}
+# dnsperf_max ADDR PID -> "qps avg_latency_s lost cpu_us_per_query"
 dnsperf_max() {
-  local addr=$1
+  local addr=$1 pid=${2:-} before after
+  before=$(cpu_ticks "$pid")
   dnsperf -s "${addr%:*}" -p "${addr#*:}" -a "$CLIENT" -d "$WORK/queries.txt" -l "$DURATION" \
-    -c 4 -q 100 2>&1 | awk '
+    -c 4 -q 100 > "$WORK/max.out" 2>&1
+  after=$(cpu_ticks "$pid")
+  awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" -v haspid="${pid:+1}" '
       /Queries per second:/ {q=$4}
+      /Queries completed:/ {done=$3}
       /Average Latency \(s\):/ {l=$4}
       /Queries lost:/ {lost=$3}
-      END {print q, l, lost}'
+      END {cpu = (haspid && done > 0) ? sprintf("%.1f", ticks / hz * 1e6 / done) : "-"; print q, l, lost, cpu}' "$WORK/max.out"
 }
 # dnsperf_rate ADDR -> "p50_us p99_us lost"
 dnsperf_rate() {
@@ -241,22 +253,44 @@ dnsperf_rate() {
   printf '%.0f %.0f %s\n' "$p50" "$p99" "$lost"
 }
 
+# All servers run side by side (idle when not measured) and the measurements are interleaved
+# round by round, so a burst of other load on the machine hits every target alike; each figure
+# is the median of its rounds.
 declare -A QPS AVG P50 P99 LOSTM LOSTR
-measure() { # name addr
-  local name=$1 addr=$2
-  wait_dns "$addr"
-  read -r QPS[$name] AVG[$name] LOSTM[$name] < <(dnsperf_max "$addr")
-  read -r P50[$name] P99[$name] LOSTR[$name] < <(dnsperf_rate "$addr")
-  echo "$name: ${QPS[$name]} q/s (avg ${AVG[$name]} s, lost ${LOSTM[$name]}); at $RATE q/s p50 ${P50[$name]} us p99 ${P99[$name]} us (lost ${LOSTR[$name]})" >&2
-}
-
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
-
-measure direct "$UP"
+median() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "-"; else print v[int((NR+1)/2)]}'; }
 
 start_fqdnwall
-measure fqdnwall "$FW"
 if [ "$EXAMPLE" = 1 ]; then FW_LABEL="dnsproxy allow_all example"; else FW_LABEL="fqdnwall run"; fi
+start_dnsdist; DD_PID=$PEER_PID
+start_dnsmasq; DM_PID=$PEER_PID
+declare -A ADDR=([direct]=$UP [fqdnwall]=$FW [dnsdist]=$DD [dnsmasq]=$DM)
+declare -A PID=([direct]="" [fqdnwall]=$FW_PID [dnsdist]=$DD_PID [dnsmasq]=$DM_PID)
+declare -A CPU
+TARGETS="direct fqdnwall dnsdist dnsmasq"
+for t in $TARGETS; do wait_dns "${ADDR[$t]}"; done
+
+for round in $(seq 1 "$ROUNDS"); do
+  for t in $TARGETS; do
+    read -r q a l c < <(dnsperf_max "${ADDR[$t]}" "${PID[$t]}")
+    echo "$q" >> "$WORK/qps.$t"; echo "$a" >> "$WORK/avg.$t"; echo "$l" >> "$WORK/lostm.$t"
+    echo "$c" >> "$WORK/cpu.$t"
+    echo "round $round $t: $q q/s, avg $a s, lost $l, $c us CPU per query" >&2
+  done
+done
+for round in $(seq 1 "$ROUNDS"); do
+  for t in $TARGETS; do
+    read -r p50 p99 l < <(dnsperf_rate "${ADDR[$t]}")
+    echo "$p50" >> "$WORK/p50.$t"; echo "$p99" >> "$WORK/p99.$t"; echo "$l" >> "$WORK/lostr.$t"
+    echo "round $round $t at $RATE q/s: p50 $p50 us, p99 $p99 us, lost $l" >&2
+  done
+done
+for t in $TARGETS; do
+  QPS[$t]=$(median < "$WORK/qps.$t"); AVG[$t]=$(median < "$WORK/avg.$t")
+  P50[$t]=$(median < "$WORK/p50.$t"); P99[$t]=$(median < "$WORK/p99.$t")
+  LOSTM[$t]=$(median < "$WORK/lostm.$t"); LOSTR[$t]=$(median < "$WORK/lostr.$t")
+  CPU[$t]=$(median < "$WORK/cpu.$t")
+done
+
 HOLD=""
 if [ "$EXAMPLE" = 0 ] && command -v curl >/dev/null; then
   HOLD=$(curl -s "http://$METRICS/metrics" | grep -i 'hold' | grep -v '^#' || true)
@@ -264,14 +298,7 @@ fi
 kill -TERM "$FW_PID" 2>/dev/null || true
 wait "$FW_PID" 2>/dev/null || true
 if [ "$EXAMPLE" = 1 ]; then HOLD=$(cat "$WORK/fqdnwall.out"); fi
-
-start_dnsdist
-measure dnsdist "$DD"
-stop "$PEER_PID"
-
-start_dnsmasq
-measure dnsmasq "$DM"
-stop "$PEER_PID"
+LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0 && a != "-" && b != "-") printf "%.2f", a / b; else print "-" }'; }
 added() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "-" && b != "-") printf "%+d", a - b; else print "-" }'; }
@@ -280,14 +307,15 @@ REPORT=$(
   echo "### DNS forwarding: $FW_LABEL vs dnsdist vs dnsmasq vs direct ($(date -u +%Y-%m-%dT%H:%MZ))"
   echo
   echo "Method: \`bench/dns/run.sh$( [ "$EXAMPLE" = 1 ] && echo ' --example')\`; upstream unbound $(unbound -V | awk 'NR==1{print $2}') (1 thread, authoritative zone of 1,000 A names + 100 CNAMEs); $(wc -l < "$WORK/queries.txt") distinct A queries, looped;"
-  echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/{print $2}'), client $CLIENT; throughput: 4 clients, 100 outstanding, ${DURATION} s; latency: fixed ${RATE} q/s for ${DURATION} s, per-query latencies from \`dnsperf -v\`."
-  echo "dnsdist $(dnsdist --version | awk 'NR==1{print $2}') (no packet cache), dnsmasq $(dnsmasq --version | awk 'NR==1{print $3}') (cache-size=0, dns-forward-max=10000). $(nproc) cores shared by client and servers."
+  echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/{print $2}'), client $CLIENT; throughput: 4 clients, 100 outstanding, ${DURATION} s; latency: fixed ${RATE} q/s for ${DURATION} s, per-query latencies from \`dnsperf -v\`; targets interleaved, median of ${ROUNDS} rounds."
+  echo "dnsdist $(dnsdist --version | awk 'NR==1{print $2}') (no packet cache), dnsmasq $(dnsmasq --version | awk 'NR==1{print $3}') (cache-size=0, dns-forward-max=10000). $(nproc) cores shared by client and servers; load average at the end: $LOAD."
+  echo "Forwarder CPU per query: user+system CPU time of the forwarder's process (all threads) during the throughput runs, divided by the queries completed: the figure least disturbed by other load on the machine."
   echo
-  echo "| target | q/s (max) | vs dnsdist | avg latency (ms) at max | p50 at ${RATE} q/s (µs) | p99 (µs) | p50 added vs direct (µs) | lost (max / rate) |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| target | q/s (max) | vs dnsdist | forwarder CPU per query (µs) | avg latency (ms) at max | p50 at ${RATE} q/s (µs) | p99 (µs) | p50 added vs direct (µs) | lost (max / rate) |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   for t in direct fqdnwall dnsdist dnsmasq; do
     name=$t; [ "$t" = fqdnwall ] && name="$FW_LABEL"
-    printf '| %s | %.0f | %s | %.3f | %s | %s | %s | %s / %s |\n' "$name" "${QPS[$t]:-0}" "$(ratio "${QPS[$t]:-0}" "${QPS[dnsdist]:-0}")" \
+    printf '| %s | %.0f | %s | %s | %.3f | %s | %s | %s | %s / %s |\n' "$name" "${QPS[$t]:-0}" "$(ratio "${QPS[$t]:-0}" "${QPS[dnsdist]:-0}")" "${CPU[$t]}" \
       "$(awk -v a="${AVG[$t]:-0}" 'BEGIN{print a*1000}')" "${P50[$t]}" "${P99[$t]}" "$(added "${P50[$t]}" "${P50[direct]}")" "${LOSTM[$t]}" "${LOSTR[$t]}"
   done
   echo

@@ -33,6 +33,26 @@ fn setsockopt_int(
     }
 }
 
+/// Receive buffer of the proxy's UDP sockets. The default (net.core.rmem_default, ~208 KiB)
+/// holds only a few hundred small datagrams because each is charged its full skb size: one
+/// scheduling hiccup at tens of thousands of queries per second would overflow it.
+const UDP_RECEIVE_BUFFER: libc::c_int = 4 << 20;
+
+/// SO_RCVBUFFORCE (privileged: passes net.core.rmem_max), else SO_RCVBUF as far as the limit
+/// allows. Best effort: a small buffer only costs drops under bursts.
+fn grow_receive_buffer(s: &Socket) {
+    if setsockopt_int(
+        s.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        UDP_RECEIVE_BUFFER,
+    )
+    .is_err()
+    {
+        s.set_recv_buffer_size(UDP_RECEIVE_BUFFER as usize).ok();
+    }
+}
+
 fn domain_of(addr: &SocketAddr) -> Domain {
     if addr.is_ipv4() {
         Domain::IPV4
@@ -57,7 +77,7 @@ pub(crate) fn udp_listener(addr: SocketAddr, transparent: bool) -> io::Result<st
         s.set_only_v6(true)?;
     }
     s.set_reuse_port(true)?;
-    s.set_recv_buffer_size(4 << 20).ok(); // best effort: bursts of queries queue here
+    grow_receive_buffer(&s); // bursts of queries queue here
     if transparent {
         set_transparent(&s, &addr)?;
     }
@@ -101,7 +121,7 @@ pub(crate) fn udp_upstream(ipv6: bool, mark: Option<u32>) -> io::Result<std::net
     if let Some(m) = mark {
         s.set_mark(m)?;
     }
-    s.set_recv_buffer_size(4 << 20).ok();
+    grow_receive_buffer(&s); // bursts of answers queue here
     if ipv6 {
         s.set_only_v6(true)?;
         setsockopt_int(s.as_raw_fd(), libc::SOL_IPV6, libc::IPV6_RECVERR, 1)?;

@@ -27,6 +27,8 @@ use crate::metrics::{ProxyMetrics, Verdict};
 use crate::upstream::{tcp_exchange, UdpPool, UpstreamError};
 use crate::{net, DnsProxyError};
 
+/// Datagrams read per wake-up of a UDP listener before it lets other tasks run.
+const RECV_BATCH: usize = 32;
 /// Largest UDP query read; larger datagrams are truncated by the kernel and dropped.
 const MAX_UDP_QUERY: usize = 4096;
 /// Attempts at finding one free port for UDP and TCP when a listen address has port 0.
@@ -522,7 +524,9 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        loop {
+        // At most a batch per wake-up, then yield: under a steady stream the socket never runs
+        // dry, and the queries already taken (and their upstream answers) must get their turn.
+        for _ in 0..RECV_BATCH {
             let (n, client, dst, truncated) =
                 match socket.try_io(Interest::READABLE, || net::recv_with_dst(fd, &mut buf)) {
                     Ok(r) => r,
@@ -563,6 +567,7 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
                 }
             });
         }
+        tokio::task::yield_now().await;
     }
 }
 

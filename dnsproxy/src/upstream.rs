@@ -41,6 +41,9 @@ pub(crate) enum UpstreamError {
 
 type Reply = Result<Vec<u8>, String>;
 
+/// Answers read per wake-up of a pooled socket before other tasks run.
+const RECV_BATCH: usize = 32;
+
 struct Pending {
     server: SocketAddr,
     question: Query,
@@ -270,7 +273,9 @@ async fn receive_loop(slot: Arc<Slot>, metrics: Arc<ProxyMetrics>) {
             drain_errors(&slot, &mut buf);
         }
         if ready.is_readable() || ready.is_read_closed() {
-            loop {
+            // A batch per wake-up, then yield, so the queries woken by these answers run
+            // before more pile up.
+            for _ in 0..RECV_BATCH {
                 match slot.socket.try_recv_from(&mut buf) {
                     Ok((n, from)) => deliver(&slot, &metrics, &buf[..n], from),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -279,6 +284,7 @@ async fn receive_loop(slot: Arc<Slot>, metrics: Arc<ProxyMetrics>) {
                     Err(_) => drain_errors(&slot, &mut buf),
                 }
             }
+            tokio::task::yield_now().await;
         }
     }
 }
