@@ -1,5 +1,6 @@
 //! The learned state (per endpoint: name → IPs with expiry, zombies) and the name manager
-//! (selectors → names → IPs → one identity per distinct set of matching selectors).
+//! (selectors → names → IPs → one identity per distinct set of matching selectors and
+//! address family).
 //!
 //! Why no `lru` or `moka`: both bound a cache by recency or by their own clock and drop
 //! entries on their own schedule. Here an entry may only go when its TTL ends (at the exact
@@ -101,7 +102,10 @@ impl<F: Fn(EndpointId, IpAddr) -> bool> ConnectionSource for F {
 }
 
 /// A node-local FQDN identity as this crate names it: one per distinct set of matching
-/// selectors. The agent asks the policy engine for the numeric identity of its labels
+/// selectors and address family, labelled `fqdn:<selector>` for each selector plus
+/// `reserved:world` and `reserved:world-ipv4` or `reserved:world-ipv6` (the family label lets
+/// `toEntities: [world-ipv4]` keep selecting an IPv4 address once a `toFQDNs` rule learns
+/// it, and never an IPv6 one that shares its name). The agent asks the policy engine for the numeric identity of its labels
 /// (`Engine::upsert_identity`) when it is added, and keeps the mapping until it is released.
 /// Handles are never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -265,8 +269,35 @@ impl<V> IpMap<V> {
     }
 }
 
+/// The address family of an identity: its IPs are all of one family, so that the entities
+/// `world-ipv4` and `world-ipv6` select exactly the learned IPs of theirs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Family {
+    V4 = 0,
+    V6 = 1,
+}
+
+impl Family {
+    const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    fn world_label(self) -> Label {
+        Label::reserved(match self {
+            Family::V4 => "world-ipv4",
+            Family::V6 => "world-ipv6",
+        })
+    }
+}
+
 #[derive(Debug)]
 struct SetState {
+    family: Family,
     sels: Box<[SelId]>,
     labels: LabelSet,
     /// IPs whose identity this is.
@@ -323,9 +354,10 @@ struct Manager {
     next_sel: SelId,
     index: PatternIndex,
     sets: HashMap<SetId, SetState>,
-    set_ids: HashMap<Box<[SelId]>, SetId>,
+    /// Per family (indexed by `Family as usize`).
+    set_ids: [HashMap<Box<[SelId]>, SetId>; 2],
     last_set: SetId,
-    pinned: HashMap<SelId, SetId>,
+    pinned: HashMap<SelId, [SetId; 2]>,
 }
 
 /// What one operation touched; turned into [`Changes`] at its end.
@@ -553,8 +585,8 @@ impl Manager {
         }
     }
 
-    fn set_for(&mut self, sels: &[SelId], tx: &mut Tx) -> SetId {
-        if let Some(&id) = self.set_ids.get(sels) {
+    fn set_for(&mut self, family: Family, sels: &[SelId], tx: &mut Tx) -> SetId {
+        if let Some(&id) = self.set_ids[family as usize].get(sels) {
             return id;
         }
         self.last_set = self.last_set.checked_add(1).expect("identity handles left");
@@ -564,16 +596,18 @@ impl Manager {
             .map(|s| Label::new(SOURCE_FQDN, &self.selector_of[s].label_value(), ""))
             .collect();
         labels.push(Label::reserved("world"));
+        labels.push(family.world_label());
         self.sets.insert(
             id,
             SetState {
+                family,
                 sels: sels.into(),
                 labels: LabelSet::new(labels),
                 users: 0,
                 pinned: false,
             },
         );
-        self.set_ids.insert(sels.into(), id);
+        self.set_ids[family as usize].insert(sels.into(), id);
         tx.created.push(id);
         id
     }
@@ -607,7 +641,7 @@ impl Manager {
             let new = if sels.is_empty() {
                 NO_SET
             } else {
-                self.set_for(&sels, &mut tx)
+                self.set_for(Family::of(ip), &sels, &mut tx)
             };
             if old != new {
                 self.ips.get_mut(ip).expect("present").identity = new;
@@ -645,7 +679,7 @@ impl Manager {
                 .is_some_and(|s| s.users == 0 && !s.pinned);
             if unused {
                 let set = self.sets.remove(&id).expect("checked");
-                self.set_ids.remove(&set.sels);
+                self.set_ids[set.family as usize].remove(&set.sels);
                 if !tx.created.contains(&id) {
                     changes.identities_released.push(FqdnIdentity(id));
                 }
@@ -982,8 +1016,9 @@ impl FqdnCache {
     }
 
     /// Replaces the FQDN selectors in force (`Engine::fqdn_selectors()`). A new selector
-    /// selects already-learned names at once, and its single-selector identity is allocated
-    /// even before any IP needs it; a removed one releases what only it needed.
+    /// selects already-learned names at once, and its single-selector identities (one per
+    /// family) are allocated even before any IP needs them; a removed one releases what only
+    /// it needed.
     // FqdnSelector's order and hash are those of its text; the regex cache inside it that
     // clippy sees as mutable takes no part in them.
     #[allow(clippy::mutable_key_type)]
@@ -1006,7 +1041,7 @@ impl FqdnCache {
         let removed_ids: HashSet<SelId> = removed.iter().map(|(_, id)| *id).collect();
         for (sel, id) in &removed {
             mgr.selectors.remove(sel);
-            if let Some(set) = mgr.pinned.remove(id) {
+            for set in mgr.pinned.remove(id).into_iter().flatten() {
                 mgr.sets.get_mut(&set).expect("pinned set").pinned = false;
                 tx.maybe_unused.push(set);
             }
@@ -1056,9 +1091,12 @@ impl FqdnCache {
             }
         }
         for &id in &added_ids {
-            let set = mgr.set_for(&[id], &mut tx);
-            mgr.sets.get_mut(&set).expect("created").pinned = true;
-            mgr.pinned.insert(id, set);
+            let sets = Family::BOTH.map(|family| {
+                let set = mgr.set_for(family, &[id], &mut tx);
+                mgr.sets.get_mut(&set).expect("created").pinned = true;
+                set
+            });
+            mgr.pinned.insert(id, sets);
         }
         let changes = mgr.finish(tx);
         for (_, id) in removed {

@@ -42,13 +42,29 @@ fn config(max: usize) -> Config {
 fn sels(list: &[FqdnSelector]) -> BTreeSet<FqdnSelector> {
     list.iter().cloned().collect()
 }
+/// Labels of the IPv4 identity of these selectors.
 fn labels(selectors: &[&str]) -> LabelSet {
+    family_labels(selectors, "world-ipv4")
+}
+fn labels6(selectors: &[&str]) -> LabelSet {
+    family_labels(selectors, "world-ipv6")
+}
+fn family_labels(selectors: &[&str], family: &str) -> LabelSet {
     let mut l: Vec<Label> = selectors
         .iter()
         .map(|s| Label::new("fqdn", s, ""))
         .collect();
     l.push(Label::reserved("world"));
+    l.push(Label::reserved(family));
     LabelSet::new(l)
+}
+/// The identity added with these labels.
+fn added(ch: &Changes, labels: &LabelSet) -> FqdnIdentity {
+    ch.identities_added
+        .iter()
+        .find(|(_, l)| l == labels)
+        .unwrap_or_else(|| panic!("no identity {labels:?} in {ch:?}"))
+        .0
 }
 
 fn learn(
@@ -85,8 +101,10 @@ fn lookup_ips(c: &FqdnCache, ep: EndpointId, name: &str) -> Vec<IpAddr> {
 fn a_new_selector_gets_its_identity_at_once() {
     let mut c = FqdnCache::new(config(1000));
     let ch = c.set_selectors(sels(&[pat("*.example.com")]));
-    assert_eq!(ch.identities_added.len(), 1);
-    assert_eq!(ch.identities_added[0].1, labels(&["*.example.com."]));
+    // One per address family.
+    assert_eq!(ch.identities_added.len(), 2);
+    added(&ch, &labels(&["*.example.com."]));
+    added(&ch, &labels6(&["*.example.com."]));
     assert!(ch.ipcache_upserts.is_empty() && ch.identities_released.is_empty());
     // The same selectors again change nothing.
     assert!(c.set_selectors(sels(&[pat("*.example.com")])).is_empty());
@@ -95,8 +113,8 @@ fn a_new_selector_gets_its_identity_at_once() {
 #[test]
 fn ttl_ends_at_the_exact_instant() {
     let mut c = FqdnCache::new(config(1000));
-    let added = c.set_selectors(sels(&[pat("*.example.com")]));
-    let id = added.identities_added[0].0;
+    let ch = c.set_selectors(sels(&[pat("*.example.com")]));
+    let id = added(&ch, &labels(&["*.example.com."]));
     let ch = learn(&mut c, 1, "a.example.com", &[], &["192.0.2.1"], 5, t(0));
     // The identity was preallocated: the answer needs only an ipcache write.
     assert!(ch.identities_added.is_empty());
@@ -156,8 +174,9 @@ fn a_later_answer_extends_but_never_shortens() {
 #[test]
 fn cname_chain_files_the_ips_under_every_name() {
     let mut c = FqdnCache::new(config(1000));
-    let added = c.set_selectors(sels(&[exact("edge.cdn.net")]));
-    let id = added.identities_added[0].0;
+    let ch = c.set_selectors(sels(&[exact("edge.cdn.net")]));
+    let id = added(&ch, &labels(&["edge.cdn.net."]));
+    let id6 = added(&ch, &labels6(&["edge.cdn.net."]));
     let ch = learn(
         &mut c,
         1,
@@ -181,7 +200,8 @@ fn cname_chain_files_the_ips_under_every_name() {
     // A toFQDNs on the chain's target selects the IPs; IPv6 as /128.
     let mut ups = ch.ipcache_upserts.clone();
     ups.sort();
-    assert_eq!(ups, vec![(net("192.0.2.1"), id), (net("2001:db8::1"), id)]);
+    // One identity per family.
+    assert_eq!(ups, vec![(net("192.0.2.1"), id), (net("2001:db8::1"), id6)]);
     assert_eq!(net("2001:db8::1").prefix_len(), 128);
     let mut names: Vec<String> = c
         .names_of(ip("192.0.2.1"))
@@ -207,32 +227,28 @@ fn selectors_added_and_removed_select_learned_names() {
     assert!(learn(&mut c, 1, "www.other.org", &[], &["192.0.2.2"], 60, t(0)).is_empty());
 
     let ch = c.set_selectors(sels(&[pat("*.example.com")]));
-    assert_eq!(ch.identities_added.len(), 1);
-    let id = ch.identities_added[0].0;
+    assert_eq!(ch.identities_added.len(), 2);
+    let id = added(&ch, &labels(&["*.example.com."]));
+    let id6 = added(&ch, &labels6(&["*.example.com."]));
     assert_eq!(ch.ipcache_upserts, vec![(net("192.0.2.1"), id)]);
 
     // A second selector on the same name: the IP moves to the identity of the pair.
     let ch = c.set_selectors(sels(&[pat("*.example.com"), exact("api.example.com")]));
-    assert_eq!(ch.identities_added.len(), 2, "{ch:?}"); // the pair + the new single
-    let pair = ch
-        .identities_added
-        .iter()
-        .find(|(_, l)| *l == labels(&["*.example.com.", "api.example.com."]))
-        .expect("pair identity")
-        .0;
+    assert_eq!(ch.identities_added.len(), 3, "{ch:?}"); // the pair + the new singles
+    let pair = added(&ch, &labels(&["*.example.com.", "api.example.com."]));
     assert_eq!(ch.ipcache_upserts, vec![(net("192.0.2.1"), pair)]);
     assert!(ch.identities_released.is_empty());
 
     // Back to the single selector: the pair identity is released.
     let ch = c.set_selectors(sels(&[pat("*.example.com")]));
     assert_eq!(ch.ipcache_upserts, vec![(net("192.0.2.1"), id)]);
-    assert_eq!(ch.identities_released.len(), 2);
+    assert_eq!(ch.identities_released.len(), 3);
     assert!(ch.identities_released.contains(&pair));
 
     // No selector: the IP leaves the ipcache, the preallocated identity goes.
     let ch = c.set_selectors(BTreeSet::new());
     assert_eq!(ch.ipcache_deletes, vec![net("192.0.2.1")]);
-    assert_eq!(ch.identities_released, vec![id]);
+    assert_eq!(ch.identities_released, vec![id, id6]);
     assert_eq!(c.identities().count(), 0);
     // The learned state itself stays.
     assert_eq!(c.stats().entries, 2);
@@ -255,16 +271,15 @@ fn a_name_with_thousands_of_ips_costs_one_identity() {
         ch.identities_added[0].1,
         labels(&["**.example.com.", "*.cdn.example.com."])
     );
-    // Two preallocated singles + the pair.
-    assert_eq!(c.identities().count(), 3);
+    // Two preallocated singles per family + the pair.
+    assert_eq!(c.identities().count(), 5);
 }
 
 #[test]
 fn an_ip_goes_when_its_last_lifetime_ends() {
     let mut c = FqdnCache::new(config(1000));
     let ch = c.set_selectors(sels(&[exact("a.example.com"), exact("b.example.com")]));
-    let id_of = |l: LabelSet| ch.identities_added.iter().find(|(_, x)| *x == l).unwrap().0;
-    let b = id_of(labels(&["b.example.com."]));
+    let b = added(&ch, &labels(&["b.example.com."]));
     learn(&mut c, 1, "a.example.com", &[], &["192.0.2.1"], 10, t(0));
     let ch2 = learn(&mut c, 1, "b.example.com", &[], &["192.0.2.1"], 20, t(0));
     assert_eq!(
@@ -285,10 +300,8 @@ fn an_ip_goes_when_its_last_lifetime_ends() {
 #[test]
 fn endpoints_hold_ips_independently() {
     let mut c = FqdnCache::new(config(1000));
-    let id = c
-        .set_selectors(sels(&[pat("*.example.com")]))
-        .identities_added[0]
-        .0;
+    let ch = c.set_selectors(sels(&[pat("*.example.com")]));
+    let id = added(&ch, &labels(&["*.example.com."]));
     learn(&mut c, 1, "a.example.com", &[], &["192.0.2.1"], 10, t(0));
     let ch = learn(&mut c, 2, "a.example.com", &[], &["192.0.2.1"], 30, t(0));
     assert!(ch.is_empty(), "already enforceable: {ch:?}");
@@ -363,10 +376,8 @@ fn max_ips_per_hostname_evicts_the_earliest_expiring() {
 #[test]
 fn an_ip_with_an_open_connection_stays_as_a_zombie() {
     let mut c = FqdnCache::new(config(1000));
-    let id = c
-        .set_selectors(sels(&[pat("*.example.com")]))
-        .identities_added[0]
-        .0;
+    let ch = c.set_selectors(sels(&[pat("*.example.com")]));
+    let id = added(&ch, &labels(&["*.example.com."]));
     learn(
         &mut c,
         1,
@@ -488,7 +499,7 @@ fn a_removed_endpoint_takes_its_zombies_along() {
     assert_eq!(
         c.stats(),
         fqdn_cache::Stats {
-            identities: 1,
+            identities: 2,
             selectors: 1,
             ..Default::default()
         }

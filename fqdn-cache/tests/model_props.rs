@@ -102,12 +102,17 @@ impl Applied {
     }
 }
 
-fn labels_for(selectors: &[&FqdnSelector]) -> LabelSet {
+fn labels_for(selectors: &[&FqdnSelector], v6: bool) -> LabelSet {
     let mut l: Vec<Label> = selectors
         .iter()
         .map(|s| Label::new("fqdn", &s.label_value(), ""))
         .collect();
     l.push(Label::reserved("world"));
+    l.push(Label::reserved(if v6 {
+        "world-ipv6"
+    } else {
+        "world-ipv4"
+    }));
     LabelSet::new(l)
 }
 
@@ -173,7 +178,7 @@ proptest! {
                 let matching: Vec<&FqdnSelector> = active.iter().copied()
                     .filter(|s| names.iter().any(|&n| s.matches(&DnsName::new(NAMES[n])))).collect();
                 if !matching.is_empty() {
-                    expected.insert(IpNet::from(*ip), labels_for(&matching));
+                    expected.insert(IpNet::from(*ip), labels_for(&matching, ip.is_ipv6()));
                 }
             }
             let actual: HashMap<IpNet, LabelSet> = applied.ipcache.iter()
@@ -181,7 +186,8 @@ proptest! {
             prop_assert_eq!(&actual, &expected);
             // Identities: those in use plus one preallocated per selector, nothing leaked.
             let mut wanted: BTreeSet<LabelSet> = expected.values().cloned().collect();
-            wanted.extend(active.iter().map(|s| labels_for(&[s])));
+            wanted.extend(active.iter().map(|s| labels_for(&[s], false)));
+            wanted.extend(active.iter().map(|s| labels_for(&[s], true)));
             let have: BTreeSet<LabelSet> = applied.identities.values().cloned().collect();
             prop_assert_eq!(have.len(), applied.identities.len(), "one identity per label set");
             prop_assert_eq!(have, wanted);
