@@ -580,7 +580,8 @@ impl OriginalDst for ToUnbound {
 async fn transparent_sockets_and_original_destination_hook() {
     let ub = unbound_or_skip!();
     // IP_TRANSPARENT needs CAP_NET_ADMIN.
-    if unsafe { libc_geteuid() } != 0 {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("transparent test needs root in CI");
         }
@@ -611,9 +612,4 @@ async fn transparent_sockets_and_original_destination_hook() {
     let r = d("127.0.0.2", addr, &["www.test", "A"]).await;
     assert_eq!(r.status, None);
     hole_task.abort();
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }

@@ -203,6 +203,11 @@ pub fn dig(src_ip: &str, server: SocketAddr, args: &[&str]) -> Option<DigResult>
     Some(parse_dig(&raw, elapsed))
 }
 
+/// Parses output of a `dig` run elsewhere (e.g. in a network namespace).
+pub fn parse_dig_output(raw: &str) -> DigResult {
+    parse_dig(raw, Duration::ZERO)
+}
+
 fn parse_dig(raw: &str, elapsed: Duration) -> DigResult {
     let mut r = DigResult {
         status: None,
