@@ -10,7 +10,6 @@ mod common;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -39,10 +38,15 @@ struct Topology {
     client: String,
     router: String,
     world: String,
+    unbound: Option<std::process::Child>,
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        if let Some(mut child) = self.unbound.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for ns in [&self.client, &self.router, &self.world] {
             // Killing what runs inside first (unbound), then the namespace.
             let _ = Command::new("sh")
@@ -62,6 +66,7 @@ impl Topology {
             client: format!("fwdns-c-{id}"),
             router: format!("fwdns-r-{id}"),
             world: format!("fwdns-w-{id}"),
+            unbound: None,
         };
         let (c, r, w) = (&t.client, &t.router, &t.world);
         for ns in [c, r, w] {
@@ -109,7 +114,7 @@ impl Topology {
         t
     }
 
-    fn start_unbound(&self, bin: &std::path::Path) -> std::path::PathBuf {
+    fn start_unbound(&mut self, bin: &std::path::Path) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("{}-unbound", self.world));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("test.zone"), common::ZONE).unwrap();
@@ -123,7 +128,7 @@ impl Topology {
             d = dir.display()
         );
         std::fs::write(dir.join("unbound.conf"), conf).unwrap();
-        Command::new("ip")
+        let child = Command::new("ip")
             .args(["netns", "exec", &self.world])
             .arg(bin)
             .args(["-d", "-c"])
@@ -132,6 +137,7 @@ impl Topology {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start unbound in the world namespace");
+        self.unbound = Some(child);
         dir
     }
 
@@ -212,7 +218,7 @@ fn intercepted_queries_go_to_their_original_server_and_answers_come_from_it() {
     ) else {
         return;
     };
-    let topo = Topology::create();
+    let mut topo = Topology::create();
     let dir = topo.start_unbound(&unbound);
     let (metrics, dp, stop, thread) = start_proxy_in(&topo.router);
 
