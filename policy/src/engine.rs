@@ -280,6 +280,9 @@ impl DnsVerdict {
 #[derive(Default)]
 struct Pending {
     maps: BTreeMap<u16, BTreeMap<MapKey, Option<MapEntry>>>,
+    /// Endpoints whose whole map was replaced: their map as it was before the operation
+    /// (then `maps` holds nothing for them).
+    snapshots: BTreeMap<u16, MapState>,
     ipcache: BTreeMap<IpNet, Option<NumericIdentity>>,
     identities_added: Vec<NumericIdentity>,
     identities_removed: Vec<NumericIdentity>,
@@ -287,7 +290,31 @@ struct Pending {
 }
 
 impl Pending {
+    /// Keeps the map an endpoint had before the operation, when it is replaced wholesale.
+    fn snapshot(&mut self, ep: u16, current: MapState) {
+        if self.snapshots.contains_key(&ep) {
+            return;
+        }
+        let mut m = current;
+        if let Some(keys) = self.maps.remove(&ep) {
+            for (k, orig) in keys {
+                match orig {
+                    Some(e) => {
+                        m.insert(k, e);
+                    }
+                    None => {
+                        m.remove(&k);
+                    }
+                }
+            }
+        }
+        self.snapshots.insert(ep, m);
+    }
+
     fn record(&mut self, ep: u16, key: MapKey, old: Option<&MapEntry>) {
+        if self.snapshots.contains_key(&ep) {
+            return;
+        }
         self.maps
             .entry(ep)
             .or_default()
@@ -699,12 +726,13 @@ impl Engine {
     /// Adds or replaces an endpoint (the host endpoint has `is_host` and identity 1).
     pub fn upsert_endpoint(&mut self, mut ep: Endpoint) -> Changes {
         let mut p = Pending::default();
-        let old = self.endpoints.remove(&ep.id);
-        if let Some(o) = &old {
-            for key in o.map.entries().into_iter().map(|(k, _)| k) {
-                p.record(ep.id, key, o.map.get(&key));
+        let mut old = self.endpoints.remove(&ep.id);
+        match &mut old {
+            Some(o) => {
+                p.snapshot(ep.id, std::mem::take(&mut o.map));
+                self.drop_users(ep.id, &o.policy);
             }
-            self.drop_users(ep.id, &o.policy);
+            None => p.snapshot(ep.id, MapState::new()),
         }
 
         let identity = if ep.is_host {
@@ -748,11 +776,6 @@ impl Engine {
         let id = ep.id;
         let policy = self.build_policy(&ep, None);
         let map = self.ctx().full_map(&ep, &policy);
-        for (key, e) in map.entries() {
-            if old.as_ref().and_then(|o| o.map.get(&key)) != Some(e) {
-                p.record(id, key, old.as_ref().and_then(|o| o.map.get(&key)));
-            }
-        }
         self.add_users(id, &policy);
         self.endpoints.insert(
             id,
@@ -783,12 +806,10 @@ impl Engine {
     /// ipcache, and its identity is released.
     pub fn remove_endpoint(&mut self, id: u16) -> Changes {
         let mut p = Pending::default();
-        let Some(st) = self.endpoints.remove(&id) else {
+        let Some(mut st) = self.endpoints.remove(&id) else {
             return Changes::default();
         };
-        for (key, e) in st.map.entries() {
-            p.record(id, key, Some(e));
-        }
+        p.snapshot(id, std::mem::take(&mut st.map));
         self.drop_users(id, &st.policy);
         for ip in &st.ep.ips {
             self.ep_prefixes.remove(&host_net(*ip));
@@ -1335,16 +1356,9 @@ impl Engine {
         self.drop_users(id, &st.policy);
         let policy = self.build_policy(&st.ep, None);
         let map = self.ctx().full_map(&st.ep, &policy);
-        let d = st.map.diff(&map);
-        for (k, _) in &d.adds {
-            p.record(id, *k, st.map.get(k));
-        }
-        for k in &d.deletes {
-            p.record(id, *k, st.map.get(k));
-        }
+        p.snapshot(id, std::mem::replace(&mut st.map, map));
         self.add_users(id, &policy);
         st.policy = policy;
-        st.map = map;
         self.endpoints.insert(id, st);
     }
 
@@ -1627,6 +1641,15 @@ impl Engine {
             prefixes_changed: p.prefixes_changed,
             ..Default::default()
         };
+        let empty = MapState::new();
+        let mut diffs: BTreeMap<u16, MapDiff> = BTreeMap::new();
+        for (ep, old) in p.snapshots {
+            let cur = self.endpoints.get(&ep).map_or(&empty, |s| &s.map);
+            let d = old.diff(cur);
+            if !d.is_empty() {
+                diffs.insert(ep, d);
+            }
+        }
         for (ep, keys) in p.maps {
             let cur = self.endpoints.get(&ep).map(|s| &s.map);
             let mut d = MapDiff::default();
@@ -1641,9 +1664,10 @@ impl Engine {
                 }
             }
             if !d.is_empty() {
-                c.maps.push((ep, d));
+                diffs.insert(ep, d);
             }
         }
+        c.maps = diffs.into_iter().collect();
         for (prefix, orig) in p.ipcache {
             let now = self.ipcache.get(&prefix);
             if now == orig {

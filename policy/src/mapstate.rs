@@ -760,10 +760,6 @@ impl EntryBuilder {
         }
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-
     /// Freezes the collected rules into a summary (and its entries when it applies alone).
     pub(crate) fn summarize(self, ports: &ProxyPorts, has_named_egress: bool) -> Summary {
         let keys: Vec<(PortKey, SumAcc)> = self

@@ -1484,21 +1484,6 @@ fn scale_full_incremental_and_lookup() {
     );
     drop(c);
 
-    // Policies first, then endpoints.
-    let mut e2 = engine();
-    let t = Instant::now();
-    e2.set_policy_sources(files);
-    let t_pol = t.elapsed();
-    let t = Instant::now();
-    for x in &endpoints {
-        e2.upsert_endpoint(x.clone());
-    }
-    println!(
-        "full (policies first): policies {t_pol:?}, then endpoints {:?}",
-        t.elapsed()
-    );
-    drop(e2);
-
     // One FQDN identity that the rules of 100 endpoints select.
     let labels = fqdn_labels(&["*.svc3.example.com."]);
     let t = Instant::now();
@@ -1536,6 +1521,21 @@ fn scale_full_incremental_and_lookup() {
             r.maps.len()
         );
     }
+
+    // Policies first, then endpoints.
+    let mut e2 = engine();
+    let t = Instant::now();
+    e2.set_policy_sources(files);
+    let t_pol = t.elapsed();
+    let t = Instant::now();
+    for x in &endpoints {
+        e2.upsert_endpoint(x.clone());
+    }
+    println!(
+        "full (policies first): policies {t_pol:?}, then endpoints {:?}",
+        t.elapsed()
+    );
+    drop(e2);
 
     // Lookups.
     let ms = e.map_state(1).unwrap();
