@@ -20,6 +20,7 @@ fn allowlist() -> Arc<AllowList> {
         ("127.0.0.2", 1, &["*.test", "**.test"]),
         ("127.0.0.3", 2, &["www.test"]),
         ("127.0.0.4", 3, &["*.test"]),
+        ("::1", 4, &["www.test"]),
     ])
 }
 
@@ -612,4 +613,27 @@ async fn transparent_sockets_and_original_destination_hook() {
     let r = d("127.0.0.2", addr, &["www.test", "A"]).await;
     assert_eq!(r.status, None);
     hole_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listen_address_serves_ipv4_and_ipv6() {
+    let ub = unbound_or_skip!();
+    let mut c = config(ub.addr);
+    c.listen = vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
+    let (proxy, v4) = start(c, MemDatapath::new(Duration::ZERO)).await;
+    let v6 = proxy.udp_addrs()[1];
+    assert!(v6.is_ipv6() && proxy.tcp_addrs()[1] == v6);
+    for transport in ["+notcp", "+tcp"] {
+        let r = d("::1", v6, &["www.test", "AAAA", transport]).await;
+        assert_eq!(
+            r.answers,
+            ["www.test. 30 IN AAAA 2001:db8::10"],
+            "{}",
+            r.raw
+        );
+        let r = d("::1", v6, &["alias.test", "A", transport]).await;
+        assert_eq!(status(&r), "REFUSED", "{}", r.raw);
+    }
+    let r = d("127.0.0.3", v4, &["www.test", "A"]).await;
+    assert_eq!(status(&r), "NOERROR");
 }
