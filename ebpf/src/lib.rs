@@ -642,6 +642,65 @@ impl BpfDatapath {
         self.apply_policy_diff(endpoint, &adds, &diff.deletes)
     }
 
+    /// Makes the endpoint's kernel policy map equal `desired` (a restarted agent's computed
+    /// state against adopted maps): only the differences are written, in the order of
+    /// [`BpfDatapath::apply_policy_diff`], so traffic that both states allow never sees a
+    /// gap. Returns the number of entries written and deleted.
+    pub fn reconcile_policy(
+        &self,
+        endpoint: u16,
+        desired: &[(MapKey, EntryValue)],
+    ) -> Result<(usize, usize), Error> {
+        let mut want: HashMap<FullKey, EntryValue> = HashMap::with_capacity(desired.len());
+        for (k, v) in desired {
+            want.insert(full_key(endpoint, k)?, *v);
+        }
+        let (adds, deletes) = {
+            let inner = self.lock();
+            let mut adds = Vec::new();
+            for (fk, v) in &want {
+                let same = inner.policy.get(fk).is_some_and(|cur| {
+                    (cur.flags & c::POLICY_FLAG_DENY != 0) == v.deny
+                        && cur.proxy_port == if v.deny { 0 } else { v.proxy_port }
+                });
+                if !same {
+                    adds.push((map_key(fk).1, *v));
+                }
+            }
+            let deletes: Vec<MapKey> = inner
+                .policy
+                .keys()
+                .filter(|fk| fk.1.endpoint_id == endpoint && !want.contains_key(fk))
+                .map(|fk| map_key(fk).1)
+                .collect();
+            (adds, deletes)
+        };
+        self.apply_policy_diff(endpoint, &adds, &deletes)?;
+        Ok((adds.len(), deletes.len()))
+    }
+
+    /// Makes the kernel ipcache equal `desired`: upserts of new or changed prefixes first,
+    /// then deletes of stale ones. Call after reconciling the policy maps.
+    pub fn reconcile_ipcache(&self, desired: &[(IpNet, u32)]) -> Result<(usize, usize), Error> {
+        let current: HashMap<IpNet, u32> = self.ipcache_entries()?.into_iter().collect();
+        let want: HashMap<IpNet, u32> = desired.iter().map(|(n, id)| (n.trunc(), *id)).collect();
+        let mut upserts = 0;
+        for (n, id) in &want {
+            if current.get(n) != Some(id) {
+                self.upsert_ipcache(*n, *id)?;
+                upserts += 1;
+            }
+        }
+        let mut deletes = 0;
+        for n in current.keys() {
+            if !want.contains_key(n) {
+                self.delete_ipcache(*n)?;
+                deletes += 1;
+            }
+        }
+        Ok((upserts, deletes))
+    }
+
     /// Removes every policy entry of an endpoint (it is gone).
     pub fn flush_endpoint_policy(&self, endpoint: u16) -> Result<(), Error> {
         let mut inner = self.lock();
@@ -903,6 +962,17 @@ impl BpfDatapath {
             });
         }
         Ok(out)
+    }
+
+    /// Every (endpoint, peer) pair with a live connection that is not closing, from one dump
+    /// of the table: a snapshot for the FQDN cache's zombie checks.
+    pub fn live_peers(&self) -> Result<std::collections::HashSet<(u16, IpAddr)>, Error> {
+        Ok(self
+            .connections()?
+            .into_iter()
+            .filter(|c| !c.closing)
+            .map(|c| (c.endpoint, c.remote))
+            .collect())
     }
 
     /// Whether `endpoint` has a live connection with `ip` (the FQDN cache keeps an expired

@@ -468,16 +468,21 @@ fn pinned_state_survives_the_loader_and_is_adopted() {
     let rows = dp.policy_entries(12).unwrap();
     assert_eq!(rows.len(), 1);
     assert!(rows[0].packets > 0, "counters survive: {rows:?}");
-    // The adopted loader changes enforcement.
-    dp.apply_policy_diff(12, &[(egress(WORLD_ID, TCP, 9090, 16), allow())], &[])
+    // The adopted loader reconciles with the newly computed state: only differences are
+    // written (9090 added, 8080 gone; the ipcache entry unchanged).
+    let (added, deleted) = dp
+        .reconcile_policy(12, &[(egress(WORLD_ID, TCP, 9090, 16), allow())])
         .unwrap();
-    assert_eq!(
-        tcp(c, sa(b.world_v4, 9090), SHORT).as_deref(),
-        Ok("echo:hi")
-    );
-    dp.apply_policy_diff(12, &[], &[egress(WORLD_ID, TCP, 8080, 16)])
-        .unwrap();
+    assert_eq!((added, deleted), (1, 1));
+    let world32 = net(&format!("{}/32", b.world_v4));
+    assert_eq!(dp.reconcile_ipcache(&[(world32, WORLD_ID)]).unwrap(), (0, 0));
+    assert_eq!(tcp(c, sa(b.world_v4, 9090), SHORT).as_deref(), Ok("echo:hi"));
     assert!(tcp(c, sa(b.world_v4, 8080), SHORT).is_err());
+    assert_eq!(
+        dp.reconcile_policy(12, &[(egress(WORLD_ID, TCP, 9090, 16), allow())])
+            .unwrap(),
+        (0, 0)
+    );
     // Unload removes programs and pins: traffic flows unfiltered.
     dp.unload().unwrap();
     assert!(!b.pins.0.join("maps").exists());

@@ -119,6 +119,35 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// Reads a `T` at a constant offset: straight from the linear packet data when it is there
+/// (no helper call), else through bpf_skb_load_bytes (non-linear skbs). Only for offsets
+/// the compiler sees as constants: the verifier cannot bound a variable packet offset
+/// after LLVM folds the size into the comparison.
+#[inline(always)]
+fn load_fast<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() <= end {
+        // SAFETY: bounds checked against data_end just above (the verifier checks it too).
+        return Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
+    }
+    load(ctx, off)
+}
+
+/// Reads the transport header: the common offsets (IPv4 without options, IPv6 without
+/// extension headers) as constants for direct access, others through the helper.
+#[inline(always)]
+fn l4_read<T: Copy>(ctx: &TcContext, l4: usize) -> Result<T, ()> {
+    if l4 == ETH_HLEN + 20 {
+        load_fast(ctx, ETH_HLEN + 20)
+    } else if l4 == ETH_HLEN + 40 {
+        load_fast(ctx, ETH_HLEN + 40)
+    } else {
+        load(ctx, l4)
+    }
+}
+
+/// Reads a `T` at any offset (bpf_skb_load_bytes).
 #[inline(always)]
 fn load<T>(ctx: &TcContext, off: usize) -> Result<T, ()> {
     ctx.load::<T>(off).map_err(|_| ())
@@ -145,29 +174,28 @@ fn parse(ctx: &TcContext, l3: usize, eth_proto: u16, f: &mut Flow) -> Result<boo
     let l4;
     let mut first_fragment = true;
     if eth_proto == ETH_P_IP {
-        let vihl: u8 = load(ctx, l3)?;
-        if vihl >> 4 != 4 {
+        // One read of the fixed header.
+        let ip: [u8; 20] = load_fast(ctx, ETH_HLEN)?;
+        if ip[0] >> 4 != 4 {
             return Err(());
         }
-        let ihl = ((vihl & 0x0f) as usize) * 4;
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
         if ihl < 20 {
             return Err(());
         }
-        let frag: u16 = u16::from_be(load(ctx, l3 + 6)?);
-        if frag & 0x1fff != 0 {
+        if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
             first_fragment = false;
         }
-        f.protocol = load(ctx, l3 + 9)?;
-        let s: [u8; 4] = load(ctx, l3 + 12)?;
-        let d: [u8; 4] = load(ctx, l3 + 16)?;
-        f.saddr[..4].copy_from_slice(&s);
-        f.daddr[..4].copy_from_slice(&d);
+        f.protocol = ip[9];
+        f.saddr[..4].copy_from_slice(&ip[12..16]);
+        f.daddr[..4].copy_from_slice(&ip[16..20]);
         l4 = l3 + ihl;
     } else if eth_proto == ETH_P_IPV6 {
         f.family = 6;
-        let mut nh: u8 = load(ctx, l3 + 6)?;
-        f.saddr = load(ctx, l3 + 8)?;
-        f.daddr = load(ctx, l3 + 24)?;
+        let ip: [u8; 40] = load_fast(ctx, ETH_HLEN)?;
+        let mut nh = ip[6];
+        f.saddr.copy_from_slice(&ip[8..24]);
+        f.daddr.copy_from_slice(&ip[24..40]);
         let mut off = l3 + 40;
         let mut i = 0;
         while i < 4 {
@@ -202,16 +230,21 @@ fn parse(ctx: &TcContext, l3: usize, eth_proto: u16, f: &mut Flow) -> Result<boo
     }
     match f.protocol {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            let ports: [u8; 4] = load(ctx, l4)?;
-            f.sport = u16::from_be_bytes([ports[0], ports[1]]);
-            f.dport = u16::from_be_bytes([ports[2], ports[3]]);
-            f.policy_port = f.dport;
             if f.protocol == IPPROTO_TCP {
-                f.tcp_flags = load(ctx, l4 + 13)?;
+                // Ports through the flags byte (a TCP header has at least 20 bytes).
+                let h: [u8; 14] = l4_read(ctx, l4)?;
+                f.sport = u16::from_be_bytes([h[0], h[1]]);
+                f.dport = u16::from_be_bytes([h[2], h[3]]);
+                f.tcp_flags = h[13];
+            } else {
+                let h: [u8; 4] = l4_read(ctx, l4)?;
+                f.sport = u16::from_be_bytes([h[0], h[1]]);
+                f.dport = u16::from_be_bytes([h[2], h[3]]);
             }
+            f.policy_port = f.dport;
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let h: [u8; 8] = load(ctx, l4)?;
+            let h: [u8; 8] = l4_read(ctx, l4)?;
             let ty = h[0];
             f.policy_port = ty as u16;
             let v6 = f.protocol == IPPROTO_ICMPV6;
@@ -526,10 +559,15 @@ fn ct_touch(v: *mut CtValue, f: &Flow, reply: bool, t: u64) {
                 };
             }
         }
+        // Writes are rare: the entry's cache line stays shared between CPUs unless the
+        // state changes or the lifetime moved by more than a second.
+        let expires = t + ct_lifetime(f.protocol, flags);
         if flags != (*v).flags {
             (*v).flags = flags;
+            (*v).expires_ns = expires;
+        } else if expires > (*v).expires_ns + 1_000_000_000 {
+            (*v).expires_ns = expires;
         }
-        (*v).expires_ns = t + ct_lifetime(f.protocol, flags);
     }
 }
 
@@ -656,7 +694,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
             return SHOT;
         }
     };
-    let eth_proto: u16 = match ctx.load::<u16>(12) {
+    let eth_proto: u16 = match load_fast::<u16>(ctx, 12) {
         Ok(p) => u16::from_be(p),
         Err(_) => {
             count(counter::NON_IP);
