@@ -18,7 +18,7 @@
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{
-        bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_ktime_get_coarse_ns, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
@@ -115,8 +115,11 @@ fn count(idx: u32) {
 
 #[inline(always)]
 fn now() -> u64 {
+    // The coarse clock (CLOCK_MONOTONIC_COARSE, tick resolution) is enough for lifetimes of
+    // seconds and cheaper than reading the clocksource; the loader compares with
+    // CLOCK_MONOTONIC, which runs with it.
     // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Reads a `T` at a constant offset: straight from the linear packet data when it is there
