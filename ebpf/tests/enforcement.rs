@@ -475,8 +475,14 @@ fn pinned_state_survives_the_loader_and_is_adopted() {
         .unwrap();
     assert_eq!((added, deleted), (1, 1));
     let world32 = net(&format!("{}/32", b.world_v4));
-    assert_eq!(dp.reconcile_ipcache(&[(world32, WORLD_ID)]).unwrap(), (0, 0));
-    assert_eq!(tcp(c, sa(b.world_v4, 9090), SHORT).as_deref(), Ok("echo:hi"));
+    assert_eq!(
+        dp.reconcile_ipcache(&[(world32, WORLD_ID)]).unwrap(),
+        (0, 0)
+    );
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 9090), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
     assert!(tcp(c, sa(b.world_v4, 8080), SHORT).is_err());
     assert_eq!(
         dp.reconcile_policy(12, &[(egress(WORLD_ID, TCP, 9090, 16), allow())])
@@ -562,4 +568,91 @@ fn host_firewall_on_a_host_interface() {
         .attachments
         .iter()
         .any(|a| a.kind == ebpf::AttachKind::Host && a.ifname == "hw"));
+}
+
+#[test]
+fn related_icmp_errors_reach_the_endpoint() {
+    let Some(b) = bed(1) else { return };
+    b.attach(1, 13, 300, ENFORCE);
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID)
+        .unwrap();
+    b.dp()
+        .apply_policy_diff(13, &[(egress(WORLD_ID, UDP, 7777, 16), allow())], &[])
+        .unwrap();
+    // No server on 7777: the world answers "port unreachable", an ICMP error about our
+    // flow; ingress is enforced with no entries, so only conntrack can let it in.
+    let to = sa(b.world_v4, 7777);
+    let err = b.client(1).ns.run(move || {
+        let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.connect(to).unwrap();
+        u.set_read_timeout(Some(SHORT)).unwrap();
+        u.send(b"x").unwrap();
+        let mut buf = [0u8; 16];
+        u.recv(&mut buf).unwrap_err().kind()
+    });
+    assert_eq!(err, std::io::ErrorKind::ConnectionRefused);
+    let counters = b.dp().counters().unwrap();
+    assert!(counters
+        .iter()
+        .any(|(k, v)| *k == "related_icmp" && *v >= 1));
+}
+
+#[test]
+fn policy_verdict_events_name_the_deciding_entry() {
+    if !privileged() {
+        return;
+    }
+    let b = Bed::new(
+        1,
+        LoadOptions {
+            config: ebpf::DatapathConfig {
+                verdict_events: true,
+                ..Default::default()
+            },
+            ..LoadOptions::default()
+        },
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let mut events = b.dp().events().unwrap();
+    let _srv = Servers::start(&b.world, &[8080]);
+    b.attach(1, 14, 300, ENFORCE);
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID)
+        .unwrap();
+    let range = port_range_keys(8064, 8127);
+    assert_eq!(range, vec![(8064, 10)]);
+    b.dp()
+        .apply_policy_diff(14, &[(egress(0, TCP, 8064, 10), allow())], &[])
+        .unwrap();
+    assert_eq!(
+        tcp(&b.client(1).ns, sa(b.world_v4, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
+    // The async reader sees the same record.
+    let batch = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(2), events.next_batch()).await })
+        .expect("an event within 2 s")
+        .unwrap();
+    let v = batch
+        .iter()
+        .find(|e| e.kind == EventKind::PolicyVerdict)
+        .expect("verdict event");
+    assert_eq!(v.endpoint, 14);
+    assert_eq!(v.direction, Direction::Egress);
+    assert_eq!(v.remote_identity, WORLD_ID);
+    assert_eq!(v.dst_port, 8080);
+    assert_eq!(
+        v.matched,
+        Some(ebpf::MatchedEntry {
+            identity: 0,
+            protocol: TCP,
+            port: 8064,
+            prefix_len: 10
+        })
+    );
 }
