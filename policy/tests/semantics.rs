@@ -1163,3 +1163,32 @@ spec:
         ],
     }]);
 }
+
+#[test]
+fn l7_rules_need_tcp_ports() {
+    // HTTP and Kafka rules apply to TCP ports only (as Cilium validates them); a toPorts entry
+    // with L7 rules and no ports would otherwise redirect every protocol — ICMP and UDP
+    // included — to that proxy. Such a file must be rejected like the UDP/ANY variants are.
+    let doc = |to_ports: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: l7, namespace: default}}\nspec:\n  endpointSelector: {{}}\n  egress:\n  - toEntities: [world]\n    toPorts:\n{to_ports}"
+        )
+    };
+    let rejected = [
+        "    - rules:\n        http: [{method: GET}]\n",
+        "    - rules:\n        kafka: [{topic: t}]\n",
+        "    - ports: [{port: '80', protocol: UDP}]\n      rules:\n        http: [{method: GET}]\n",
+        "    - rules:\n        dns: [{matchName: example.com}]\n",
+    ];
+    for to_ports in rejected {
+        let text = doc(to_ports);
+        assert!(
+            policy::parse::parse_policies("l7.yaml", &text).is_err(),
+            "must be rejected:\n{text}"
+        );
+    }
+    let text = doc(
+        "    - ports: [{port: '80', protocol: TCP}]\n      rules:\n        http: [{method: GET}]\n",
+    );
+    assert!(policy::parse::parse_policies("l7.yaml", &text).is_ok());
+}
