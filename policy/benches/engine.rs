@@ -73,6 +73,21 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// CPU time (user + system) this thread has used: wall time on a shared, loaded machine
+/// includes time spent waiting for a core, CPU time does not.
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name and state.
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
 fn vm_hwm_kib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -415,22 +430,27 @@ fn summary(n: &Node) {
         .sum();
     drop(engine);
     let mut fulls = vec![first];
+    let mut full_cpus = Vec::new();
     for _ in 0..2 {
-        let t = Instant::now();
+        let (t, c) = (Instant::now(), thread_cpu());
         black_box(full(n));
         fulls.push(t.elapsed());
+        full_cpus.push(thread_cpu() - c);
     }
     let full_med = median(fulls);
+    let full_cpu = full_cpus.iter().min().copied().unwrap_or_default();
 
     // Incremental: 2,000 steps on one engine.
     let mut engine = full(n);
     let mut incs = Vec::new();
     let mut touched = (0, 0);
+    let inc_cpu_start = thread_cpu();
     for _ in 0..2_000 {
         let (d, eps, ents) = incremental_step(&mut engine);
         incs.push(d);
         touched = (eps, ents);
     }
+    let inc_cpu = (thread_cpu() - inc_cpu_start) / 2_000;
     let inc_med = median(incs.clone());
     incs.sort();
     let inc_p99 = incs[incs.len() * 99 / 100];
@@ -475,17 +495,19 @@ fn summary(n: &Node) {
 
     println!("SUMMARY scale endpoints={ENDPOINTS} rules={RULES} map_entries={entries}");
     println!(
-        "SUMMARY full median={:.3}s runs=3 peak_heap={:.1}MiB retained_heap={:.1}MiB vmhwm_before={:?}KiB vmhwm_after={:?}KiB",
+        "SUMMARY full median={:.3}s cpu={:.3}s runs=3 peak_heap={:.1}MiB retained_heap={:.1}MiB vmhwm_before={:?}KiB vmhwm_after={:?}KiB",
         full_med.as_secs_f64(),
+        full_cpu.as_secs_f64(),
         peak as f64 / (1 << 20) as f64,
         retained as f64 / (1 << 20) as f64,
         hwm_before,
         hwm_after
     );
     println!(
-        "SUMMARY incremental median={:.1}us p99={:.1}us endpoints_changed={} entries_added={} ratio_full_over_incremental={:.0}",
+        "SUMMARY incremental median={:.1}us p99={:.1}us cpu_per_step_and_undo={:.1}us endpoints_changed={} entries_added={} ratio_full_over_incremental={:.0}",
         inc_med.as_nanos() as f64 / 1e3,
         inc_p99.as_nanos() as f64 / 1e3,
+        inc_cpu.as_nanos() as f64 / 1e3,
         touched.0,
         touched.1,
         full_med.as_nanos() as f64 / inc_med.as_nanos().max(1) as f64
