@@ -205,6 +205,8 @@ pub(crate) struct DirPolicy {
 struct EpState {
     ep: Endpoint,
     identity: NumericIdentity,
+    /// The rules selecting the endpoint, in id order.
+    rules: Vec<RuleId>,
     policy: PerDir<DirPolicy>,
     map: MapState,
 }
@@ -774,7 +776,8 @@ impl Engine {
         };
 
         let id = ep.id;
-        let policy = self.build_policy(&ep, None);
+        let rules = self.select_rules(&ep);
+        let policy = self.build_policy(&ep, Some(rules.clone()));
         let map = self.ctx().full_map(&ep, &policy);
         self.add_users(id, &policy);
         self.endpoints.insert(
@@ -782,6 +785,7 @@ impl Engine {
             EpState {
                 ep,
                 identity,
+                rules,
                 policy,
                 map,
             },
@@ -1255,9 +1259,7 @@ impl Engine {
     }
 
     fn endpoint_uses_rules(&self, st: &EpState, rules: &HashSet<RuleId>) -> bool {
-        // The rules a state was built from are exactly those selecting its endpoint now
-        // (subjects never change under a compiled rule).
-        rules.iter().any(|r| self.rule_selects(*r, &st.ep))
+        st.rules.iter().any(|r| rules.contains(r))
     }
 
     /// The rule ids selecting an endpoint, in id order.
@@ -1354,7 +1356,8 @@ impl Engine {
             return;
         };
         self.drop_users(id, &st.policy);
-        let policy = self.build_policy(&st.ep, None);
+        st.rules = self.select_rules(&st.ep);
+        let policy = self.build_policy(&st.ep, Some(st.rules.clone()));
         let map = self.ctx().full_map(&st.ep, &policy);
         p.snapshot(id, std::mem::replace(&mut st.map, map));
         self.add_users(id, &policy);
