@@ -601,3 +601,56 @@ pub fn map_rows(rows: Vec<MapRow>) -> Vec<MapEntryView> {
         )
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policy::mapstate::{MapEntry, MapKey};
+
+    fn row(identity: u32, proto: u8, port: u16, prefix_len: u8, proxy: u16) -> MapRow {
+        MapRow {
+            key: MapKey {
+                identity,
+                direction: Direction::Egress,
+                protocol: proto,
+                port,
+                prefix_len,
+            },
+            entry: MapEntry {
+                deny: false,
+                proxy_port: proxy,
+                l7: None,
+                rules: Vec::new().into(),
+            },
+            packets: 3,
+            bytes: 180,
+        }
+    }
+
+    #[test]
+    fn map_rows_show_ports_ranges_and_protocols_as_the_contract_says() {
+        let rows = map_rows(vec![
+            row(0, 0, 0, 0, 0),
+            row(257, 6, 443, 16, 0),
+            row(9, 17, 8080, 14, 0),
+            row(2, 17, 53, 16, 5353),
+        ]);
+        let ends: Vec<(u16, u16, &str)> = rows
+            .iter()
+            .map(|r| (r.port, r.end_port, r.protocol.as_str()))
+            .collect();
+        assert_eq!(
+            ends,
+            vec![
+                (0, 0, "ANY"),
+                (443, 443, "TCP"),
+                (8080, 8083, "UDP"),
+                (53, 53, "UDP")
+            ]
+        );
+        assert_eq!(rows[3].proxy_port, 5353);
+        assert_eq!(rows[0].policy, "Allow");
+        assert_eq!(rows[0].direction, "Egress");
+        assert_eq!((rows[1].packets, rows[1].bytes), (3, 180));
+    }
+}
