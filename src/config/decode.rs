@@ -1,21 +1,22 @@
-//! A small strict decoder over the span-aware YAML tree: every problem is collected as a
+//! The config's strict reader over the span-aware YAML tree: every problem is collected as a
 //! `Diagnostic` with the node's line, column and field path, and decoding goes on so that one
 //! run reports every mistake of the file.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use policy::yaml::{Node, Value};
+use policy::yaml::{self, Node, Value};
 use policy::{Diagnostic, Span};
 
+/// The config's decoder: the policy crate's strict decoder (unknown fields with suggestions,
+/// type errors, field paths), with paths written as strings and the few readers the config
+/// needs beyond it (free-form label maps, durations, parsed strings).
 pub struct Decoder {
-    pub file: Arc<str>,
-    pub diags: Vec<Diagnostic>,
+    inner: yaml::Decoder,
 }
 
-/// The fields of one mapping, looked up by name after unknown and repeated keys were reported.
+/// The fields of one mapping, looked up by name after unknown keys were reported.
 pub struct Fields<'n> {
-    entries: Vec<(&'n str, &'n Node)>,
+    entries: Vec<(&'static str, &'n Node)>,
 }
 
 impl<'n> Fields<'n> {
@@ -25,36 +26,6 @@ impl<'n> Fields<'n> {
             .find(|(k, _)| *k == name)
             .map(|(_, v)| *v)
     }
-}
-
-/// The message for an unknown field, worded as the policy parser words it: a suggestion when a
-/// known field is close (a typo or a case slip), else the list of known fields.
-pub fn unknown_field(name: &str, known: &[&str]) -> String {
-    match known
-        .iter()
-        .find(|k| k.eq_ignore_ascii_case(name) || edit_distance(k, name) <= 2)
-    {
-        Some(close) => format!("unknown field `{name}` (did you mean `{close}`?)"),
-        None => format!(
-            "unknown field `{name}`; expected one of: {}",
-            known.join(", ")
-        ),
-    }
-}
-
-/// Levenshtein distance (fields are short; quadratic is fine).
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 /// `parent.child`, or `child` at the top.
@@ -70,168 +41,121 @@ pub fn index(parent: &str, i: usize) -> String {
     format!("{parent}[{i}]")
 }
 
-pub fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Int(_) => "an integer",
-        Value::Float(_) => "a number",
-        Value::Str(_) => "a string",
-        Value::Seq(_) => "a list",
-        Value::Map(_) => "a mapping",
-    }
+fn path(p: &str) -> yaml::Path {
+    yaml::Path::root().key(p)
 }
 
 impl Decoder {
     pub fn new(file: &str) -> Decoder {
         Decoder {
-            file: Arc::from(file),
-            diags: Vec::new(),
+            inner: yaml::Decoder::new(file),
         }
     }
 
-    pub fn error(&mut self, span: Span, path: &str, message: impl Into<String>) {
-        self.diags.push(Diagnostic {
-            file: self.file.clone(),
-            span,
-            path: path.to_string(),
-            message: message.into(),
-        });
+    pub fn error(&mut self, span: Span, p: &str, message: impl Into<String>) {
+        self.inner.error(span, &path(p), message);
     }
 
-    fn expected(&mut self, node: &Node, path: &str, what: &str) {
-        let got = kind_of(&node.value);
-        self.error(node.span, path, format!("expected {what}, found {got}"));
+    pub fn has_errors(&self) -> bool {
+        self.inner.has_errors()
     }
 
-    /// A mapping whose keys must all be in `known`. Unknown keys and repeated keys are
-    /// reported at the key; `null` (an empty section such as `host:`) is an empty mapping.
-    pub fn fields<'n>(&mut self, node: &'n Node, path: &str, known: &[&str]) -> Option<Fields<'n>> {
-        let pairs = match &node.value {
-            Value::Map(pairs) => pairs.as_slice(),
-            Value::Null => &[],
-            _ => {
-                self.expected(node, path, "a mapping");
-                return None;
-            }
-        };
-        let mut entries: Vec<(&'n str, &'n Node)> = Vec::new();
-        for (k, v) in pairs {
-            let Value::Str(key) = &k.value else {
-                self.expected(k, path, "a string key");
-                continue;
-            };
-            if !known.contains(&key.as_str()) {
-                self.error(k.span, &join(path, key), unknown_field(key, known));
-                continue;
-            }
-            if entries.iter().any(|(seen, _)| *seen == key.as_str()) {
-                self.error(k.span, &join(path, key), "field given twice");
-                continue;
-            }
-            entries.push((key.as_str(), v));
-        }
+    /// Every diagnostic, in file order.
+    pub fn into_diagnostics(self) -> Vec<Diagnostic> {
+        self.inner.into_diagnostics()
+    }
+
+    fn expected(&mut self, node: &Node, p: &str, what: &str) {
+        let found = node.value.type_name();
+        self.error(node.span, p, format!("expected {what}, found {found}"));
+    }
+
+    /// A mapping whose keys must all be in `known` (unknown keys are reported at the key,
+    /// with a suggestion when one is close); `null` (an empty section such as `host:`) is an
+    /// empty mapping.
+    pub fn fields<'n>(
+        &mut self,
+        node: &'n Node,
+        p: &str,
+        known: &[&'static str],
+    ) -> Option<Fields<'n>> {
+        let mut reader = self.inner.expect_map(node, &path(p))?;
+        let entries = known
+            .iter()
+            .filter_map(|k| reader.take(k).map(|v| (*k, v)))
+            .collect();
+        reader.finish(&mut self.inner);
         Some(Fields { entries })
     }
 
-    /// A mapping with free-form string keys (labels, named ports, namespaces).
-    pub fn map<'n>(&mut self, node: &'n Node, path: &str) -> Vec<(&'n Node, &'n str, &'n Node)> {
+    /// A mapping with free-form string keys (labels, named ports, namespaces). Repeated keys
+    /// are already refused by the loader.
+    pub fn map<'n>(&mut self, node: &'n Node, p: &str) -> Vec<(&'n Node, &'n str, &'n Node)> {
         let pairs = match &node.value {
             Value::Map(pairs) => pairs.as_slice(),
             Value::Null => &[],
             _ => {
-                self.expected(node, path, "a mapping");
+                self.expected(node, p, "a map");
                 return Vec::new();
             }
         };
-        let mut out: Vec<(&'n Node, &'n str, &'n Node)> = Vec::new();
+        let mut out = Vec::new();
         for (k, v) in pairs {
-            let Value::Str(key) = &k.value else {
-                self.expected(k, path, "a string key");
-                continue;
-            };
-            if out.iter().any(|(_, seen, _)| *seen == key.as_str()) {
-                self.error(k.span, &join(path, key), "key given twice");
-                continue;
+            match &k.value {
+                Value::Str(key) => out.push((k, key.as_str(), v)),
+                _ => self.expected(k, p, "a string key"),
             }
-            out.push((k, key.as_str(), v));
         }
         out
     }
 
-    pub fn seq<'n>(&mut self, node: &'n Node, path: &str) -> &'n [Node] {
-        match &node.value {
-            Value::Seq(items) => items.as_slice(),
-            Value::Null => &[],
-            _ => {
-                self.expected(node, path, "a list");
-                &[]
-            }
-        }
+    pub fn seq<'n>(&mut self, node: &'n Node, p: &str) -> &'n [Node] {
+        self.inner.expect_seq(node, &path(p)).unwrap_or(&[])
     }
 
-    pub fn string(&mut self, node: &Node, path: &str) -> Option<String> {
-        match &node.value {
-            Value::Str(s) => Some(s.clone()),
-            _ => {
-                self.expected(node, path, "a string");
-                None
-            }
-        }
+    pub fn string(&mut self, node: &Node, p: &str) -> Option<String> {
+        self.inner.expect_str(node, &path(p)).map(str::to_string)
     }
 
     /// A label value: Kubernetes only has string values, but a bare `true` or `1` in YAML is
     /// what people write, so scalars are accepted in their written form.
-    pub fn scalar_string(&mut self, node: &Node, path: &str) -> Option<String> {
+    pub fn scalar_string(&mut self, node: &Node, p: &str) -> Option<String> {
         match &node.value {
             Value::Str(s) => Some(s.clone()),
             Value::Bool(b) => Some(b.to_string()),
             Value::Int(i) => Some(i.to_string()),
             Value::Null => Some(String::new()),
             _ => {
-                self.expected(node, path, "a string");
+                self.expected(node, p, "a string");
                 None
             }
         }
     }
 
-    pub fn bool(&mut self, node: &Node, path: &str) -> Option<bool> {
-        match &node.value {
-            Value::Bool(b) => Some(*b),
-            _ => {
-                self.expected(node, path, "true or false");
-                None
-            }
-        }
+    pub fn bool(&mut self, node: &Node, p: &str) -> Option<bool> {
+        self.inner.expect_bool(node, &path(p))
     }
 
-    pub fn uint(&mut self, node: &Node, path: &str, max: u64) -> Option<u64> {
-        match &node.value {
-            Value::Int(i) if *i >= 0 && (*i as u64) <= max => Some(*i as u64),
-            Value::Int(i) => {
-                self.error(node.span, path, format!("{i} is out of range (0 to {max})"));
-                None
-            }
-            _ => {
-                self.expected(node, path, "a non-negative integer");
-                None
-            }
-        }
+    pub fn uint(&mut self, node: &Node, p: &str, max: u64) -> Option<u64> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        self.inner
+            .expect_int_in(node, &path(p), 0, max)
+            .map(|i| i as u64)
     }
 
     /// `100ms`, `10s`, `2m`, `1h`, `500us`; a bare integer is seconds.
-    pub fn duration(&mut self, node: &Node, path: &str) -> Option<Duration> {
+    pub fn duration(&mut self, node: &Node, p: &str) -> Option<Duration> {
         match &node.value {
             Value::Int(i) if *i >= 0 => Some(Duration::from_secs(*i as u64)),
             Value::Str(s) => match parse_duration(s) {
                 Ok(d) => Some(d),
                 Err(e) => {
-                    self.error(node.span, path, e);
+                    self.error(node.span, p, e);
                     None
                 }
             },
             _ => {
-                self.expected(node, path, "a duration such as `100ms` or `10s`");
+                self.expected(node, p, "a duration such as `100ms` or `10s`");
                 None
             }
         }
@@ -241,26 +165,26 @@ impl Decoder {
     pub fn parsed<T>(
         &mut self,
         node: &Node,
-        path: &str,
+        p: &str,
         f: impl FnOnce(&str) -> Result<T, String>,
     ) -> Option<T> {
-        let s = self.string(node, path)?;
+        let s = self.string(node, p)?;
         match f(&s) {
             Ok(v) => Some(v),
             Err(e) => {
-                self.error(node.span, path, e);
+                self.error(node.span, p, e);
                 None
             }
         }
     }
 
-    pub fn string_list(&mut self, node: &Node, path: &str) -> Vec<(Span, String, String)> {
-        let items = self.seq(node, path);
+    pub fn string_list(&mut self, node: &Node, p: &str) -> Vec<(Span, String, String)> {
+        let items = self.seq(node, p);
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            let p = index(path, i);
-            if let Some(s) = self.string(item, &p) {
-                out.push((item.span, p, s));
+            let ip = index(p, i);
+            if let Some(s) = self.string(item, &ip) {
+                out.push((item.span, ip, s));
             }
         }
         out
@@ -313,22 +237,5 @@ mod tests {
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("10 parsecs").is_err());
-    }
-
-    #[test]
-    fn unknown_fields_suggest_the_close_one() {
-        let known = ["listen", "upstreams"];
-        assert_eq!(
-            unknown_field("upstream", &known),
-            "unknown field `upstream` (did you mean `upstreams`?)"
-        );
-        assert_eq!(
-            unknown_field("Listen", &known),
-            "unknown field `Listen` (did you mean `listen`?)"
-        );
-        assert_eq!(
-            unknown_field("servers", &known),
-            "unknown field `servers`; expected one of: listen, upstreams"
-        );
     }
 }

@@ -212,7 +212,7 @@ impl Config {
             Ok(docs) => docs,
             Err((span, msg)) => {
                 d.error(span, "", msg);
-                return Err(ConfigError::Invalid(d.diags));
+                return Err(ConfigError::Invalid(d.into_diagnostics()));
             }
         };
         let base = path.parent().unwrap_or(Path::new("."));
@@ -234,11 +234,10 @@ impl Config {
             cfg.dns.upstreams = upstreams();
         }
         check(&mut d, &cfg, &docs);
-        if d.diags.is_empty() {
-            Ok(cfg)
+        if d.has_errors() {
+            Err(ConfigError::Invalid(d.into_diagnostics()))
         } else {
-            d.diags.sort_by_key(|x| x.span);
-            Err(ConfigError::Invalid(d.diags))
+            Ok(cfg)
         }
     }
 
@@ -1030,11 +1029,27 @@ mod tests {
             e,
             vec![
                 "/etc/fw/config.yaml:1:1: policyDirr: unknown field `policyDirr` (did you mean `policyDir`?)",
-                "/etc/fw/config.yaml:3:11: dns.minTTL: -1 is out of range (0 to 4294967295)",
+                "/etc/fw/config.yaml:3:11: dns.minTTL: -1 is out of range 0..=4294967295",
                 "/etc/fw/config.yaml:4:21: dns.responseMaxDelay: invalid duration \"fast\"; write e.g. `100ms` or `10s`",
                 "/etc/fw/config.yaml:8:11: endpoints[1].name: endpoint name \"a\" is already used by endpoints[0]",
                 "/etc/fw/config.yaml:9:11: endpoints[1].ips[0]: address 10.0.0.1 is already used by endpoint \"a\"",
                 "/etc/fw/config.yaml:9:23: endpoints[1].ips[1]: invalid IP address \"nope\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types() {
+        let e = errors(
+            "dns:\n  servers: [\"1.1.1.1\"]\n  transparent: 1\nendpoints:\n  - name: web\n    namespace: 7\n    ips: [\"10.0.0.9\"]\nhost: []\n",
+        );
+        assert_eq!(
+            e,
+            vec![
+                "/etc/fw/config.yaml:2:3: dns.servers: unknown field `servers`; expected one of: listen, upstreams, transparent, rejectResponseCode, minTTL, maxIPsPerHostname, responseMaxDelay, forwardTimeout",
+                "/etc/fw/config.yaml:3:16: dns.transparent: expected true or false, found an integer",
+                "/etc/fw/config.yaml:6:16: endpoints[0].namespace: expected a string, found an integer (write it in quotes: \"7\")",
+                "/etc/fw/config.yaml:8:7: host: expected a map, found a list",
             ]
         );
     }
