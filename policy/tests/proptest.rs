@@ -1,7 +1,8 @@
 //! Property tests: random policies, endpoints, learned names and flows. The engine's map-state
 //! lookup (audit off) must agree with the reference evaluator on every verdict — allow, deny
 //! rule, default deny, and the proxy a flow is redirected to — and building the engine step by
-//! step (endpoints arriving, a policy source changing, FQDN identities appearing and going)
+//! step (endpoints arriving, leaving and changing labels, policy sources changing, coming and
+//! going, FQDN identities appearing and going)
 //! must end in the map state of a from-scratch computation, with the emitted diffs replaying
 //! to exactly that state. Failures print the shrunk case as a readable policy listing.
 
@@ -17,6 +18,7 @@ use harness::{Flow, PeerSpec, Setup, PROXY_PORTS};
 use policy::engine::{Changes, Engine};
 use policy::fqdn::DnsName;
 use policy::identity::IdentityAllocator;
+use policy::labels::{Label, LabelSet};
 use policy::mapstate::{MapState, PortKey};
 use policy::model::{Direction, Endpoint};
 use proptest::prelude::*;
@@ -38,6 +40,8 @@ fn peers(endpoints: &[Endpoint]) -> Vec<PeerSpec> {
         .collect();
     v.push(PeerSpec::Reserved("remote-node".into()));
     v.push(PeerSpec::Reserved("health".into()));
+    v.push(PeerSpec::Reserved("init".into()));
+    v.push(PeerSpec::Reserved("kube-apiserver".into()));
     v.extend(
         gen::WORLD_IPS
             .iter()
@@ -219,6 +223,7 @@ proptest! {
         first in gen::policies(),
         second in gen::policies(),
         other in gen::policies(),
+        transient in gen::policies(),
         endpoints in gen::endpoints(),
         learned in gen::learned(),
     ) {
@@ -268,6 +273,51 @@ proptest! {
         let c = inc.engine.upsert_endpoint(leaving.clone());
         inc.apply(c);
         inc.check_shadow("endpoint re-added").map_err(TestCaseError::fail)?;
+
+        // An endpoint changes labels and changes back.
+        let mut relabelled = endpoints[endpoints.len() - 2].clone();
+        let original = relabelled.clone();
+        relabelled.labels = LabelSet::new(
+            relabelled
+                .labels
+                .labels()
+                .iter()
+                .filter(|l| l.key != "app")
+                .cloned()
+                .chain([Label::k8s("app", "relabelled")])
+                .collect(),
+        );
+        let c = inc.engine.upsert_endpoint(relabelled);
+        inc.apply(c);
+        inc.check_shadow("endpoint relabelled").map_err(TestCaseError::fail)?;
+        let c = inc.engine.upsert_endpoint(original);
+        inc.apply(c);
+        inc.check_shadow("endpoint label restored").map_err(TestCaseError::fail)?;
+
+        // A third source comes and goes.
+        let c = inc.engine.set_policies("c.yaml", transient.clone());
+        inc.apply(c);
+        inc.check_shadow("policy source c added").map_err(TestCaseError::fail)?;
+        let c = inc.engine.set_policies("c.yaml", vec![]);
+        inc.apply(c);
+        inc.check_shadow("policy source c removed").map_err(TestCaseError::fail)?;
+
+        // An address learned under an extra selector set, then forgotten.
+        let extra_ip: IpAddr = "203.0.113.99".parse().unwrap();
+        let selectors: Vec<_> = inc.engine.fqdn_selectors().into_iter().take(1).collect();
+        if !selectors.is_empty() {
+            let labels = inc.engine.fqdn_identity_labels(&selectors, extra_ip);
+            let (id, c) = inc.engine.upsert_identity(labels);
+            inc.apply(c);
+            let c = inc.engine.upsert_prefix(ipnet::IpNet::from(extra_ip), id);
+            inc.apply(c);
+            inc.check_shadow("extra address learned").map_err(TestCaseError::fail)?;
+            let c = inc.engine.delete_prefix(ipnet::IpNet::from(extra_ip));
+            inc.apply(c);
+            let c = inc.engine.release_identity(id);
+            inc.apply(c);
+            inc.check_shadow("extra address forgotten").map_err(TestCaseError::fail)?;
+        }
 
         let mut policies = second.clone();
         policies.extend(other.clone());

@@ -114,6 +114,9 @@ pub fn entity() -> impl Strategy<Value = Entity> {
         Entity::Host,
         Entity::RemoteNode,
         Entity::Health,
+        Entity::Init,
+        Entity::KubeApiserver,
+        Entity::All,
     ])
 }
 
