@@ -398,8 +398,9 @@ impl Manager {
     }
 
     fn intern(&mut self, name: &DnsName, tx: &mut Tx) -> NameId {
-        // Freed at the end of the operation if nothing ends up held under it.
-        let nid = match self.find_name(name.as_str()) {
+        match self.find_name(name.as_str()) {
+            // A known name is held by something; if this operation releases its last hold,
+            // `release` queues it for freeing.
             Some(nid) => nid,
             None => {
                 let state = NameState {
@@ -430,11 +431,11 @@ impl Manager {
                     let state = names[id as usize].as_ref().expect("tabled names are live");
                     hasher.hash_one(state.name.as_str())
                 });
+                // Freed at the end of the operation if nothing ends up held under it.
+                tx.maybe_free_names.push(nid);
                 nid
             }
-        };
-        tx.maybe_free_names.push(nid);
-        nid
+        }
     }
 
     fn sels_of(&self, nid: NameId) -> &[SelId] {
@@ -784,12 +785,16 @@ impl FqdnCache {
             }
         }
         let mut tx = Tx::default();
-        let mut filed: Vec<&DnsName> = Vec::with_capacity(1 + answer.chain.len());
-        for name in std::iter::once(answer.qname).chain(answer.chain) {
-            if filed.contains(&name) {
+        let name_at = |i: usize| match i {
+            0 => answer.qname,
+            i => &answer.chain[i - 1],
+        };
+        for i in 0..=answer.chain.len() {
+            let name = name_at(i);
+            // A chain that loops back names a name twice; file it once.
+            if (0..i).any(|j| name_at(j) == name) {
                 continue;
             }
-            filed.push(name);
             let nid = self.mgr.intern(name, &mut tx);
             self.file(answer.endpoint, nid, &entries, now, conns, &mut tx);
         }
