@@ -115,6 +115,9 @@ server:
   logfile: ""
   verbosity: 0
   num-threads: 1
+  # Large socket buffers: a single-threaded server on a loaded machine must not drop bursts.
+  so-rcvbuf: 4m
+  so-sndbuf: 4m
   access-control: 127.0.0.0/8 allow
   module-config: "iterator"
   do-ip6: no

@@ -3,7 +3,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -475,7 +474,7 @@ fn run_shard<P: DnsPolicy, L: Learner>(
             shared.config.upstream_mark,
             shared.metrics.clone(),
         ) {
-            Ok(p) => Rc::new(p),
+            Ok(p) => Arc::new(p),
             Err(e) => {
                 let _ = ready.send(Err(DnsProxyError::UpstreamSocket(e)));
                 return;
@@ -484,30 +483,33 @@ fn run_shard<P: DnsPolicy, L: Learner>(
         let mut listeners = Vec::new();
         for s in sockets {
             match UdpSocket::from_std(s) {
-                Ok(s) => listeners.push(Rc::new(s)),
+                Ok(s) => listeners.push(Arc::new(s)),
                 Err(e) => {
                     let _ = ready.send(Err(DnsProxyError::UpstreamSocket(e)));
                     return;
                 }
             }
         }
-        let local = tokio::task::LocalSet::new();
+        let mut tasks = Vec::new();
         for socket in listeners {
-            local.spawn_local(serve_udp(shared.clone(), socket, pool.clone()));
+            tasks.push(tokio::spawn(serve_udp(
+                shared.clone(),
+                socket,
+                pool.clone(),
+            )));
         }
         let _ = ready.send(Ok(()));
-        local
-            .run_until(async move {
-                let _ = stop.await;
-            })
-            .await;
+        let _ = stop.await;
+        for t in tasks {
+            t.abort();
+        }
     });
 }
 
 async fn serve_udp<P: DnsPolicy, L: Learner>(
     shared: Arc<Shared<P, L>>,
-    socket: Rc<UdpSocket>,
-    pool: Rc<UdpPool>,
+    socket: Arc<UdpSocket>,
+    pool: Arc<UdpPool>,
 ) {
     let local = match socket.local_addr() {
         Ok(a) => a,
@@ -546,7 +548,7 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
             let shared = shared.clone();
             let socket = socket.clone();
             let pool = pool.clone();
-            tokio::task::spawn_local(async move {
+            tokio::spawn(async move {
                 let Some(answer) = shared
                     .handle(Some(&pool), bytes, client, received_on, Transport::Udp)
                     .await
