@@ -1,6 +1,7 @@
 //! Property tests: random policies, endpoints, learned names and flows. The engine's map-state
 //! lookup (audit off) must agree with the reference evaluator on every verdict — allow, deny
-//! rule, default deny, and the proxy a flow is redirected to — and building the engine step by
+//! rule, default deny, the proxy a flow is redirected to and whether that proxy must allow
+//! everything — and `policy trace` must report the map state's verdict; building the engine step by
 //! step (endpoints arriving, leaving and changing labels, policy sources changing, coming and
 //! going, FQDN identities appearing and going)
 //! must end in the map state of a from-scratch computation, with the emitted diffs replaying
@@ -81,6 +82,10 @@ fn disagreements(setup: &Setup) -> Vec<String> {
                     };
                     let r = setup.reference_name(&flow);
                     let e = setup.engine_name(&flow);
+                    let t = setup.trace_name(&flow);
+                    if t != e.strip_suffix("+all").unwrap_or(&e) {
+                        out.push(format!("{flow}: policy trace says {t}, map state {e}"));
+                    }
                     if r != e {
                         let ms = setup.engine.map_state(ep.id).expect("map state");
                         let id = setup.peer_identity(peer);
