@@ -60,7 +60,7 @@ pub use types::*;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fqdnwall-bpf.o"));
 
 /// Key and value sizes each map must have; a pinned map that differs is from another build.
-const LAYOUT: [(&str, u32, u32); 11] = [
+const LAYOUT: [(&str, u32, u32); 12] = [
     (names::CONFIG, 4, size_of::<c::Config>() as u32),
     (names::ENDPOINTS, 4, size_of::<c::EndpointInfo>() as u32),
     (
@@ -69,6 +69,7 @@ const LAYOUT: [(&str, u32, u32); 11] = [
         size_of::<c::PolicyValue>() as u32,
     ),
     (names::POLICY_STATS, 4, size_of::<c::PolicyStats>() as u32),
+    (names::POLICY_IDS, size_of::<c::PolicyIdKey>() as u32, 4),
     (names::IPCACHE4, 8, size_of::<c::IpcacheValue>() as u32),
     (names::IPCACHE6, 20, size_of::<c::IpcacheValue>() as u32),
     (
@@ -100,6 +101,7 @@ struct Maps {
     endpoints: BpfHash<MapData, u32, c::EndpointInfo>,
     policy: PolicyTrie,
     policy_stats: PerCpuArray<MapData, c::PolicyStats>,
+    policy_ids: BpfHash<MapData, c::PolicyIdKey, u32>,
     ip4: LpmTrie<MapData, c::Ip4, c::IpcacheValue>,
     ip6: LpmTrie<MapData, c::Ip6, c::IpcacheValue>,
     ip4x: BpfHash<MapData, c::Ip4, c::IpcacheValue>,
@@ -125,6 +127,9 @@ struct Inner {
     /// Every policy entry in the kernel: its value (the counter slot inside).
     policy: HashMap<FullKey, c::PolicyValue>,
     free_slots: Vec<u32>,
+    /// Entries per (endpoint, direction, identity) and protocol bit: the source of
+    /// `FW_POLICY_IDS`.
+    id_counts: HashMap<c::PolicyIdKey, [u32; 7]>,
     ipcache_counts: [u64; 4],
     links: BTreeMap<(u32, bool /* ingress */), PinnedLink>,
     attachments: BTreeMap<u32, Attachment>,
@@ -244,6 +249,23 @@ fn full_key(endpoint: u16, k: &MapKey) -> Result<FullKey, Error> {
     ))
 }
 
+fn id_key(fk: &FullKey) -> c::PolicyIdKey {
+    c::PolicyIdKey {
+        identity: fk.1.identity,
+        endpoint_id: fk.1.endpoint_id,
+        direction: fk.1.direction,
+        _pad: 0,
+    }
+}
+
+fn mask_of(counts: &[u32; 7]) -> u32 {
+    counts
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .fold(0, |m, (i, _)| m | (1 << i))
+}
+
 fn map_key(fk: &FullKey) -> (u16, MapKey) {
     let (plen, k) = fk;
     (
@@ -346,6 +368,7 @@ impl BpfDatapath {
             .map_max_entries(names::ENDPOINTS, caps.endpoints)
             .map_max_entries(names::POLICY, caps.policy)
             .map_max_entries(names::POLICY_STATS, caps.policy)
+            .map_max_entries(names::POLICY_IDS, caps.policy)
             .map_max_entries(names::IPCACHE4, caps.ipcache_lpm)
             .map_max_entries(names::IPCACHE6, caps.ipcache_lpm)
             .map_max_entries(names::IPCACHE4_EXACT, caps.ipcache_exact)
@@ -377,6 +400,7 @@ impl BpfDatapath {
             endpoints: take(&mut ebpf, names::ENDPOINTS)?,
             policy: take(&mut ebpf, names::POLICY)?,
             policy_stats: take(&mut ebpf, names::POLICY_STATS)?,
+            policy_ids: take(&mut ebpf, names::POLICY_IDS)?,
             ip4: take(&mut ebpf, names::IPCACHE4)?,
             ip6: take(&mut ebpf, names::IPCACHE6)?,
             ip4x: take(&mut ebpf, names::IPCACHE4_EXACT)?,
@@ -400,6 +424,7 @@ impl BpfDatapath {
             caps: actual,
             policy: HashMap::new(),
             free_slots: Vec::new(),
+            id_counts: HashMap::new(),
             ipcache_counts: [0; 4],
             links: BTreeMap::new(),
             attachments: BTreeMap::new(),
@@ -1174,6 +1199,28 @@ impl Inner {
             }
             self.policy.insert((k.prefix_len(), k.data()), v);
         }
+        for fk in self.policy.keys() {
+            let bit = c::proto_bit(fk.1.protocol).trailing_zeros() as usize;
+            self.id_counts.entry(id_key(fk)).or_insert([0; 7])[bit] += 1;
+        }
+        // The presence map follows the entries (it may be new next to adopted entries).
+        let stale: Vec<c::PolicyIdKey> = self
+            .maps
+            .policy_ids
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !self.id_counts.contains_key(k))
+            .collect();
+        for (k, counts) in &self.id_counts {
+            let cap = self.caps.policy;
+            self.maps
+                .policy_ids
+                .insert(*k, mask_of(counts), 0)
+                .map_err(|e| error::map_err(names::POLICY_IDS, cap, e))?;
+        }
+        for k in stale {
+            let _ = self.maps.policy_ids.remove(&k);
+        }
         self.free_slots = (0..self.caps.policy)
             .rev()
             .filter(|i| !used[*i as usize])
@@ -1322,6 +1369,13 @@ impl Inner {
         if existing == Some(value) {
             return Ok(());
         }
+        if existing.is_none() {
+            // Presence before the entry: a lookup must never skip an entry that exists.
+            if let Err(e) = self.count_presence(fk, true) {
+                self.free_slots.push(slot);
+                return Err(e);
+            }
+        }
         match self.maps.policy.insert(&Key::new(fk.0, fk.1), value, 0) {
             Ok(()) => {
                 self.policy.insert(*fk, value);
@@ -1330,6 +1384,7 @@ impl Inner {
             Err(e) => {
                 if existing.is_none() {
                     self.free_slots.push(slot);
+                    let _ = self.count_presence(fk, false);
                 }
                 Err(error::map_err(names::POLICY, self.caps.policy, e))
             }
@@ -1349,7 +1404,54 @@ impl Inner {
         }
         if let Some(v) = self.policy.remove(fk) {
             self.free_slots.push(v.stats_index);
+            // The entry is gone; now its presence bit may go.
+            self.count_presence(fk, false)?;
         }
         Ok(())
+    }
+
+    /// Counts an entry in or out of its (endpoint, direction, identity) presence mask and
+    /// writes the mask when it changes.
+    fn count_presence(&mut self, fk: &FullKey, add: bool) -> Result<(), Error> {
+        let k = id_key(fk);
+        let bit = c::proto_bit(fk.1.protocol).trailing_zeros() as usize;
+        let counts = self.id_counts.entry(k).or_insert([0; 7]);
+        let before = mask_of(counts);
+        if add {
+            counts[bit] += 1;
+        } else {
+            counts[bit] = counts[bit].saturating_sub(1);
+        }
+        let after = mask_of(counts);
+        if after == 0 {
+            self.id_counts.remove(&k);
+        }
+        if before == after {
+            return Ok(());
+        }
+        let cap = self.caps.policy;
+        if after == 0 {
+            match self.maps.policy_ids.remove(&k) {
+                Ok(()) => Ok(()),
+                Err(e) if is_not_found(&e) => Ok(()),
+                Err(source) => Err(Error::Map {
+                    map: names::POLICY_IDS,
+                    source,
+                }),
+            }
+        } else {
+            let r = self
+                .maps
+                .policy_ids
+                .insert(k, after, 0)
+                .map_err(|e| error::map_err(names::POLICY_IDS, cap, e));
+            if r.is_err() && add {
+                // Undo the count: the entry will not be inserted.
+                if let Some(c) = self.id_counts.get_mut(&k) {
+                    c[bit] -= 1;
+                }
+            }
+            r
+        }
     }
 }

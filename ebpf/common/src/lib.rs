@@ -18,6 +18,7 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "FW_ENDPOINTS";
     pub const POLICY: &str = "FW_POLICY";
     pub const POLICY_STATS: &str = "FW_POLICY_STATS";
+    pub const POLICY_IDS: &str = "FW_POLICY_IDS";
     pub const IPCACHE4: &str = "FW_IPCACHE4";
     pub const IPCACHE6: &str = "FW_IPCACHE6";
     pub const IPCACHE4_EXACT: &str = "FW_IPCACHE4_EXACT";
@@ -26,11 +27,12 @@ pub mod map_names {
     pub const EVENTS: &str = "FW_EVENTS";
     pub const COUNTERS: &str = "FW_COUNTERS";
     /// Every map, in the order the loader reports them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         CONFIG,
         ENDPOINTS,
         POLICY,
         POLICY_STATS,
+        POLICY_IDS,
         IPCACHE4,
         IPCACHE6,
         IPCACHE4_EXACT,
@@ -171,6 +173,34 @@ impl PolicyKey {
                 _pad: 0,
             },
         )
+    }
+}
+
+/// Which protocols an identity has policy entries for, per endpoint and direction: lets the
+/// programs skip trie lookups that cannot match (most remote identities have no entries of
+/// their own). Key of `FW_POLICY_IDS`; the value is a `u32` of [`proto_bit`]s.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyIdKey {
+    pub identity: u32,
+    pub endpoint_id: u16,
+    pub direction: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<PolicyIdKey>() == 8);
+
+/// The presence bit of a protocol in `FW_POLICY_IDS` (protocol 0 has its own bit; rare
+/// protocols share one, which costs only a lookup that finds nothing).
+#[inline(always)]
+pub const fn proto_bit(protocol: u8) -> u32 {
+    match protocol {
+        0 => 1,
+        6 => 2,
+        17 => 4,
+        1 => 8,
+        58 => 16,
+        132 => 32,
+        _ => 64,
     }
 }
 
@@ -377,6 +407,7 @@ mod pod {
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for PolicyIdKey {}
     unsafe impl aya::Pod for PolicyStats {}
     unsafe impl aya::Pod for Ip4 {}
     unsafe impl aya::Pod for Ip6 {}

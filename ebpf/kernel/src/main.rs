@@ -18,7 +18,8 @@
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{
-        bpf_ktime_get_coarse_ns, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_ktime_get_coarse_ns, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_skc_lookup_tcp,
     },
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
@@ -33,6 +34,8 @@ static FW_CONFIG: Array<Config> = Array::pinned(1, 0);
 static FW_ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 #[map]
 static FW_POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
+#[map]
+static FW_POLICY_IDS: HashMap<PolicyIdKey, u32> = HashMap::pinned(capacity::POLICY, 0);
 #[map]
 static FW_POLICY_STATS: PerCpuArray<PolicyStats> = PerCpuArray::pinned(capacity::POLICY, 0);
 #[map]
@@ -374,15 +377,28 @@ impl Hit {
 
 #[inline(always)]
 fn lookup_identity(ep: u16, identity: u32, dir: u8, protocol: u8, port: u16) -> Option<Hit> {
-    let (plen, key) = PolicyKey::new(ep, identity, dir, protocol, port, 16);
-    if let Some(v) = FW_POLICY.get(&Key::new(plen, key)) {
-        return Some(Hit {
-            value: *v,
-            protocol,
-            identity,
-        });
+    let idk = PolicyIdKey {
+        identity,
+        endpoint_id: ep,
+        direction: dir,
+        _pad: 0,
+    };
+    // SAFETY: plain value read.
+    let bits = match unsafe { FW_POLICY_IDS.get(&idk) } {
+        Some(b) => *b,
+        None => return None,
+    };
+    if protocol != 0 && bits & proto_bit(protocol) != 0 {
+        let (plen, key) = PolicyKey::new(ep, identity, dir, protocol, port, 16);
+        if let Some(v) = FW_POLICY.get(&Key::new(plen, key)) {
+            return Some(Hit {
+                value: *v,
+                protocol,
+                identity,
+            });
+        }
     }
-    if protocol != 0 {
+    if bits & proto_bit(0) != 0 {
         let (plen, key) = PolicyKey::new(ep, identity, dir, 0, port, 16);
         if let Some(v) = FW_POLICY.get(&Key::new(plen, key)) {
             return Some(Hit {
