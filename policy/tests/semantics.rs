@@ -1192,3 +1192,61 @@ fn l7_rules_need_tcp_ports() {
     );
     assert!(policy::parse::parse_policies("l7.yaml", &text).is_ok());
 }
+
+#[test]
+fn audit_mode_turns_drops_into_audit() {
+    // Audit (global, or for one endpoint) lets would-be drops through with verdict `audit`,
+    // default-deny drops and deny-rule drops alike; allowed flows stay `allowed`.
+    use policy::trace::{trace, AuditModes, TracePeer, Verdict};
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: audit, namespace: default}
+spec:
+  endpointSelector:
+    matchLabels: {app: db}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {app: web}
+  ingressDeny:
+  - fromCIDR: [192.0.2.0/24]
+"#;
+    let setup = Setup::from_yaml(yaml, cast(), &[]);
+    let db = TracePeer::Endpoint("db".into());
+    let web = TracePeer::Endpoint("web".into());
+    let denied_ip = TracePeer::Ip("192.0.2.9".parse().unwrap());
+    let other_ip = TracePeer::Ip("198.51.100.9".parse().unwrap());
+    let verdict = |src: &TracePeer, audit: &AuditModes| {
+        let t = trace(&setup.engine, src, &db, 5432, Protocol::Tcp, audit).expect("trace");
+        (t.ingress.verdict, t.verdict)
+    };
+    let off = AuditModes::default();
+    let global = AuditModes {
+        global: true,
+        ..AuditModes::default()
+    };
+    let for_db = AuditModes {
+        global: false,
+        endpoints: [12u16].into_iter().collect(),
+    };
+    let for_web = AuditModes {
+        global: false,
+        endpoints: [11u16].into_iter().collect(),
+    };
+    assert_eq!(verdict(&web, &off), (Verdict::Allowed, Verdict::Allowed));
+    assert_eq!(verdict(&other_ip, &off), (Verdict::Denied, Verdict::Denied));
+    assert_eq!(
+        verdict(&denied_ip, &off),
+        (Verdict::Denied, Verdict::Denied)
+    );
+    for audit in [&global, &for_db] {
+        assert_eq!(verdict(&web, audit), (Verdict::Allowed, Verdict::Allowed));
+        assert_eq!(verdict(&other_ip, audit), (Verdict::Audit, Verdict::Audit));
+        assert_eq!(verdict(&denied_ip, audit), (Verdict::Audit, Verdict::Audit));
+    }
+    // Audit of another endpoint changes nothing here.
+    assert_eq!(
+        verdict(&other_ip, &for_web),
+        (Verdict::Denied, Verdict::Denied)
+    );
+}
