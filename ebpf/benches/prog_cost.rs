@@ -199,8 +199,9 @@ fn run(pin: &std::path::Path) -> String {
          for the endpoint, ipcache of N /32 entries (exact-match hash) plus two LPM prefixes. \
          Nanoseconds per packet as the kernel measures them (JIT on). `established`: \
          {REPEAT} runs of one tracked TCP flow. `new` / `new via LPM`: {NEW_FLOWS} new TCP flows \
-         (SYN, distinct source ports), one run per syscall, so each figure includes the \
-         kernel's per-call timer overhead, which the `floor` column measures the same way \
+         (SYN, distinct source ports; the destination in the exact-match hash, or only in an \
+         LPM prefix), one run per syscall: each figure includes the kernel's per-call timer \
+         overhead and starts with cold caches; the `floor` column measures that fixed part \
          with a packet the program passes at once (ARP); `ARP xN` is that packet with {REPEAT} \
          runs per call. `denied`: a UDP packet no entry allows (full lookup, drop counter, \
          drop event), {REPEAT} runs.\n\n",

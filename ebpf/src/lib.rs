@@ -1455,3 +1455,97 @@ impl Inner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(identity: u32, protocol: u8, port: u16, prefix_len: u8) -> MapKey {
+        MapKey {
+            identity,
+            direction: Direction::Egress,
+            protocol,
+            port,
+            prefix_len,
+        }
+    }
+
+    #[test]
+    fn policy_keys_round_trip_and_are_checked() {
+        for key in [
+            k(0, 0, 0, 0),
+            k(300, 6, 8080, 16),
+            k(1 << 24 | 5, 17, 8064, 10),
+            k(9, 1, 8, 16),
+        ] {
+            let fk = full_key(7, &key).unwrap();
+            assert_eq!(fk.0, c::POLICY_PREFIX_FIXED + u32::from(key.prefix_len));
+            assert_eq!(map_key(&fk), (7, key));
+        }
+        assert!(matches!(
+            full_key(7, &k(300, 6, 8080, 17)),
+            Err(Error::InvalidEntry { endpoint: 7, .. })
+        ));
+        // 8065 has a bit below a /10 port prefix.
+        assert!(full_key(7, &k(300, 6, 8065, 10)).is_err());
+    }
+
+    #[test]
+    fn presence_masks() {
+        let mut counts = [0u32; 7];
+        assert_eq!(mask_of(&counts), 0);
+        counts[c::proto_bit(6).trailing_zeros() as usize] = 2;
+        counts[c::proto_bit(0).trailing_zeros() as usize] = 1;
+        assert_eq!(mask_of(&counts), c::proto_bit(6) | c::proto_bit(0));
+        assert_eq!(
+            c::proto_bit(47),
+            c::proto_bit(50),
+            "rare protocols share a bit"
+        );
+    }
+
+    #[test]
+    fn events_decode() {
+        let mut e = c::Event {
+            kind: c::EVENT_DROP,
+            reason: c::REASON_POLICY_DENY,
+            direction: c::DIR_INGRESS,
+            family: 6,
+            protocol: 6,
+            match_kind: c::MATCH_IDENTITY,
+            endpoint_id: 3,
+            ifindex: 9,
+            remote_identity: 300,
+            len: 60,
+            sport: 1234,
+            dport: 80,
+            key_identity: 300,
+            key_port: 80,
+            key_protocol: 6,
+            key_prefix: 16,
+            ..Default::default()
+        };
+        e.saddr[15] = 1;
+        e.daddr[0] = 0xfd;
+        // SAFETY: Event is plain old data.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(&e as *const c::Event as *const u8, size_of::<c::Event>())
+        };
+        let d = events::decode(bytes).unwrap();
+        assert_eq!(d.kind, EventKind::Drop);
+        assert_eq!(d.reason, Reason::PolicyDeny);
+        assert_eq!(d.direction, Direction::Ingress);
+        assert_eq!(d.src, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(d.dst, "fd00::".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            d.matched,
+            Some(MatchedEntry {
+                identity: 300,
+                protocol: 6,
+                port: 80,
+                prefix_len: 16
+            })
+        );
+        assert!(events::decode(&bytes[..10]).is_none());
+    }
+}
