@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use l7::{EventSink, HttpPolicy, HttpProxyConfig, HttpProxyService, ProxyMode, Redirect, SwappablePolicy};
+use l7::{
+    EventSink, HttpPolicy, HttpProxyConfig, HttpProxyService, ProxyMode, Redirect, SwappablePolicy,
+};
 use libfuzzer_sys::fuzz_target;
 use policy::model::{HeaderMatch, HeaderRule, HttpRule, MismatchAction};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,13 +23,26 @@ struct Env {
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let upstream = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let rules = vec![
-            HttpRule { method: Some("GET|HEAD".into()), path: Some("/api/v[0-9]+/.*".into()), ..Default::default() },
+            HttpRule {
+                method: Some("GET|HEAD".into()),
+                path: Some("/api/v[0-9]+/.*".into()),
+                ..Default::default()
+            },
             HttpRule {
                 host: Some(r"example\.com(:[0-9]+)?".into()),
-                headers: vec![HeaderRule { name: "x-token".into(), value: Some("t".into()) }],
+                headers: vec![HeaderRule {
+                    name: "x-token".into(),
+                    value: Some("t".into()),
+                }],
                 header_matches: vec![HeaderMatch {
                     name: "x-env".into(),
                     value: Some("prod".into()),
@@ -42,9 +57,17 @@ fn env() -> &'static Env {
             endpoint_id: 1,
             endpoint: Arc::from("fuzz"),
             remote_identity: 2,
-            policy: Arc::new(HttpPolicy::compile(&rules, &l7::SecretDir::new("/nonexistent")).unwrap()),
+            policy: Arc::new(
+                HttpPolicy::compile(&rules, &l7::SecretDir::new("/nonexistent")).unwrap(),
+            ),
         }));
-        let mut cfg = HttpProxyConfig::new("127.0.0.1:0".parse().unwrap(), ProxyMode::Fixed { upstream, mark: None });
+        let mut cfg = HttpProxyConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            ProxyMode::Fixed {
+                upstream,
+                mark: None,
+            },
+        );
         cfg.header_read_timeout = Duration::from_millis(100);
         cfg.connect_timeout = Duration::from_millis(100);
         let svc = HttpProxyService::new(cfg, policy, EventSink::new(4));
@@ -59,7 +82,8 @@ fuzz_target!(|data: &[u8]| {
         let svc = env.svc.clone();
         let upstream = env.upstream;
         let task = tokio::spawn(async move {
-            svc.serve(server, "127.0.0.1:1".parse().unwrap(), upstream).await
+            svc.serve(server, "127.0.0.1:1".parse().unwrap(), upstream)
+                .await
         });
         let _ = client.write_all(data).await;
         let _ = client.shutdown().await;

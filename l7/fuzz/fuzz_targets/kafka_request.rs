@@ -16,10 +16,19 @@ fuzz_target!(|data: &[u8]| {
     if let Some(b) = &body {
         let _ = kafka_codec::request_topics(b, &|_| Some("resolved".to_string()));
     }
-    if let Some(resp) = kafka_codec::denied_response(&head, body.as_ref(), TOPIC_AUTHORIZATION_FAILED) {
+    if let Some(resp) =
+        kafka_codec::denied_response(&head, body.as_ref(), TOPIC_AUTHORIZATION_FAILED)
+    {
         let len = kafka_codec::frame_len(&resp, usize::MAX).unwrap().unwrap();
-        assert_eq!(len, resp.len(), "the size prefix covers the response exactly");
-        assert_eq!(kafka_codec::response_correlation_id(&resp[4..]), Some(head.correlation_id));
+        assert_eq!(
+            len,
+            resp.len(),
+            "the size prefix covers the response exactly"
+        );
+        assert_eq!(
+            kafka_codec::response_correlation_id(&resp[4..]),
+            Some(head.correlation_id)
+        );
     }
     let _ = kafka_codec::metadata_topic_ids(head.api_version, &frame);
 });
