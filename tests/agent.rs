@@ -284,6 +284,31 @@ fn live_api_dns_learning_trace_reload_and_restart() {
         .iter()
         .any(|r| r["endpoint"] == "backend" && r["name"] == "api.example.test."));
 
+    // A pattern filter, and the text renderings of the live commands.
+    let rows = a.json(&["fqdn", "cache", "list", "--name", "*.example.test"]);
+    assert_eq!(rows.as_array().unwrap().len(), 2, "{rows}");
+    let rows = a.json(&["fqdn", "cache", "list", "--name", "www.example.test"]);
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    let o = a.cmd(&["fqdn", "cache", "list", "--name", "bad name!"]);
+    assert_eq!(code(&o), 2);
+    for (args, needle) in [
+        (vec!["status"], "Health:        ok"),
+        (vec!["endpoint", "list"], "frontend"),
+        (vec!["endpoint", "get", "frontend"], "Identity:"),
+        (vec!["identity", "list"], "reserved:world"),
+        (vec!["bpf", "policy", "get", "frontend"], "DIRECTION"),
+        (vec!["bpf", "ipcache", "list"], "192.0.2.10/32"),
+        (vec!["fqdn", "cache", "list"], "www.example.test."),
+        (
+            vec!["policy", "get"],
+            "CiliumNetworkPolicy default/frontend-dns (1 rule)",
+        ),
+    ] {
+        let o = a.cmd(&args);
+        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
+        assert!(stdout(&o).contains(needle), "{args:?}: {}", stdout(&o));
+    }
+
     // ipcache and identities show the learned IP's FQDN identity.
     let ipc = a.json(&["bpf", "ipcache", "list"]);
     let entry = ipc
