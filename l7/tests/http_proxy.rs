@@ -431,3 +431,34 @@ async fn hyper_get(addr: SocketAddr, path: &str) -> (u16, Bytes) {
     let status = r.status().as_u16();
     (status, r.into_body().collect().await.unwrap().to_bytes())
 }
+
+/// A denied request with a body does not cost the client its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_request_with_body_keeps_the_connection() {
+    if !require(have_command("curl", "--version"), "curl") {
+        return;
+    }
+    let secret_dir = secrets();
+    let backend = start_backend().await;
+    let h = Harness::new();
+    let proxy = start(&h, backend, rules(secret_dir.path())).await;
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--http1.1", "--max-time", "10"]);
+        cmd.args(["-o", "/dev/null", "-w", "%{http_code} %{num_connects}\n"]);
+        cmd.args(["-X", "POST", "--data-binary", "some=form&data=1"]);
+        cmd.arg(format!("http://{proxy}/private"));
+        cmd.arg("--next");
+        cmd.args(["-o", "/dev/null", "-w", "%{http_code} %{num_connects}\n"]);
+        cmd.arg(format!("http://{proxy}/public/1"));
+        cmd.output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["403 1", "200 0"],
+        "{text}"
+    );
+}
