@@ -1057,11 +1057,14 @@ impl Engine {
     }
 
     /// The `cidr:` labels an FQDN identity for `ip` carries so that CIDR rules still apply to
-    /// the learned address: one per prefix named by a policy that contains `ip`.
+    /// the learned address: one per prefix named by a policy that contains `ip`, and always
+    /// the `/0` of its family (so `world-ipv4`/`world-ipv6` and `0.0.0.0/0` / `::/0` select
+    /// it). One identity per selector set then stands for addresses of one family and one set
+    /// of containing policy prefixes.
     pub fn prefix_labels_for(&self, ip: IpAddr) -> Vec<Label> {
         let host = host_net(ip);
         crate::selector::supernets_of(&host)
-            .filter(|n| self.policy_prefixes.contains_key(n))
+            .filter(|n| n.prefix_len() == 0 || self.policy_prefixes.contains_key(n))
             .map(|n| Label::new(SOURCE_CIDR, &n.to_string(), ""))
             .collect()
     }
