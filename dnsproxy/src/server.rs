@@ -1,10 +1,13 @@
 //! The listeners and the per-query pipeline: judge → decide → forward → learn → hold → answer.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
@@ -247,21 +250,22 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         })
     }
 
-    /// One query from bytes to the answer to send (`None`: no reply).
-    async fn handle(
+    /// First step of every query: judge the bytes, find the server, ask the policy. Either the
+    /// query is finished here (an answer of the proxy's own, or a drop) or it is to be
+    /// forwarded.
+    fn judge(
         &self,
-        pool: Option<&UdpPool>,
         bytes: Vec<u8>,
         client: SocketAddr,
         received_on: SocketAddr,
         transport: Transport,
-    ) -> Option<Vec<u8>> {
+    ) -> Judged {
         let q = match parse_client_query(&bytes) {
             Ok(q) => q,
             Err(Rejection::Drop(reason)) => {
                 self.metrics.malformed_dropped.fetch_add(1, Relaxed);
                 debug!(%client, transport = transport.as_str(), reason, len = bytes.len(), "dropped a malformed packet");
-                return None;
+                return Judged::Done(None);
             }
             Err(Rejection::Answer {
                 response,
@@ -271,14 +275,14 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
                 self.metrics
                     .count_query(Verdict::Invalid, Some(u16::from(rcode)));
                 debug!(%client, transport = transport.as_str(), %rcode, reason, "answered a query that is not served");
-                return Some(response);
+                return Judged::Done(Some(response));
             }
         };
         let Some(server) = self.server_for(client, received_on, transport) else {
             self.metrics
                 .count_query(Verdict::Invalid, Some(u16::from(ResponseCode::ServFail)));
             warn!(%client, "query sent to the proxy itself and no upstream configured");
-            return Some(q.servfail());
+            return Judged::Done(Some(q.servfail()));
         };
         let decision = self.policy.check(client, server, transport, &q.qname);
         let endpoint_id = match decision {
@@ -294,47 +298,46 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
                     Verdict::Denied
                 };
                 self.metrics.count_query(verdict, Some(u16::from(rcode)));
-                self.observe(
-                    &q,
+                let fwd = Forward {
+                    q,
                     client,
                     server,
                     transport,
                     decision,
-                    Some(rcode.into()),
-                    None,
-                    Duration::ZERO,
-                );
-                return Some(q.reject(rcode));
+                    endpoint_id: 0,
+                };
+                self.observe(&fwd, Some(rcode.into()), None, Duration::ZERO);
+                return Judged::Done(Some(fwd.q.reject(rcode)));
             }
         };
-        let timeout = self.config.forward_timeout;
-        let answer = match (transport, pool) {
-            (Transport::Udp, Some(pool)) => pool.udp(server, &q.query, bytes, timeout).await,
-            _ => {
-                let mark = self.config.upstream_mark;
-                tcp_exchange(server, &q.query, bytes, timeout, mark, &self.metrics).await
-            }
-        };
-        let mut answer = match answer {
+        Judged::Forward(
+            Forward {
+                q,
+                client,
+                server,
+                transport,
+                decision,
+                endpoint_id,
+            },
+            bytes,
+        )
+    }
+
+    /// Second step: what came back from upstream. A failure or an answer that teaches nothing
+    /// is finished here; an answer that teaches IPs comes back with the learner's future, to
+    /// be released when it resolves (or `responseMaxDelay` passes).
+    fn on_answer(&self, fwd: Forward, result: Result<Vec<u8>, UpstreamError>) -> Answered {
+        let answer = match result {
             Ok(a) => a,
             Err(UpstreamError::Timeout) => {
                 self.metrics.upstream_timeouts.fetch_add(1, Relaxed);
                 self.metrics.count_query(Verdict::Allowed, None);
-                debug!(%client, %server, qname = %q.qname, "upstream timeout, no reply");
-                self.observe(
-                    &q,
-                    client,
-                    server,
-                    transport,
-                    decision,
-                    None,
-                    None,
-                    Duration::ZERO,
-                );
-                return None;
+                debug!(client = %fwd.client, server = %fwd.server, qname = %fwd.q.qname, "upstream timeout, no reply");
+                self.observe(&fwd, None, None, Duration::ZERO);
+                return Answered::Done(None);
             }
             Err(UpstreamError::Failed(why)) => {
-                return Some(self.upstream_failed(&q, client, server, transport, decision, &why))
+                return Answered::Done(Some(self.upstream_failed(&fwd, &why)))
             }
         };
         // Every answer is parsed whole before it reaches a client: a malformed one is a
@@ -343,109 +346,265 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             Ok(m) => m,
             Err(e) => {
                 let why = format!("malformed answer: {e}");
-                return Some(self.upstream_failed(&q, client, server, transport, decision, &why));
+                return Answered::Done(Some(self.upstream_failed(&fwd, &why)));
             }
         };
         let rcode = header_rcode(&answer);
         let learned = if rcode == 0 {
-            extract_learning(&msg, q.query.name(), self.config.min_ttl)
+            extract_learning(&msg, fwd.q.query.name(), self.config.min_ttl)
         } else {
             None
         };
-        let mut held = Duration::ZERO;
-        if let Some(learned) = &learned {
-            let ctx = QueryContext {
-                endpoint_id,
-                client,
-                server,
-                transport,
-                qname: q.qname.clone(),
-                qtype: u16::from(q.query.query_type()),
-            };
-            let started = Instant::now();
-            let outcome = tokio::time::timeout(
-                self.config.response_max_delay,
-                self.learner.learn(&ctx, learned.clone()),
-            )
-            .await;
-            held = started.elapsed();
-            self.metrics.hold_time.observe(held);
-            match outcome {
-                Ok(HoldOutcome::Enforceable) => {}
-                Ok(HoldOutcome::Failed(why)) => {
-                    self.metrics.hold_failures.fetch_add(1, Relaxed);
-                    warn!(%client, qname = %q.qname, ips = ?learned.ips, why, "datapath could not take the learned IPs; response released");
-                }
-                Err(_) => {
-                    self.metrics.hold_timeouts.fetch_add(1, Relaxed);
-                    warn!(%client, qname = %q.qname, ips = ?learned.ips, max_delay = ?self.config.response_max_delay, "datapath did not confirm in time; response released");
-                }
-            }
-        }
-        set_id(&mut answer, q.id);
-        self.metrics.count_query(Verdict::Allowed, Some(rcode));
-        self.observe(
-            &q,
-            client,
-            server,
-            transport,
-            decision,
-            Some(rcode),
-            learned,
-            held,
-        );
-        Some(answer)
+        let Some(learned) = learned else {
+            return Answered::Done(Some(self.release(fwd, answer, rcode, None, None)));
+        };
+        let ctx = QueryContext {
+            endpoint_id: fwd.endpoint_id,
+            client: fwd.client,
+            server: fwd.server,
+            transport: fwd.transport,
+            qname: fwd.q.qname.clone(),
+            qtype: u16::from(fwd.q.query.query_type()),
+        };
+        let confirm = Box::pin(self.learner.learn(&ctx, learned.clone()));
+        Answered::Hold(
+            Held {
+                fwd,
+                answer,
+                rcode,
+                learned,
+                since: Instant::now(),
+            },
+            confirm,
+        )
     }
 
-    fn upstream_failed(
+    /// Last step of a held answer: `outcome` is the learner's word, `None` when
+    /// `responseMaxDelay` passed first.
+    fn release_held(&self, held: Held, outcome: Option<HoldOutcome>) -> Vec<u8> {
+        let waited = held.since.elapsed();
+        self.metrics.hold_time.observe(waited);
+        let Held {
+            fwd,
+            answer,
+            rcode,
+            learned,
+            ..
+        } = held;
+        match outcome {
+            Some(HoldOutcome::Enforceable) => {}
+            Some(HoldOutcome::Failed(why)) => {
+                self.metrics.hold_failures.fetch_add(1, Relaxed);
+                warn!(client = %fwd.client, qname = %fwd.q.qname, ips = ?learned.ips, why, "datapath could not take the learned IPs; response released");
+            }
+            None => {
+                self.metrics.hold_timeouts.fetch_add(1, Relaxed);
+                warn!(client = %fwd.client, qname = %fwd.q.qname, ips = ?learned.ips, max_delay = ?self.config.response_max_delay, "datapath did not confirm in time; response released");
+            }
+        }
+        self.release(fwd, answer, rcode, Some(learned), Some(waited))
+    }
+
+    /// The client's ID back in, counted, observed.
+    fn release(
         &self,
-        q: &ClientQuery,
-        client: SocketAddr,
-        server: SocketAddr,
-        transport: Transport,
-        decision: Decision,
-        why: &str,
+        fwd: Forward,
+        mut answer: Vec<u8>,
+        rcode: u16,
+        learned: Option<crate::LearnedAnswer>,
+        held: Option<Duration>,
     ) -> Vec<u8> {
+        set_id(&mut answer, fwd.q.id);
+        self.metrics.count_query(Verdict::Allowed, Some(rcode));
+        self.observe(&fwd, Some(rcode), learned, held.unwrap_or_default());
+        answer
+    }
+
+    /// A TCP query from bytes to the answer to send (`None`: no reply).
+    async fn handle_tcp(
+        &self,
+        bytes: Vec<u8>,
+        client: SocketAddr,
+        received_on: SocketAddr,
+    ) -> Option<Vec<u8>> {
+        let (fwd, query) = match self.judge(bytes, client, received_on, Transport::Tcp) {
+            Judged::Done(reply) => return reply,
+            Judged::Forward(fwd, query) => (fwd, query),
+        };
+        let (timeout, mark) = (self.config.forward_timeout, self.config.upstream_mark);
+        let result = tcp_exchange(
+            fwd.server,
+            &fwd.q.query,
+            query,
+            timeout,
+            mark,
+            &self.metrics,
+        )
+        .await;
+        match self.on_answer(fwd, result) {
+            Answered::Done(reply) => reply,
+            Answered::Hold(held, confirm) => {
+                let outcome = tokio::time::timeout(self.config.response_max_delay, confirm)
+                    .await
+                    .ok();
+                Some(self.release_held(held, outcome))
+            }
+        }
+    }
+
+    /// A UDP query: finished at once, or handed to the pool with its continuation. No task
+    /// is spawned unless the datapath keeps an answer waiting.
+    fn handle_udp(
+        self: &Arc<Self>,
+        bytes: Vec<u8>,
+        client: SocketAddr,
+        received_on: SocketAddr,
+        listener: &Arc<UdpSocket>,
+        pool: &UdpPool,
+    ) {
+        let reply_to = UdpReply {
+            listener: listener.clone(),
+            from: (self.config.transparent && !self.is_own(received_on)).then_some(received_on),
+            client,
+        };
+        let (fwd, query) = match self.judge(bytes, client, received_on, Transport::Udp) {
+            Judged::Done(Some(reply)) => return reply_to.send(reply),
+            Judged::Done(None) => return,
+            Judged::Forward(fwd, query) => (fwd, query),
+        };
+        let this = self.clone();
+        let (server, question) = (fwd.server, fwd.q.query.clone());
+        pool.send(
+            server,
+            question,
+            query,
+            self.config.forward_timeout,
+            Box::new(move |result| this.udp_answered(fwd, result, reply_to)),
+        );
+    }
+
+    fn udp_answered(
+        self: Arc<Self>,
+        fwd: Forward,
+        result: Result<Vec<u8>, UpstreamError>,
+        reply_to: UdpReply,
+    ) {
+        match self.on_answer(fwd, result) {
+            Answered::Done(Some(reply)) => reply_to.send(reply),
+            Answered::Done(None) => {}
+            Answered::Hold(held, mut confirm) => {
+                // Usually the datapath has confirmed already (the IPs were known, or the update
+                // is synchronous): look once before paying for a task.
+                let mut cx = Context::from_waker(Waker::noop());
+                if let Poll::Ready(outcome) = confirm.as_mut().poll(&mut cx) {
+                    return reply_to.send(self.release_held(held, Some(outcome)));
+                }
+                let max_delay = self.config.response_max_delay;
+                tokio::spawn(async move {
+                    let outcome = tokio::time::timeout(max_delay, confirm).await.ok();
+                    reply_to.send(self.release_held(held, outcome));
+                });
+            }
+        }
+    }
+
+    fn upstream_failed(&self, fwd: &Forward, why: &str) -> Vec<u8> {
         self.metrics.upstream_failures.fetch_add(1, Relaxed);
         self.metrics
             .count_query(Verdict::Allowed, Some(u16::from(ResponseCode::ServFail)));
-        warn!(%client, %server, qname = %q.qname, why, "upstream failed, answering SERVFAIL");
+        warn!(client = %fwd.client, server = %fwd.server, qname = %fwd.q.qname, why, "upstream failed, answering SERVFAIL");
         self.observe(
-            q,
-            client,
-            server,
-            transport,
-            decision,
+            fwd,
             Some(u16::from(ResponseCode::ServFail)),
             None,
             Duration::ZERO,
         );
-        q.servfail()
+        fwd.q.servfail()
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn observe(
         &self,
-        q: &ClientQuery,
-        client: SocketAddr,
-        server: SocketAddr,
-        transport: Transport,
-        decision: Decision,
+        fwd: &Forward,
         rcode: Option<u16>,
         learned: Option<crate::LearnedAnswer>,
         hold: Duration,
     ) {
         self.learner.observe(&QueryEvent {
-            client,
-            server,
-            transport,
-            qname: q.qname.clone(),
-            qtype: u16::from(q.query.query_type()),
-            decision,
+            client: fwd.client,
+            server: fwd.server,
+            transport: fwd.transport,
+            qname: fwd.q.qname.clone(),
+            qtype: u16::from(fwd.q.query.query_type()),
+            decision: fwd.decision,
             rcode,
             learned,
             hold,
         });
+    }
+}
+
+/// A query on its way: who asked whom what, and what the policy said.
+struct Forward {
+    q: ClientQuery,
+    client: SocketAddr,
+    server: SocketAddr,
+    transport: Transport,
+    decision: Decision,
+    endpoint_id: crate::EndpointId,
+}
+
+enum Judged {
+    /// Finished: this answer (or none) goes to the client.
+    Done(Option<Vec<u8>>),
+    /// To be forwarded, with the client's message.
+    Forward(Forward, Vec<u8>),
+}
+
+type Confirmation = Pin<Box<dyn Future<Output = HoldOutcome> + Send>>;
+
+enum Answered {
+    Done(Option<Vec<u8>>),
+    /// Released when the confirmation resolves (bounded by responseMaxDelay).
+    Hold(Held, Confirmation),
+}
+
+struct Held {
+    fwd: Forward,
+    answer: Vec<u8>,
+    rcode: u16,
+    learned: crate::LearnedAnswer,
+    since: Instant,
+}
+
+/// Where a UDP answer goes: to `client`, from the listener, or in transparent mode from the
+/// address the client sent to (`from`).
+struct UdpReply {
+    listener: Arc<UdpSocket>,
+    from: Option<SocketAddr>,
+    client: SocketAddr,
+}
+
+impl UdpReply {
+    fn send(&self, answer: Vec<u8>) {
+        let client = self.client;
+        let sent = match self.from {
+            // The client asked another server: the answer must come from that address.
+            Some(from) => net::udp_reply_from(from).and_then(|s| s.send_to(&answer, client)),
+            None => self.listener.try_send_to(&answer, client),
+        };
+        match sent {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.from.is_none() => {
+                // The send buffer is full: wait for room off this path.
+                let listener = self.listener.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = listener.send_to(&answer, client).await {
+                        debug!(%client, error = %e, "UDP answer not sent");
+                    }
+                });
+            }
+            Err(e) => debug!(%client, error = %e, "UDP answer not sent"),
+        }
     }
 }
 
@@ -526,13 +685,17 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        // At most a batch per wake-up, then yield: under a steady stream the socket never runs
-        // dry, and the queries already taken (and their upstream answers) must get their turn.
+        // At most a batch per wake-up; when the socket did not run dry, yield so the answers
+        // waiting on the upstream sockets get their turn.
+        let mut drained = false;
         for _ in 0..RECV_BATCH {
             let (n, client, dst, truncated) =
                 match socket.try_io(Interest::READABLE, || net::recv_with_dst(fd, &mut buf)) {
                     Ok(r) => r,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        drained = true;
+                        break;
+                    }
                     Err(e) => {
                         debug!(%local, error = %e, "UDP receive failed");
                         break;
@@ -544,32 +707,11 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
                 continue;
             }
             let received_on = dst.unwrap_or(local);
-            let bytes = buf[..n].to_vec();
-            let shared = shared.clone();
-            let socket = socket.clone();
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let Some(answer) = shared
-                    .handle(Some(&pool), bytes, client, received_on, Transport::Udp)
-                    .await
-                else {
-                    return;
-                };
-                let sent = if shared.config.transparent && !shared.is_own(received_on) {
-                    // The client asked another server: the answer must come from that address.
-                    match net::udp_reply_from(received_on).and_then(UdpSocket::from_std) {
-                        Ok(s) => s.send_to(&answer, client).await,
-                        Err(e) => Err(e),
-                    }
-                } else {
-                    socket.send_to(&answer, client).await
-                };
-                if let Err(e) = sent {
-                    debug!(%client, error = %e, "UDP answer not sent");
-                }
-            });
+            shared.handle_udp(buf[..n].to_vec(), client, received_on, &socket, &pool);
         }
-        tokio::task::yield_now().await;
+        if !drained {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -652,10 +794,7 @@ async fn serve_tcp_connection<P: DnsPolicy, L: Learner>(
         let writer = writer.clone();
         let last_activity = last_activity.clone();
         tokio::spawn(async move {
-            if let Some(answer) = shared
-                .handle(None, frame, client, received_on, Transport::Tcp)
-                .await
-            {
+            if let Some(answer) = shared.handle_tcp(frame, client, received_on).await {
                 let Ok(len) = u16::try_from(answer.len()) else {
                     return;
                 };
