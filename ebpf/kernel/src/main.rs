@@ -87,8 +87,8 @@ const BPF_TCP_LISTEN: u32 = 10;
 /// BPF_F_CURRENT_NETNS (-1) as the helpers take it.
 const CURRENT_NETNS: u64 = u64::MAX;
 
-const OK: i32 = TC_ACT_OK as i32;
-const SHOT: i32 = TC_ACT_SHOT as i32;
+const OK: i32 = TC_ACT_OK;
+const SHOT: i32 = TC_ACT_SHOT;
 
 /// What the headers said.
 #[derive(Clone, Copy)]
@@ -260,7 +260,7 @@ fn parse(ctx: &TcContext, l3: usize, eth_proto: u16, f: &mut Flow) -> Result<boo
                 ty == 8 || ty == 0 || ty == 13 || ty == 14
             };
             let error = if v6 {
-                ty >= 1 && ty <= 4
+                (1..=4).contains(&ty)
             } else {
                 ty == 3 || ty == 11 || ty == 12
             };
@@ -336,19 +336,19 @@ fn ipcache_identity(f: &Flow, addr: &[u8; 16]) -> u32 {
             addr: [addr[0], addr[1], addr[2], addr[3]],
         };
         // SAFETY: values are plain integers; a concurrent update may tear nothing we rely on.
-        if let Some(v) = unsafe { FW_IPCACHE4_EXACT.get(&ip) } {
+        if let Some(v) = unsafe { FW_IPCACHE4_EXACT.get(ip) } {
             return v.identity;
         }
-        if let Some(v) = FW_IPCACHE4.get(&Key::new(32, ip)) {
+        if let Some(v) = FW_IPCACHE4.get(Key::new(32, ip)) {
             return v.identity;
         }
     } else {
         let ip = Ip6 { addr: *addr };
         // SAFETY: as above.
-        if let Some(v) = unsafe { FW_IPCACHE6_EXACT.get(&ip) } {
+        if let Some(v) = unsafe { FW_IPCACHE6_EXACT.get(ip) } {
             return v.identity;
         }
-        if let Some(v) = FW_IPCACHE6.get(&Key::new(128, ip)) {
+        if let Some(v) = FW_IPCACHE6.get(Key::new(128, ip)) {
             return v.identity;
         }
     }
@@ -384,13 +384,13 @@ fn lookup_identity(ep: u16, identity: u32, dir: u8, protocol: u8, port: u16) -> 
         _pad: 0,
     };
     // SAFETY: plain value read.
-    let bits = match unsafe { FW_POLICY_IDS.get(&idk) } {
-        Some(b) => *b,
-        None => return None,
+    let bits = {
+        let b = unsafe { FW_POLICY_IDS.get(idk) }?;
+        *b
     };
     if protocol != 0 && bits & proto_bit(protocol) != 0 {
         let (plen, key) = PolicyKey::new(ep, identity, dir, protocol, port, 16);
-        if let Some(v) = FW_POLICY.get(&Key::new(plen, key)) {
+        if let Some(v) = FW_POLICY.get(Key::new(plen, key)) {
             return Some(Hit {
                 value: *v,
                 protocol,
@@ -400,7 +400,7 @@ fn lookup_identity(ep: u16, identity: u32, dir: u8, protocol: u8, port: u16) -> 
     }
     if bits & proto_bit(0) != 0 {
         let (plen, key) = PolicyKey::new(ep, identity, dir, 0, port, 16);
-        if let Some(v) = FW_POLICY.get(&Key::new(plen, key)) {
+        if let Some(v) = FW_POLICY.get(Key::new(plen, key)) {
             return Some(Hit {
                 value: *v,
                 protocol: 0,
@@ -706,7 +706,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
     // SAFETY: reading the context's ifindex/len fields.
     let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
     // SAFETY: plain value.
-    let ep = match unsafe { FW_ENDPOINTS.get(&ifindex) } {
+    let ep = match unsafe { FW_ENDPOINTS.get(ifindex) } {
         Some(ep) => *ep,
         None => {
             count(counter::DROP_UNKNOWN_ENDPOINT);
@@ -768,7 +768,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
     s.fwd.protocol = s.f.protocol;
     s.fwd.flags = v6flag | dirflag;
     let syn_only = s.f.protocol == IPPROTO_TCP && s.f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(v) = FW_CT.get_ptr_mut(&s.fwd) {
+    if let Some(v) = FW_CT.get_ptr_mut(s.fwd) {
         // SAFETY: map value pointer valid for this program run.
         let (expires, flags, stats, proxy) = unsafe {
             (
@@ -796,7 +796,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
     s.other.endpoint_id = ep.endpoint_id;
     s.other.protocol = s.f.protocol;
     s.other.flags = v6flag | (dirflag ^ CT_KEY_EGRESS);
-    if let Some(v) = FW_CT.get_ptr_mut(&s.other) {
+    if let Some(v) = FW_CT.get_ptr_mut(s.other) {
         // SAFETY: as above.
         if unsafe { (*v).expires_ns } > t {
             ct_touch(v, &s.f, true, t);
@@ -811,7 +811,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
         s.other.flags = v6flag | (dirflag ^ CT_KEY_EGRESS);
         let mut related = false;
         // SAFETY: plain value read.
-        if let Some(v) = unsafe { FW_CT.get(&s.other) } {
+        if let Some(v) = unsafe { FW_CT.get(s.other) } {
             related = v.expires_ns > t;
         }
         if !related {
@@ -822,7 +822,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
             s.other.dport = p;
             s.other.flags = v6flag | dirflag;
             // SAFETY: as above.
-            if let Some(v) = unsafe { FW_CT.get(&s.other) } {
+            if let Some(v) = unsafe { FW_CT.get(s.other) } {
                 related = v.expires_ns > t;
             }
         }
@@ -916,7 +916,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
                     _pad0: 0,
                     _pad1: 0,
                 };
-                if FW_CT.insert(&s.fwd, &value, 0).is_err() {
+                if FW_CT.insert(s.fwd, value, 0).is_err() {
                     count(counter::CT_INSERT_FAILED);
                 }
                 if allowed && cfg.flags & CONFIG_FLAG_VERDICT_EVENTS != 0 {
