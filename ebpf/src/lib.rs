@@ -29,12 +29,14 @@
 mod error;
 pub mod events;
 mod routing;
+mod sys;
 pub mod testrun;
 mod types;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -501,6 +503,7 @@ impl BpfDatapath {
         inner.attachments.insert(
             ifindex,
             Attachment {
+                program_ids: [0; 2],
                 ifindex,
                 ifname: ifname.clone(),
                 kind,
@@ -515,6 +518,10 @@ impl BpfDatapath {
         let _ = qdisc_add_clsact(&ifname);
         for (prog, ingress) in [(ing, true), (egr, false)] {
             if inner.links.contains_key(&(ifindex, ingress)) {
+                // Adopted (or attached before): swap in this loader's program in one step,
+                // so an upgraded agent runs its own code with no gap in enforcement.
+                let path = link_path(&self.pin_dir, ifindex, ingress);
+                inner.update_link(prog, &path)?;
                 continue;
             }
             let path = link_path(&self.pin_dir, ifindex, ingress);
@@ -530,6 +537,21 @@ impl BpfDatapath {
             }
         }
         Ok(())
+    }
+
+    /// The programs this datapath loaded: (name, kernel program id).
+    pub fn programs(&self) -> Result<Vec<(&'static str, u32)>, Error> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for name in [
+            prog_names::FROM_ENDPOINT,
+            prog_names::TO_ENDPOINT,
+            prog_names::HOST_INGRESS,
+            prog_names::HOST_EGRESS,
+        ] {
+            out.push((name, inner.prog_id(name)?));
+        }
+        Ok(out)
     }
 
     /// Attaches the endpoint programs to an endpoint's host-side interface.
@@ -1088,7 +1110,20 @@ impl BpfDatapath {
         Ok(Status {
             pin_dir: self.pin_dir.clone(),
             adopted: self.adopted,
-            attachments: inner.attachments.values().cloned().collect(),
+            attachments: inner
+                .attachments
+                .values()
+                .map(|a| {
+                    let mut a = a.clone();
+                    for (i, ingress) in [true, false].into_iter().enumerate() {
+                        let path = link_path(&self.pin_dir, a.ifindex, ingress);
+                        a.program_ids[i] = sys::obj_get(&path)
+                            .and_then(|fd| sys::link_prog_id(fd.as_fd()))
+                            .unwrap_or(0);
+                    }
+                    a
+                })
+                .collect(),
             maps,
             counters,
             map_full_errors: self.map_full_errors.load(Ordering::Relaxed),
@@ -1247,6 +1282,7 @@ impl Inner {
             self.attachments.insert(
                 ifindex,
                 Attachment {
+                    program_ids: [0; 2],
                     ifindex,
                     ifname: name,
                     kind: if flags & c::EP_FLAG_HOST != 0 {
@@ -1319,6 +1355,43 @@ impl Inner {
             path: path.to_path_buf(),
             message: e.to_string(),
         })
+    }
+
+    fn prog_id(&self, name: &'static str) -> Result<u32, Error> {
+        let p: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| Error::Command(format!("program {name} missing")))?
+            .try_into()
+            .map_err(|source| Error::Program {
+                program: name,
+                source,
+            })?;
+        let info = p.info().map_err(|source| Error::Program {
+            program: name,
+            source,
+        })?;
+        Ok(info.id())
+    }
+
+    fn update_link(&mut self, prog: &'static str, path: &Path) -> Result<(), Error> {
+        let p: &SchedClassifier = self
+            .ebpf
+            .program(prog)
+            .ok_or_else(|| Error::Command(format!("program {prog} missing")))?
+            .try_into()
+            .map_err(|source| Error::Program {
+                program: prog,
+                source,
+            })?;
+        let pfd = p.fd().map_err(|source| Error::Program {
+            program: prog,
+            source,
+        })?;
+        let link =
+            sys::obj_get(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        sys::link_update(link.as_fd(), pfd.as_fd())
+            .map_err(|e| Error::io(format!("replacing the program of {}", path.display()), e))
     }
 
     fn stats(&self, slot: u32) -> Result<(u64, u64), Error> {

@@ -152,6 +152,8 @@ pub struct Attachment {
     pub ifname: String,
     pub kind: AttachKind,
     pub endpoint: EndpointSpec,
+    /// Kernel ids of the programs on its ingress and egress hooks (in `status`; 0 unknown).
+    pub program_ids: [u32; 2],
 }
 
 /// Fill level of one map.

@@ -468,6 +468,34 @@ fn pinned_state_survives_the_loader_and_is_adopted() {
     let rows = dp.policy_entries(12).unwrap();
     assert_eq!(rows.len(), 1);
     assert!(rows[0].packets > 0, "counters survive: {rows:?}");
+    // The links still run the previous loader's programs; attaching again swaps in this
+    // loader's programs atomically (an upgraded agent runs its own code).
+    let mine: Vec<u32> = dp.programs().unwrap().iter().map(|p| p.1).collect();
+    let before = st.attachments[0].program_ids;
+    assert!(
+        before[0] != 0 && !mine.contains(&before[0]),
+        "{before:?} {mine:?}"
+    );
+    let dpr: &'static ebpf::BpfDatapath = unsafe_static(&dp);
+    let ifindex = b.client(1).ifindex;
+    b.router.run(move || {
+        dpr.attach(
+            ifindex,
+            ebpf::AttachKind::Endpoint,
+            ebpf::EndpointSpec {
+                id: 12,
+                identity: 300,
+                flags: ENFORCE,
+            },
+        )
+        .unwrap()
+    });
+    let after = dp.status().unwrap().attachments[0].program_ids;
+    assert_eq!(after, [mine[0], mine[1]]);
+    assert!(
+        tcp(c, sa(b.world_v4, 9090), SHORT).is_err(),
+        "still enforcing"
+    );
     // The adopted loader reconciles with the newly computed state: only differences are
     // written (9090 added, 8080 gone; the ipcache entry unchanged).
     let (added, deleted) = dp
