@@ -174,7 +174,6 @@ pub(crate) struct CompiledPeerRule {
 
 #[derive(Debug)]
 struct CompiledRule {
-    policy: Arc<Policy>,
     subject: Subject,
     default_deny: PerDir<bool>,
     enforcing: Arc<RuleRef>,
@@ -1580,7 +1579,6 @@ impl Engine {
         self.rules.insert(
             rid,
             CompiledRule {
-                policy: pol.clone(),
                 subject: rule.subject.clone(),
                 default_deny: rule.default_deny,
                 enforcing: mk_ref(rule.span),
@@ -1597,7 +1595,6 @@ impl Engine {
         let Some(r) = self.rules.remove(&rid) else {
             return;
         };
-        let _ = &r.policy;
         for s in r.selectors {
             if self.sel.release_selector(s) {
                 self.selector_users.remove(&s);
