@@ -553,6 +553,8 @@ struct Forward {
     endpoint_id: crate::EndpointId,
 }
 
+// Built and moved once per query: boxing the large variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Judged {
     /// Finished: this answer (or none) goes to the client.
     Done(Option<Vec<u8>>),
@@ -562,6 +564,7 @@ enum Judged {
 
 type Confirmation = Pin<Box<dyn Future<Output = HoldOutcome> + Send>>;
 
+#[allow(clippy::large_enum_variant)] // as for Judged
 enum Answered {
     Done(Option<Vec<u8>>),
     /// Released when the confirmation resolves (bounded by responseMaxDelay).
