@@ -249,31 +249,45 @@ pub enum DnsVerdict {
     },
     Unrestricted,
     Rules {
-        rules: Vec<(DnsRule, Arc<RuleRef>)>,
+        /// The `rules.dns` lists (always `L7Rules::Dns`) shared with the policy, with the
+        /// rule each comes from: no per-query copies.
+        rules: Vec<(Arc<L7Rules>, Arc<RuleRef>)>,
         allow_all: bool,
     },
 }
 
 impl DnsVerdict {
+    /// Every DNS rule that applies, with the rule it comes from.
+    pub fn dns_rules(&self) -> impl Iterator<Item = (&DnsRule, &Arc<RuleRef>)> {
+        let rules: &[(Arc<L7Rules>, Arc<RuleRef>)] = match self {
+            DnsVerdict::Rules { rules, .. } => rules,
+            _ => &[],
+        };
+        rules.iter().flat_map(|(r, origin)| {
+            let list: &[DnsRule] = match r.as_ref() {
+                L7Rules::Dns(list) => list,
+                _ => &[],
+            };
+            list.iter().map(move |d| (d, origin))
+        })
+    }
+
     /// Whether a query for `name` is allowed.
     pub fn allows(&self, name: &DnsName) -> bool {
         match self {
             DnsVerdict::Denied { .. } => false,
             DnsVerdict::Unrestricted => true,
-            DnsVerdict::Rules { rules, allow_all } => {
-                *allow_all || rules.iter().any(|(r, _)| r.matches(name))
+            DnsVerdict::Rules { allow_all, .. } => {
+                *allow_all || self.dns_rules().any(|(r, _)| r.matches(name))
             }
         }
     }
 
     /// The rule that allows `name`, when one does.
     pub fn matching_rule(&self, name: &DnsName) -> Option<&Arc<RuleRef>> {
-        match self {
-            DnsVerdict::Rules { rules, .. } => {
-                rules.iter().find(|(r, _)| r.matches(name)).map(|(_, o)| o)
-            }
-            _ => None,
-        }
+        self.dns_rules()
+            .find(|(r, _)| r.matches(name))
+            .map(|(_, o)| o)
     }
 }
 
@@ -1198,16 +1212,8 @@ impl Engine {
                     protocol.number(),
                     port,
                 );
-                let mut rules = Vec::new();
-                for (r, origin) in &l7.rules {
-                    if let L7Rules::Dns(list) = r.as_ref() {
-                        for d in list {
-                            rules.push((d.clone(), origin.clone()));
-                        }
-                    }
-                }
                 DnsVerdict::Rules {
-                    rules,
+                    rules: l7.rules,
                     allow_all: l7.allow_all,
                 }
             }
