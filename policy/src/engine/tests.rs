@@ -1566,3 +1566,78 @@ fn scale_full_incremental_and_lookup() {
         ms.len()
     );
 }
+
+#[test]
+fn a_policy_change_touches_only_selected_endpoints_and_keeps_identities() {
+    let mut e = engine();
+    let mut m = Mirror::new(&e);
+    m.apply(&e.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &[])));
+    m.apply(&e.upsert_endpoint(ep(2, "b", "x", &[("app", "b")], &[])));
+    m.apply(&e.set_policies(
+        "world.yaml",
+        pols(
+            "world.yaml",
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: b-out, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: b}}
+  egress: [{toCIDR: [0.0.0.0/0]}]
+"#,
+        ),
+    ));
+    let v1 = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: a-out, namespace: x}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toCIDR: [10.0.0.0/8]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"#;
+    let c = e.set_policies("a.yaml", pols("a.yaml", v1));
+    m.apply(&c);
+    // a is recomputed; b only gains the new CIDR identity (its 0.0.0.0/0 rule selects it).
+    let cidr = c.identities_added[0];
+    let b_diff = &c.maps.iter().find(|(id, _)| *id == 2).unwrap().1;
+    assert!(b_diff.adds.iter().all(|(k, _)| k.identity == cidr));
+    assert!(b_diff.deletes.is_empty());
+    // Same prefix, another port: the identity stays, only a changes.
+    let v2 = v1.replace("\"80\"", "\"443\"");
+    let c = e.set_policies("a.yaml", pols("a.yaml", &v2));
+    assert!(c.identities_added.is_empty() && c.identities_removed.is_empty());
+    assert!(c.ipcache_upserts.is_empty() && c.ipcache_deletes.is_empty());
+    assert!(!c.prefixes_changed);
+    assert_eq!(
+        c.maps.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![1]
+    );
+    m.apply(&c);
+    m.check(&e);
+    verify(&e);
+    assert_eq!(look(&e, 1, Egress, cidr, Protocol::Tcp, 443), Allow);
+    assert_eq!(look(&e, 1, Egress, cidr, Protocol::Tcp, 80), NoMatch);
+    // An unrelated file changes nothing in either map.
+    let c = e.set_policies(
+        "other.yaml",
+        pols(
+            "other.yaml",
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: other, namespace: y}
+spec:
+  endpointSelector: {}
+  ingress: [{}]
+"#,
+        ),
+    );
+    assert!(c.maps.is_empty());
+    assert_eq!(
+        e.sources().collect::<Vec<_>>(),
+        vec!["a.yaml", "other.yaml", "world.yaml"]
+    );
+    assert_eq!(e.policies().count(), 3);
+}
