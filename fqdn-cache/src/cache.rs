@@ -681,7 +681,8 @@ impl Manager {
             if unused {
                 let set = self.sets.remove(&id).expect("checked");
                 self.set_ids[set.family as usize].remove(&set.sels);
-                if !tx.created.contains(&id) {
+                // Handles only grow, so `created` is sorted.
+                if tx.created.binary_search(&id).is_err() {
                     changes.identities_released.push(FqdnIdentity(id));
                 }
             }

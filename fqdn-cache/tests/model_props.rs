@@ -196,3 +196,114 @@ proptest! {
         }
     }
 }
+
+#[derive(Debug, Clone)]
+enum ZOp {
+    Learn {
+        ep: u16,
+        name: usize,
+        chain: Option<usize>,
+        ips: Vec<u8>,
+        ttl: u32,
+    },
+    Advance(u64),
+    Select(Vec<bool>),
+    Clean(Option<u16>, Option<usize>),
+    /// Opens or closes the connection of (endpoint, ip).
+    Connection(u16, u8, bool),
+    Recheck(Option<u16>),
+}
+
+fn zop() -> impl Strategy<Value = ZOp> {
+    prop_oneof![
+        5 => (0u16..3, 0..NAMES.len(), prop::option::of(0..NAMES.len()),
+              prop::collection::vec(0u8..6, 1..5), 0u32..20)
+            .prop_map(|(ep, name, chain, ips, ttl)| ZOp::Learn { ep, name, chain, ips, ttl }),
+        3 => (0u64..12_000).prop_map(ZOp::Advance),
+        1 => prop::collection::vec(any::<bool>(), 5).prop_map(ZOp::Select),
+        1 => (prop::option::of(0u16..3), prop::option::of(0..NAMES.len()))
+            .prop_map(|(e, n)| ZOp::Clean(e, n)),
+        3 => (0u16..3, 0u8..6, any::<bool>()).prop_map(|(e, i, open)| ZOp::Connection(e, i, open)),
+        1 => prop::option::of(0u16..3).prop_map(ZOp::Recheck),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// With zombies and `maxIPsPerHostname` in play, the applied changes always match what
+    /// the cache itself lists (lookups and zombies), and when every connection closes and
+    /// every TTL ends nothing is left but the preallocated identities.
+    #[test]
+    fn changes_track_the_listed_state(ops in prop::collection::vec(zop(), 1..50)) {
+        let pool = selector_pool();
+        let mut cache = FqdnCache::new(Config { min_ttl: 0, max_ips_per_hostname: 2, zombie_recheck_secs: 5 });
+        let mut applied = Applied::default();
+        let mut open: std::collections::HashSet<(u16, IpAddr)> = Default::default();
+        let mut selected: Vec<bool> = vec![false; pool.len()];
+        let mut now = 1_000_000u64;
+        for op in ops {
+            let t = Timestamp::from_unix_millis(now);
+            match op {
+                ZOp::Learn { ep, name, chain, ips, ttl } => {
+                    let qname = DnsName::new(NAMES[name]);
+                    let chain: Vec<DnsName> = chain.map(|c| DnsName::new(NAMES[c])).into_iter().collect();
+                    let ips: Vec<IpAddr> = ips.into_iter().map(addr).collect();
+                    applied.apply(cache.learn(&Answer { endpoint: ep, qname: &qname, chain: &chain, ips: &ips, ttl }, t, &open))?;
+                }
+                ZOp::Advance(ms) => {
+                    now += ms;
+                    applied.apply(cache.expire(Timestamp::from_unix_millis(now), &open))?;
+                }
+                ZOp::Select(mask) => {
+                    selected = mask;
+                    let set: BTreeSet<FqdnSelector> = pool.iter().zip(&selected)
+                        .filter(|(_, &on)| on).map(|(s, _)| s.clone()).collect();
+                    applied.apply(cache.set_selectors(set))?;
+                }
+                ZOp::Clean(ep, name) => {
+                    let filter = name.map(|n| FqdnSelector::MatchName(DnsName::new(NAMES[n])));
+                    applied.apply(cache.clean(ep, filter.as_ref()))?;
+                }
+                ZOp::Connection(ep, i, is_open) => {
+                    if is_open { open.insert((ep, addr(i))); } else { open.remove(&(ep, addr(i))); }
+                }
+                ZOp::Recheck(ep) => applied.apply(cache.recheck_zombies(ep, &open))?,
+            }
+            let active: Vec<&FqdnSelector> = pool.iter().zip(&selected).filter(|(_, &on)| on).map(|(s, _)| s).collect();
+            let mut names_of: HashMap<IpAddr, BTreeSet<DnsName>> = HashMap::new();
+            let mut per_name: HashMap<(u16, DnsName), usize> = HashMap::new();
+            for row in cache.list(None, None) {
+                for ip in &row.ips {
+                    names_of.entry(*ip).or_default().insert(row.name.clone());
+                }
+                if row.source == fqdn_cache::Source::Lookup {
+                    *per_name.entry((row.endpoint, row.name.clone())).or_default() += row.ips.len();
+                }
+            }
+            prop_assert!(per_name.values().all(|&n| n <= 2), "maxIPsPerHostname exceeded");
+            let mut expected: HashMap<IpNet, LabelSet> = HashMap::new();
+            for (ip, names) in &names_of {
+                let matching: Vec<&FqdnSelector> = active.iter().copied()
+                    .filter(|s| names.iter().any(|n| s.matches(n))).collect();
+                if !matching.is_empty() {
+                    expected.insert(IpNet::from(*ip), labels_for(&matching, ip.is_ipv6()));
+                }
+            }
+            let actual: HashMap<IpNet, LabelSet> = applied.ipcache.iter()
+                .map(|(net, id)| (*net, applied.identities[id].clone())).collect();
+            prop_assert_eq!(&actual, &expected);
+        }
+        // Every connection closes and every lifetime ends: only the preallocated remain.
+        open.clear();
+        applied.apply(cache.recheck_zombies(None, &open))?;
+        now += 1_000_000;
+        applied.apply(cache.expire(Timestamp::from_unix_millis(now), &open))?;
+        prop_assert!(applied.ipcache.is_empty());
+        prop_assert_eq!(cache.next_expiry(), None);
+        let stats = cache.stats();
+        prop_assert_eq!((stats.names, stats.ips, stats.entries, stats.zombies), (0, 0, 0, 0));
+        prop_assert_eq!(applied.identities.len(), 2 * selected.iter().filter(|&&on| on).count());
+        prop_assert_eq!(stats.identities, applied.identities.len());
+    }
+}
