@@ -32,7 +32,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
 
@@ -394,7 +394,17 @@ pub struct Engine {
     policy_prefixes: BTreeMap<IpNet, PolicyPrefix>,
     named_all: NamedPorts,
     named_by_identity: IdMap<NamedPorts>,
+    /// Prepared DNS matchers by (endpoint, server identity, port, protocol), for the DNS
+    /// proxy's per-query question. Emptied when policies or endpoints change; an identity
+    /// coming or going drops only its own entries (prefix changes touch none).
+    dns_cache: Mutex<HashMap<DnsKey, Arc<DnsMatcher>>>,
 }
+
+/// (endpoint, server identity, port, protocol number).
+type DnsKey = (u16, NumericIdentity, u16, u8);
+
+/// Bound on prepared DNS matchers (the cache starts over when it is reached).
+const DNS_CACHE_MAX: usize = 4096;
 
 fn host_net(ip: IpAddr) -> IpNet {
     IpNet::from(ip)
@@ -724,6 +734,7 @@ impl Engine {
             policy_prefixes: BTreeMap::new(),
             named_all: NamedPorts::new(),
             named_by_identity: IdMap::default(),
+            dns_cache: Mutex::new(HashMap::new()),
         }
     }
 
@@ -741,6 +752,7 @@ impl Engine {
     /// Adds or replaces an endpoint (the host endpoint has `is_host` and identity 1).
     pub fn upsert_endpoint(&mut self, mut ep: Endpoint) -> Changes {
         let mut p = Pending::default();
+        self.forget_dns(None);
         let mut old = self.endpoints.remove(&ep.id);
         match &mut old {
             Some(o) => {
@@ -823,6 +835,7 @@ impl Engine {
     /// ipcache, and its identity is released.
     pub fn remove_endpoint(&mut self, id: u16) -> Changes {
         let mut p = Pending::default();
+        self.forget_dns(None);
         let Some(mut st) = self.endpoints.remove(&id) else {
             return Changes::default();
         };
@@ -853,6 +866,7 @@ impl Engine {
     /// recomputed once.
     pub fn set_policy_sources(&mut self, updates: Vec<(String, Vec<Policy>)>) -> Changes {
         let mut p = Pending::default();
+        self.forget_dns(None);
         let mut old_rules: Vec<RuleId> = Vec::new();
         let mut new_rules: Vec<RuleId> = Vec::new();
         for (source, policies) in updates {
@@ -927,6 +941,7 @@ impl Engine {
         let mut p = Pending::default();
         let (id, new) = self.ids.allocate(labels);
         if new {
+            self.forget_dns(Some(id));
             p.identities_added.push(id);
             self.identity_appeared(id, &mut p);
         }
@@ -936,6 +951,7 @@ impl Engine {
     /// Drops one user of an identity; when it was the last, its entries leave every map.
     pub fn release_identity(&mut self, id: NumericIdentity) -> Changes {
         let mut p = Pending::default();
+        self.forget_dns(Some(id));
         self.release_identity_inner(id, &mut p);
         self.finish(p)
     }
@@ -962,6 +978,7 @@ impl Engine {
     /// Changes where the proxies listen: every redirect entry is rewritten.
     pub fn set_proxy_ports(&mut self, ports: ProxyPorts) -> Changes {
         let mut p = Pending::default();
+        self.forget_dns(None);
         if ports != self.proxy_ports {
             self.proxy_ports = ports;
             let ids: Vec<u16> = self.endpoints.keys().copied().collect();
@@ -1222,6 +1239,43 @@ impl Engine {
                 rules: st.policy.egress.enforcing.clone(),
             },
         })
+    }
+
+    /// [`dns_rules_for`](Self::dns_rules_for) prepared for many queries (indexed names and
+    /// patterns) and cached until the policy of the endpoint may have changed. This is what
+    /// the DNS proxy should ask per query.
+    pub fn dns_matcher(
+        &self,
+        ep: u16,
+        server_identity: NumericIdentity,
+        port: u16,
+        protocol: Protocol,
+    ) -> Option<Arc<DnsMatcher>> {
+        let key = (ep, server_identity, port, protocol.number());
+        let mut cache = self.dns_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cache.get(&key) {
+            return Some(m.clone());
+        }
+        let m = Arc::new(DnsMatcher::new(self.dns_rules_for(
+            ep,
+            server_identity,
+            port,
+            protocol,
+        )?));
+        if cache.len() >= DNS_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, m.clone());
+        Some(m)
+    }
+
+    /// Drops prepared DNS matchers: all, or those asking about one server identity.
+    fn forget_dns(&mut self, identity: Option<NumericIdentity>) {
+        let cache = self.dns_cache.get_mut().unwrap_or_else(|e| e.into_inner());
+        match identity {
+            None => cache.clear(),
+            Some(id) => cache.retain(|k, _| k.1 != id),
+        }
     }
 
     // ----- internals used by trace -----
@@ -1690,6 +1744,9 @@ impl Engine {
         c
     }
 }
+
+mod dns;
+pub use dns::DnsMatcher;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -1641,3 +1641,40 @@ spec:
     );
     assert_eq!(e.policies().count(), 3);
 }
+
+#[test]
+fn dns_matcher_is_cached_and_follows_policy_changes() {
+    let mut e = engine();
+    e.upsert_endpoint(ep(1, "a", "x", &[("app", "a")], &[]));
+    e.upsert_endpoint(ep(
+        9,
+        "dns",
+        "kube-system",
+        &[("k8s-app", "kube-dns")],
+        &["10.96.0.10"],
+    ));
+    e.set_policies("f.yaml", pols("f.yaml", FQDN_POLICY));
+    let dns = id_of(&e, 9);
+    let yes = DnsName::new("api.example.com");
+    let m1 = e.dns_matcher(1, dns, 53, Protocol::Udp).unwrap();
+    assert!(m1.allows(&yes) && !m1.allows(&DnsName::new("example.org")));
+    assert_eq!(
+        m1.verdict(),
+        &e.dns_rules_for(1, dns, 53, Protocol::Udp).unwrap()
+    );
+    let m2 = e.dns_matcher(1, dns, 53, Protocol::Udp).unwrap();
+    assert!(Arc::ptr_eq(&m1, &m2));
+    // Learning (identities, prefixes) keeps the prepared matcher.
+    let (fid, _) = e.upsert_identity(fqdn_labels(&["*.example.com."]));
+    e.upsert_prefix("93.184.216.34/32".parse().unwrap(), fid);
+    assert!(Arc::ptr_eq(
+        &m1,
+        &e.dns_matcher(1, dns, 53, Protocol::Udp).unwrap()
+    ));
+    // A policy change starts over.
+    e.set_policies("f.yaml", vec![]);
+    let m3 = e.dns_matcher(1, dns, 53, Protocol::Udp).unwrap();
+    assert!(!Arc::ptr_eq(&m1, &m3));
+    assert_eq!(m3.verdict(), &DnsVerdict::Unrestricted);
+    assert!(e.dns_matcher(42, dns, 53, Protocol::Udp).is_none());
+}
