@@ -206,6 +206,24 @@ fn bench_cache(c: &mut Criterion) {
             black_box(cache.lookup(1, &names[j as usize]))
         })
     });
+    // A policy change adding one selector that matches 100 learned names (1,000 IPs) and
+    // the next one removing it: each call re-indexes the 10,000 selectors, matches every
+    // learned name against the change, and moves the affected IPs to their new identity.
+    let base: BTreeSet<FqdnSelector> = selectors(10_000).into_iter().collect();
+    let mut with_extra = base.clone();
+    with_extra.insert(FqdnSelector::MatchPattern(
+        FqdnPattern::parse("host1*.d1*.example.com").unwrap(),
+    ));
+    let mut added = false;
+    group.sample_size(10);
+    group.bench_function("set_selectors_add_or_remove_one", |b| {
+        b.iter(|| {
+            added = !added;
+            let sels = if added { &with_extra } else { &base };
+            black_box(cache.set_selectors(sels.clone()))
+        })
+    });
+    group.sample_size(100);
     group.bench_function("identity_of_ip", |b| {
         b.iter(|| {
             j = (j + 7919) % 1_000_000;
