@@ -28,6 +28,7 @@ pub enum Reason {
     UnknownEndpoint,
     ProxyUnavailable,
     Malformed,
+    FragmentUnknown,
     Other(u8),
 }
 
@@ -40,6 +41,7 @@ impl Reason {
             c::REASON_UNKNOWN_ENDPOINT => Reason::UnknownEndpoint,
             c::REASON_PROXY_UNAVAILABLE => Reason::ProxyUnavailable,
             c::REASON_MALFORMED => Reason::Malformed,
+            c::REASON_FRAGMENT_UNKNOWN => Reason::FragmentUnknown,
             o => Reason::Other(o),
         }
     }
@@ -52,6 +54,7 @@ impl Reason {
             Reason::UnknownEndpoint => "unknown-endpoint",
             Reason::ProxyUnavailable => "proxy-unavailable",
             Reason::Malformed => "malformed",
+            Reason::FragmentUnknown => "fragment-unknown",
             Reason::Other(_) => "other",
         }
     }

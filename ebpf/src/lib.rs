@@ -1051,15 +1051,18 @@ impl BpfDatapath {
         let inner = self.lock();
         let mut out = Vec::new();
         for (i, name) in c::counter::NAMES.iter().enumerate() {
-            let v = inner
-                .maps
-                .counters
-                .get(&(i as u32), 0)
-                .map_err(|source| Error::Map {
-                    map: names::COUNTERS,
-                    source,
-                })?;
-            out.push((*name, v.iter().sum()));
+            // An adopted map of an older build may lack the newest counters: they read 0.
+            let v = match inner.maps.counters.get(&(i as u32), 0) {
+                Ok(v) => v.iter().sum(),
+                Err(MapError::OutOfBounds { .. }) => 0,
+                Err(source) => {
+                    return Err(Error::Map {
+                        map: names::COUNTERS,
+                        source,
+                    })
+                }
+            };
+            out.push((*name, v));
         }
         Ok(out)
     }

@@ -684,3 +684,37 @@ fn policy_verdict_events_name_the_deciding_entry() {
         })
     );
 }
+
+#[test]
+fn fragmented_datagrams_pass_both_ways() {
+    let Some(b) = bed(1) else { return };
+    let _srv = Servers::start(&b.world, &[6000]);
+    b.attach(1, 15, 300, ENFORCE);
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID)
+        .unwrap();
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/128", b.world_v6)), WORLD_ID)
+        .unwrap();
+    b.dp()
+        .apply_policy_diff(15, &[(egress(WORLD_ID, UDP, 6000, 16), allow())], &[])
+        .unwrap();
+    let c = &b.client(1).ns;
+    // 4000 bytes over a 1500-byte MTU: three fragments each way; the later ones carry no
+    // ports and must be matched to their datagram.
+    let r = udp_big(c, sa(b.world_v4, 6000), 4000, SHORT);
+    assert_eq!(r, Ok(4005), "{:?}", b.dp().counters().unwrap());
+    // The first IPv6 exchange of fresh namespaces may wait for neighbour discovery.
+    let r = udp_big(c, sa(b.world_v6, 6000), 4000, Duration::from_secs(3));
+    assert_eq!(r, Ok(4005), "{:?}", b.dp().counters().unwrap());
+    // A port the policy does not allow: every fragment is dropped by policy (the later ones
+    // get their datagram's ports from the first).
+    let before = b.dp().counters().unwrap();
+    assert!(udp_big(c, sa(b.world_v4, 6001), 4000, SHORT).is_err());
+    let counters = b.dp().counters().unwrap();
+    let get = |v: &[(&str, u64)], n: &str| v.iter().find(|(k, _)| *k == n).unwrap().1;
+    assert!(
+        get(&counters, "drop_policy") >= get(&before, "drop_policy") + 3,
+        "{counters:?}"
+    );
+}

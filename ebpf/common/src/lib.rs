@@ -354,6 +354,8 @@ pub const REASON_UNKNOWN_ENDPOINT: u8 = 3;
 pub const REASON_PROXY_UNAVAILABLE: u8 = 4;
 /// The headers could not be read.
 pub const REASON_MALFORMED: u8 = 5;
+/// A later fragment of a datagram whose first fragment was not seen.
+pub const REASON_FRAGMENT_UNKNOWN: u8 = 6;
 
 pub const MATCH_NONE: u8 = 0;
 /// An entry of the remote's identity.
@@ -379,7 +381,9 @@ pub mod counter {
     pub const EVENTS_LOST: u32 = 11;
     pub const RELATED_ICMP: u32 = 12;
     pub const NON_IP: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// Later fragments without a known first fragment (dropped).
+    pub const DROP_FRAGMENT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const NAMES: [&str; COUNT as usize] = [
         "packets",
         "allowed_new",
@@ -395,6 +399,7 @@ pub mod counter {
         "events_lost",
         "related_icmp",
         "non_ip",
+        "drop_fragment",
     ];
 }
 

@@ -63,6 +63,7 @@ struct Scratch {
     /// The reverse key, then the keys of an ICMP error's quoted packet.
     other: CtKey,
     tuple: bpf_sock_tuple,
+    frag: FragKey,
 }
 
 #[map]
@@ -106,7 +107,40 @@ struct Flow {
     dport: u16,
     /// Port the policy matches (ICMP: the type).
     policy_port: u16,
+    /// `FRAG_*`.
+    frag: u8,
+    /// IPv4 identification / IPv6 fragment id.
+    frag_id: u32,
 }
+
+const FRAG_NONE: u8 = 0;
+/// First fragment of several: carries the transport header.
+const FRAG_FIRST: u8 = 1;
+/// A later fragment: no transport header.
+const FRAG_LATER: u8 = 2;
+
+/// A fragmented datagram, for finding the ports of its later fragments.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FragKey {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    id: u32,
+    protocol: u8,
+    family: u8,
+    _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FragPorts {
+    sport: u16,
+    dport: u16,
+}
+
+/// Ports of recent first fragments (small and LRU: a datagram's fragments arrive together).
+#[map]
+static FW_FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(8192, 0);
 
 #[inline(always)]
 fn count(idx: u32) {
@@ -177,8 +211,9 @@ fn parse(ctx: &TcContext, l3: usize, eth_proto: u16, f: &mut Flow) -> Result<boo
     f.sport = 0;
     f.dport = 0;
     f.policy_port = 0;
+    f.frag = FRAG_NONE;
+    f.frag_id = 0;
     let l4;
-    let mut first_fragment = true;
     if eth_proto == ETH_P_IP {
         // One read of the fixed header.
         let ip: [u8; 20] = load_fast(ctx, ETH_HLEN)?;
@@ -189,9 +224,13 @@ fn parse(ctx: &TcContext, l3: usize, eth_proto: u16, f: &mut Flow) -> Result<boo
         if ihl < 20 {
             return Err(());
         }
-        if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
-            first_fragment = false;
+        let flags_off = u16::from_be_bytes([ip[6], ip[7]]);
+        if flags_off & 0x1fff != 0 {
+            f.frag = FRAG_LATER;
+        } else if flags_off & 0x2000 != 0 {
+            f.frag = FRAG_FIRST;
         }
+        f.frag_id = u16::from_be_bytes([ip[4], ip[5]]) as u32;
         f.protocol = ip[9];
         f.saddr[..4].copy_from_slice(&ip[12..16]);
         f.daddr[..4].copy_from_slice(&ip[16..20]);
@@ -207,18 +246,23 @@ fn parse(ctx: &TcContext, l3: usize, eth_proto: u16, f: &mut Flow) -> Result<boo
         while i < 4 {
             if is_ext_header(nh) {
                 let hdr: [u8; 2] = load(ctx, off)?;
+                let cur = nh;
                 nh = hdr[0];
-                off += if nh == 51 {
+                off += if cur == 51 {
                     (hdr[1] as usize + 2) * 4
                 } else {
                     (hdr[1] as usize + 1) * 8
                 };
             } else if nh == 44 {
-                let hdr: [u8; 4] = load(ctx, off)?;
+                let hdr: [u8; 8] = load(ctx, off)?;
                 nh = hdr[0];
-                if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
-                    first_fragment = false;
+                let of = u16::from_be_bytes([hdr[2], hdr[3]]);
+                if of & 0xfff8 != 0 {
+                    f.frag = FRAG_LATER;
+                } else if of & 1 != 0 {
+                    f.frag = FRAG_FIRST;
                 }
+                f.frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
                 off += 8;
             } else {
                 break;
@@ -230,8 +274,8 @@ fn parse(ctx: &TcContext, l3: usize, eth_proto: u16, f: &mut Flow) -> Result<boo
     } else {
         return Ok(false);
     }
-    if !first_fragment {
-        // Later fragments carry no transport header: ports stay 0.
+    if f.frag == FRAG_LATER {
+        // No transport header: the ports come from the first fragment (in `process`).
         return Ok(true);
     }
     match f.protocol {
@@ -327,6 +371,37 @@ fn parse_inner(ctx: &TcContext, f: &Flow, k: &mut CtKey) -> Result<(), ()> {
         _ => {}
     }
     Ok(())
+}
+
+/// Remembers the ports of a first fragment, or gives a later fragment the ports of its
+/// datagram. Err: a later fragment of an unknown datagram.
+#[inline(always)]
+fn track_fragment(s: &mut Scratch) -> Result<(), ()> {
+    s.frag.saddr = s.f.saddr;
+    s.frag.daddr = s.f.daddr;
+    s.frag.id = s.f.frag_id;
+    s.frag.protocol = s.f.protocol;
+    s.frag.family = s.f.family;
+    s.frag._pad = 0;
+    if s.f.frag == FRAG_FIRST {
+        let ports = FragPorts {
+            sport: s.f.sport,
+            dport: s.f.dport,
+        };
+        // A failed insert only costs the later fragments (dropped as unknown).
+        let _ = FW_FRAGS.insert(&s.frag, &ports, 0);
+        return Ok(());
+    }
+    // SAFETY: plain value read.
+    match unsafe { FW_FRAGS.get(&s.frag) } {
+        Some(p) => {
+            s.f.sport = p.sport;
+            s.f.dport = p.dport;
+            s.f.policy_port = p.dport;
+            Ok(())
+        }
+        None => Err(()),
+    }
 }
 
 #[inline(always)]
@@ -749,9 +824,30 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
             return SHOT;
         }
     }
-    // Neighbour discovery keeps IPv6 working whatever the policy says (as Cilium does).
-    if s.f.protocol == IPPROTO_ICMPV6 && s.f.policy_port >= 133 && s.f.policy_port <= 137 {
+    // Neighbour discovery and multicast listener messages keep IPv6 working whatever the
+    // policy says (as Cilium does).
+    if s.f.protocol == IPPROTO_ICMPV6 && matches!(s.f.policy_port, 130..=137 | 143) {
         return OK;
+    }
+    if s.f.frag != FRAG_NONE
+        && matches!(s.f.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
+        && track_fragment(s).is_err()
+    {
+        // A later fragment whose first fragment was not seen: its flow is unknown.
+        count(counter::DROP_FRAGMENT);
+        emit(
+            EVENT_DROP,
+            REASON_FRAGMENT_UNKNOWN,
+            dir,
+            &s.f,
+            ep.endpoint_id,
+            ifindex,
+            0,
+            len,
+            &None,
+            0,
+        );
+        return SHOT;
     }
     let cfg = match FW_CONFIG.get(0) {
         Some(c) => *c,

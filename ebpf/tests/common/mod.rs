@@ -362,7 +362,7 @@ impl Servers {
                 let u = UdpSocket::bind(SocketAddr::new(any, port)).expect("bind udp");
                 u.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
                 tx.send(()).unwrap();
-                let mut buf = [0u8; 512];
+                let mut buf = vec![0u8; 65536];
                 while !st.load(Ordering::Relaxed) {
                     if let Ok((n, from)) = u.recv_from(&mut buf) {
                         let mut out = b"echo:".to_vec();
@@ -451,6 +451,25 @@ impl Drop for OpenConn {
             let _ = t.join();
         }
     }
+}
+
+/// One UDP request of `size` bytes; Ok(length of the reply).
+pub fn udp_big(
+    ns: &Netns,
+    to: SocketAddr,
+    size: usize,
+    timeout: Duration,
+) -> Result<usize, String> {
+    ns.run(move || {
+        let u = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+            .map_err(|e| e.to_string())?;
+        u.set_read_timeout(Some(timeout)).unwrap();
+        u.send_to(&vec![b'x'; size], to)
+            .map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 65536];
+        let (n, _) = u.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        Ok(n)
+    })
 }
 
 /// One UDP request/response.
