@@ -14,6 +14,9 @@
 //! audit event in audit mode. Every map key/value comes from `ebpf-common`.
 #![no_std]
 #![no_main]
+// Map keys held in the per-CPU scratch area are passed by reference on purpose: by value
+// they would be copied onto the 512-byte BPF stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple, TC_ACT_OK, TC_ACT_SHOT},
@@ -864,7 +867,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
     s.fwd.protocol = s.f.protocol;
     s.fwd.flags = v6flag | dirflag;
     let syn_only = s.f.protocol == IPPROTO_TCP && s.f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(v) = FW_CT.get_ptr_mut(s.fwd) {
+    if let Some(v) = FW_CT.get_ptr_mut(&s.fwd) {
         // SAFETY: map value pointer valid for this program run.
         let (expires, flags, stats, proxy) = unsafe {
             (
@@ -892,7 +895,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
     s.other.endpoint_id = ep.endpoint_id;
     s.other.protocol = s.f.protocol;
     s.other.flags = v6flag | (dirflag ^ CT_KEY_EGRESS);
-    if let Some(v) = FW_CT.get_ptr_mut(s.other) {
+    if let Some(v) = FW_CT.get_ptr_mut(&s.other) {
         // SAFETY: as above.
         if unsafe { (*v).expires_ns } > t {
             ct_touch(v, &s.f, true, t);
@@ -907,7 +910,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
         s.other.flags = v6flag | (dirflag ^ CT_KEY_EGRESS);
         let mut related = false;
         // SAFETY: plain value read.
-        if let Some(v) = unsafe { FW_CT.get(s.other) } {
+        if let Some(v) = unsafe { FW_CT.get(&s.other) } {
             related = v.expires_ns > t;
         }
         if !related {
@@ -918,7 +921,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
             s.other.dport = p;
             s.other.flags = v6flag | dirflag;
             // SAFETY: as above.
-            if let Some(v) = unsafe { FW_CT.get(s.other) } {
+            if let Some(v) = unsafe { FW_CT.get(&s.other) } {
                 related = v.expires_ns > t;
             }
         }
@@ -1012,7 +1015,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
                     _pad0: 0,
                     _pad1: 0,
                 };
-                if FW_CT.insert(s.fwd, value, 0).is_err() {
+                if FW_CT.insert(&s.fwd, &value, 0).is_err() {
                     count(counter::CT_INSERT_FAILED);
                 }
                 if allowed && cfg.flags & CONFIG_FLAG_VERDICT_EVENTS != 0 {
