@@ -35,10 +35,13 @@ pub struct ProxyConfig {
     pub forward_timeout: Duration,
     /// UDP shards: each an OS thread with one socket of every listen address (bound with
     /// SO_REUSEPORT, so the kernel spreads queries over them) and its own upstream sockets.
-    /// Default: the number of cores.
+    /// Default: half the cores (at least one). The proxy shares the node with the workloads
+    /// it serves; on two cores, one shard that batches well answered faster than two that
+    /// each wake per packet.
     pub udp_sockets_per_listen: usize,
     /// UDP sockets of the upstream client that queries are multiplexed over (by random ID),
-    /// over all shards (each shard gets its share, at least one per address family).
+    /// over all shards: each shard gets its share (at least one) per configured upstream
+    /// (connected to it) and per address family for other servers.
     pub upstream_udp_sockets: usize,
     /// A TCP client connection with no query for this long is closed.
     pub tcp_idle_timeout: Duration,
@@ -65,7 +68,7 @@ impl ProxyConfig {
             min_ttl: 0,
             response_max_delay: Duration::from_millis(100),
             forward_timeout: Duration::from_secs(10),
-            udp_sockets_per_listen: cores,
+            udp_sockets_per_listen: (cores / 2).max(1),
             upstream_udp_sockets: 4,
             tcp_idle_timeout: Duration::from_secs(10),
             tcp_max_connections: 1024,

@@ -633,6 +633,7 @@ fn run_shard<P: DnsPolicy, L: Learner>(
     rt.block_on(async move {
         let pool = match UdpPool::start(
             pool_sockets,
+            &shared.config.upstreams,
             shared.config.upstream_mark,
             shared.metrics.clone(),
         ) {

@@ -80,7 +80,12 @@ struct Family {
 
 /// The UDP side of the upstream client. Each shard of the proxy owns one, on its own
 /// current-thread runtime, so a query, its upstream socket and its answer never cross threads.
+///
+/// The configured upstreams get sockets connected to them: the kernel then drops datagrams
+/// from anyone else and skips a route lookup per send. Other servers (original destinations
+/// in transparent mode) share the unconnected sockets.
 pub(crate) struct UdpPool {
+    connected: HashMap<SocketAddr, Family>,
     v4: Option<Family>,
     v6: Option<Family>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -100,15 +105,20 @@ impl UdpPool {
     /// Must run inside a tokio runtime.
     pub(crate) fn start(
         sockets_per_family: usize,
+        upstreams: &[SocketAddr],
         mark: Option<u32>,
         metrics: Arc<ProxyMetrics>,
     ) -> io::Result<UdpPool> {
         let mut tasks = Vec::new();
         let mut all = Vec::new();
-        let mut family = |ipv6: bool| -> io::Result<Family> {
+        let mut family = |ipv6: bool, peer: Option<SocketAddr>| -> io::Result<Family> {
             let mut slots = Vec::new();
             for _ in 0..sockets_per_family {
-                let socket = UdpSocket::from_std(net::udp_upstream(ipv6, mark)?)?;
+                let socket = net::udp_upstream(ipv6, mark)?;
+                if let Some(peer) = peer {
+                    socket.connect(peer)?;
+                }
+                let socket = UdpSocket::from_std(socket)?;
                 let slot = Arc::new(Slot {
                     socket,
                     pending: Mutex::new(HashMap::new()),
@@ -122,8 +132,14 @@ impl UdpPool {
                 next: AtomicUsize::new(0),
             })
         };
-        let v4 = family(false)?;
-        let v6 = match family(true) {
+        let mut connected = HashMap::new();
+        for &u in upstreams {
+            if let std::collections::hash_map::Entry::Vacant(e) = connected.entry(u) {
+                e.insert(family(u.is_ipv6(), Some(u))?);
+            }
+        }
+        let v4 = family(false, None)?;
+        let v6 = match family(true, None) {
             Ok(f) => Some(f),
             Err(e) => {
                 debug!(error = %e, "no IPv6 upstream sockets");
@@ -132,6 +148,7 @@ impl UdpPool {
         };
         tasks.push(tokio::spawn(sweep_loop(all)));
         Ok(UdpPool {
+            connected,
             v4: Some(v4),
             v6,
             tasks,
@@ -149,8 +166,13 @@ impl UdpPool {
         timeout: Duration,
         done: Completion,
     ) {
-        let family = if server.is_ipv4() { &self.v4 } else { &self.v6 };
-        let Some(family) = family.as_ref() else {
+        let connected = self.connected.get(&server);
+        let family = match connected {
+            Some(f) => Some(f),
+            None if server.is_ipv4() => self.v4.as_ref(),
+            None => self.v6.as_ref(),
+        };
+        let Some(family) = family else {
             done(Err(UpstreamError::Failed(format!(
                 "no socket for {server}"
             ))));
@@ -186,7 +208,12 @@ impl UdpPool {
             id
         };
         set_id(&mut query, id);
-        match slot.socket.try_send_to(&query, server) {
+        let sent = if connected.is_some() {
+            slot.socket.try_send(&query)
+        } else {
+            slot.socket.try_send_to(&query, server)
+        };
+        match sent {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // The send buffer is full: wait for room off this path.
