@@ -6,7 +6,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
+use std::net::{
+    Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, UdpSocket,
+};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -81,6 +83,77 @@ fn transparent(kind: i32, addr: SocketAddrV4) -> i32 {
         );
         assert_eq!(r, 0, "bind {addr}: {}", std::io::Error::last_os_error());
         fd
+    }
+}
+
+/// An IPv6-only socket with IPV6_TRANSPARENT bound to `addr`.
+fn transparent6(kind: i32, addr: SocketAddrV6) -> i32 {
+    // SAFETY: plain socket calls on a descriptor we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, kind, 0);
+        assert!(fd >= 0);
+        setsockopt(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT);
+        setsockopt(fd, libc::SOL_IPV6, libc::IPV6_V6ONLY);
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR);
+        if kind == libc::SOCK_DGRAM {
+            setsockopt(fd, libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR);
+        }
+        let mut sin: libc::sockaddr_in6 = zeroed();
+        sin.sin6_family = libc::AF_INET6 as u16;
+        sin.sin6_port = addr.port().to_be();
+        sin.sin6_addr.s6_addr = addr.ip().octets();
+        let r = libc::bind(
+            fd,
+            &sin as *const _ as *const libc::sockaddr,
+            size_of::<libc::sockaddr_in6>() as u32,
+        );
+        assert_eq!(r, 0, "bind {addr}: {}", std::io::Error::last_os_error());
+        fd
+    }
+}
+
+/// Receives one IPv6 datagram with its original destination (IPV6_ORIGDSTADDR).
+fn recv_orig6(fd: i32) -> Option<(SocketAddrV6, SocketAddrV6)> {
+    // SAFETY: as recv_orig.
+    unsafe {
+        let mut buf = [0u8; 512];
+        let mut from: libc::sockaddr_in6 = zeroed();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        let mut cbuf = [0u8; 128];
+        let mut msg: libc::msghdr = zeroed();
+        msg.msg_name = &mut from as *mut _ as *mut libc::c_void;
+        msg.msg_namelen = size_of::<libc::sockaddr_in6>() as u32;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = cbuf.len();
+        if libc::recvmsg(fd, &mut msg, 0) < 0 {
+            return None;
+        }
+        let mut cm = libc::CMSG_FIRSTHDR(&msg);
+        while !cm.is_null() {
+            if (*cm).cmsg_level == libc::SOL_IPV6 && (*cm).cmsg_type == libc::IPV6_ORIGDSTADDR {
+                let d = &*(libc::CMSG_DATA(cm) as *const libc::sockaddr_in6);
+                let orig = SocketAddrV6::new(
+                    Ipv6Addr::from(d.sin6_addr.s6_addr),
+                    u16::from_be(d.sin6_port),
+                    0,
+                    0,
+                );
+                let src = SocketAddrV6::new(
+                    Ipv6Addr::from(from.sin6_addr.s6_addr),
+                    u16::from_be(from.sin6_port),
+                    0,
+                    0,
+                );
+                return Some((src, orig));
+            }
+            cm = libc::CMSG_NXTHDR(&msg, cm);
+        }
+        None
     }
 }
 
@@ -162,6 +235,58 @@ impl Proxies {
         rx.recv().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let st = stop.clone();
+        // The same DNS proxy over IPv6.
+        threads.push(router.spawn(move || {
+            let fd = transparent6(
+                libc::SOCK_DGRAM,
+                SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, DNS_PORT, 0, 0),
+            );
+            // SAFETY: we own fd.
+            let sock = unsafe { UdpSocket::from_raw_fd(fd) };
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            tx.send(()).unwrap();
+            while !st.load(Ordering::Relaxed) {
+                let Some((src, orig)) = recv_orig6(sock.as_raw_fd()) else {
+                    continue;
+                };
+                let rfd = transparent6(libc::SOCK_DGRAM, orig);
+                // SAFETY: we own rfd.
+                let reply = unsafe { UdpSocket::from_raw_fd(rfd) };
+                let _ = reply.send_to(format!("dns:{orig}").as_bytes(), SocketAddr::V6(src));
+            }
+        }));
+        rx.recv().unwrap();
+        // DNS over TCP: the listener on the DNS proxy port.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let st = stop.clone();
+        threads.push(router.spawn(move || {
+            let fd = transparent(
+                libc::SOCK_STREAM,
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, DNS_PORT),
+            );
+            // SAFETY: listen on our socket.
+            assert_eq!(unsafe { libc::listen(fd, 16) }, 0);
+            // SAFETY: we own fd.
+            let l = unsafe { TcpListener::from_raw_fd(fd) };
+            l.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            while !st.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        let orig = s.local_addr().unwrap();
+                        let mut buf = [0u8; 64];
+                        let _ = s.read(&mut buf);
+                        let _ = s.write_all(format!("dnstcp:{orig}").as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }));
+        rx.recv().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let st = stop.clone();
         // L7 proxy: answers "l7:<original destination>".
         threads.push(router.spawn(move || {
             let fd = transparent(
@@ -236,10 +361,14 @@ fn proxy_ports_and_dns_are_steered_to_local_sockets() {
         .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID)
         .unwrap();
     b.dp()
+        .upsert_ipcache(net(&format!("{}/128", b.world_v6)), WORLD_ID)
+        .unwrap();
+    b.dp()
         .apply_policy_diff(
             21,
             &[
                 egress(WORLD_ID, 17, 53, 0),
+                egress(WORLD_ID, 6, 53, 0),
                 egress(WORLD_ID, 6, 8080, L7_PORT),
                 egress(WORLD_ID, 6, 9090, 15999),
             ],
@@ -253,6 +382,15 @@ fn proxy_ports_and_dns_are_steered_to_local_sockets() {
     assert_eq!(
         udp(c, sa(b.world_v4, 53), SHORT).as_deref(),
         Ok(format!("dns:{}:53", b.world_v4).as_str())
+    );
+    // Over TCP and over IPv6 as well.
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 53), SHORT).as_deref(),
+        Ok(format!("dnstcp:{}:53", b.world_v4).as_str())
+    );
+    assert_eq!(
+        udp(c, sa(b.world_v6, 53), std::time::Duration::from_secs(3)).as_deref(),
+        Ok(format!("dns:[{}]:53", b.world_v6).as_str())
     );
     // A flow whose entry carries a proxy port reaches the proxy, with its original
     // destination as the accepted socket's local address; the same packet path carries
