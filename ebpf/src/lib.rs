@@ -25,6 +25,26 @@
 //! traffic use them (an IP must not map to an identity whose entries are missing), and
 //! ipcache deletes before the policy deletes. Every method returns after the kernel holds the
 //! change, so the next packet sees it.
+//!
+//! Using it (the agent):
+//! 1. [`BpfDatapath::load_or_adopt`] with the pin directory, capacities and
+//!    [`DatapathConfig`] (DNS proxy port, proxy marks, global audit, verdict events).
+//! 2. With proxies or DNS interception: [`ProxyRouting::install`] once (fwmark rule + local
+//!    routes); the proxies listen with `IP_TRANSPARENT` on `0.0.0.0:PORT` / `[::]:PORT`
+//!    (UDP with `IP_RECVORIGDSTADDR`, TCP reads the original destination with
+//!    getsockname), answer UDP from a transparent socket bound to the original destination,
+//!    and mark their upstream sockets (`SO_MARK`) with `proxy_out_mark`.
+//! 3. Per endpoint: [`BpfDatapath::attach_endpoint`] on its host-side veth (again to change
+//!    audit/enforcement flags; on an adopted interface this also swaps in this build's
+//!    programs); the host: [`BpfDatapath::attach_host`] per host interface.
+//! 4. Per engine change: [`BpfDatapath::apply_map_diff`] for every endpoint diff, then
+//!    [`BpfDatapath::upsert_ipcache`] / [`BpfDatapath::delete_ipcache`].
+//! 5. After adopting: [`BpfDatapath::reconcile_policy`] per endpoint, then
+//!    [`BpfDatapath::reconcile_ipcache`]; endpoints that are gone: `flush_endpoint_policy` and
+//!    `detach`.
+//! 6. Reads: `policy_entries` (bpf policy get), `ipcache_entries`, `connections` /
+//!    `live_peers` / `is_connection_alive` (FQDN zombies), `events` (monitor), `status`.
+//! 7. Stop: drop it (enforcement stays) or [`BpfDatapath::unload`] (`--unload-on-stop`).
 
 mod error;
 pub mod events;
@@ -1535,6 +1555,14 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The agent shares one datapath between its tasks.
+    const _: () = {
+        const fn send_sync<T: Send + Sync>() {}
+        send_sync::<BpfDatapath>();
+        const fn send<T: Send>() {}
+        send::<EventStream>();
+    };
 
     fn k(identity: u32, protocol: u8, port: u16, prefix_len: u8) -> MapKey {
         MapKey {
