@@ -718,3 +718,27 @@ fn fragmented_datagrams_pass_both_ways() {
         "{counters:?}"
     );
 }
+
+#[test]
+fn global_audit_mode_is_switched_live() {
+    let Some(b) = bed(1) else { return };
+    let _srv = Servers::start(&b.world, &[8080]);
+    b.attach(1, 16, 300, ENFORCE);
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID)
+        .unwrap();
+    let c = &b.client(1).ns;
+    assert!(tcp(c, sa(b.world_v4, 8080), SHORT).is_err());
+    b.dp()
+        .set_config(&ebpf::DatapathConfig {
+            audit: true,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        tcp(c, sa(b.world_v4, 8080), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
+    b.dp().set_config(&ebpf::DatapathConfig::default()).unwrap();
+    assert!(tcp(c, sa(b.world_v4, 8080), SHORT).is_err());
+}
