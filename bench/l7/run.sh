@@ -6,13 +6,14 @@
 #   3. Kafka: produce throughput (l7/examples/kafka_load.rs, acks=1) through the Kafka proxy
 #      (role produce on the topic, so every request is decoded and matched) vs direct to tansu.
 # Prints a Markdown section for bench/RESULTS.md. Needs scripts/setup-l7.sh. Loopback only.
-#   DUR=seconds per measurement (default 10), ROUNDS (default 2; the median-rps round is kept)
+#   DUR=seconds per measurement (default 10), ROUNDS (default 2; the median-rps round is kept),
+#   SKIP_BUILD=1 to use the release examples already built.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DUR=${DUR:-10}
 ROUNDS=${ROUNDS:-2}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-(cd "$ROOT" && cargo build --quiet --release -p l7 --examples)
+[ "${SKIP_BUILD:-0}" = 1 ] || (cd "$ROOT" && cargo build --quiet --release -p l7 --examples)
 BIN=$CARGO_TARGET_DIR/release/examples
 
 work=$(mktemp -d)

@@ -2,7 +2,11 @@
 //! set like a real policy's, for benchmarks and manual testing:
 //!
 //!   l7proxy --http LISTEN UPSTREAM [--http-rules N] [--kafka LISTEN UPSTREAM] [--kafka-topic T]
+//!           [--workers N]
 //!
+//! With `--workers N` (default: the number of CPUs) each worker thread runs its own
+//! single-threaded runtime with its own listener on the shared address (SO_REUSEPORT), so a
+//! connection and its upstream stay on one thread, as nginx's workers do.
 //! The HTTP rule set has N rules (default 20): N-1 that do not match typical traffic and a
 //! last one allowing `GET /api/v1/.*`. The Kafka rules allow role produce on topic T
 //! (default `bench`), so every request is decoded and its topics matched.
@@ -53,9 +57,29 @@ fn addr(s: Option<String>, what: &str) -> SocketAddr {
         .unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let workers = arg_after(&args, "--workers", 1)
+        .map(|s| s.parse().expect("--workers N"))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let handles: Vec<_> = (0..workers)
+        .map(|i| {
+            let args = args.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(worker(args, i == 0));
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+async fn worker(args: Vec<String>, first: bool) {
     let policy = Arc::new(SwappablePolicy::new());
     let events = EventSink::new(1024);
     let mut tasks = Vec::new();
@@ -86,10 +110,12 @@ async fn main() {
             events.clone(),
         )
         .expect("bind http proxy");
-        println!(
-            "http proxy on {} -> {upstream} with {n} rules",
-            proxy.local_addr()
-        );
+        if first {
+            println!(
+                "http proxy on {} -> {upstream} with {n} rules",
+                proxy.local_addr()
+            );
+        }
         tasks.push(tokio::spawn(proxy.run()));
     }
     if args.iter().any(|a| a == "--kafka") {
@@ -120,21 +146,19 @@ async fn main() {
             events.clone(),
         )
         .expect("bind kafka proxy");
-        println!(
-            "kafka proxy on {} -> {upstream}, produce allowed to {topic}",
-            proxy.local_addr()
-        );
+        if first {
+            println!(
+                "kafka proxy on {} -> {upstream}, produce allowed to {topic}",
+                proxy.local_addr()
+            );
+        }
         tasks.push(tokio::spawn(proxy.run()));
     }
     if tasks.is_empty() {
-        eprintln!("usage: l7proxy --http LISTEN UPSTREAM [--http-rules N] [--kafka LISTEN UPSTREAM] [--kafka-topic T]");
+        eprintln!("usage: l7proxy --http LISTEN UPSTREAM [--http-rules N] [--kafka LISTEN UPSTREAM] [--kafka-topic T] [--workers N]");
         std::process::exit(2);
     }
-    tokio::signal::ctrl_c().await.expect("signal");
-    let s = events.stats();
-    println!(
-        "http {:?}\nkafka {:?}",
-        s.http.snapshot(),
-        s.kafka.snapshot()
-    );
+    for t in tasks {
+        let _ = t.await;
+    }
 }

@@ -36,9 +36,13 @@ impl ProxyMode {
 }
 
 /// Opens a TCP listener; `transparent` sets `IP_TRANSPARENT` (needs CAP_NET_ADMIN).
+/// `SO_REUSEPORT` is set so that several listeners (one per worker thread, each on its own
+/// single-threaded runtime) can share the address and the kernel spreads connections over
+/// them; only sockets of the same user may join the group.
 pub fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
     if transparent {
         if addr.is_ipv4() {
             sock.set_ip_transparent_v4(true)?;
