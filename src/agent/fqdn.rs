@@ -91,15 +91,22 @@ impl Learner for AgentDns {
     }
 
     fn observe(&self, ev: &QueryEvent) {
+        // With no policy in force the agent is a visibility tool: every query is logged.
+        // Under policy, queries are logged at debug level (the monitor shows them all).
+        let visibility = self.0.no_policy.load(std::sync::atomic::Ordering::Relaxed);
+        if !visibility
+            && !self.0.events.has_subscribers()
+            && !tracing::enabled!(tracing::Level::DEBUG)
+        {
+            // The hot path under load: nothing to do, and no lock taken.
+            return;
+        }
         let st = self.0.lock();
         let endpoint_id = match ev.decision {
             Decision::Allow { endpoint_id } | Decision::Deny { endpoint_id } => Some(endpoint_id),
             Decision::UnknownEndpoint => None,
         };
         let endpoint = endpoint_id.and_then(|id| st.engine.endpoint(id));
-        // With no policy in force the agent is a visibility tool: every query is logged.
-        // Under policy, queries are logged at debug level (the monitor shows them all).
-        let visibility = st.engine.policies().next().is_none();
         if visibility || tracing::enabled!(tracing::Level::DEBUG) {
             let name = endpoint.map(|e| e.name.as_str()).unwrap_or("-");
             let verdict = match ev.decision {

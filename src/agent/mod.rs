@@ -15,7 +15,7 @@ pub mod server;
 pub mod state;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -44,6 +44,9 @@ pub struct Agent {
     pub dns_bound: OnceLock<Vec<SocketAddr>>,
     pub metrics_bound: OnceLock<SocketAddr>,
     pub proxy_metrics: OnceLock<Arc<dnsproxy::ProxyMetrics>>,
+    /// No policy is in force (every query is logged). Kept here so the proxy's per-query
+    /// hook can tell without taking the state lock.
+    pub no_policy: AtomicBool,
 }
 
 impl Agent {
@@ -60,6 +63,7 @@ impl Agent {
             dns_bound: OnceLock::new(),
             metrics_bound: OnceLock::new(),
             proxy_metrics: OnceLock::new(),
+            no_policy: AtomicBool::new(true),
         })
     }
 
@@ -145,6 +149,8 @@ impl Agent {
         let (target, problems) = {
             let mut st = self.lock();
             let (changes, problems) = st.sync_policy_dir();
+            self.no_policy
+                .store(st.engine.policies().next().is_none(), Ordering::Relaxed);
             (self.submit(&st, &changes), problems)
         };
         if let Err(e) = self.wait_applied(target).await {
