@@ -287,6 +287,13 @@ impl Conn {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("application/grpc"));
+        // An offer to upgrade to h2c (`curl --http2` on http://) may be ignored by the
+        // server (RFC 9113 leaves it optional): drop the offer and serve HTTP/1.1, rather
+        // than refuse the request as an upgrade.
+        if !is_h2 && offers_only_h2c(req.headers()) {
+            req.headers_mut().remove(header::UPGRADE);
+            req.headers_mut().remove("http2-settings");
+        }
         let wants_upgrade = (!is_h2 && req.headers().contains_key(header::UPGRADE))
             || req.method() == Method::CONNECT;
 
@@ -542,6 +549,15 @@ fn request_host(req: &Request<Incoming>, is_h2: bool) -> String {
         from_header.or(from_uri)
     }
     .unwrap_or_default()
+}
+
+fn offers_only_h2c(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::UPGRADE).iter().peekable();
+    values.peek().is_some()
+        && values.all(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').all(|p| p.trim().eq_ignore_ascii_case("h2c")))
+        })
 }
 
 /// An absolute-form target (`GET http://h/p`) goes upstream as origin-form with a Host.

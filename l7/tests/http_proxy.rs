@@ -543,3 +543,28 @@ async fn allowed_upgrade_switches_protocols() {
         .unwrap();
     assert_eq!(&buf, b"ping");
 }
+
+/// `curl --http2` on http:// offers an h2c upgrade; the proxy serves it as HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrade_offer_is_served_as_http11() {
+    if !require(have_command("curl", "--version"), "curl") {
+        return;
+    }
+    let secret_dir = secrets();
+    let backend = start_backend().await;
+    let h = Harness::new();
+    let proxy = start(&h, backend, rules(secret_dir.path())).await;
+    let r = tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-sS", "--http2", "--max-time", "10", "-w", "\n%{http_code}"])
+            .arg(format!("http://{proxy}/public/h2c"))
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(r.starts_with("GET /public/h2c\n"), "{r}");
+    assert!(!r.contains("upgrade:"), "the offer is not passed on: {r}");
+    assert!(r.ends_with("\n200"), "{r}");
+}
