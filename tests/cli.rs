@@ -118,6 +118,26 @@ fn validate_good_files_exit_0() {
 }
 
 #[test]
+fn validate_a_directory_checks_the_files_the_agent_would_read() {
+    let d = tempdir();
+    let good = write(d.path(), "policies/a.yaml", GOOD);
+    let bad = write(d.path(), "policies/b.yml", BAD);
+    write(d.path(), "policies/notes.txt", "not a policy");
+    write(d.path(), "policies/.hidden.yaml", BAD);
+    let dir = d.path().join("policies").display().to_string();
+    let o = fqdnwall(&["-o", "json", "policy", "validate", &dir]);
+    assert_eq!(code(&o), 1);
+    let v = json(&o);
+    let files: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, vec![good.as_str(), bad.as_str()]);
+}
+
+#[test]
 fn validate_json_is_machine_readable() {
     let d = tempdir();
     let good = write(d.path(), "good.yaml", GOOD);

@@ -15,7 +15,8 @@ use crate::view::{self, ErrorView, PolicyGetView, TraceRequest, TraceView, Valid
 
 #[derive(Debug, clap::Args)]
 pub struct ValidateArgs {
-    /// Policy files (YAML or JSON, several documents each)
+    /// Policy files (YAML or JSON, several documents each); a directory stands for its
+    /// *.yaml, *.yml and *.json files, as the agent reads them
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
 }
@@ -44,7 +45,17 @@ pub struct TraceArgs {
 pub fn validate(g: &Global, a: ValidateArgs) -> anyhow::Result<ExitCode> {
     let mut results = Vec::new();
     let mut unreadable = false;
-    for f in &a.files {
+    let mut files = Vec::new();
+    for f in a.files {
+        if f.is_dir() {
+            let inside = policies::policy_files(&f)
+                .map_err(|e| anyhow::anyhow!("cannot read directory {}: {e}", f.display()))?;
+            files.extend(inside);
+        } else {
+            files.push(f);
+        }
+    }
+    for f in &files {
         let file = f.display().to_string();
         let mut r = ValidateView {
             file: file.clone(),
