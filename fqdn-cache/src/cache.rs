@@ -262,11 +262,6 @@ impl<V> IpMap<V> {
     fn len(&self) -> usize {
         self.v4.len() + self.v6.len()
     }
-    fn iter(&self) -> impl Iterator<Item = (IpAddr, &V)> {
-        let v4 = self.v4.iter().map(|(a, v)| (IpAddr::V4(*a), v));
-        let v6 = self.v6.iter().map(|(a, v)| (IpAddr::V6(*a), v));
-        v4.chain(v6)
-    }
 }
 
 /// The address family of an identity: its IPs are all of one family, so that the entities
@@ -1067,8 +1062,7 @@ impl FqdnCache {
         mgr.index = PatternIndex::new(mgr.selectors.iter().map(|(s, &id)| (id, s)));
         let added_index = PatternIndex::new(added_ids.iter().map(|id| (*id, &mgr.selector_of[id])));
 
-        // One pass over the learned names, each matched against the new selectors only;
-        // then one over the IPs to find those holding a name whose selectors changed.
+        // One pass over the learned names, each matched against the new selectors only.
         let mut changed: HashSet<NameId> = HashSet::new();
         let mut sels: Vec<SelId> = Vec::new();
         for nid in 0..mgr.names.len() {
@@ -1093,10 +1087,19 @@ impl FqdnCache {
                 changed.insert(nid as NameId);
             }
         }
+        // The IPs held under those names, found through the endpoints' groups and zombies
+        // (not by scanning every learned IP).
         if !changed.is_empty() {
-            for (ip, state) in mgr.ips.iter() {
-                if mgr.ip_names(state).any(|n| changed.contains(&n)) {
-                    tx.touched.insert(ip);
+            for state in self.store.endpoints.values() {
+                for nid in &changed {
+                    if let Some(group) = state.groups.get(nid) {
+                        tx.touched.extend(group.iter().map(|(ip, _)| *ip));
+                    }
+                }
+                for (ip, zombie) in &state.zombies {
+                    if zombie.names.iter().any(|(n, _)| changed.contains(n)) {
+                        tx.touched.insert(*ip);
+                    }
                 }
             }
         }
