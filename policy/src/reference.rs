@@ -13,8 +13,8 @@ use std::net::IpAddr;
 use crate::fqdn::DnsName;
 use crate::labels::{Label, LabelSet, CLUSTER_LABEL, SOURCE_K8S, SOURCE_RESERVED};
 use crate::model::{
-    Direction, Endpoint, Entity, IcmpField, IpFamily, L7Kind, PeerRule, PeerSelector, Peers,
-    Policy, Port, PortProtocol, PortRule, Protocol, Rule, Subject,
+    Direction, Endpoint, Entity, IcmpField, IpFamily, L7Kind, L7Rules, PeerRule, PeerSelector,
+    Peers, Policy, Port, PortProtocol, PortRule, Protocol, Rule, Subject,
 };
 
 /// Everything a verdict may depend on besides the flow itself.
@@ -95,7 +95,7 @@ pub fn evaluate(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> RefVerdict {
     for rule in &selecting {
         for pr in rule.allow.get(dir) {
             for (rank, l7) in contributions(u, ep, pr, flow) {
-                offer(&mut best, rank, l7);
+                offer(&mut best, rank, l7.map(L7Rules::kind));
             }
         }
     }
@@ -124,6 +124,35 @@ pub fn l7_allows_all(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> bool {
                 .iter()
                 .any(|(_, l7)| l7.is_none())
         })
+}
+
+/// Whether endpoint `ep` may resolve `name` through the server `flow` goes to (egress, the DNS
+/// port and protocol): a dropped flow resolves nothing; an allowed flow that is not redirected
+/// to the DNS proxy resolves everything (the proxy does not see it, or sees it only to learn);
+/// a redirected one resolves the names some DNS rule of a matching allow matches — or every
+/// name when an allow without L7 rules matches too. Rules of all policies are ORed.
+pub fn dns_allows(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow, name: &DnsName) -> bool {
+    match evaluate(u, ep, flow) {
+        RefVerdict::Allow {
+            l7: Some(L7Kind::Dns),
+        } => {}
+        RefVerdict::Allow { .. } => return true,
+        RefVerdict::Deny | RefVerdict::DefaultDeny => return false,
+    }
+    let matching: Vec<Option<&L7Rules>> = u
+        .policies
+        .iter()
+        .flat_map(|p| p.rules.iter())
+        .filter(|r| rule_selects(r, ep))
+        .flat_map(|r| r.allow.get(flow.direction).iter())
+        .flat_map(|pr| contributions(u, ep, pr, flow))
+        .map(|(_, l7)| l7)
+        .collect();
+    matching.iter().any(|l7| match l7 {
+        None => true,
+        Some(L7Rules::Dns(rules)) => rules.iter().any(|r| r.matches(name)),
+        Some(_) => false,
+    })
 }
 
 /// Whether `dir` of `ep` is in default deny: some rule selecting it asks for it.
@@ -176,12 +205,12 @@ fn merge_l7(a: Option<L7Kind>, b: Option<L7Kind>) -> Option<L7Kind> {
 /// A peer rule writes map entries either for "any peer" (no L3 peer, or a peer list holding
 /// the empty selector or entity `all`) or for the peer's own identity; the datapath prefers
 /// the second on equal port specificity.
-fn contributions(
+fn contributions<'p>(
     u: &Universe<'_>,
     ep: &Endpoint,
-    pr: &PeerRule,
+    pr: &'p PeerRule,
     flow: &RefFlow,
-) -> Vec<(Rank, Option<L7Kind>)> {
+) -> Vec<(Rank, Option<&'p L7Rules>)> {
     let peer = &flow.peer;
     let (wildcard, specific) = match &pr.peers {
         Peers::All => (true, false),
@@ -222,13 +251,13 @@ fn is_wildcard_selector(sel: &PeerSelector) -> bool {
 
 /// The ports part of a peer rule (port rules and ICMP fields are ORed), for the peer matched
 /// specifically or as "any peer".
-fn l4_matches(
+fn l4_matches<'p>(
     u: &Universe<'_>,
     ep: &Endpoint,
-    pr: &PeerRule,
+    pr: &'p PeerRule,
     flow: &RefFlow,
     specific_peer: bool,
-    out: &mut Vec<(Rank, Option<L7Kind>)>,
+    out: &mut Vec<(Rank, Option<&'p L7Rules>)>,
 ) {
     let rank = |proto_exact: bool, port_prefix: u8| Rank {
         proto_exact,
@@ -242,10 +271,7 @@ fn l4_matches(
     for port_rule in &pr.ports {
         if let Some((proto_exact, prefix)) = port_rule_match(u, ep, port_rule, flow, specific_peer)
         {
-            out.push((
-                rank(proto_exact, prefix),
-                port_rule.l7.as_ref().map(|l| l.kind()),
-            ));
+            out.push((rank(proto_exact, prefix), port_rule.l7.as_ref()));
         }
     }
     for icmp in &pr.icmps {
@@ -838,6 +864,80 @@ mod tests {
             }
         );
         assert!(l7_allows_all(&u, &a, &f));
+    }
+
+    #[test]
+    fn dns_names() {
+        use crate::model::DnsRule;
+        let a = ep(10, "x", "a", "10.0.0.1");
+        let dns = |names: &[&str]| PortRule {
+            ports: vec![PortProtocol {
+                port: Port::Number(53),
+                end_port: None,
+                protocol: Protocol::Any,
+            }],
+            l7: Some(L7Rules::Dns(
+                names
+                    .iter()
+                    .map(|n| DnsRule::MatchPattern(FqdnPattern::parse(n).unwrap()))
+                    .collect(),
+            )),
+            server_names: vec![],
+        };
+        let to_world = || Peers::Selectors(vec![PeerSelector::Entity(Entity::World)]);
+        let eps = [a.clone()];
+        let name = |n: &str| DnsName::new(n);
+        let f = |ip| flow(Direction::Egress, world(ip), Protocol::Udp, 53);
+        let rules = |extra: Vec<PeerRule>| {
+            let mut v = vec![
+                pr(to_world(), vec![dns(&["*.example.com"])]),
+                pr(to_world(), vec![dns(&["example.org"])]),
+            ];
+            v.extend(extra);
+            [policy(vec![with_egress(
+                rule(sel(&[("app", "a")])),
+                v,
+                vec![],
+            )])]
+        };
+        let pols = rules(vec![]);
+        let u = Universe {
+            policies: &pols,
+            endpoints: &eps,
+            learned: &[],
+        };
+        assert!(dns_allows(&u, &a, &f("8.8.8.8"), &name("www.example.com")));
+        assert!(dns_allows(&u, &a, &f("8.8.8.8"), &name("example.org")));
+        assert!(!dns_allows(&u, &a, &f("8.8.8.8"), &name("example.net")));
+        // Another port: dropped, nothing resolves.
+        let tcp_other = flow(Direction::Egress, world("8.8.8.8"), Protocol::Udp, 5353);
+        assert!(!dns_allows(&u, &a, &tcp_other, &name("www.example.com")));
+        // An L4-only allow of the same server and port: every name.
+        let pols = rules(vec![pr(
+            to_world(),
+            vec![PortRule {
+                ports: vec![PortProtocol {
+                    port: Port::Number(53),
+                    end_port: None,
+                    protocol: Protocol::Udp,
+                }],
+                l7: None,
+                server_names: vec![],
+            }],
+        )]);
+        let u = Universe {
+            policies: &pols,
+            endpoints: &eps,
+            learned: &[],
+        };
+        assert!(dns_allows(&u, &a, &f("8.8.8.8"), &name("example.net")));
+        // No policy: everything resolves.
+        let u = Universe {
+            policies: &[],
+            endpoints: &eps,
+            learned: &[],
+        };
+        assert!(dns_allows(&u, &a, &f("8.8.8.8"), &name("example.net")));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Property tests: random policies, endpoints, learned names and flows. The engine's map-state
 //! lookup (audit off) must agree with the reference evaluator on every verdict — allow, deny
 //! rule, default deny, the proxy a flow is redirected to and whether that proxy must allow
-//! everything — and `policy trace` must report the map state's verdict; building the engine step by
+//! everything, and which names the DNS proxy may resolve through each server — and
+//! `policy trace` must report the map state's verdict; building the engine step by
 //! step (endpoints arriving, leaving and changing labels, policy sources changing, coming and
 //! going, FQDN identities appearing and going)
 //! must end in the map state of a from-scratch computation, with the emitted diffs replaying
@@ -21,7 +22,7 @@ use policy::fqdn::DnsName;
 use policy::identity::IdentityAllocator;
 use policy::labels::{Label, LabelSet};
 use policy::mapstate::{MapState, PortKey};
-use policy::model::{Direction, Endpoint};
+use policy::model::{Direction, Endpoint, Protocol};
 use proptest::prelude::*;
 
 /// `PROPTEST_CASES` overrides the number of cases (for longer runs than CI's).
@@ -93,6 +94,33 @@ fn disagreements(setup: &Setup) -> Vec<String> {
                         out.push(format!(
                             "{flow}: reference {r} engine {e} (peer identity {id}, entry {:?})",
                             l.key
+                        ));
+                    }
+                }
+            }
+        }
+        // The DNS proxy's decision for every server and name.
+        for peer in &peers {
+            for protocol in [Protocol::Udp, Protocol::Tcp] {
+                let flow = Flow {
+                    endpoint: ep.name.clone(),
+                    direction: Direction::Egress,
+                    peer: peer.clone(),
+                    protocol,
+                    port: 53,
+                };
+                let id = setup.peer_identity(peer);
+                let verdict = setup
+                    .engine
+                    .dns_rules_for(ep.id, id, 53, protocol)
+                    .expect("endpoint known");
+                for n in gen::QUERY_NAMES {
+                    let name = DnsName::new(n);
+                    let r = setup.reference_dns(&flow, &name);
+                    let e = verdict.allows(&name);
+                    if r != e {
+                        out.push(format!(
+                            "{flow}: DNS {n}: reference allows={r}, engine allows={e} ({verdict:?})"
                         ));
                     }
                 }

@@ -213,7 +213,7 @@ pub fn port_protocol() -> impl Strategy<Value = PortProtocol> {
 
 /// L7 rules a port rule may carry: the proxy is fixed by the port so that two rules on one
 /// port never ask for two different proxies (the parser rejects that).
-fn l7_for(pp: &[PortProtocol]) -> Option<L7Rules> {
+fn l7_for(pp: &[PortProtocol], dns_pick: usize) -> Option<L7Rules> {
     match pp {
         [PortProtocol {
             port: Port::Number(80),
@@ -235,21 +235,39 @@ fn l7_for(pp: &[PortProtocol]) -> Option<L7Rules> {
             port: Port::Number(53),
             end_port: None,
             ..
-        }] => Some(L7Rules::Dns(vec![DnsRule::MatchPattern(
-            FqdnPattern::parse("*.example.com").unwrap(),
-        )])),
+        }] => Some(L7Rules::Dns(dns_rules(dns_pick))),
         _ => None,
     }
 }
+
+/// DNS rules of a port-53 rule: one or two of a few names and patterns.
+fn dns_rules(pick: usize) -> Vec<DnsRule> {
+    let all = [
+        DnsRule::MatchPattern(FqdnPattern::parse("*.example.com").unwrap()),
+        DnsRule::MatchName(DnsName::parse_match_name("x.test").unwrap()),
+        DnsRule::MatchPattern(FqdnPattern::parse("*").unwrap()),
+        DnsRule::MatchName(DnsName::parse_match_name("example.com").unwrap()),
+    ];
+    let first = all[pick % all.len()].clone();
+    if pick >= all.len() {
+        vec![first, all[(pick + 1) % all.len()].clone()]
+    } else {
+        vec![first]
+    }
+}
+
+/// Names DNS decisions are probed with.
+pub const QUERY_NAMES: &[&str] = &["a.example.com", "example.com", "x.test", "other.org"];
 
 fn port_rule(l7_ok: bool) -> impl Strategy<Value = PortRule> {
     (
         proptest::collection::vec(port_protocol(), 1..3),
         any::<bool>(),
+        0..8usize,
     )
-        .prop_map(move |(ports, want_l7)| {
+        .prop_map(move |(ports, want_l7, dns_pick)| {
             let l7 = if l7_ok && want_l7 {
-                l7_for(&ports)
+                l7_for(&ports, dns_pick)
             } else {
                 None
             };

@@ -321,6 +321,21 @@ impl Setup {
         reference::evaluate(&u, self.endpoint(&flow.endpoint), &self.ref_flow(flow))
     }
 
+    /// The reference's answer to the DNS proxy's question for an egress flow to a server.
+    pub fn reference_dns(&self, flow: &Flow, name: &DnsName) -> bool {
+        let u = Universe {
+            policies: &self.policies,
+            endpoints: &self.endpoints,
+            learned: &self.learned,
+        };
+        reference::dns_allows(
+            &u,
+            self.endpoint(&flow.endpoint),
+            &self.ref_flow(flow),
+            name,
+        )
+    }
+
     /// The verdict of the endpoint's map state, as the datapath would look it up.
     pub fn engine_verdict(&self, flow: &Flow) -> RefVerdict {
         let ep = self.endpoint(&flow.endpoint);
