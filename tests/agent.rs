@@ -733,5 +733,5 @@ fn host_endpoint_under_a_clusterwide_node_policy_with_name_error_replies() {
     let r = dig(&a.dns, "127.0.0.1", "www.example.test", "AAAA", true).expect("reply");
     assert_eq!(r.status, "NXDOMAIN");
     assert!(r.answers.is_empty());
-    assert_eq!(a.stop().code(), Some(0));
+    assert_eq!(a.stop_with("INT").code(), Some(0), "clean stop on SIGINT");
 }

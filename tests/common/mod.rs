@@ -216,9 +216,17 @@ impl Agent {
     }
 
     /// Sends SIGTERM and returns the exit status.
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    pub fn stop(self) -> std::process::ExitStatus {
+        self.stop_with("TERM")
+    }
+
+    /// Sends the signal (`TERM`, `INT`) and returns the exit status.
+    pub fn stop_with(mut self, signal: &str) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        terminate(&child);
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -226,7 +234,7 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("fqdnwall did not stop within 15 s of SIGTERM");
+                panic!("fqdnwall did not stop within 15 s of SIG{signal}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
