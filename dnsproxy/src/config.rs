@@ -35,9 +35,8 @@ pub struct ProxyConfig {
     pub forward_timeout: Duration,
     /// UDP shards: each an OS thread with one socket of every listen address (bound with
     /// SO_REUSEPORT, so the kernel spreads queries over them) and its own upstream sockets.
-    /// Default: half the cores (at least one). The proxy shares the node with the workloads
-    /// it serves; on two cores, one shard that batches well answered faster than two that
-    /// each wake per packet.
+    /// Default: the number of cores. Fewer shards batch better (less CPU per query when the
+    /// proxy is lightly loaded); more get a larger share of a busy machine's CPU.
     pub udp_sockets_per_listen: usize,
     /// UDP sockets of the upstream client that queries are multiplexed over (by random ID),
     /// over all shards: each shard gets its share (at least one) per configured upstream
@@ -68,7 +67,7 @@ impl ProxyConfig {
             min_ttl: 0,
             response_max_delay: Duration::from_millis(100),
             forward_timeout: Duration::from_secs(10),
-            udp_sockets_per_listen: (cores / 2).max(1),
+            udp_sockets_per_listen: cores,
             upstream_udp_sockets: 4,
             tcp_idle_timeout: Duration::from_secs(10),
             tcp_max_connections: 1024,
