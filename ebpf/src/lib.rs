@@ -82,7 +82,7 @@ pub use types::*;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fqdnwall-bpf.o"));
 
 /// Key and value sizes each map must have; a pinned map that differs is from another build.
-const LAYOUT: [(&str, u32, u32); 12] = [
+const LAYOUT: [(&str, u32, u32); 13] = [
     (names::CONFIG, 4, size_of::<c::Config>() as u32),
     (names::ENDPOINTS, 4, size_of::<c::EndpointInfo>() as u32),
     (
@@ -92,6 +92,11 @@ const LAYOUT: [(&str, u32, u32); 12] = [
     ),
     (names::POLICY_STATS, 4, size_of::<c::PolicyStats>() as u32),
     (names::POLICY_IDS, size_of::<c::PolicyIdKey>() as u32, 4),
+    (
+        names::POLICY_EXACT,
+        size_of::<c::PolicyKey>() as u32,
+        size_of::<c::PolicyValue>() as u32,
+    ),
     (names::IPCACHE4, 8, size_of::<c::IpcacheValue>() as u32),
     (names::IPCACHE6, 20, size_of::<c::IpcacheValue>() as u32),
     (
@@ -122,6 +127,7 @@ struct Maps {
     config: Array<MapData, c::Config>,
     endpoints: BpfHash<MapData, u32, c::EndpointInfo>,
     policy: PolicyTrie,
+    policy_exact: BpfHash<MapData, c::PolicyKey, c::PolicyValue>,
     policy_stats: PerCpuArray<MapData, c::PolicyStats>,
     policy_ids: BpfHash<MapData, c::PolicyIdKey, u32>,
     ip4: LpmTrie<MapData, c::Ip4, c::IpcacheValue>,
@@ -151,7 +157,7 @@ struct Inner {
     free_slots: Vec<u32>,
     /// Entries per (endpoint, direction, identity) and protocol bit: the source of
     /// `FW_POLICY_IDS`.
-    id_counts: HashMap<c::PolicyIdKey, [u32; 7]>,
+    id_counts: HashMap<c::PolicyIdKey, [u32; 16]>,
     ipcache_counts: [u64; 4],
     links: BTreeMap<(u32, bool /* ingress */), PinnedLink>,
     attachments: BTreeMap<u32, Attachment>,
@@ -280,7 +286,16 @@ fn id_key(fk: &FullKey) -> c::PolicyIdKey {
     }
 }
 
-fn mask_of(counts: &[u32; 7]) -> u32 {
+/// The presence bit of an entry: exact ports and port prefixes apart, per protocol class.
+fn presence_bit(fk: &FullKey) -> u32 {
+    if fk.0 == c::POLICY_PREFIX_EXACT {
+        c::exact_bit(fk.1.protocol)
+    } else {
+        c::proto_bit(fk.1.protocol)
+    }
+}
+
+fn mask_of(counts: &[u32; 16]) -> u32 {
     counts
         .iter()
         .enumerate()
@@ -391,6 +406,7 @@ impl BpfDatapath {
             .map_max_entries(names::POLICY, caps.policy)
             .map_max_entries(names::POLICY_STATS, caps.policy)
             .map_max_entries(names::POLICY_IDS, caps.policy)
+            .map_max_entries(names::POLICY_EXACT, caps.policy)
             .map_max_entries(names::IPCACHE4, caps.ipcache_lpm)
             .map_max_entries(names::IPCACHE6, caps.ipcache_lpm)
             .map_max_entries(names::IPCACHE4_EXACT, caps.ipcache_exact)
@@ -421,6 +437,7 @@ impl BpfDatapath {
             config: take(&mut ebpf, names::CONFIG)?,
             endpoints: take(&mut ebpf, names::ENDPOINTS)?,
             policy: take(&mut ebpf, names::POLICY)?,
+            policy_exact: take(&mut ebpf, names::POLICY_EXACT)?,
             policy_stats: take(&mut ebpf, names::POLICY_STATS)?,
             policy_ids: take(&mut ebpf, names::POLICY_IDS)?,
             ip4: take(&mut ebpf, names::IPCACHE4)?,
@@ -790,12 +807,22 @@ impl BpfDatapath {
     pub fn policy_entries(&self, endpoint: u16) -> Result<Vec<PolicyRow>, Error> {
         let inner = self.lock();
         let mut rows = Vec::new();
+        let mut entries: Vec<(FullKey, c::PolicyValue)> = Vec::new();
         for item in inner.maps.policy.iter() {
             let (k, v) = item.map_err(|source| Error::Map {
                 map: names::POLICY,
                 source,
             })?;
-            let fk: FullKey = (k.prefix_len(), k.data());
+            entries.push(((k.prefix_len(), k.data()), v));
+        }
+        for item in inner.maps.policy_exact.iter() {
+            let (k, v) = item.map_err(|source| Error::Map {
+                map: names::POLICY_EXACT,
+                source,
+            })?;
+            entries.push(((c::POLICY_PREFIX_EXACT, k), v));
+        }
+        for (fk, v) in entries {
             if fk.1.endpoint_id != endpoint {
                 continue;
             }
@@ -1257,9 +1284,19 @@ impl Inner {
             }
             self.policy.insert((k.prefix_len(), k.data()), v);
         }
+        for item in self.maps.policy_exact.iter() {
+            let (k, v) = item.map_err(|source| Error::Map {
+                map: names::POLICY_EXACT,
+                source,
+            })?;
+            if let Some(u) = used.get_mut(v.stats_index as usize) {
+                *u = true;
+            }
+            self.policy.insert((c::POLICY_PREFIX_EXACT, k), v);
+        }
         for fk in self.policy.keys() {
-            let bit = c::proto_bit(fk.1.protocol).trailing_zeros() as usize;
-            self.id_counts.entry(id_key(fk)).or_insert([0; 7])[bit] += 1;
+            let bit = presence_bit(fk).trailing_zeros() as usize;
+            self.id_counts.entry(id_key(fk)).or_insert([0; 16])[bit] += 1;
         }
         // The presence map follows the entries (it may be new next to adopted entries).
         let stale: Vec<c::PolicyIdKey> = self
@@ -1472,7 +1509,18 @@ impl Inner {
                 return Err(e);
             }
         }
-        match self.maps.policy.insert(&Key::new(fk.0, fk.1), value, 0) {
+        let (map, r) = if fk.0 == c::POLICY_PREFIX_EXACT {
+            (
+                names::POLICY_EXACT,
+                self.maps.policy_exact.insert(fk.1, value, 0),
+            )
+        } else {
+            (
+                names::POLICY,
+                self.maps.policy.insert(&Key::new(fk.0, fk.1), value, 0),
+            )
+        };
+        match r {
             Ok(()) => {
                 self.policy.insert(*fk, value);
                 Ok(())
@@ -1482,21 +1530,24 @@ impl Inner {
                     self.free_slots.push(slot);
                     let _ = self.count_presence(fk, false);
                 }
-                Err(error::map_err(names::POLICY, self.caps.policy, e))
+                Err(error::map_err(map, self.caps.policy, e))
             }
         }
     }
 
     fn delete_entry(&mut self, fk: &FullKey) -> Result<(), Error> {
-        match self.maps.policy.remove(&Key::new(fk.0, fk.1)) {
+        let (map, r) = if fk.0 == c::POLICY_PREFIX_EXACT {
+            (names::POLICY_EXACT, self.maps.policy_exact.remove(&fk.1))
+        } else {
+            (
+                names::POLICY,
+                self.maps.policy.remove(&Key::new(fk.0, fk.1)),
+            )
+        };
+        match r {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
-            Err(source) => {
-                return Err(Error::Map {
-                    map: names::POLICY,
-                    source,
-                })
-            }
+            Err(source) => return Err(Error::Map { map, source }),
         }
         if let Some(v) = self.policy.remove(fk) {
             self.free_slots.push(v.stats_index);
@@ -1510,8 +1561,8 @@ impl Inner {
     /// writes the mask when it changes.
     fn count_presence(&mut self, fk: &FullKey, add: bool) -> Result<(), Error> {
         let k = id_key(fk);
-        let bit = c::proto_bit(fk.1.protocol).trailing_zeros() as usize;
-        let counts = self.id_counts.entry(k).or_insert([0; 7]);
+        let bit = presence_bit(fk).trailing_zeros() as usize;
+        let counts = self.id_counts.entry(k).or_insert([0; 16]);
         let before = mask_of(counts);
         if add {
             counts[bit] += 1;
@@ -1596,11 +1647,16 @@ mod tests {
 
     #[test]
     fn presence_masks() {
-        let mut counts = [0u32; 7];
+        let mut counts = [0u32; 16];
         assert_eq!(mask_of(&counts), 0);
         counts[c::proto_bit(6).trailing_zeros() as usize] = 2;
         counts[c::proto_bit(0).trailing_zeros() as usize] = 1;
         assert_eq!(mask_of(&counts), c::proto_bit(6) | c::proto_bit(0));
+        counts[c::exact_bit(17).trailing_zeros() as usize] = 1;
+        assert_eq!(
+            mask_of(&counts),
+            c::proto_bit(6) | c::proto_bit(0) | c::exact_bit(17)
+        );
         assert_eq!(
             c::proto_bit(47),
             c::proto_bit(50),

@@ -19,6 +19,7 @@ pub mod map_names {
     pub const POLICY: &str = "FW_POLICY";
     pub const POLICY_STATS: &str = "FW_POLICY_STATS";
     pub const POLICY_IDS: &str = "FW_POLICY_IDS";
+    pub const POLICY_EXACT: &str = "FW_POLICY_EXACT";
     pub const IPCACHE4: &str = "FW_IPCACHE4";
     pub const IPCACHE6: &str = "FW_IPCACHE6";
     pub const IPCACHE4_EXACT: &str = "FW_IPCACHE4_EXACT";
@@ -27,10 +28,11 @@ pub mod map_names {
     pub const EVENTS: &str = "FW_EVENTS";
     pub const COUNTERS: &str = "FW_COUNTERS";
     /// Every map, in the order the loader reports them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         CONFIG,
         ENDPOINTS,
         POLICY,
+        POLICY_EXACT,
         POLICY_STATS,
         POLICY_IDS,
         IPCACHE4,
@@ -150,6 +152,10 @@ const _: () = assert!(size_of::<PolicyKey>() == 12);
 
 /// Prefix bits of a policy key before the port: identity, endpoint, direction, protocol.
 pub const POLICY_PREFIX_FIXED: u32 = 64;
+/// Prefix length of an exact-port entry: those live in the `FW_POLICY_EXACT` hash (one probe
+/// instead of a trie walk; an exact port is always the longest match of its protocol), the
+/// shorter ones in the `FW_POLICY` trie.
+pub const POLICY_PREFIX_EXACT: u32 = POLICY_PREFIX_FIXED + 16;
 
 impl PolicyKey {
     /// The key of an entry and its trie prefix length. `port` must have its bits below
@@ -189,7 +195,14 @@ pub struct PolicyIdKey {
 }
 const _: () = assert!(size_of::<PolicyIdKey>() == 8);
 
-/// The presence bit of a protocol in `FW_POLICY_IDS` (protocol 0 has its own bit; rare
+/// The presence bit of exact-port entries (prefix 16, kept in the `FW_POLICY_EXACT` hash) of a
+/// protocol in `FW_POLICY_IDS`.
+#[inline(always)]
+pub const fn exact_bit(protocol: u8) -> u32 {
+    proto_bit(protocol) << 8
+}
+
+/// The presence bit of a protocol's trie entries (port prefix below 16) in `FW_POLICY_IDS` (protocol 0 has its own bit; rare
 /// protocols share one, which costs only a lookup that finds nothing).
 #[inline(always)]
 pub const fn proto_bit(protocol: u8) -> u32 {

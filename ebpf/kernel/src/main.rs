@@ -38,6 +38,8 @@ static FW_ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDP
 #[map]
 static FW_POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
 #[map]
+static FW_POLICY_EXACT: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(capacity::POLICY, 0);
+#[map]
 static FW_POLICY_IDS: HashMap<PolicyIdKey, u32> = HashMap::pinned(capacity::POLICY, 0);
 #[map]
 static FW_POLICY_STATS: PerCpuArray<PolicyStats> = PerCpuArray::pinned(capacity::POLICY, 0);
@@ -434,15 +436,49 @@ fn ipcache_identity(f: &Flow, addr: &[u8; 16]) -> u32 {
     2
 }
 
-/// The deciding entry of one identity (the packet's protocol before protocol 0).
+/// The deciding entry of one identity (the packet's protocol before protocol 0). Every
+/// field is always written (no `Option`): LLVM may spill the undefined payload of a `None`,
+/// which the verifier rejects as a read of an uninitialised register.
 #[derive(Clone, Copy)]
+#[repr(C)]
 struct Hit {
     value: PolicyValue,
-    protocol: u8,
     identity: u32,
+    protocol: u8,
+    found: u8,
+    _pad: u16,
+}
+
+const MISS: Hit = Hit {
+    value: PolicyValue {
+        flags: 0,
+        prefix_len: 0,
+        proxy_port: 0,
+        stats_index: STATS_NONE,
+    },
+    identity: 0,
+    protocol: 0,
+    found: 0,
+    _pad: 0,
+};
+
+#[inline(always)]
+fn hit(value: PolicyValue, protocol: u8, identity: u32) -> Hit {
+    Hit {
+        value,
+        identity,
+        protocol,
+        found: 1,
+        _pad: 0,
+    }
 }
 
 impl Hit {
+    #[inline(always)]
+    fn deny(&self) -> bool {
+        self.found != 0 && self.value.flags & POLICY_FLAG_DENY != 0
+    }
+
     #[inline(always)]
     fn specificity(&self) -> u8 {
         if self.protocol == 0 {
@@ -454,7 +490,7 @@ impl Hit {
 }
 
 #[inline(always)]
-fn lookup_identity(ep: u16, identity: u32, dir: u8, protocol: u8, port: u16) -> Option<Hit> {
+fn lookup_identity(ep: u16, identity: u32, dir: u8, protocol: u8, port: u16) -> Hit {
     let idk = PolicyIdKey {
         identity,
         endpoint_id: ep,
@@ -462,63 +498,63 @@ fn lookup_identity(ep: u16, identity: u32, dir: u8, protocol: u8, port: u16) -> 
         _pad: 0,
     };
     // SAFETY: plain value read.
-    let bits = {
-        let b = unsafe { FW_POLICY_IDS.get(idk) }?;
-        *b
+    let bits = match unsafe { FW_POLICY_IDS.get(idk) } {
+        Some(b) => *b,
+        None => return MISS,
     };
-    if protocol != 0 && bits & proto_bit(protocol) != 0 {
-        let (plen, key) = PolicyKey::new(ep, identity, dir, protocol, port, 16);
-        if let Some(v) = FW_POLICY.get(Key::new(plen, key)) {
-            return Some(Hit {
-                value: *v,
-                protocol,
-                identity,
-            });
+    // The packet's protocol, then protocol 0; within each, the exact port (hash) before
+    // the port prefixes (trie): the longest match first, as the trie alone would give.
+    if protocol != 0 {
+        let h = probe(ep, identity, dir, protocol, port, bits);
+        if h.found != 0 {
+            return h;
         }
     }
-    if bits & proto_bit(0) != 0 {
-        let (plen, key) = PolicyKey::new(ep, identity, dir, 0, port, 16);
-        if let Some(v) = FW_POLICY.get(Key::new(plen, key)) {
-            return Some(Hit {
-                value: *v,
-                protocol: 0,
-                identity,
-            });
+    probe(ep, identity, dir, 0, port, bits)
+}
+
+#[inline(always)]
+fn probe(ep: u16, identity: u32, dir: u8, protocol: u8, port: u16, bits: u32) -> Hit {
+    let (plen, key) = PolicyKey::new(ep, identity, dir, protocol, port, 16);
+    if bits & exact_bit(protocol) != 0 {
+        // SAFETY: plain value read.
+        if let Some(v) = unsafe { FW_POLICY_EXACT.get(&key) } {
+            return hit(*v, protocol, identity);
         }
     }
-    None
+    if bits & proto_bit(protocol) != 0 {
+        if let Some(v) = FW_POLICY.get(&Key::new(plen, key)) {
+            return hit(*v, protocol, identity);
+        }
+    }
+    MISS
 }
 
 /// Exactly `policy::mapstate::MapState::lookup`.
 #[inline(always)]
-fn policy_lookup(ep: u16, identity: u32, dir: u8, protocol: u8, port: u16) -> Option<Hit> {
+fn policy_lookup(ep: u16, identity: u32, dir: u8, protocol: u8, port: u16) -> Hit {
     let a = if identity != 0 {
         lookup_identity(ep, identity, dir, protocol, port)
     } else {
-        None
+        MISS
     };
-    if let Some(a) = a {
-        if a.value.flags & POLICY_FLAG_DENY != 0 {
-            return Some(a);
-        }
+    if a.deny() {
+        return a;
     }
     let b = lookup_identity(ep, 0, dir, protocol, port);
-    match (a, b) {
-        (_, Some(b)) if b.value.flags & POLICY_FLAG_DENY != 0 => Some(b),
-        (Some(a), Some(b)) => {
-            if a.specificity() >= b.specificity() {
-                Some(a)
-            } else {
-                Some(b)
-            }
+    if b.deny() {
+        return b;
+    }
+    if a.found != 0 && b.found != 0 {
+        if a.specificity() >= b.specificity() {
+            a
+        } else {
+            b
         }
-        (a, b) => {
-            if a.is_some() {
-                a
-            } else {
-                b
-            }
-        }
+    } else if a.found != 0 {
+        a
+    } else {
+        b
     }
 }
 
@@ -547,7 +583,7 @@ fn emit(
     ifindex: u32,
     remote_identity: u32,
     len: u32,
-    hit: &Option<Hit>,
+    hit: &Hit,
     proxy_port: u16,
 ) {
     let Some(mut entry) = FW_EVENTS.reserve::<Event>(0) else {
@@ -573,25 +609,22 @@ fn emit(
         (*ev).dport = f.policy_port;
         (*ev).proxy_port = proxy_port;
         (*ev)._pad = 0;
-        match hit {
-            Some(h) => {
-                (*ev).match_kind = if h.identity == 0 {
-                    MATCH_ANY
-                } else {
-                    MATCH_IDENTITY
-                };
-                (*ev).key_identity = h.identity;
-                (*ev).key_protocol = h.protocol;
-                (*ev).key_prefix = h.value.prefix_len;
-                (*ev).key_port = f.policy_port & port_mask(h.value.prefix_len);
-            }
-            None => {
-                (*ev).match_kind = MATCH_NONE;
-                (*ev).key_identity = 0;
-                (*ev).key_protocol = 0;
-                (*ev).key_prefix = 0;
-                (*ev).key_port = 0;
-            }
+        if hit.found != 0 {
+            (*ev).match_kind = if hit.identity == 0 {
+                MATCH_ANY
+            } else {
+                MATCH_IDENTITY
+            };
+            (*ev).key_identity = hit.identity;
+            (*ev).key_protocol = hit.protocol;
+            (*ev).key_prefix = hit.value.prefix_len;
+            (*ev).key_port = f.policy_port & port_mask(hit.value.prefix_len);
+        } else {
+            (*ev).match_kind = MATCH_NONE;
+            (*ev).key_identity = 0;
+            (*ev).key_protocol = 0;
+            (*ev).key_prefix = 0;
+            (*ev).key_port = 0;
         }
     }
     entry.submit(0);
@@ -821,7 +854,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
                 ifindex,
                 0,
                 len,
-                &None,
+                &MISS,
                 0,
             );
             return SHOT;
@@ -847,7 +880,7 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
             ifindex,
             0,
             len,
-            &None,
+            &MISS,
             0,
         );
         return SHOT;
@@ -953,32 +986,21 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
             s.f.policy_port,
         )
     } else {
-        None
+        MISS
     };
-    let allowed = if !enforced {
-        true
-    } else {
-        match hit {
-            Some(h) => h.value.flags & POLICY_FLAG_DENY == 0,
-            None => false,
-        }
-    };
+    let allowed = !enforced || (hit.found != 0 && !hit.deny());
     let mut ct_flags = 0u8;
     let mut ev_kind = 0u8;
     let mut reason = REASON_NONE;
     let mut verdict = OK;
     let mut ev_proxy = 0u16;
     if !allowed {
-        reason = if hit.is_some() {
+        reason = if hit.found != 0 {
             REASON_POLICY_DENY
         } else {
             REASON_POLICY_DEFAULT_DENY
         };
-        let stats = match hit {
-            Some(h) => h.value.stats_index,
-            None => STATS_NONE,
-        };
-        count_entry(stats, len);
+        count_entry(hit.value.stats_index, len);
         if ep.flags & EP_FLAG_AUDIT != 0 || cfg.flags & CONFIG_FLAG_AUDIT != 0 {
             count(counter::AUDITED);
             ev_kind = EVENT_AUDIT;
@@ -990,9 +1012,10 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
         }
     }
     if verdict == OK {
-        let (entry_proxy, stats_index) = match hit {
-            Some(h) if allowed => (h.value.proxy_port, h.value.stats_index),
-            _ => (0, STATS_NONE),
+        let (entry_proxy, stats_index) = if allowed && hit.found != 0 {
+            (hit.value.proxy_port, hit.value.stats_index)
+        } else {
+            (0, STATS_NONE)
         };
         if allowed {
             count_entry(stats_index, len);
