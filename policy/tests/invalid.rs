@@ -73,6 +73,10 @@ const CASES: &[(&str, &[&str])] = &[
     ("dns-port-range.yaml", &["dns-port-range.yaml:9:15: spec.egress[0].toPorts[0].ports[0]: DNS rules do not support port ranges"]),
     ("dns-ingress.yaml", &["dns-ingress.yaml:12:11: spec.ingress[0].toPorts[0].rules.dns: DNS rules are not allowed on ingress"]),
     ("dns-no-port.yaml", &["dns-no-port.yaml:11:11: spec.egress[0].toPorts[0].rules.dns: DNS rules need an explicit port (usually port 53 with protocol ANY)"]),
+    ("l7-no-port.yaml", &[
+        "l7-no-port.yaml:12:11: spec.ingress[0].toPorts[0].rules.http: http rules need an explicit TCP port (`ports: [{port: \"80\", protocol: TCP}]`)",
+        "l7-no-port.yaml:17:16: spec.egress[0].toPorts[0].rules.kafka: kafka rules need an explicit TCP port (`ports: [{port: \"80\", protocol: TCP}]`)",
+    ]),
     ("l7-two-protocols.yaml", &["l7-two-protocols.yaml:12:9: spec.egress[0].toPorts[0].rules.kafka: only one L7 protocol per toPorts entry: http and kafka given"]),
     ("l7-non-tcp.yaml", &["l7-non-tcp.yaml:9:15: spec.egress[0].toPorts[0].ports[0]: http rules only apply to TCP ports (not UDP); set `protocol: TCP`"]),
     ("l7-port-zero.yaml", &["l7-port-zero.yaml:9:15: spec.egress[0].toPorts[0].ports[0]: L7 rules cannot be used when a port is 0 (every port)"]),

@@ -1017,12 +1017,18 @@ fn l7_rules(
             );
         }
     }
-    if kind == "dns" && ports.is_empty() {
-        d.error(
-            key_span,
-            &kpath,
-            "DNS rules need an explicit port (usually port 53 with protocol ANY)",
-        );
+    // Cilium requires ports for DNS rules (rule_validation.go: "Port 53 must be specified for
+    // DNS rules"). For HTTP and Kafka it accepts an entry without ports but then creates no L4
+    // filter for it, so the rules silently do nothing; fqdnwall's model would instead read the
+    // entry as "every port and protocol" and send UDP and ICMP to a TCP proxy. Either way the
+    // policy cannot mean what it says, so it is an error.
+    if ports.is_empty() {
+        let msg = if kind == "dns" {
+            "DNS rules need an explicit port (usually port 53 with protocol ANY)".to_string()
+        } else {
+            format!("{kind} rules need an explicit TCP port (`ports: [{{port: \"80\", protocol: TCP}}]`)")
+        };
+        d.error(key_span, &kpath, msg);
     }
     let rules = match kind {
         "http" => http_rules(d, http?, &kpath).map(L7Rules::Http),
