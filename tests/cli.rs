@@ -491,3 +491,30 @@ fn lockdown_checks_its_policy_and_refuses_to_run_unconfined() {
     assert!(stderr(&o).contains("eBPF datapath"), "{}", stderr(&o));
     assert!(!marker.exists(), "the command must not run unconfined");
 }
+
+#[test]
+fn datapath_bpf_is_refused_clearly_and_needs_interfaces() {
+    let d = tempdir();
+    let cfg = write(
+        d.path(),
+        "config.yaml",
+        "datapath: bpf\nendpoints:\n  - name: web\n    ips: [\"10.0.0.5\"]\n",
+    );
+    let o = fqdnwall(&["run", "--config", &cfg]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains(&format!(
+            "{cfg}:3:5: endpoints[0].interface: endpoint \"web\" needs `interface` with `datapath: bpf` (the host side of its veth)"
+        )),
+        "{}",
+        stderr(&o)
+    );
+    let cfg = write(d.path(), "config2.yaml", "datapath: bpf\n");
+    let o = fqdnwall(&["run", "--config", &cfg]);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("datapath bpf: the eBPF datapath is not part of this build"),
+        "{}",
+        stderr(&o)
+    );
+}

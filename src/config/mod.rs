@@ -233,7 +233,6 @@ impl Config {
         if !upstreams_given {
             cfg.dns.upstreams = upstreams();
         }
-        check(&mut d, &cfg, &docs);
         if d.has_errors() {
             Err(ConfigError::Invalid(d.into_diagnostics()))
         } else {
@@ -780,6 +779,16 @@ fn check_endpoints(d: &mut Decoder, cfg: &Config, spans: &[EndpointSpans]) {
                 ),
             );
         }
+        if cfg.datapath == DatapathMode::Bpf && ep.interface.is_none() {
+            d.error(
+                es.item,
+                &join(&index("endpoints", i), "interface"),
+                format!(
+                    "endpoint {:?} needs `interface` with `datapath: bpf` (the host side of its veth)",
+                    ep.name
+                ),
+            );
+        }
         if ep.ips.is_empty() {
             d.error(
                 es.item,
@@ -900,26 +909,6 @@ fn decode_dns(
                 d.error(x.span, "dns.forwardTimeout", "must be longer than 0");
             } else {
                 dns.forward_timeout = v;
-            }
-        }
-    }
-}
-
-/// Checks that need the whole config (none beyond the per-section ones yet besides the
-/// datapath's interface requirement).
-fn check(d: &mut Decoder, cfg: &Config, docs: &[policy::yaml::Node]) {
-    if cfg.datapath == DatapathMode::Bpf {
-        let at = docs.first().map(|n| n.span).unwrap_or_default();
-        for (i, ep) in cfg.endpoints.iter().enumerate() {
-            if ep.interface.is_none() {
-                d.error(
-                    at,
-                    &join(&index("endpoints", i), "interface"),
-                    format!(
-                        "endpoint {:?} needs `interface` with `datapath: bpf`",
-                        ep.name
-                    ),
-                );
             }
         }
     }
