@@ -299,11 +299,19 @@ pub async fn expiry_loop(agent: Arc<Agent>) {
             let mut st = agent.lock();
             let fc = st.fqdn.expire(now(), &open);
             if fc.is_empty() {
-                continue;
+                None
+            } else {
+                let changes = st.apply_fqdn_changes(fc);
+                agent.submit(&st, &changes);
+                Some(agent.issued())
             }
-            let changes = st.apply_fqdn_changes(fc);
-            agent.submit(&st, &changes);
-            agent.issued()
+        };
+        let Some(target) = target else {
+            // Nothing left the ipcache (the IPs are still held under other names). The cache
+            // has moved its deadline on; a millisecond's pause keeps a deadline that did not
+            // move from turning this loop into a spin.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
         };
         if let Err(e) = agent.wait_applied(target).await {
             tracing::error!("datapath refused an expiry: {e}");
