@@ -11,8 +11,8 @@
 //!   the suffix's labels from the right, so a name walks down its own labels and meets only
 //!   the patterns whose suffix it ends with;
 //! - everything else (`*` inside a label, `a.**.b`, ...): hung on the trie node of its longest
-//!   literal label suffix and confirmed with [`FqdnPattern::matches`], after a cheap label-count
-//!   check. Only patterns with no literal last label at all are tried against every name.
+//!   literal label suffix and confirmed with [`FqdnPattern::matches`], after cheap checks of
+//!   the label count and of the literal text before the first `*` and after the last. Only patterns with no literal last label at all are tried against every name.
 //!
 //! The answers are exactly those of [`FqdnSelector::matches`]; the property tests hold the
 //! index to that.
@@ -66,6 +66,10 @@ struct OtherPattern {
     /// (a `*` never crosses a dot); with it, at least this many.
     labels: usize,
     leading_double_star: bool,
+    /// The text before the first `*` and after the last: a matching name starts and ends
+    /// with them (the regex is anchored at both ends), a check far cheaper than the regex.
+    prefix: Box<str>,
+    suffix: Box<str>,
 }
 
 /// Labels of a name or pattern in normal form, left to right. The root `.` is one empty label.
@@ -123,11 +127,16 @@ impl PatternIndex {
         } else if first_literal == 1 && first.bytes().all(|b| b == b'*') {
             node.one_label.push(id);
         } else {
+            let text = pattern.as_str();
+            let first_star = text.find('*').unwrap_or(text.len());
+            let last_star = text.rfind('*').map_or(text.len(), |i| i + 1);
             node.other.push(OtherPattern {
                 id,
                 pattern: pattern.clone(),
                 labels: labels.len(),
                 leading_double_star: first == "**",
+                prefix: text[..first_star].into(),
+                suffix: text[last_star..].into(),
             });
         }
     }
@@ -178,7 +187,11 @@ impl PatternIndex {
                 } else {
                     labels.len() == other.labels
                 };
-                if count_fits && other.pattern.matches(name) {
+                if count_fits
+                    && text.starts_with(&*other.prefix)
+                    && text.ends_with(&*other.suffix)
+                    && other.pattern.matches(name)
+                {
                     out.push(other.id);
                 }
             }
