@@ -77,11 +77,10 @@ impl Agent {
     /// Hands engine changes to the datapath, in order, and returns the sequence number of the
     /// last one. Call with the state lock held (pass the guard): that is what makes the
     /// datapath see changes in the order the engine made them.
-    pub fn submit(
-        self: &Arc<Self>,
-        _held: &MutexGuard<'_, AgentState>,
-        changes: &[Changes],
-    ) -> u64 {
+    pub fn submit(self: &Arc<Self>, held: &MutexGuard<'_, AgentState>, changes: &[Changes]) -> u64 {
+        if changes.iter().any(|c| !c.maps.is_empty()) {
+            held.forget_dns_matchers();
+        }
         let mut seq = self.issued.load(Ordering::SeqCst);
         for c in changes.iter().filter(|c| !c.is_empty()) {
             seq = self.issued.fetch_add(1, Ordering::SeqCst) + 1;

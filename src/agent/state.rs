@@ -6,17 +6,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use dnsproxy::{Decision, Transport};
-use fqdn_cache::{FqdnCache, FqdnIdentity};
+use fqdn_cache::{FqdnCache, FqdnIdentity, PatternIndex};
 use ipnet::IpNet;
 use policy::fqdn::DnsName;
 use policy::labels::LabelSet;
 
-use policy::engine::{Changes, Engine};
+use policy::engine::{Changes, DnsVerdict, Engine};
 use policy::identity::IdentityAllocator;
 use policy::mapstate::ProxyPorts;
-use policy::model::{Direction, Protocol};
+use policy::model::{Direction, DnsRule, FqdnSelector, Protocol};
 use policy::trace::{AuditModes, DirTrace, Trace, Verdict};
 
 use super::datapath::MapRow;
@@ -85,6 +86,52 @@ pub struct AgentState {
     pub fqdn_ips: HashMap<IpNet, FqdnIp>,
     /// Endpoint of each source address (a query's endpoint is found from its source).
     pub by_ip: HashMap<IpAddr, u16>,
+    /// The DNS rules of each (endpoint, server identity, port, protocol) seen, compiled into
+    /// an index so a query is matched against thousands of patterns without a linear regex
+    /// scan. Behind its own lock because the proxy's check only reads the state.
+    dns_matchers: Mutex<HashMap<DnsFlow, Arc<DnsMatcher>>>,
+}
+
+/// A DNS flow as its rules are selected: endpoint, server identity, port, IP protocol.
+type DnsFlow = (u16, u32, u16, u8);
+
+/// The names one flow may resolve.
+pub enum DnsMatcher {
+    Deny,
+    All,
+    Some(PatternIndex),
+}
+
+impl DnsMatcher {
+    fn from_verdict(v: Option<DnsVerdict>) -> DnsMatcher {
+        match v {
+            None | Some(DnsVerdict::Denied { .. }) => DnsMatcher::Deny,
+            Some(DnsVerdict::Unrestricted) => DnsMatcher::All,
+            Some(DnsVerdict::Rules {
+                allow_all: true, ..
+            }) => DnsMatcher::All,
+            Some(v @ DnsVerdict::Rules { .. }) => {
+                let sels: Vec<FqdnSelector> = v
+                    .dns_rules()
+                    .map(|(r, _)| match r {
+                        DnsRule::MatchName(n) => FqdnSelector::MatchName(n.clone()),
+                        DnsRule::MatchPattern(p) => FqdnSelector::MatchPattern(p.clone()),
+                    })
+                    .collect();
+                DnsMatcher::Some(PatternIndex::new(
+                    sels.iter().enumerate().map(|(i, s)| (i as u32, s)),
+                ))
+            }
+        }
+    }
+
+    pub fn allows(&self, name: &DnsName) -> bool {
+        match self {
+            DnsMatcher::Deny => false,
+            DnsMatcher::All => true,
+            DnsMatcher::Some(index) => !index.matches(name).is_empty(),
+        }
+    }
 }
 
 impl AgentState {
@@ -113,6 +160,7 @@ impl AgentState {
             fqdn,
             fqdn_ids: HashMap::new(),
             fqdn_ips: HashMap::new(),
+            dns_matchers: Mutex::new(HashMap::new()),
             by_ip,
             audit_global: cfg.policy_audit_mode,
             cfg,
@@ -354,14 +402,36 @@ impl AgentState {
             Transport::Udp => Protocol::Udp,
             Transport::Tcp => Protocol::Tcp,
         };
-        let verdict = self
-            .engine
-            .dns_rules_for(endpoint_id, server_identity, server.port(), proto);
-        if verdict.is_some_and(|v| v.allows(qname)) {
+        let key = (endpoint_id, server_identity, server.port(), proto.number());
+        let matcher = {
+            let mut cache = self.dns_matchers.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .entry(key)
+                .or_insert_with(|| {
+                    Arc::new(DnsMatcher::from_verdict(self.engine.dns_rules_for(
+                        endpoint_id,
+                        server_identity,
+                        server.port(),
+                        proto,
+                    )))
+                })
+                .clone()
+        };
+        if matcher.allows(qname) {
             Decision::Allow { endpoint_id }
         } else {
             Decision::Deny { endpoint_id }
         }
+    }
+
+    /// Drops the compiled DNS matchers: called whenever policy map entries change (which is
+    /// when the DNS rules of a flow can change). Learning an IP of an existing selector set
+    /// changes only the ipcache and keeps them.
+    pub fn forget_dns_matchers(&self) {
+        self.dns_matchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     pub fn audit_modes(&self) -> AuditModes {
