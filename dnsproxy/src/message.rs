@@ -490,4 +490,72 @@ mod tests {
         assert_eq!(l.ips.len(), 2);
         assert_eq!(l.ttl, 42);
     }
+
+    mod untrusted_bytes {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn valid_query() -> impl Strategy<Value = Vec<u8>> {
+            (
+                "[a-z]{1,10}(\\.[a-z]{1,10}){0,3}",
+                any::<u16>(),
+                prop::sample::select(vec![
+                    RecordType::A,
+                    RecordType::AAAA,
+                    RecordType::HTTPS,
+                    RecordType::MX,
+                ]),
+            )
+                .prop_map(|(n, id, t)| query_bytes(id, &format!("{n}."), t))
+        }
+
+        proptest! {
+            /// Whatever a client sends: no panic; an answer of the proxy's own parses and
+            /// carries the client's ID.
+            #[test]
+            fn client_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+                check_client_bytes(&bytes)?;
+            }
+
+            /// Valid queries with bytes flipped, cut or appended: the same.
+            #[test]
+            fn mutated_queries_never_panic(
+                q in valid_query(),
+                flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+                cut in any::<prop::sample::Index>(),
+                tail in prop::collection::vec(any::<u8>(), 0..20),
+            ) {
+                let mut b = q.clone();
+                for (i, v) in flips {
+                    let i = i.index(b.len());
+                    b[i] ^= v;
+                }
+                b.truncate(cut.index(b.len() + 1));
+                b.extend_from_slice(&tail);
+                check_client_bytes(&b)?;
+                // Upstream answers are untrusted too.
+                let _ = answer_key(&b);
+                if let Ok(m) = Message::from_vec(&b) {
+                    let _ = extract_learning(&m, &name("a.test."), 0);
+                }
+            }
+        }
+
+        fn check_client_bytes(bytes: &[u8]) -> Result<(), TestCaseError> {
+            match parse_client_query(bytes) {
+                Ok(q) => {
+                    let r = q.reject(ResponseCode::Refused);
+                    prop_assert!(Message::from_vec(&r).is_ok());
+                    prop_assert_eq!(&r[0..2], &bytes[0..2]);
+                }
+                Err(Rejection::Answer { response, .. }) => {
+                    prop_assert!(Message::from_vec(&response).is_ok(), "own answer parses");
+                    prop_assert_eq!(&response[0..2], &bytes[0..2]);
+                }
+                Err(Rejection::Drop(_)) => {}
+            }
+            Ok(())
+        }
+    }
 }
