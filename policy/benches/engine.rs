@@ -288,6 +288,7 @@ fn rule(k: usize) -> Rule {
         deny,
         default_deny: has,
         has_direction: has,
+        requires: PerDir::default(),
         description: None,
         span: Span::default(),
     }
@@ -317,6 +318,7 @@ fn policies() -> Vec<Policy> {
             ingress: false,
             egress: true,
         },
+        requires: PerDir::default(),
         description: None,
         span: Span::default(),
     });

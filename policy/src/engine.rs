@@ -28,7 +28,12 @@
 //!   named ports of the endpoints having the peer identity (all endpoints for a wildcard peer);
 //! - on one key a deny beats any allow and a redirect beats a plain allow; the plain allow then
 //!   makes the proxy allow everything for that peer ([`Engine::l7_policy`]), as Cilium adds a
-//!   wildcard L7 rule (`l4.go` `ensureWildcard`, `toMapState`'s priority to L7 redirection).
+//!   wildcard L7 rule (`l4.go` `ensureWildcard`, `toMapState`'s priority to L7 redirection);
+//! - `fromRequires`/`toRequires` (model::Requires): the requirements of every rule selecting an
+//!   endpoint are ANDed into the endpoint peer selectors of those rules. A rule's peers are
+//!   compiled once more per requirement set seen (`CompiledRule::variants`), so endpoints
+//!   with the same requirements share them and the selector cache knows every refined
+//!   selector (incremental updates work unchanged).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -38,14 +43,14 @@ use ipnet::IpNet;
 
 use crate::fqdn::DnsName;
 use crate::identity::{reserved, IdentityAllocator, NumericIdentity};
-use crate::labels::{Label, LabelSet, SOURCE_CIDR, SOURCE_RESERVED};
+use crate::labels::{Label, LabelSelector, LabelSet, Requirement, SOURCE_CIDR, SOURCE_RESERVED};
 use crate::mapstate::{
     port_range_keys, EntryBuilder, IdMap, LookupVerdict, MapDiff, MapEntry, MapKey, MapState,
     PortKey, RuleRef, Summary,
 };
 use crate::model::{
     Direction, DnsRule, Endpoint, FqdnSelector, IpFamily, L7Kind, L7Rules, PeerRule, PeerSelector,
-    Peers, PerDir, Policy, Port, Protocol, Rule, Subject,
+    Peers, PerDir, Policy, Port, Protocol, Subject,
 };
 use crate::selector::{fqdn_label, IdentityFacts, LabelIndex, Selector, SelectorCache, SelectorId};
 
@@ -172,12 +177,29 @@ pub(crate) struct CompiledPeerRule {
     pub(crate) ports: Vec<PortSpec>,
 }
 
+/// Requirements per direction: `[allow, deny]`, each sorted and deduplicated.
+type ReqKey = PerDir<[Vec<Requirement>; 2]>;
+
+fn req_key_is_empty(k: &ReqKey) -> bool {
+    DIRS.iter().all(|d| k.get(*d).iter().all(Vec::is_empty))
+}
+
 #[derive(Debug)]
 struct CompiledRule {
     subject: Subject,
     default_deny: PerDir<bool>,
     enforcing: Arc<RuleRef>,
     peers: PerDir<Vec<Arc<CompiledPeerRule>>>,
+    /// The policy holding the model rule and its index there (for requirement variants).
+    source: (Arc<Policy>, usize),
+    /// The rule's own `fromRequires`/`toRequires`, flattened into requirements.
+    requires: ReqKey,
+    /// Whether the rule has endpoint peer selectors per direction, `[allow, deny]`: only
+    /// requirements of those parts change its peers.
+    endpoint_peers: PerDir<[bool; 2]>,
+    /// Peers with requirements applied, per requirement set (masked by `endpoint_peers`).
+    /// Kept until the rule goes; their selectors are in `selectors`.
+    variants: HashMap<ReqKey, PerDir<Vec<Arc<CompiledPeerRule>>>>,
     /// One element per use, released one by one.
     selectors: Vec<SelectorId>,
     prefixes: Vec<IpNet>,
@@ -441,6 +463,73 @@ fn is_wildcard_selector(s: &PeerSelector) -> bool {
         PeerSelector::Entity(e) => *e == crate::model::Entity::All,
         PeerSelector::Cidr(_) => false,
     }
+}
+
+/// Compiles one peer rule, registering its selectors (each use pushed to `selectors`, each
+/// CIDR prefix to `prefixes`). `reqs` (requirements, may be empty) are ANDed into its
+/// endpoint selectors; a selector refined that way is no longer a wildcard.
+fn compile_peer(
+    sel: &mut SelectorCache,
+    pr: &PeerRule,
+    deny: bool,
+    origin: Arc<RuleRef>,
+    reqs: &[Requirement],
+    selectors: &mut Vec<SelectorId>,
+    prefixes: &mut Vec<IpNet>,
+) -> Arc<CompiledPeerRule> {
+    let refine = |s: &PeerSelector| -> PeerSelector {
+        match s {
+            PeerSelector::Endpoints(ls) if !reqs.is_empty() => {
+                let mut r = ls.requirements.clone();
+                r.extend(reqs.iter().cloned());
+                r.sort();
+                r.dedup();
+                PeerSelector::Endpoints(LabelSelector { requirements: r })
+            }
+            other => other.clone(),
+        }
+    };
+    let target = match &pr.peers {
+        Peers::All => PeerTarget::Wildcard,
+        Peers::Selectors(v) => {
+            let v: Vec<PeerSelector> = v.iter().map(refine).collect();
+            if v.iter().any(is_wildcard_selector) {
+                PeerTarget::Wildcard
+            } else {
+                let mut ids = Vec::with_capacity(v.len());
+                for s in v {
+                    let key = match s {
+                        PeerSelector::Endpoints(ls) => Selector::Endpoints(ls),
+                        PeerSelector::Entity(e) => Selector::Entity(e),
+                        PeerSelector::Cidr(c) => {
+                            prefixes.push(c.cidr);
+                            prefixes.extend(c.except.iter().copied());
+                            Selector::Cidr(c)
+                        }
+                    };
+                    let (id, _) = sel.add_selector(key);
+                    selectors.push(id);
+                    ids.push(id);
+                }
+                PeerTarget::Selectors(ids)
+            }
+        }
+        Peers::Fqdns(v) => {
+            let mut ids = Vec::with_capacity(v.len());
+            for f in v {
+                let (id, _) = sel.add_selector(Selector::Fqdn(f.clone()));
+                selectors.push(id);
+                ids.push(id);
+            }
+            PeerTarget::Selectors(ids)
+        }
+    };
+    Arc::new(CompiledPeerRule {
+        deny,
+        origin,
+        target,
+        ports: compile_ports(pr),
+    })
 }
 
 const L4_PROTOS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
@@ -802,6 +891,7 @@ impl Engine {
 
         let id = ep.id;
         let rules = self.select_rules(&ep);
+        self.prepare_requires(&rules);
         let policy = self.build_policy(&ep, Some(rules.clone()));
         let map = self.ctx().full_map(&ep, &policy);
         self.add_users(id, &policy);
@@ -880,8 +970,8 @@ impl Engine {
             let mut ids = Vec::new();
             for pol in policies {
                 let pol = Arc::new(pol);
-                for rule in &pol.rules {
-                    let rid = self.compile_rule(&pol, rule, &mut p);
+                for idx in 0..pol.rules.len() {
+                    let rid = self.compile_rule(&pol, idx, &mut p);
                     ids.push(rid);
                 }
                 pols.push(pol);
@@ -1346,18 +1436,121 @@ impl Engine {
         out
     }
 
+    /// The requirements of a set of rules (those selecting one endpoint).
+    fn requires_of(&self, rules: &[RuleId]) -> ReqKey {
+        let mut k = ReqKey::default();
+        for rid in rules {
+            let r = &self.rules[rid];
+            for dir in DIRS {
+                for (i, reqs) in r.requires.get(dir).iter().enumerate() {
+                    k.get_mut(dir)[i].extend(reqs.iter().cloned());
+                }
+            }
+        }
+        for dir in DIRS {
+            for v in k.get_mut(dir).iter_mut() {
+                v.sort();
+                v.dedup();
+            }
+        }
+        k
+    }
+
+    /// The part of an endpoint's requirements that changes rule `r`'s peers.
+    fn masked(r: &CompiledRule, reqs: &ReqKey) -> ReqKey {
+        let mut k = ReqKey::default();
+        for dir in DIRS {
+            for i in 0..2 {
+                if r.endpoint_peers.get(dir)[i] {
+                    k.get_mut(dir)[i] = reqs.get(dir)[i].clone();
+                }
+            }
+        }
+        k
+    }
+
+    /// The peers of rule `rid` under requirements `reqs` (its plain peers when none apply).
+    fn peers_under<'r>(
+        &'r self,
+        rid: RuleId,
+        reqs: &ReqKey,
+    ) -> &'r PerDir<Vec<Arc<CompiledPeerRule>>> {
+        let r = &self.rules[&rid];
+        if req_key_is_empty(reqs) {
+            return &r.peers;
+        }
+        let key = Self::masked(r, reqs);
+        if req_key_is_empty(&key) {
+            return &r.peers;
+        }
+        // Variants are prepared before every stored policy is built; only a policy computed
+        // for a hypothetical endpoint (`policy trace` with `labels:`) with a requirement set
+        // no endpoint has can miss one, and then the rule's peers are used unrefined.
+        r.variants.get(&key).unwrap_or(&r.peers)
+    }
+
+    /// Compiles the requirement variants the rules selecting an endpoint need.
+    fn prepare_requires(&mut self, rules: &[RuleId]) {
+        let reqs = self.requires_of(rules);
+        if req_key_is_empty(&reqs) {
+            return;
+        }
+        for rid in rules {
+            let r = &self.rules[rid];
+            let key = Self::masked(r, &reqs);
+            if req_key_is_empty(&key) || r.variants.contains_key(&key) {
+                continue;
+            }
+            let (pol, idx) = r.source.clone();
+            let origins: PerDir<Vec<Arc<RuleRef>>> = PerDir {
+                ingress: r.peers.ingress.iter().map(|c| c.origin.clone()).collect(),
+                egress: r.peers.egress.iter().map(|c| c.origin.clone()).collect(),
+            };
+            let rule = &pol.rules[idx];
+            let mut selectors = Vec::new();
+            let mut unused_prefixes = Vec::new();
+            let mut peers: PerDir<Vec<Arc<CompiledPeerRule>>> = PerDir::default();
+            for dir in DIRS {
+                let lists = [(false, rule.allow.get(dir)), (true, rule.deny.get(dir))];
+                let mut origin = origins.get(dir).iter();
+                for (deny, list) in lists {
+                    let reqs = &key.get(dir)[usize::from(deny)];
+                    for pr in list {
+                        let o = origin
+                            .next()
+                            .expect("a compiled peer rule per model peer rule");
+                        peers.get_mut(dir).push(compile_peer(
+                            &mut self.sel,
+                            pr,
+                            deny,
+                            o.clone(),
+                            reqs,
+                            &mut selectors,
+                            &mut unused_prefixes,
+                        ));
+                    }
+                }
+            }
+            let r = self.rules.get_mut(rid).expect("selected rule exists");
+            r.selectors.extend(selectors);
+            r.variants.insert(key, peers);
+        }
+    }
+
     fn build_policy(&self, ep: &Endpoint, rules: Option<Vec<RuleId>>) -> PerDir<DirPolicy> {
         let rules = rules.unwrap_or_else(|| self.select_rules(ep));
+        let reqs = self.requires_of(&rules);
         let mut pol: PerDir<DirPolicy> = PerDir::default();
         for rid in rules {
             let r = &self.rules[&rid];
+            let peers = self.peers_under(rid, &reqs);
             for dir in DIRS {
                 let dp = pol.get_mut(dir);
                 if *r.default_deny.get(dir) {
                     dp.enforced = true;
                     dp.enforcing.push(r.enforcing.clone());
                 }
-                for c in r.peers.get(dir) {
+                for c in peers.get(dir) {
                     if dir == Direction::Egress
                         && c.ports
                             .iter()
@@ -1419,6 +1612,7 @@ impl Engine {
         };
         self.drop_users(id, &st.policy);
         st.rules = self.select_rules(&st.ep);
+        self.prepare_requires(&st.rules);
         let policy = self.build_policy(&st.ep, Some(st.rules.clone()));
         let map = self.ctx().full_map(&st.ep, &policy);
         p.snapshot(id, std::mem::replace(&mut st.map, map));
@@ -1569,7 +1763,8 @@ impl Engine {
         }
     }
 
-    fn compile_rule(&mut self, pol: &Arc<Policy>, rule: &Rule, p: &mut Pending) -> RuleId {
+    fn compile_rule(&mut self, pol: &Arc<Policy>, idx: usize, p: &mut Pending) -> RuleId {
+        let rule = &pol.rules[idx];
         let name: Arc<str> = pol.display_name().into();
         let mk_ref = |span| {
             Arc::new(RuleRef {
@@ -1582,48 +1777,32 @@ impl Engine {
         let mut selectors = Vec::new();
         let mut prefixes = Vec::new();
         let mut peers: PerDir<Vec<Arc<CompiledPeerRule>>> = PerDir::default();
+        let mut requires = ReqKey::default();
+        let mut endpoint_peers: PerDir<[bool; 2]> = PerDir::default();
         for dir in DIRS {
+            let own = rule.requires.get(dir);
+            for (i, sels) in [&own.allow, &own.deny].into_iter().enumerate() {
+                requires.get_mut(dir)[i] = sels
+                    .iter()
+                    .flat_map(|s| s.requirements.iter().cloned())
+                    .collect();
+            }
             for (deny, list) in [(false, rule.allow.get(dir)), (true, rule.deny.get(dir))] {
                 for pr in list {
-                    let target = match &pr.peers {
-                        Peers::All => PeerTarget::Wildcard,
-                        Peers::Selectors(v) if v.iter().any(is_wildcard_selector) => {
-                            PeerTarget::Wildcard
+                    if let Peers::Selectors(v) = &pr.peers {
+                        if v.iter().any(|s| matches!(s, PeerSelector::Endpoints(_))) {
+                            endpoint_peers.get_mut(dir)[usize::from(deny)] = true;
                         }
-                        Peers::Selectors(v) => {
-                            let mut ids = Vec::with_capacity(v.len());
-                            for s in v {
-                                let key = match s {
-                                    PeerSelector::Endpoints(ls) => Selector::Endpoints(ls.clone()),
-                                    PeerSelector::Entity(e) => Selector::Entity(*e),
-                                    PeerSelector::Cidr(c) => {
-                                        prefixes.push(c.cidr);
-                                        prefixes.extend(c.except.iter().copied());
-                                        Selector::Cidr(c.clone())
-                                    }
-                                };
-                                let (id, _) = self.sel.add_selector(key);
-                                selectors.push(id);
-                                ids.push(id);
-                            }
-                            PeerTarget::Selectors(ids)
-                        }
-                        Peers::Fqdns(v) => {
-                            let mut ids = Vec::with_capacity(v.len());
-                            for f in v {
-                                let (id, _) = self.sel.add_selector(Selector::Fqdn(f.clone()));
-                                selectors.push(id);
-                                ids.push(id);
-                            }
-                            PeerTarget::Selectors(ids)
-                        }
-                    };
-                    peers.get_mut(dir).push(Arc::new(CompiledPeerRule {
+                    }
+                    peers.get_mut(dir).push(compile_peer(
+                        &mut self.sel,
+                        pr,
                         deny,
-                        origin: mk_ref(pr.span),
-                        target,
-                        ports: compile_ports(pr),
-                    }));
+                        mk_ref(pr.span),
+                        &[],
+                        &mut selectors,
+                        &mut prefixes,
+                    ));
                 }
             }
         }
@@ -1643,6 +1822,10 @@ impl Engine {
                 default_deny: rule.default_deny,
                 enforcing: mk_ref(rule.span),
                 peers,
+                source: (pol.clone(), idx),
+                requires,
+                endpoint_peers,
+                variants: HashMap::new(),
                 selectors,
                 prefixes,
             },

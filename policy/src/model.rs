@@ -134,9 +134,33 @@ pub struct Rule {
     /// Whether the rule has anything to say about the direction at all (allow or deny
     /// sections present, or `policyTypes` lists it). `default_deny` implies this.
     pub has_direction: PerDir<bool>,
+    /// `fromRequires` (ingress) / `toRequires` (egress) of the rule's sections, per direction.
+    pub requires: PerDir<Requires>,
     pub description: Option<String>,
     /// Where the rule starts in its file.
     pub span: Span,
+}
+
+/// `fromRequires` / `toRequires` of one rule and direction (Cilium's "requirements").
+///
+/// They grant nothing by themselves. For an endpoint, the requirements of every rule
+/// selecting it are collected per direction, and each `fromEndpoints`/`toEndpoints` selector
+/// of every rule selecting it, in that direction, must also match all of them (ANDed).
+/// Requirements written in allow sections constrain the allow rules, those written in deny
+/// sections the deny rules (Cilium's `requirements` / `requirementsDeny` in
+/// `resolveL4IngressPolicy`). CIDR, entity, FQDN peers and rules without an L3 peer are not
+/// constrained (`GetSourceEndpointSelectorsWithRequirements` adds them to `FromEndpoints`
+/// only). The parser has scoped each selector to the policy's namespace like a peer selector.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Requires {
+    pub allow: Vec<LabelSelector>,
+    pub deny: Vec<LabelSelector>,
+}
+
+impl Requires {
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
 }
 
 /// One element of `ingress`, `egress`, `ingressDeny`, `egressDeny` (or a NetworkPolicy

@@ -11,7 +11,7 @@
 use std::net::IpAddr;
 
 use crate::fqdn::DnsName;
-use crate::labels::{Label, LabelSet, CLUSTER_LABEL, SOURCE_K8S, SOURCE_RESERVED};
+use crate::labels::{Label, LabelSelector, LabelSet, CLUSTER_LABEL, SOURCE_K8S, SOURCE_RESERVED};
 use crate::model::{
     Direction, Endpoint, Entity, IcmpField, IpFamily, L7Kind, L7Rules, PeerRule, PeerSelector,
     Peers, Policy, Port, PortProtocol, PortRule, Protocol, Rule, Subject,
@@ -82,7 +82,7 @@ pub fn evaluate(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> RefVerdict {
     // 1. A matching deny wins, whether or not the direction is enforced.
     for rule in &selecting {
         for pr in rule.deny.get(dir) {
-            if !contributions(u, ep, pr, flow).is_empty() {
+            if !contributions(u, ep, pr, flow, &requirements(u, ep, dir, true)).is_empty() {
                 return RefVerdict::Deny;
             }
         }
@@ -94,7 +94,7 @@ pub fn evaluate(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> RefVerdict {
     let mut best: Option<(Rank, Option<L7Kind>)> = None;
     for rule in &selecting {
         for pr in rule.allow.get(dir) {
-            for (rank, l7) in contributions(u, ep, pr, flow) {
+            for (rank, l7) in contributions(u, ep, pr, flow, &requirements(u, ep, dir, false)) {
                 offer(&mut best, rank, l7.map(L7Rules::kind));
             }
         }
@@ -120,7 +120,7 @@ pub fn l7_allows_all(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> bool {
         .filter(|r| rule_selects(r, ep))
         .flat_map(|r| r.allow.get(flow.direction).iter())
         .any(|pr| {
-            contributions(u, ep, pr, flow)
+            contributions(u, ep, pr, flow, &requirements(u, ep, flow.direction, false))
                 .iter()
                 .any(|(_, l7)| l7.is_none())
         })
@@ -145,7 +145,7 @@ pub fn dns_allows(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow, name: &DnsNam
         .flat_map(|p| p.rules.iter())
         .filter(|r| rule_selects(r, ep))
         .flat_map(|r| r.allow.get(flow.direction).iter())
-        .flat_map(|pr| contributions(u, ep, pr, flow))
+        .flat_map(|pr| contributions(u, ep, pr, flow, &requirements(u, ep, flow.direction, false)))
         .map(|(_, l7)| l7)
         .collect();
     matching.iter().any(|l7| match l7 {
@@ -153,6 +153,31 @@ pub fn dns_allows(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow, name: &DnsNam
         Some(L7Rules::Dns(rules)) => rules.iter().any(|r| r.matches(name)),
         Some(_) => false,
     })
+}
+
+/// The `fromRequires`/`toRequires` selectors of every rule selecting `ep`, in `dir`: those of
+/// the allow sections, or of the deny sections with `deny`. Every endpoint selector of the
+/// (allow, resp. deny) peer rules of those rules must also match all of them (Cilium's
+/// requirements; CIDR, entity and FQDN peers and rules without L3 peers are not affected).
+pub fn requirements<'u>(
+    u: &Universe<'u>,
+    ep: &Endpoint,
+    dir: Direction,
+    deny: bool,
+) -> Vec<&'u LabelSelector> {
+    u.policies
+        .iter()
+        .flat_map(|p| p.rules.iter())
+        .filter(|r| rule_selects(r, ep))
+        .flat_map(|r| {
+            let req = r.requires.get(dir);
+            if deny {
+                req.deny.iter()
+            } else {
+                req.allow.iter()
+            }
+        })
+        .collect()
 }
 
 /// Whether `dir` of `ep` is in default deny: some rule selecting it asks for it.
@@ -210,15 +235,24 @@ fn contributions<'p>(
     ep: &Endpoint,
     pr: &'p PeerRule,
     flow: &RefFlow,
+    requires: &[&LabelSelector],
 ) -> Vec<(Rank, Option<&'p L7Rules>)> {
     let peer = &flow.peer;
+    // An endpoint selector refined by requirements is no longer a wildcard.
+    let is_endpoints = |s: &PeerSelector| matches!(s, PeerSelector::Endpoints(_));
+    let wildcard_sel =
+        |s: &PeerSelector| is_wildcard_selector(s) && !(is_endpoints(s) && !requires.is_empty());
+    let sel_matches = |s: &PeerSelector| {
+        selector_matches(s, peer)
+            && (!is_endpoints(s) || requires.iter().all(|r| r.matches(&peer.labels)))
+    };
     let (wildcard, specific) = match &pr.peers {
         Peers::All => (true, false),
         // A peer list holding a wildcard stands for any peer as a whole: its other selectors
         // add nothing (the engine's documented choice; it only matters for which entry wins a
         // redirect).
-        Peers::Selectors(sels) if sels.iter().any(is_wildcard_selector) => (true, false),
-        Peers::Selectors(sels) => (false, sels.iter().any(|s| selector_matches(s, peer))),
+        Peers::Selectors(sels) if sels.iter().any(wildcard_sel) => (true, false),
+        Peers::Selectors(sels) => (false, sels.iter().any(sel_matches)),
         Peers::Fqdns(sels) => {
             let learned = match peer.ip {
                 Some(ip) if !peer.in_cluster && flow.direction == Direction::Egress => u
@@ -546,6 +580,7 @@ mod tests {
             deny: PerDir::default(),
             default_deny: PerDir::default(),
             has_direction: PerDir::default(),
+            requires: PerDir::default(),
             description: None,
             span: Span::default(),
         }

@@ -25,8 +25,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "cilium-examples/host/allow-extended-protocols.yaml",
         "extended IP protocols",
     ),
-    ("cilium-examples/l3/requires/requires.json", "fromRequires"),
-    ("cilium-examples/l3/requires/requires.yaml", "fromRequires"),
     (
         "cilium-examples/l3/service/service-labels.json",
         "toServices",
@@ -43,8 +41,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "listener",
     ),
     ("cilium-examples/l4/wildcard_port_listener.yaml", "listener"),
-    ("cilium-examples/requires.json", "fromRequires"),
-    ("cilium-examples/requires.yaml", "fromRequires"),
     ("cilium-examples/service.yaml", "toServices"),
 ];
 

@@ -662,3 +662,47 @@ fn empty_port_entries_allow_nothing() {
     let r = cnp("endpointSelector: {}\negress:\n- toEntities: [world]\n  icmps: [{fields: []}]\n");
     assert_eq!(r.allow.egress[0].peers, Peers::Selectors(vec![]));
 }
+
+#[test]
+fn requires_per_direction_and_section() {
+    let r = cnp("endpointSelector: {}\ningress:\n- fromRequires: [{matchLabels: {env: prod}}]\n- fromEndpoints: [{matchLabels: {app: a}}]\ningressDeny:\n- fromRequires: [{matchLabels: {reserved:host: ''}}]\negress:\n- toRequires: [{matchExpressions: [{key: k8s:io.kubernetes.pod.namespace, operator: Exists}]}]\n");
+    // Scoped like peer selectors: the namespace of the policy is required too (also for a
+    // selector naming a reserved label), unless the selector names the namespace itself.
+    let ns = is("k8s:io.kubernetes.pod.namespace", "team");
+    let mut prod = vec![is("env", "prod"), ns.clone()];
+    prod.sort();
+    assert_eq!(
+        r.requires.ingress.allow,
+        vec![LabelSelector { requirements: prod }]
+    );
+    let mut host = vec![is("reserved:host", ""), ns];
+    host.sort();
+    assert_eq!(
+        r.requires.ingress.deny,
+        vec![LabelSelector { requirements: host }]
+    );
+    assert_eq!(
+        r.requires.egress.allow,
+        vec![LabelSelector {
+            requirements: vec![Requirement {
+                key: key("k8s:io.kubernetes.pod.namespace"),
+                op: Operator::Exists
+            }]
+        }]
+    );
+    assert!(r.requires.egress.deny.is_empty());
+    // A rule with only fromRequires grants nothing by itself but enforces the direction.
+    assert_eq!(r.allow.ingress[0].peers, Peers::Selectors(vec![]));
+    assert!(r.default_deny.ingress);
+
+    // Rule lists are not scoped.
+    let rl = parse(
+        "- endpointSelector: {}\n  ingress:\n  - fromRequires: [{matchLabels: {env: prod}}]\n",
+    );
+    assert_eq!(
+        rl[0].rules[0].requires.ingress.allow,
+        vec![LabelSelector {
+            requirements: vec![is("env", "prod")]
+        }]
+    );
+}

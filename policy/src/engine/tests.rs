@@ -1436,6 +1436,7 @@ fn scale_full_incremental_and_lookup() {
                     ingress: true,
                     egress: true,
                 },
+                requires: PerDir::default(),
                 description: None,
                 span: Span::new(j as u32 + 1, 1),
             });

@@ -13,7 +13,7 @@ use crate::model::{CidrSelector, PolicyKind};
 use crate::model::{
     Direction, DnsRule, Entity, FqdnSelector, HeaderMatch, HeaderRule, HttpRule, IcmpField,
     IpFamily, KafkaRole, KafkaRule, L7Rules, MismatchAction, PeerRule, PeerSelector, Peers, PerDir,
-    Port, PortProtocol, PortRule, Protocol, Rule, SecretRef, Subject,
+    Port, PortProtocol, PortRule, Protocol, Requires, Rule, SecretRef, Subject,
 };
 use crate::yaml::{Decoder, Node, Path};
 
@@ -108,6 +108,7 @@ pub(crate) fn rule(
     let mut allow = PerDir::<Vec<PeerRule>>::default();
     let mut deny = PerDir::<Vec<PeerRule>>::default();
     let mut has_direction = PerDir::<bool>::default();
+    let mut requires = PerDir::<Requires>::default();
     for (dir, allow_key, deny_key) in [
         (Direction::Ingress, "ingress", "ingressDeny"),
         (Direction::Egress, "egress", "egressDeny"),
@@ -120,7 +121,13 @@ pub(crate) fn rule(
                 continue;
             };
             for (i, item) in items.iter().enumerate() {
-                if let Some(pr) = peer_rule(d, item, &spath.index(i), dir, is_deny, &ctx) {
+                let req = requires.get_mut(dir);
+                let req = if is_deny {
+                    &mut req.deny
+                } else {
+                    &mut req.allow
+                };
+                if let Some(pr) = peer_rule(d, item, &spath.index(i), dir, is_deny, &ctx, req) {
                     if is_deny {
                         deny.get_mut(dir).push(pr);
                     } else {
@@ -177,6 +184,7 @@ pub(crate) fn rule(
         deny,
         default_deny,
         has_direction,
+        requires,
         description,
         span: node.span,
     })
@@ -278,6 +286,7 @@ fn peer_rule(
     dir: Direction,
     deny: bool,
     ctx: &RuleCtx,
+    requires: &mut Vec<LabelSelector>,
 ) -> Option<PeerRule> {
     let before = d.error_count();
     let mut m = d.expect_map(node, path)?;
@@ -354,18 +363,21 @@ fn peer_rule(
             }
         }
     }
-    // Requires: a cross-rule constraint; see the unsupported list.
+    // Requires: a constraint on the endpoint peers of every rule selecting the same
+    // endpoint (model::Requires). Not an L3 peer of this rule: alone it selects nothing.
+    // Scoped like a peer selector, but even when it names reserved labels (Cilium's
+    // getEndpointSelector with addK8sPrefix = false).
     let key = k("Requires");
-    if m.take_some(key).is_some() {
-        m.error_at(
-            d,
-            key,
-            format!(
-                "{key} is not supported yet (it constrains the peers of every rule selecting \
-                 the same endpoint); add the required labels to each {} selector instead",
-                k("Endpoints")
-            ),
-        );
+    let mut own_requires = Vec::new();
+    if let Some(n) = m.take_some(key) {
+        let p = path.key(key);
+        if let Some(items) = d.expect_seq(n, &p) {
+            for (i, item) in items.iter().enumerate() {
+                if let Some(sel) = label_selector(d, item, &p.index(i), KeyStyle::Cilium) {
+                    own_requires.push(scope_peer(sel, ctx.scope, ctx.subject_selects_init, true));
+                }
+            }
+        }
     }
     // CIDR.
     let key = k("CIDR");
@@ -528,6 +540,7 @@ fn peer_rule(
     if d.error_count() > before {
         return None;
     }
+    requires.extend(own_requires);
 
     // Peers: see model::PeerRule. A rule naming an L3 member (even with an empty list) selects
     // exactly what it lists (an empty list selects nothing: Cilium's mergeEndpointSelectors);

@@ -110,6 +110,7 @@ pub(crate) fn spec(d: &mut Decoder, node: &Node, path: &Path, namespace: &str) -
         deny: PerDir::default(),
         default_deny: types,
         has_direction: types,
+        requires: PerDir::default(),
         description: None,
         span: node.span,
     })

@@ -343,6 +343,7 @@ pub fn rule() -> impl Strategy<Value = Rule> {
                     ingress: has_in,
                     egress: has_eg,
                 },
+                requires: PerDir::default(),
                 description: None,
                 span: Span::default(),
             }
