@@ -10,9 +10,11 @@ set -euo pipefail
 what="${1:-run}"
 
 # Building: a C compiler and linker for crates with C parts, pkg-config for -sys crates.
-run_packages=(gcc libc6-dev pkg-config ca-certificates iproute2)
-# The test suite: the real DNS server and client the end-to-end tests drive, network tools.
-test_packages=(bind9-dnsutils unbound iproute2 curl)
+run_packages=(gcc libc6-dev pkg-config ca-certificates iproute2 nftables)
+# The test suite: the real DNS server and client the end-to-end tests drive, network tools
+# (nstat comes with iproute2; python3 serves HTTP in the datapath tests; nftables for the
+# NAT of `lockdown`).
+test_packages=(bind9-dnsutils unbound iproute2 curl python3 nftables socat)
 
 case "$what" in
   run) packages=("${run_packages[@]}") ;;
@@ -48,4 +50,13 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: fqdnwall needs a Rust toolchain (1.95 or newer) on PATH" >&2
   exit 1
+fi
+
+here="$(cd "$(dirname "$0")" && pwd)"
+# Building the workspace compiles the kernel programs (ebpf/build.rs): nightly rust-src and
+# bpf-linker are needed for `run` as much as for `test`.
+"$here/setup-ebpf.sh"
+if [ "$what" = test ]; then
+  # The L7 proxy tests drive real peers (curl, a Kafka broker and client).
+  "$here/setup-l7.sh"
 fi
