@@ -428,10 +428,29 @@ impl BpfDatapath {
                     program: static_prog(name),
                     source,
                 })?;
-            prog.load().map_err(|source| Error::Program {
-                program: static_prog(name),
-                source,
-            })?;
+            // The verifier gives up with EAGAIN when a signal arrives mid-check (SIGCHLD of
+            // some child of this process, say): try again.
+            let mut attempt = 0;
+            loop {
+                match prog.load() {
+                    Ok(()) => break,
+                    Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                        if attempt < 5
+                            && matches!(
+                                io_error.raw_os_error(),
+                                Some(libc::EAGAIN) | Some(libc::EINTR)
+                            ) =>
+                    {
+                        attempt += 1;
+                    }
+                    Err(source) => {
+                        return Err(Error::Program {
+                            program: static_prog(name),
+                            source,
+                        })
+                    }
+                }
+            }
         }
         let maps = Maps {
             config: take(&mut ebpf, names::CONFIG)?,

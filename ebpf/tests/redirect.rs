@@ -411,3 +411,46 @@ fn proxy_ports_and_dns_are_steered_to_local_sockets() {
         .any(|c| c.proxy_port == L7_PORT && c.dst_port == 8080));
     b.router.run(move || routing.remove()).unwrap();
 }
+
+#[test]
+fn ingress_proxy_entries_fail_closed() {
+    if !privileged() {
+        return;
+    }
+    // Ingress steering is not available at the endpoint's tc egress hook: an ingress entry
+    // that demands a proxy drops rather than let traffic bypass its L7 rules.
+    let b = Bed::new(1, LoadOptions::default());
+    let c = b.client(1);
+    let _srv = Servers::start(&c.ns, &[5000, 5001]);
+    b.attach(1, 22, 300, ENFORCE);
+    b.dp()
+        .upsert_ipcache(net(&format!("{}/32", b.world_v4)), WORLD_ID)
+        .unwrap();
+    let ingress = |port: u16, proxy_port: u16| {
+        (
+            MapKey {
+                identity: WORLD_ID,
+                direction: Direction::Ingress,
+                protocol: 6,
+                port,
+                prefix_len: 16,
+            },
+            EntryValue {
+                deny: false,
+                proxy_port,
+            },
+        )
+    };
+    b.dp()
+        .apply_policy_diff(22, &[ingress(5000, 0), ingress(5001, L7_PORT)], &[])
+        .unwrap();
+    assert_eq!(
+        tcp(&b.world, sa(c.v4, 5000), SHORT).as_deref(),
+        Ok("echo:hi")
+    );
+    assert!(tcp(&b.world, sa(c.v4, 5001), SHORT).is_err());
+    let counters = b.dp().counters().unwrap();
+    assert!(counters
+        .iter()
+        .any(|(k, v)| *k == "drop_proxy_unavailable" && *v >= 1));
+}

@@ -1023,6 +1023,10 @@ fn process(ctx: &TcContext, dir: u8, may_redirect: bool) -> i32 {
         let may = may_redirect && ep.flags & EP_FLAG_HOST == 0 && allowed;
         let steered = if may {
             steer(ctx, s, entry_proxy, &cfg)
+        } else if entry_proxy != 0 {
+            // The entry demands a proxy (L7 rules) but this hook cannot steer (tc egress, or
+            // a host interface): dropping is the only way not to bypass the L7 rules.
+            Err(())
         } else {
             Ok(0)
         };
