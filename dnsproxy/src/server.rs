@@ -1,5 +1,6 @@
 //! The listeners and the per-query pipeline: judge → decide → forward → learn → hold → answer.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -461,10 +462,12 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         received_on: SocketAddr,
         listener: &Arc<UdpSocket>,
         pool: &UdpPool,
+        replies: &Arc<ReplySockets>,
     ) {
         let reply_to = UdpReply {
             listener: listener.clone(),
-            from: (self.config.transparent && !self.is_own(received_on)).then_some(received_on),
+            from: (self.config.transparent && !self.is_own(received_on))
+                .then(|| (received_on, replies.clone())),
             client,
         };
         let (fwd, query) = match self.judge(bytes, client, received_on, Transport::Udp) {
@@ -583,16 +586,54 @@ struct Held {
 /// address the client sent to (`from`).
 struct UdpReply {
     listener: Arc<UdpSocket>,
-    from: Option<SocketAddr>,
+    from: Option<(SocketAddr, Arc<ReplySockets>)>,
     client: SocketAddr,
+}
+
+/// Transparent mode: sockets bound (IP_TRANSPARENT) to the original destinations answers
+/// must come from, one per address and shard, kept for reuse. DNS servers are few, so the
+/// table stays small; past `MAX_REPLY_SOCKETS` it starts over. These sockets only send: the
+/// datapath steers intercepted queries to the listeners explicitly (bpf_sk_assign, TPROXY),
+/// never by a lookup that could find them.
+#[derive(Default)]
+struct ReplySockets(std::sync::Mutex<HashMap<SocketAddr, Arc<std::net::UdpSocket>>>);
+
+const MAX_REPLY_SOCKETS: usize = 256;
+
+impl ReplySockets {
+    fn get(&self, from: SocketAddr) -> io::Result<Arc<std::net::UdpSocket>> {
+        let mut map = self.0.lock().expect("reply sockets lock");
+        if let Some(s) = map.get(&from) {
+            return Ok(s.clone());
+        }
+        if map.len() >= MAX_REPLY_SOCKETS {
+            map.clear();
+        }
+        let s = Arc::new(net::udp_reply_from(from)?);
+        map.insert(from, s.clone());
+        Ok(s)
+    }
+
+    fn forget(&self, from: SocketAddr) {
+        self.0.lock().expect("reply sockets lock").remove(&from);
+    }
 }
 
 impl UdpReply {
     fn send(&self, answer: Vec<u8>) {
         let client = self.client;
-        let sent = match self.from {
+        let sent = match &self.from {
             // The client asked another server: the answer must come from that address.
-            Some(from) => net::udp_reply_from(from).and_then(|s| s.send_to(&answer, client)),
+            Some((from, sockets)) => {
+                let sent = sockets.get(*from).and_then(|s| s.send_to(&answer, client));
+                if sent
+                    .as_ref()
+                    .is_err_and(|e| e.kind() != io::ErrorKind::WouldBlock)
+                {
+                    sockets.forget(*from);
+                }
+                sent
+            }
             None => self.listener.try_send_to(&answer, client),
         };
         match sent {
@@ -653,12 +694,14 @@ fn run_shard<P: DnsPolicy, L: Learner>(
                 }
             }
         }
+        let replies = Arc::new(ReplySockets::default());
         let mut tasks = Vec::new();
         for socket in listeners {
             tasks.push(tokio::spawn(serve_udp(
                 shared.clone(),
                 socket,
                 pool.clone(),
+                replies.clone(),
             )));
         }
         let _ = ready.send(Ok(()));
@@ -673,6 +716,7 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
     shared: Arc<Shared<P, L>>,
     socket: Arc<UdpSocket>,
     pool: Arc<UdpPool>,
+    replies: Arc<ReplySockets>,
 ) {
     let local = match socket.local_addr() {
         Ok(a) => a,
@@ -711,7 +755,14 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
                 continue;
             }
             let received_on = dst.unwrap_or(local);
-            shared.handle_udp(buf[..n].to_vec(), client, received_on, &socket, &pool);
+            shared.handle_udp(
+                buf[..n].to_vec(),
+                client,
+                received_on,
+                &socket,
+                &pool,
+                &replies,
+            );
         }
         if !drained {
             tokio::task::yield_now().await;
