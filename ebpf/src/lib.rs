@@ -1034,7 +1034,15 @@ impl BpfDatapath {
         let inner = self.lock();
         let now = monotonic_ns();
         let mut out = Vec::new();
-        for item in inner.maps.ct.iter() {
+        // When the kernel evicts the key an iteration stands on, the next step starts over
+        // from the first key: skip what was seen and bound the walk, so a busy table cannot
+        // keep the dump going.
+        let mut seen = std::collections::HashSet::new();
+        let limit = 2 * inner.caps.ct as usize;
+        for (steps, item) in inner.maps.ct.iter().enumerate() {
+            if steps >= limit {
+                break;
+            }
             let (k, v) = match item {
                 Ok(kv) => kv,
                 // The LRU may drop the key we iterate from; what was read stays valid.
@@ -1046,7 +1054,7 @@ impl BpfDatapath {
                     })
                 }
             };
-            if v.expires_ns <= now {
+            if v.expires_ns <= now || !seen.insert(k) {
                 continue;
             }
             let fam = if k.flags & c::CT_KEY_V6 != 0 { 6 } else { 4 };
