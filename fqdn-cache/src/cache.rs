@@ -1059,7 +1059,12 @@ impl FqdnCache {
             mgr.selector_of.insert(id, sel);
             added_ids.push(id);
         }
-        mgr.index = PatternIndex::new(mgr.selectors.iter().map(|(s, &id)| (id, s)));
+        for (sel, id) in &removed {
+            mgr.index.remove(*id, sel);
+        }
+        for &id in &added_ids {
+            mgr.index.insert(id, &mgr.selector_of[&id]);
+        }
         let added_index = PatternIndex::new(added_ids.iter().map(|id| (*id, &mgr.selector_of[id])));
 
         // One pass over the learned names, each matched against the new selectors only.

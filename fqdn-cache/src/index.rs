@@ -141,6 +141,62 @@ impl PatternIndex {
         }
     }
 
+    /// Removes the selector inserted under `id` (the same selector must be given). Returns
+    /// whether it was there. Emptied trie nodes stay (a later insert may reuse them).
+    pub fn remove(&mut self, id: u32, selector: &FqdnSelector) -> bool {
+        fn take(list: &mut Vec<u32>, id: u32) -> bool {
+            match list.iter().position(|&x| x == id) {
+                Some(i) => {
+                    list.swap_remove(i);
+                    true
+                }
+                None => false,
+            }
+        }
+        let removed = match selector {
+            FqdnSelector::MatchName(name) => self.remove_exact(name.as_str(), id),
+            FqdnSelector::MatchPattern(p) if p.is_match_all() => take(&mut self.match_all, id),
+            FqdnSelector::MatchPattern(p) if p.is_exact() => self.remove_exact(p.as_str(), id),
+            FqdnSelector::MatchPattern(p) => {
+                let labels = labels(p.as_str());
+                let literal = labels.iter().rev().take_while(|l| !l.contains('*')).count();
+                let mut node = Some(&mut self.root);
+                for label in labels[labels.len() - literal..].iter().rev() {
+                    node = node.and_then(|n| n.children.get_mut(*label));
+                }
+                node.is_some_and(|n| {
+                    take(&mut n.one_label, id)
+                        || take(&mut n.many_labels, id)
+                        || match n.other.iter().position(|o| o.id == id) {
+                            Some(i) => {
+                                n.other.swap_remove(i);
+                                true
+                            }
+                            None => false,
+                        }
+                })
+            }
+        };
+        if removed {
+            self.len -= 1;
+        }
+        removed
+    }
+
+    fn remove_exact(&mut self, key: &str, id: u32) -> bool {
+        let Some(ids) = self.exact.get_mut(key) else {
+            return false;
+        };
+        let Some(i) = ids.iter().position(|&x| x == id) else {
+            return false;
+        };
+        ids.swap_remove(i);
+        if ids.is_empty() {
+            self.exact.remove(key);
+        }
+        true
+    }
+
     fn node_mut(&mut self, suffix: &[&str]) -> &mut Node {
         let mut node = &mut self.root;
         for label in suffix.iter().rev() {

@@ -76,6 +76,29 @@ proptest! {
         }
     }
 
+    /// Removing selectors leaves the index answering for the rest only.
+    #[test]
+    fn index_after_removals_agrees_with_linear_matching(
+        selectors in prop::collection::vec(selector(), 0..30),
+        gone in prop::collection::vec(any::<bool>(), 30),
+        names in prop::collection::vec(name(), 1..12),
+    ) {
+        let mut index = PatternIndex::new(selectors.iter().enumerate().map(|(i, s)| (i as u32, s)));
+        for (i, s) in selectors.iter().enumerate() {
+            if gone[i] {
+                prop_assert!(index.remove(i as u32, s));
+                prop_assert!(!index.remove(i as u32, s), "removed twice");
+            }
+        }
+        prop_assert_eq!(index.len(), (0..selectors.len()).filter(|&i| !gone[i]).count());
+        for name in &names {
+            let expected: Vec<u32> = (0..selectors.len() as u32)
+                .filter(|&i| !gone[i as usize] && selectors[i as usize].matches(name))
+                .collect();
+            prop_assert_eq!(index.matches(name), expected, "name {}", name);
+        }
+    }
+
     /// Names built to fit the patterns (so matches are frequent, not rare).
     #[test]
     fn index_agrees_on_names_derived_from_patterns(
