@@ -6,7 +6,8 @@
 //! enforced, whether a deny matches, else whether an allow matches (and whether the most
 //! specific matching allow redirects to an L7 proxy), else the default. The engine's map-state
 //! lookup is property-tested against it, so every shortcut the engine takes must agree with the
-//! plain reading here.
+//! plain reading here. [`l7_allows_all`] and [`dns_allows`] answer the proxies' questions the
+//! same way.
 
 use std::net::IpAddr;
 
@@ -90,7 +91,8 @@ pub fn evaluate(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> RefVerdict {
 
     // 2. A matching allow. The datapath redirects according to the most specific matching
     // entry: longer protocol+port match first, then a specific peer identity over "any".
-    // Among allows that are equally specific an L4-only one lifts the L7 restriction.
+    // Equally specific allows share one entry, where a redirect wins (an L4-only allow there
+    // makes the proxy let everything through, see `l7_allows_all`).
     let mut best: Option<(Rank, Option<L7Kind>)> = None;
     for rule in &selecting {
         for pr in rule.allow.get(dir) {
