@@ -6,9 +6,9 @@
 //! IPs per endpoint under the question's name and every CNAME name with an expiry. The name
 //! manager inside matches names against the `toFQDNs` selectors in force
 //! ([`FqdnCache::set_selectors`], through the [`PatternIndex`]) and gives each IP one
-//! node-local identity per distinct set of matching selectors (and address family). Every operation returns
-//! [`Changes`] — identities to add, ipcache upserts/deletes, identities to release — that the
-//! agent applies through the policy engine and the datapath. [`FqdnCache::next_expiry`] tells
+//! node-local identity per distinct set of matching selectors and address family. Every
+//! operation returns [`Changes`] — identities to add, ipcache upserts/deletes, identities to
+//! release — that the agent applies through the policy engine and the datapath. [`FqdnCache::next_expiry`] tells
 //! the agent when to call [`FqdnCache::expire`]; IPs with open connections linger as zombies.
 //! [`Snapshot`] is the persistence format; [`SaveSchedule`] batches writes.
 
