@@ -17,6 +17,8 @@ pub enum DnsProxyError {
     },
     #[error("dns: cannot open an upstream socket: {0}")]
     UpstreamSocket(io::Error),
+    #[error("dns: cannot start a UDP shard: {0}")]
+    Shard(io::Error),
     #[error("dns: invalid configuration: {0}")]
     Config(String),
 }

@@ -127,17 +127,13 @@ impl DnsProxy {
             std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
                 .spawn(move || run_shard(shared, sockets, pool_sockets, ready_tx, stop_rx))
-                .map_err(|e| {
-                    DnsProxyError::UpstreamSocket(io::Error::other(format!(
-                        "cannot start a UDP shard thread: {e}"
-                    )))
-                })?;
+                .map_err(DnsProxyError::Shard)?;
             match ready_rx.await {
                 Ok(Ok(())) => shard_stops.push(stop_tx),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
-                    return Err(DnsProxyError::UpstreamSocket(io::Error::other(
-                        "a UDP shard thread died while starting",
+                    return Err(DnsProxyError::Shard(io::Error::other(
+                        "the shard's thread died while starting",
                     )))
                 }
             }
@@ -667,7 +663,7 @@ fn run_shard<P: DnsPolicy, L: Learner>(
     {
         Ok(rt) => rt,
         Err(e) => {
-            let _ = ready.send(Err(DnsProxyError::UpstreamSocket(e)));
+            let _ = ready.send(Err(DnsProxyError::Shard(e)));
             return;
         }
     };
@@ -689,7 +685,7 @@ fn run_shard<P: DnsPolicy, L: Learner>(
             match UdpSocket::from_std(s) {
                 Ok(s) => listeners.push(Arc::new(s)),
                 Err(e) => {
-                    let _ = ready.send(Err(DnsProxyError::UpstreamSocket(e)));
+                    let _ = ready.send(Err(DnsProxyError::Shard(e)));
                     return;
                 }
             }
