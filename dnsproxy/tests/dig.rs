@@ -369,7 +369,7 @@ async fn tcp_pipelined_answers_out_of_order_idle_timeout_and_limit() {
     let _b = TcpStream::connect(addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let mut c3 = TcpStream::connect(addr).await.unwrap();
-    let n = tokio::time::timeout(Duration::from_millis(200), c3.read(&mut buf)).await;
+    let n = tokio::time::timeout(Duration::from_secs(2), c3.read(&mut buf)).await;
     assert!(
         matches!(n, Ok(Ok(0)) | Ok(Err(_))),
         "third connection closed: {n:?}"
@@ -389,8 +389,9 @@ async fn upstream_down_is_servfail() {
     for transport in ["+notcp", "+tcp"] {
         let r = d("127.0.0.2", addr, &["www.test", "A", transport]).await;
         assert_eq!(status(&r), "SERVFAIL", "{}", r.raw);
+        // Well before the 3 s forward timeout: the refusal is reported, not waited out.
         assert!(
-            r.elapsed < Duration::from_secs(1),
+            r.elapsed < Duration::from_secs(2),
             "refusal is fast: {:?}",
             r.elapsed
         );
@@ -539,11 +540,10 @@ async fn response_is_held_until_enforceable_for_every_request_of_a_name() {
     assert_eq!(dp.updates(), 1, "one datapath update for both requests");
     // Known and applied now: released at once.
     let third = d("127.0.0.2", addr, &["target.test", "A"]).await;
-    assert!(
-        third.elapsed < Duration::from_millis(300),
-        "{:?}",
-        third.elapsed
-    );
+    assert_eq!(status(&third), "NOERROR");
+    let held = dp.events().last().expect("observed").hold;
+    assert!(held < Duration::from_millis(100), "{held:?}");
+    assert_eq!(dp.updates(), 1);
     let hold = proxy.metrics().hold_time.snapshot();
     assert_eq!(hold.count, 3);
     assert_eq!(proxy.metrics().hold_timeouts.load(Relaxed), 0);
