@@ -144,7 +144,10 @@ async fn main() {
     println!("hold_timeouts {}", m.hold_timeouts.load(Relaxed));
     println!("upstream_timeouts {}", m.upstream_timeouts.load(Relaxed));
     println!("upstream_failures {}", m.upstream_failures.load(Relaxed));
-    println!("upstream_mismatches {}", m.upstream_mismatches.load(Relaxed));
+    println!(
+        "upstream_mismatches {}",
+        m.upstream_mismatches.load(Relaxed)
+    );
     println!("malformed_dropped {}", m.malformed_dropped.load(Relaxed));
     println!(
         "learned_names {}",
