@@ -23,10 +23,56 @@ use crate::yaml::{load_documents, Decoder, MapReader, Node, Path, Value};
 pub use cilium::{KAFKA_CONSUME_KEYS, KAFKA_PRODUCE_KEYS};
 use common::{check_object_name, Scope};
 
+/// The length in characters of each line of `text`, line breaks as YAML counts them
+/// (`\r\n`, `\r` or `\n`).
+fn line_lengths(text: &str) -> Vec<u32> {
+    let mut lines: Vec<u32> = vec![0];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' | '\n' => {
+                if c == '\r' && chars.peek() == Some(&'\n') {
+                    chars.next();
+                }
+                lines.push(0);
+            }
+            _ => *lines.last_mut().expect("never empty") += 1,
+        }
+    }
+    lines
+}
+
+/// The YAML scanner places an error or an empty value at the very end of a text that does
+/// not end with a line break one line past the last one; such a position becomes the end of
+/// the last line, so every diagnostic names a place that exists in the file.
+fn clamp_to_text(span: Span, lines: &[u32]) -> Span {
+    let last = lines.len() as u32;
+    if span.line > last {
+        return Span::new(last, lines[lines.len() - 1] + 1);
+    }
+    if span.line >= 1 {
+        let len = lines[span.line as usize - 1];
+        if span.column > len + 1 {
+            return Span::new(span.line, len + 1);
+        }
+    }
+    span
+}
+
 /// Parses one policy file (YAML or JSON; several `---` documents; a top-level array = Cilium's
 /// plain rule list). All problems are collected. `file` is used verbatim in diagnostics and
 /// `Policy::file`.
 pub fn parse_policies(file: &str, text: &str) -> Result<Vec<Policy>, Vec<Diagnostic>> {
+    parse_text(file, text).map_err(|mut diags| {
+        let lines = line_lengths(text);
+        for d in &mut diags {
+            d.span = clamp_to_text(d.span, &lines);
+        }
+        diags
+    })
+}
+
+fn parse_text(file: &str, text: &str) -> Result<Vec<Policy>, Vec<Diagnostic>> {
     let mut d = Decoder::new(file).with_case_insensitive_fields();
     let docs = match load_documents(text) {
         Ok(docs) => docs,
