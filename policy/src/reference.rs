@@ -81,9 +81,10 @@ pub fn evaluate(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> RefVerdict {
         .collect();
 
     // 1. A matching deny wins, whether or not the direction is enforced.
+    let deny_requires = requirements(u, ep, dir, true);
     for rule in &selecting {
         for pr in rule.deny.get(dir) {
-            if !contributions(u, ep, pr, flow, &requirements(u, ep, dir, true)).is_empty() {
+            if !contributions(u, ep, pr, flow, &deny_requires).is_empty() {
                 return RefVerdict::Deny;
             }
         }
@@ -94,9 +95,10 @@ pub fn evaluate(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> RefVerdict {
     // Equally specific allows share one entry, where a redirect wins (an L4-only allow there
     // makes the proxy let everything through, see `l7_allows_all`).
     let mut best: Option<(Rank, Option<L7Kind>)> = None;
+    let allow_requires = requirements(u, ep, dir, false);
     for rule in &selecting {
         for pr in rule.allow.get(dir) {
-            for (rank, l7) in contributions(u, ep, pr, flow, &requirements(u, ep, dir, false)) {
+            for (rank, l7) in contributions(u, ep, pr, flow, &allow_requires) {
                 offer(&mut best, rank, l7.map(L7Rules::kind));
             }
         }
@@ -116,13 +118,14 @@ pub fn evaluate(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> RefVerdict {
 /// For a flow the rules redirect to a proxy: whether some allow without L7 rules also matches
 /// it, so that the proxy must let every request through (rules are ORed).
 pub fn l7_allows_all(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow) -> bool {
+    let requires = requirements(u, ep, flow.direction, false);
     u.policies
         .iter()
         .flat_map(|p| p.rules.iter())
         .filter(|r| rule_selects(r, ep))
         .flat_map(|r| r.allow.get(flow.direction).iter())
         .any(|pr| {
-            contributions(u, ep, pr, flow, &requirements(u, ep, flow.direction, false))
+            contributions(u, ep, pr, flow, &requires)
                 .iter()
                 .any(|(_, l7)| l7.is_none())
         })
@@ -141,13 +144,14 @@ pub fn dns_allows(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow, name: &DnsNam
         RefVerdict::Allow { .. } => return true,
         RefVerdict::Deny | RefVerdict::DefaultDeny => return false,
     }
+    let requires = requirements(u, ep, flow.direction, false);
     let matching: Vec<Option<&L7Rules>> = u
         .policies
         .iter()
         .flat_map(|p| p.rules.iter())
         .filter(|r| rule_selects(r, ep))
         .flat_map(|r| r.allow.get(flow.direction).iter())
-        .flat_map(|pr| contributions(u, ep, pr, flow, &requirements(u, ep, flow.direction, false)))
+        .flat_map(|pr| contributions(u, ep, pr, flow, &requires))
         .map(|(_, l7)| l7)
         .collect();
     matching.iter().any(|l7| match l7 {

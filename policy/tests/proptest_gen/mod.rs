@@ -17,7 +17,7 @@ use policy::labels::{
 use policy::model::{
     CidrSelector, DnsRule, Endpoint, Entity, FqdnSelector, HttpRule, IcmpField, IpFamily,
     KafkaRule, L7Rules, PeerRule, PeerSelector, Peers, PerDir, Policy, PolicyKind, Port,
-    PortProtocol, PortRule, Protocol, Rule, Subject,
+    PortProtocol, PortRule, Protocol, Requires, Rule, Subject,
 };
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -304,6 +304,18 @@ pub fn peer_rule(deny: bool, egress: bool) -> impl Strategy<Value = PeerRule> {
     })
 }
 
+/// `fromRequires` / `toRequires`: mostly none.
+fn requires() -> impl Strategy<Value = PerDir<Requires>> {
+    let list = || proptest::collection::vec(selector(), 0..2);
+    prop_oneof![
+        4 => Just(PerDir::default()),
+        1 => (list(), list(), list(), list()).prop_map(|(ia, id, ea, ed)| PerDir {
+            ingress: Requires { allow: ia, deny: id },
+            egress: Requires { allow: ea, deny: ed },
+        }),
+    ]
+}
+
 pub fn rule() -> impl Strategy<Value = Rule> {
     let subject = prop_oneof![
         8 => selector().prop_map(Subject::Endpoints),
@@ -321,33 +333,36 @@ pub fn rule() -> impl Strategy<Value = Rule> {
         prop_oneof![4 => Just(true), 1 => Just(false)],
         // a direction section present but empty (`ingress: []`-like)
         any::<bool>(),
+        requires(),
     )
-        .prop_map(|(subject, ai, ae, di, de, ddi, dde, empty_section)| {
-            let has_in = !ai.is_empty() || !di.is_empty() || empty_section;
-            let has_eg = !ae.is_empty() || !de.is_empty();
-            Rule {
-                subject,
-                allow: PerDir {
-                    ingress: ai,
-                    egress: ae,
-                },
-                deny: PerDir {
-                    ingress: di,
-                    egress: de,
-                },
-                default_deny: PerDir {
-                    ingress: has_in && ddi,
-                    egress: has_eg && dde,
-                },
-                has_direction: PerDir {
-                    ingress: has_in,
-                    egress: has_eg,
-                },
-                requires: PerDir::default(),
-                description: None,
-                span: Span::default(),
-            }
-        })
+        .prop_map(
+            |(subject, ai, ae, di, de, ddi, dde, empty_section, requires)| {
+                let has_in = !ai.is_empty() || !di.is_empty() || empty_section;
+                let has_eg = !ae.is_empty() || !de.is_empty();
+                Rule {
+                    subject,
+                    allow: PerDir {
+                        ingress: ai,
+                        egress: ae,
+                    },
+                    deny: PerDir {
+                        ingress: di,
+                        egress: de,
+                    },
+                    default_deny: PerDir {
+                        ingress: has_in && ddi,
+                        egress: has_eg && dde,
+                    },
+                    has_direction: PerDir {
+                        ingress: has_in,
+                        egress: has_eg,
+                    },
+                    requires,
+                    description: None,
+                    span: Span::default(),
+                }
+            },
+        )
 }
 
 pub fn policy_named(name: String) -> impl Strategy<Value = Policy> {
@@ -524,6 +539,17 @@ pub fn show_policies(pols: &[Policy]) -> String {
                 "  rule {subj} default_deny(in={}, eg={})",
                 r.default_deny.ingress, r.default_deny.egress
             );
+            for (name, req) in [
+                ("fromRequires", &r.requires.ingress.allow),
+                ("fromRequires (deny)", &r.requires.ingress.deny),
+                ("toRequires", &r.requires.egress.allow),
+                ("toRequires (deny)", &r.requires.egress.deny),
+            ] {
+                if !req.is_empty() {
+                    let sels: Vec<String> = req.iter().map(show_selector).collect();
+                    let _ = writeln!(out, "    {name}: {}", sels.join(" & "));
+                }
+            }
             for (name, list) in [
                 ("allow ingress", &r.allow.ingress),
                 ("allow egress", &r.allow.egress),
