@@ -247,7 +247,7 @@ fn contributions<'p>(
     // An endpoint selector refined by requirements is no longer a wildcard.
     let is_endpoints = |s: &PeerSelector| matches!(s, PeerSelector::Endpoints(_));
     let wildcard_sel =
-        |s: &PeerSelector| is_wildcard_selector(s) && !(is_endpoints(s) && !requires.is_empty());
+        |s: &PeerSelector| is_wildcard_selector(s) && (!is_endpoints(s) || requires.is_empty());
     let sel_matches = |s: &PeerSelector| {
         selector_matches(s, peer)
             && (!is_endpoints(s) || requires.iter().all(|r| r.matches(&peer.labels)))
