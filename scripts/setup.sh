@@ -14,7 +14,7 @@ run_packages=(gcc libc6-dev pkg-config ca-certificates iproute2 nftables)
 # The test suite: the real DNS server and client the end-to-end tests drive, network tools
 # (nstat comes with iproute2; python3 serves HTTP in the datapath tests; nftables for the
 # NAT of `lockdown`).
-test_packages=(bind9-dnsutils unbound iproute2 curl python3 nftables socat)
+test_packages=(bind9-dnsutils unbound iproute2 curl python3 nftables socat iputils-ping util-linux)
 
 case "$what" in
   run) packages=("${run_packages[@]}") ;;

@@ -189,6 +189,48 @@ pub struct StatusView {
     pub fqdn_names: usize,
     pub fqdn_ips: usize,
     pub uptime_seconds: u64,
+    /// The eBPF datapath: attached programs, map pressure, kernel counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bpf: Option<BpfStatusView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BpfStatusView {
+    pub pin_dir: String,
+    /// The pinned maps and programs of a previous run were adopted at start.
+    pub adopted: bool,
+    /// Loaded programs and their kernel ids.
+    pub programs: Vec<(String, u32)>,
+    pub attachments: Vec<BpfAttachmentView>,
+    pub maps: Vec<BpfMapView>,
+    pub counters: Vec<(String, u64)>,
+    /// Map updates refused because a map was full (their traffic is dropped, never allowed).
+    pub map_full_errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BpfAttachmentView {
+    pub interface: String,
+    pub ifindex: u32,
+    /// `endpoint` (an endpoint's host-side veth) or `host` (host firewall).
+    pub kind: String,
+    pub endpoint: u16,
+    pub identity: u32,
+    pub audit: bool,
+    /// Kernel ids of the programs on the tc ingress and egress hooks.
+    pub program_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BpfMapView {
+    pub name: String,
+    pub entries: u64,
+    pub capacity: u32,
+    /// entries / capacity
+    pub pressure: f64,
 }
 
 /// Result of `policy validate` for one file.
@@ -472,6 +514,44 @@ pub mod text {
             st.fqdn_names, st.fqdn_ips
         );
         let _ = writeln!(s, "Uptime:        {}s", st.uptime_seconds);
+        if let Some(b) = &st.bpf {
+            let _ = writeln!(
+                s,
+                "eBPF:          pins in {}{}",
+                b.pin_dir,
+                if b.adopted {
+                    " (adopted from a previous run)"
+                } else {
+                    ""
+                }
+            );
+            for a in &b.attachments {
+                let _ = writeln!(
+                    s,
+                    "  attached:    {} (ifindex {}, {} {}, identity {}, programs {:?}{})",
+                    a.interface,
+                    a.ifindex,
+                    a.kind,
+                    a.endpoint,
+                    a.identity,
+                    a.program_ids,
+                    if a.audit { ", audit" } else { "" }
+                );
+            }
+            for m in &b.maps {
+                let _ = writeln!(
+                    s,
+                    "  map:         {} {}/{} ({:.1}%)",
+                    m.name,
+                    m.entries,
+                    m.capacity,
+                    m.pressure * 100.0
+                );
+            }
+            if b.map_full_errors > 0 {
+                let _ = writeln!(s, "  map full:    {} refused updates", b.map_full_errors);
+            }
+        }
         for e in &st.policy_errors {
             let _ = writeln!(s, "Policy error:  {e}");
         }

@@ -51,6 +51,10 @@ pub trait Datapath: Send + Sync + 'static {
     fn policy_entries(&self) -> usize;
     /// Audit mode of one endpoint (global or its own): would-be drops pass and are reported.
     fn set_audit(&self, endpoint: u16, on: bool);
+    /// Attached programs, map pressure and kernel counters; `None` without a kernel datapath.
+    fn kernel_status(&self) -> Option<crate::view::BpfStatusView> {
+        None
+    }
 }
 
 /// The in-memory datapath.

@@ -5,6 +5,7 @@
 //! to the datapath while that lock is held, so the datapath sees changes in the order the
 //! engine made them; waiting for the datapath to confirm happens after the lock is released.
 
+pub mod bpf;
 pub mod datapath;
 pub mod events;
 pub mod fqdn;

@@ -135,6 +135,7 @@ pub fn status_view(a: &Agent) -> StatusView {
         fqdn_names: names,
         fqdn_ips: ips,
         uptime_seconds: a.started.elapsed().as_secs(),
+        bpf: a.datapath.kernel_status(),
     }
 }
 

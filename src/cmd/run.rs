@@ -13,6 +13,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use dnsproxy::{DnsProxy, ProxyConfig};
 
+use crate::agent::bpf::{self, KernelDatapath};
 use crate::agent::datapath::{Datapath, MemoryDatapath};
 use crate::agent::fqdn::{self, AgentDns};
 use crate::agent::state::AgentState;
@@ -26,6 +27,11 @@ pub struct Args {
     /// default]
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// On a clean stop (SIGTERM/SIGINT), detach the eBPF programs and remove their pinned
+    /// maps: enforcement ends with the agent. Without it the kernel keeps enforcing the last
+    /// maps until the next `fqdnwall run` adopts them.
+    #[arg(long)]
+    pub unload_on_stop: bool,
 }
 
 /// Loads the config for `run`: the given file, else the system one, else the embedded default.
@@ -70,24 +76,92 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
         .thread_name("fqdnwall")
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(agent_main(cfg))
+    rt.block_on(agent_main(cfg, a.unload_on_stop))
 }
 
-fn choose_datapath(mode: DatapathMode) -> anyhow::Result<Arc<dyn Datapath>> {
-    match mode {
-        DatapathMode::None => Ok(Arc::new(MemoryDatapath::new())),
-        DatapathMode::Auto => {
-            tracing::warn!(
-                "datapath auto: the eBPF datapath is not part of this build; running with \
-                 `datapath: none` (DNS policy enforced by the proxy, no packet enforcement)"
-            );
-            Ok(Arc::new(MemoryDatapath::new()))
+/// The datapath of `mode`; the kernel one is also returned as itself (start-up and stop
+/// drive it beyond the trait).
+fn choose_datapath(
+    cfg: &Config,
+    dns_port: u16,
+) -> anyhow::Result<(Arc<dyn Datapath>, Option<Arc<KernelDatapath>>)> {
+    let config = ebpf::DatapathConfig {
+        dns_proxy_port: if cfg.dns.transparent { dns_port } else { 0 },
+        proxy_mark: bpf::PROXY_MARK,
+        proxy_out_mark: bpf::PROXY_OUT_MARK,
+        proxy_mark_mask: bpf::PROXY_MARK_MASK,
+        audit: false,
+        verdict_events: true,
+    };
+    let kernel = |k: KernelDatapath| {
+        let k = Arc::new(k);
+        let dp: Arc<dyn Datapath> = k.clone();
+        (dp, Some(k))
+    };
+    match cfg.datapath {
+        DatapathMode::None => Ok((Arc::new(MemoryDatapath::new()), None)),
+        DatapathMode::Bpf => {
+            let k = KernelDatapath::load(config).map_err(|e| {
+                anyhow::anyhow!(
+                    "datapath bpf: cannot load the eBPF programs ({e}); it needs root and a \
+                     kernel with BPF, TCX and bpffs (or use `datapath: none`)"
+                )
+            })?;
+            Ok(kernel(k))
         }
-        DatapathMode::Bpf => bail!(
-            "datapath bpf: the eBPF datapath is not part of this build; use `datapath: none` \
-             (or `auto`) for DNS-level enforcement without packet filtering"
-        ),
+        DatapathMode::Auto => {
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            let interfaces = cfg.endpoints.iter().any(|e| e.interface.is_some())
+                || !cfg.host.interfaces.is_empty();
+            let why = if !root {
+                "not running as root".to_string()
+            } else if !interfaces {
+                "no endpoint `interface` and no `host.interfaces` to attach to".to_string()
+            } else {
+                match KernelDatapath::load(config) {
+                    Ok(k) => return Ok(kernel(k)),
+                    Err(e) => format!("the eBPF programs do not load: {e}"),
+                }
+            };
+            tracing::warn!(
+                "datapath auto: {why}; running with `datapath: none` (DNS policy enforced by \
+                 the proxy, no packet enforcement)"
+            );
+            Ok((Arc::new(MemoryDatapath::new()), None))
+        }
     }
+}
+
+/// The interfaces the kernel datapath attaches to, with their endpoints' identities.
+fn interfaces(st: &AgentState) -> Vec<bpf::Interface> {
+    let mut out = Vec::new();
+    for e in &st.cfg.endpoints {
+        let Some(ifname) = &e.interface else {
+            tracing::warn!(
+                endpoint = %e.name,
+                "no `interface`: the eBPF datapath cannot enforce this endpoint's packets"
+            );
+            continue;
+        };
+        out.push(bpf::Interface {
+            ifname: ifname.clone(),
+            kind: ebpf::AttachKind::Endpoint,
+            endpoint: e.id,
+            identity: st.engine.endpoint_identity(e.id).unwrap_or(0),
+        });
+    }
+    if let Some(host) = st.engine.endpoints().find(|e| e.is_host) {
+        for ifname in &st.cfg.host.interfaces {
+            out.push(bpf::Interface {
+                ifname: ifname.clone(),
+                kind: ebpf::AttachKind::Host,
+                endpoint: host.id,
+                identity: st.engine.endpoint_identity(host.id).unwrap_or(1),
+            });
+        }
+    }
+    out
 }
 
 fn proxy_config(cfg: &Config, datapath: &str) -> ProxyConfig {
@@ -95,6 +169,27 @@ fn proxy_config(cfg: &Config, datapath: &str) -> ProxyConfig {
     // Interception needs a datapath that redirects endpoint DNS to the proxy; without one
     // every query is sent to the proxy itself and goes to the configured upstreams.
     pc.transparent = cfg.dns.transparent && datapath == "bpf";
+    if pc.transparent {
+        // The programs hand intercepted DNS to the socket of the proxy port whatever the
+        // original destination was: that takes a wildcard listener of each port (IPv4 and
+        // IPv6). Queries sent to the proxy's own port still work; intercepted ones arrive on
+        // port 53 of the original server and are forwarded there, with the mark that keeps the
+        // proxy's own queries from being intercepted again.
+        let mut listen: Vec<SocketAddr> = Vec::new();
+        for a in &cfg.dns.listen {
+            for ip in [
+                std::net::IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+                std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+            ] {
+                let w = SocketAddr::new(ip, a.port());
+                if !listen.contains(&w) {
+                    listen.push(w);
+                }
+            }
+        }
+        pc.listen = listen;
+        pc.upstream_mark = Some(bpf::PROXY_OUT_MARK);
+    }
     pc.reject_code = match cfg.dns.reject_response_code {
         RejectCode::Refused => dnsproxy::RejectCode::Refused,
         RejectCode::NameError => dnsproxy::RejectCode::NameError,
@@ -105,12 +200,12 @@ fn proxy_config(cfg: &Config, datapath: &str) -> ProxyConfig {
     pc
 }
 
-async fn agent_main(cfg: Config) -> anyhow::Result<ExitCode> {
-    let datapath = choose_datapath(cfg.datapath)?;
+async fn agent_main(cfg: Config, unload_on_stop: bool) -> anyhow::Result<ExitCode> {
+    let ports = AgentState::default_proxy_ports(&cfg);
+    let (datapath, kernel) = choose_datapath(&cfg, ports.dns)?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
     let identities = fqdn::restore_identities(&cfg.state_dir);
-    let ports = AgentState::default_proxy_ports(&cfg);
     let api_socket = cfg.api_socket.clone();
     let metrics_listen = cfg.metrics.listen;
     let pc = proxy_config(&cfg, datapath.name());
@@ -128,6 +223,37 @@ async fn agent_main(cfg: Config) -> anyhow::Result<ExitCode> {
         tracing::warn!("some policy files were refused (see above); the others are in force");
     }
     fqdn::restore(&agent);
+    let transparent = pc.transparent;
+    if let Some(k) = &kernel {
+        // The computed state is complete: the kernel takes it (reconciled against what a
+        // previous run left pinned), then the programs go on the interfaces.
+        let ifaces = {
+            let st = agent.lock();
+            let ifaces = interfaces(&st);
+            for i in &ifaces {
+                let own = st
+                    .audit_endpoints
+                    .get(&i.endpoint)
+                    .copied()
+                    .unwrap_or(false);
+                k.set_audit(i.endpoint, st.audit_global || own);
+            }
+            ifaces
+        };
+        k.go_live(ifaces)
+            .map_err(|e| anyhow::anyhow!("datapath bpf: {e}"))?;
+        if transparent {
+            bpf::ROUTING
+                .install()
+                .context("datapath bpf: installing the proxy routing rule")?;
+        }
+        match k.inner().events() {
+            Ok(stream) => {
+                tokio::spawn(bpf::event_loop(agent.clone(), stream));
+            }
+            Err(e) => tracing::warn!("kernel events unavailable: {e}"),
+        }
+    }
 
     let listener = server::bind(&api_socket).await?;
     let api = tokio::spawn(server::serve(listener, agent.clone()));
@@ -160,6 +286,11 @@ async fn agent_main(cfg: Config) -> anyhow::Result<ExitCode> {
         }
     }
     let _ = agent.proxy_metrics.set(proxy.metrics());
+    if let (Some(k), true) = (&kernel, transparent) {
+        let port = agent.lock().proxy_ports.dns;
+        k.set_dns_proxy_port(port)
+            .context("datapath bpf: setting the DNS proxy port")?;
+    }
 
     let tasks = vec![
         tokio::spawn(reload::watch_loop(agent.clone())),
@@ -181,6 +312,23 @@ async fn agent_main(cfg: Config) -> anyhow::Result<ExitCode> {
     }
     fqdn::save_now(&agent);
     fqdn::save_identities(&agent);
+    if let Some(k) = &kernel {
+        if unload_on_stop {
+            match k.unload() {
+                Ok(()) => tracing::info!("eBPF programs detached and pins removed"),
+                Err(e) => tracing::error!("unloading the eBPF datapath: {e}"),
+            }
+            if transparent {
+                let _ = bpf::ROUTING.remove();
+            }
+        } else {
+            tracing::info!(
+                "the kernel keeps enforcing the last policy (pins in {}); the next \
+                 `fqdnwall run` adopts it, `--unload-on-stop` ends it with the agent",
+                k.inner().pin_dir().display()
+            );
+        }
+    }
     let _ = std::fs::remove_file(&api_socket);
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
