@@ -42,6 +42,7 @@ fn prerequisites() -> bool {
         && require("socat", "socat").is_some()
         && require("python3", "python3").is_some()
         && require("nsenter", "util-linux").is_some()
+        && require("ping", "iputils-ping").is_some()
 }
 
 fn run(cmd: &str, args: &[&str]) -> Output {
@@ -742,7 +743,6 @@ fn fqdn_allows_follow_intercepted_dns_in_the_kernel() {
         "{rows}"
     );
 
-
     // A connection open across the expiry (TTL 3) keeps working until it closes.
     let mut conn = bed
         .connect(format!("{}:9000", bed.v4(3)).parse().unwrap())
@@ -794,7 +794,7 @@ fn fqdn_allows_follow_intercepted_dns_in_the_kernel() {
             .status
             .success()
     };
-    assert!(ping(bed.v4(7)));
+    assert!(ping(bed.v4(7)), "ICMP echo allowed by `icmps` did not pass");
     assert!(!ping(bed.v4(6)));
     assert!(bed
         .connect(format!("{}:9005", bed.v4(9)).parse().unwrap())
@@ -828,6 +828,8 @@ fn kill_9_keeps_enforcing_and_a_restart_adopts() {
     let agent = bed.agent(&cfg, &[]);
     let (status, _) = bed.dig("long.wall.test", "A");
     assert_eq!(status, "NOERROR");
+    // Learned state reaches the state directory in batches (at most a second late).
+    std::thread::sleep(Duration::from_millis(1500));
     let long = format!("http://{}:8080/", bed.v4(4));
     let denied = format!("http://{}:8080/", bed.v4(5));
     bed.curl(&long, "5").expect("allowed");
