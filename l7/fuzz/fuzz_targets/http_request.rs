@@ -95,9 +95,9 @@ fuzz_target!(|data: &[u8]| {
             .await
             .expect("connection task hung")
             .expect("connection task panicked");
-        // HTTP/1.x gets HTTP/1.1 responses; the HTTP/2 preface selects HTTP/2, whose frames
+        // HTTP/1.x gets HTTP/1.x responses; the HTTP/2 preface selects HTTP/2, whose frames
         // are checked by h2 itself.
         let h2 = data.starts_with(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        assert!(h2 || out.is_empty() || out.starts_with(b"HTTP/1.1 "));
+        assert!(h2 || out.is_empty() || out.starts_with(b"HTTP/1."));
     });
 });
