@@ -262,6 +262,7 @@ spec:
     - matchLabels: {tier: front}
 "#;
     let mut setup = Setup::from_yaml(allow, cast(), &[]);
+    let selectors_before = setup.engine.selector_cache().len();
     let mut failures = Vec::new();
     let before = [
         "ingress db ep:job TCP/80 allow",
@@ -315,5 +316,13 @@ spec:
     setup2.engine.set_policies("requires.yaml", vec![]);
     setup2.policies.truncate(n);
     check_all(&setup2, "after removal", &before, &mut failures);
+    // The refined selectors went with the rule whose peers they refined... once that rule is
+    // gone too; until then they stay (one set of variants per requirement set seen).
+    setup2.engine.set_policies("test.yaml", vec![]);
+    assert_eq!(setup2.engine.selector_cache().len(), 0);
+    setup2
+        .engine
+        .set_policies("test.yaml", setup2.policies.clone());
+    assert_eq!(setup2.engine.selector_cache().len(), selectors_before);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
