@@ -910,3 +910,141 @@ fn audit_mode_passes_traffic_and_reports_it() {
     assert_eq!(ev["dport"], 8080);
     assert_eq!(agent.stop(), 0);
 }
+
+const LOCKDOWN_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: tool
+  namespace: default
+spec:
+  endpointSelector:
+    matchLabels:
+      app: tool
+  egress:
+    - toCIDR: ["10.214.N.2/32"]
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules:
+            dns:
+              - matchName: long.wall.test
+    - toFQDNs:
+        - matchName: long.wall.test
+      toPorts:
+        - ports: [{port: "8080", protocol: TCP}]
+"#;
+
+#[test]
+fn lockdown_allows_a_permitted_name_and_blocks_another() {
+    if !prerequisites() || require("nft", "nftables").is_none() {
+        return;
+    }
+    let mut bed = Bed::new();
+    bed.start_world();
+    // Lockdown's namespace hangs off the host: the world is reached from the host through
+    // the router namespace (a veth of its own and routes both ways).
+    let tag = format!("fwh{}", bed.ifname.trim_start_matches("fwe"));
+    let n = bed.n;
+    let _ = run("ip", &["link", "del", &tag]);
+    must(
+        "ip",
+        &[
+            "link",
+            "add",
+            &tag,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "uplink",
+            "netns",
+            &bed.router,
+        ],
+    );
+    struct Link(String);
+    impl Drop for Link {
+        fn drop(&mut self) {
+            let _ = run("ip", &["link", "del", &self.0]);
+        }
+    }
+    let _link = Link(tag.clone());
+    must(
+        "ip",
+        &["addr", "add", &format!("10.217.{n}.2/24"), "dev", &tag],
+    );
+    must("ip", &["link", "set", &tag, "up"]);
+    must(
+        "ip",
+        &[
+            "route",
+            "add",
+            &format!("10.214.{n}.0/24"),
+            "via",
+            &format!("10.217.{n}.1"),
+        ],
+    );
+    let r = bed.router.clone();
+    must(
+        "ip",
+        &[
+            "-n",
+            &r,
+            "addr",
+            "add",
+            &format!("10.217.{n}.1/24"),
+            "dev",
+            "uplink",
+        ],
+    );
+    must("ip", &["-n", &r, "link", "set", "uplink", "up"]);
+    must(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &bed.world,
+            "ip",
+            "route",
+            "add",
+            "10.217.0.0/16",
+            "via",
+            &format!("10.214.{n}.1"),
+        ],
+    );
+    let policy = bed.dir.path().join("tool.yaml");
+    std::fs::write(&policy, bed.sub(LOCKDOWN_POLICY)).unwrap();
+    let script = format!(
+        "dig @10.214.{n}.2 +time=3 +tries=1 +short long.wall.test; \
+         curl -s -o /dev/null -m 5 -w 'allowed:%{{http_code}}\\n' http://10.214.{n}.4:8080/; \
+         dig @10.214.{n}.2 +time=3 +tries=1 denied.wall.test | grep -o 'status: [A-Z]*'; \
+         curl -s -o /dev/null -m 2 http://10.214.{n}.5:8080/ || echo denied-blocked; \
+         exit 7"
+    );
+    let o = Command::new(BIN)
+        .args(["lockdown", "--policy"])
+        .arg(&policy)
+        .args(["--label", "app=tool", "--", "sh", "-c", &script])
+        .env("RUST_LOG", "warn")
+        .env("FQDNWALL_BPF_PIN_DIR", bed.pin.join("lockdown"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    let err = stderr(&o);
+    assert_eq!(code(&o), 7, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains(&format!("10.214.{n}.4")), "{out}\n{err}");
+    assert!(out.contains("allowed:200"), "{out}\n{err}");
+    assert!(out.contains("status: REFUSED"), "{out}\n{err}");
+    assert!(out.contains("denied-blocked"), "{out}\n{err}");
+    assert!(err.contains("names allowed: long.wall.test."), "{err}");
+    assert!(err.contains("names denied: denied.wall.test."), "{err}");
+    assert!(err.contains("flows denied: TCP"), "{err}");
+    // Nothing left behind.
+    let links = String::from_utf8_lossy(&run("ip", &["-o", "link"]).stdout).into_owned();
+    let pid_tag = "fwl";
+    assert!(
+        !links
+            .lines()
+            .any(|l| l.contains(pid_tag) && l.contains("h@")),
+        "{links}"
+    );
+}

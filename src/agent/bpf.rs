@@ -38,17 +38,42 @@ use crate::view::{BpfAttachmentView, BpfMapView, BpfStatusView};
 /// `/sys/fs/bpf/fqdnwall`); tests and side-by-side agents use their own.
 pub const PIN_DIR_ENV: &str = "FQDNWALL_BPF_PIN_DIR";
 
-/// Marks and routing of proxy steering. The programs put `PROXY_MARK` on packets they hand to
-/// a local proxy socket; the rule for that mark delivers them locally. The proxies mark their
-/// own upstream traffic with `PROXY_OUT_MARK`, which is never steered again.
-pub const PROXY_MARK: u32 = 0x0a00;
-pub const PROXY_OUT_MARK: u32 = 0x0b00;
-pub const PROXY_MARK_MASK: u32 = 0x0f00;
-pub const ROUTING: ProxyRouting = ProxyRouting {
-    mark: PROXY_MARK,
-    mask: PROXY_MARK_MASK,
-    table: 2051,
-    priority: 2051,
+/// Marks and routing of proxy steering. The programs put `mark` on packets they hand to a
+/// local proxy socket; the routing rule for that mark delivers them locally. The proxies mark
+/// their own upstream traffic with `out_mark`, which is never steered again.
+#[derive(Debug, Clone, Copy)]
+pub struct Marks {
+    pub mark: u32,
+    pub out_mark: u32,
+    pub mask: u32,
+    pub routing: ProxyRouting,
+}
+
+/// The marks of `fqdnwall run`.
+pub const AGENT_MARKS: Marks = Marks {
+    mark: 0x0a00,
+    out_mark: 0x0b00,
+    mask: 0x0f00,
+    routing: ProxyRouting {
+        mark: 0x0a00,
+        mask: 0x0f00,
+        table: 2051,
+        priority: 2051,
+    },
+};
+
+/// The marks of `fqdnwall lockdown`: its own, so that it can run (and clean up) next to an
+/// agent without touching the agent's routing.
+pub const LOCKDOWN_MARKS: Marks = Marks {
+    mark: 0x0c00,
+    out_mark: 0x0d00,
+    mask: 0x0f00,
+    routing: ProxyRouting {
+        mark: 0x0c00,
+        mask: 0x0f00,
+        table: 2052,
+        priority: 2052,
+    },
 };
 
 pub fn pin_dir() -> PathBuf {

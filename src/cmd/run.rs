@@ -76,7 +76,43 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
         .thread_name("fqdnwall")
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(agent_main(cfg, a.unload_on_stop))
+    let opts = RunOptions {
+        unload_on_stop: a.unload_on_stop,
+        marks: bpf::AGENT_MARKS,
+        banner: true,
+        dns_gateway: None,
+    };
+    rt.block_on(agent_main(cfg, opts, wait_for_stop(), None))
+}
+
+/// How an agent runs: `fqdnwall run`, or the one `lockdown` starts inside itself.
+pub struct RunOptions {
+    pub unload_on_stop: bool,
+    pub marks: bpf::Marks,
+    /// Print the start-up banner on stdout.
+    pub banner: bool,
+    /// DNS sent to this address (a gateway with no DNS server of its own) goes to the
+    /// configured upstreams instead of its original destination.
+    pub dns_gateway: Option<std::net::IpAddr>,
+}
+
+/// Sends intercepted DNS addressed to a gateway to the configured upstreams.
+struct GatewayDns {
+    gateway: std::net::IpAddr,
+    upstreams: Vec<SocketAddr>,
+}
+
+impl dnsproxy::OriginalDst for GatewayDns {
+    fn original_dst(
+        &self,
+        _client: SocketAddr,
+        received_on: SocketAddr,
+        _transport: dnsproxy::Transport,
+    ) -> Option<SocketAddr> {
+        (received_on.ip() == self.gateway && received_on.port() == 53)
+            .then(|| self.upstreams.first().copied())
+            .flatten()
+    }
 }
 
 /// The datapath of `mode`; the kernel one is also returned as itself (start-up and stop
@@ -84,12 +120,13 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
 fn choose_datapath(
     cfg: &Config,
     dns_port: u16,
+    marks: &bpf::Marks,
 ) -> anyhow::Result<(Arc<dyn Datapath>, Option<Arc<KernelDatapath>>)> {
     let config = ebpf::DatapathConfig {
         dns_proxy_port: if cfg.dns.transparent { dns_port } else { 0 },
-        proxy_mark: bpf::PROXY_MARK,
-        proxy_out_mark: bpf::PROXY_OUT_MARK,
-        proxy_mark_mask: bpf::PROXY_MARK_MASK,
+        proxy_mark: marks.mark,
+        proxy_out_mark: marks.out_mark,
+        proxy_mark_mask: marks.mask,
         audit: false,
         verdict_events: true,
     };
@@ -164,7 +201,7 @@ fn interfaces(st: &AgentState) -> Vec<bpf::Interface> {
     out
 }
 
-fn proxy_config(cfg: &Config, datapath: &str) -> ProxyConfig {
+fn proxy_config(cfg: &Config, datapath: &str, marks: &bpf::Marks) -> ProxyConfig {
     let mut pc = ProxyConfig::new(cfg.dns.listen.clone(), cfg.dns.upstreams.clone());
     // Interception needs a datapath that redirects endpoint DNS to the proxy; without one
     // every query is sent to the proxy itself and goes to the configured upstreams.
@@ -188,7 +225,7 @@ fn proxy_config(cfg: &Config, datapath: &str) -> ProxyConfig {
             }
         }
         pc.listen = listen;
-        pc.upstream_mark = Some(bpf::PROXY_OUT_MARK);
+        pc.upstream_mark = Some(marks.out_mark);
     }
     pc.reject_code = match cfg.dns.reject_response_code {
         RejectCode::Refused => dnsproxy::RejectCode::Refused,
@@ -200,15 +237,23 @@ fn proxy_config(cfg: &Config, datapath: &str) -> ProxyConfig {
     pc
 }
 
-async fn agent_main(cfg: Config, unload_on_stop: bool) -> anyhow::Result<ExitCode> {
+/// The agent until `stop` resolves; `ready` gets it once the DNS proxy serves.
+pub async fn agent_main(
+    cfg: Config,
+    opts: RunOptions,
+    stop: impl std::future::Future<Output = anyhow::Result<()>>,
+    ready: Option<tokio::sync::oneshot::Sender<Arc<Agent>>>,
+) -> anyhow::Result<ExitCode> {
+    let unload_on_stop = opts.unload_on_stop;
+    let marks = opts.marks;
     let ports = AgentState::default_proxy_ports(&cfg);
-    let (datapath, kernel) = choose_datapath(&cfg, ports.dns)?;
+    let (datapath, kernel) = choose_datapath(&cfg, ports.dns, &marks)?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
     let identities = fqdn::restore_identities(&cfg.state_dir);
     let api_socket = cfg.api_socket.clone();
     let metrics_listen = cfg.metrics.listen;
-    let pc = proxy_config(&cfg, datapath.name());
+    let pc = proxy_config(&cfg, datapath.name(), &marks);
     let (state, changes) = AgentState::new(cfg, identities, ports);
     let agent = Agent::new(state, datapath);
     let target = {
@@ -243,7 +288,8 @@ async fn agent_main(cfg: Config, unload_on_stop: bool) -> anyhow::Result<ExitCod
         k.go_live(ifaces)
             .map_err(|e| anyhow::anyhow!("datapath bpf: {e}"))?;
         if transparent {
-            bpf::ROUTING
+            marks
+                .routing
                 .install()
                 .context("datapath bpf: installing the proxy routing rule")?;
         }
@@ -271,7 +317,13 @@ async fn agent_main(cfg: Config, unload_on_stop: bool) -> anyhow::Result<ExitCod
     };
 
     let hooks = Arc::new(AgentDns(agent.clone()));
-    let proxy = DnsProxy::start(pc.clone(), hooks.clone(), hooks, None)
+    let gateway: Option<Arc<dyn dnsproxy::OriginalDst>> = opts.dns_gateway.map(|g| {
+        Arc::new(GatewayDns {
+            gateway: g,
+            upstreams: pc.upstreams.clone(),
+        }) as Arc<dyn dnsproxy::OriginalDst>
+    });
+    let proxy = DnsProxy::start(pc.clone(), hooks.clone(), hooks, gateway)
         .await
         .context("starting the DNS proxy")?;
     let _ = agent.dns_bound.set(proxy.udp_addrs().to_vec());
@@ -298,9 +350,14 @@ async fn agent_main(cfg: Config, unload_on_stop: bool) -> anyhow::Result<ExitCod
         tokio::spawn(fqdn::save_loop(agent.clone())),
     ];
 
-    print_banner(&agent, &api_socket, proxy.udp_addrs(), &pc.upstreams);
+    if opts.banner {
+        print_banner(&agent, &api_socket, proxy.udp_addrs(), &pc.upstreams);
+    }
+    if let Some(r) = ready {
+        let _ = r.send(agent.clone());
+    }
 
-    wait_for_stop().await?;
+    let stopped = stop.await;
     tracing::info!("stopping");
     drop(proxy);
     for t in tasks {
@@ -319,7 +376,7 @@ async fn agent_main(cfg: Config, unload_on_stop: bool) -> anyhow::Result<ExitCod
                 Err(e) => tracing::error!("unloading the eBPF datapath: {e}"),
             }
             if transparent {
-                let _ = bpf::ROUTING.remove();
+                let _ = marks.routing.remove();
             }
         } else {
             tracing::info!(
@@ -331,6 +388,7 @@ async fn agent_main(cfg: Config, unload_on_stop: bool) -> anyhow::Result<ExitCod
     }
     let _ = std::fs::remove_file(&api_socket);
     tracing::info!("stopped");
+    stopped?;
     Ok(ExitCode::SUCCESS)
 }
 
