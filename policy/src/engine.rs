@@ -492,6 +492,15 @@ fn compile_peer(
     let target = match &pr.peers {
         Peers::All => PeerTarget::Wildcard,
         Peers::Selectors(v) => {
+            // The prefixes are named even when a wildcard makes the CIDR selectors moot here:
+            // a requirement variant of the same rule may refine the wildcard away and then
+            // needs the prefix identities in the ipcache.
+            for s in v {
+                if let PeerSelector::Cidr(c) = s {
+                    prefixes.push(c.cidr);
+                    prefixes.extend(c.except.iter().copied());
+                }
+            }
             let v: Vec<PeerSelector> = v.iter().map(refine).collect();
             if v.iter().any(is_wildcard_selector) {
                 PeerTarget::Wildcard
@@ -501,11 +510,7 @@ fn compile_peer(
                     let key = match s {
                         PeerSelector::Endpoints(ls) => Selector::Endpoints(ls),
                         PeerSelector::Entity(e) => Selector::Entity(e),
-                        PeerSelector::Cidr(c) => {
-                            prefixes.push(c.cidr);
-                            prefixes.extend(c.except.iter().copied());
-                            Selector::Cidr(c)
-                        }
+                        PeerSelector::Cidr(c) => Selector::Cidr(c),
                     };
                     let (id, _) = sel.add_selector(key);
                     selectors.push(id);

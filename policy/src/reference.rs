@@ -165,6 +165,8 @@ pub fn dns_allows(u: &Universe<'_>, ep: &Endpoint, flow: &RefFlow, name: &DnsNam
 /// the allow sections, or of the deny sections with `deny`. Every endpoint selector of the
 /// (allow, resp. deny) peer rules of those rules must also match all of them (Cilium's
 /// requirements; CIDR, entity and FQDN peers and rules without L3 peers are not affected).
+/// A selector without requirements (`{}` in a plain rule list) requires nothing: Cilium
+/// flattens the selectors into requirements, and an empty list refines nothing.
 pub fn requirements<'u>(
     u: &Universe<'u>,
     ep: &Endpoint,
@@ -183,6 +185,7 @@ pub fn requirements<'u>(
                 req.allow.iter()
             }
         })
+        .filter(|s| !s.requirements.is_empty())
         .collect()
 }
 
