@@ -384,7 +384,8 @@ impl Datapath for KernelDatapath {
         // The state lock orders kernel writes like the engine ordered the changes, and keeps
         // go_live from reconciling in the middle of one.
         let st = self.lock();
-        let _ = self.desired.apply(changes);
+        // The in-memory copy is done at once; its future carries nothing.
+        drop(self.desired.apply(changes));
         let r = if st.live {
             self.apply_kernel(changes)
         } else {

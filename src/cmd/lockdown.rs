@@ -249,10 +249,7 @@ impl Sandbox {
         }
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!(
-                "nft: {}",
-                String::from_utf8_lossy(&out.stderr).trim().to_string()
-            );
+            bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         sb.nft_table = Some(table);
         Ok(sb)

@@ -115,13 +115,12 @@ impl dnsproxy::OriginalDst for GatewayDns {
     }
 }
 
+/// The datapath for the agent, and the kernel one again when it is that.
+type Chosen = (Arc<dyn Datapath>, Option<Arc<KernelDatapath>>);
+
 /// The datapath of `mode`; the kernel one is also returned as itself (start-up and stop
 /// drive it beyond the trait).
-fn choose_datapath(
-    cfg: &Config,
-    dns_port: u16,
-    marks: &bpf::Marks,
-) -> anyhow::Result<(Arc<dyn Datapath>, Option<Arc<KernelDatapath>>)> {
+fn choose_datapath(cfg: &Config, dns_port: u16, marks: &bpf::Marks) -> anyhow::Result<Chosen> {
     let config = ebpf::DatapathConfig {
         dns_proxy_port: if cfg.dns.transparent { dns_port } else { 0 },
         proxy_mark: marks.mark,
