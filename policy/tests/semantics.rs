@@ -1250,3 +1250,52 @@ spec:
         (Verdict::Denied, Verdict::Denied)
     );
 }
+
+#[test]
+fn from_requires_keeps_cidr_peers_next_to_a_wildcard() {
+    // fromRequires narrows the endpoint selectors of every rule selecting the endpoint; a CIDR
+    // selector in the same peer list as `{}` is not an endpoint selector and must keep allowing
+    // its addresses. The parser does not combine fromEndpoints and fromCIDRSet in one rule, so
+    // the model is built by adding the CIDR to the parsed peer list (the model allows it, and
+    // the engine must decide every model value right).
+    use policy::model::{CidrSelector, PeerSelector, Peers};
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: requires-cidr}
+spec:
+  endpointSelector:
+    matchLabels: {app: db}
+  ingress:
+  - fromRequires:
+    - matchLabels: {tier: front}
+    fromEndpoints: [{}]
+"#;
+    let mut policies = policy::parse::parse_policies("test.yaml", yaml).expect("parses");
+    match &mut policies[0].rules[0].allow.ingress[0].peers {
+        Peers::Selectors(v) => v.insert(
+            0,
+            PeerSelector::Cidr(CidrSelector {
+                cidr: "192.0.2.0/24".parse().unwrap(),
+                except: vec!["192.0.2.0/26".parse().unwrap()],
+            }),
+        ),
+        other => panic!("unexpected peers {other:?}"),
+    }
+    let setup = Setup::new(policies, cast(), vec![]);
+    let mut failures = Vec::new();
+    for line in [
+        "ingress db ip:192.0.2.70 TCP/5432 allow",
+        "ingress db ip:192.0.2.7 TCP/5432 drop",
+        "ingress db ip:198.51.100.1 TCP/5432 drop",
+        "ingress db ep:web TCP/5432 allow",
+        "ingress db ep:api TCP/5432 allow",
+        "ingress db ep:job TCP/5432 drop",
+    ] {
+        let (flow, expect) = parse_check(line);
+        if let Err(e) = setup.check(&flow, &expect) {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
