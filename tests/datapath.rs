@@ -68,6 +68,9 @@ struct Bed {
     n: u32,
     router: String,
     client: String,
+    /// A second endpoint (labels app=other) that no policy selects.
+    other: String,
+    other_if: String,
     world: String,
     /// Host side of the client's veth, in the router namespace.
     ifname: String,
@@ -82,7 +85,7 @@ impl Drop for Bed {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for ns in [&self.client, &self.world, &self.router] {
+        for ns in [&self.client, &self.other, &self.world, &self.router] {
             let _ = run("ip", &["netns", "del", ns]);
         }
         // Links go with the interfaces; the pins (and the maps they hold) go here.
@@ -148,6 +151,8 @@ impl Bed {
             n,
             router: format!("fwr{tag}"),
             client: format!("fwc{tag}"),
+            other: format!("fwx{tag}"),
+            other_if: format!("fwf{tag}"),
             world: format!("fww{tag}"),
             ifname: format!("fwe{tag}"),
             pin: PathBuf::from(format!("/sys/fs/bpf/fqdnwall-test-{tag}")),
@@ -155,7 +160,7 @@ impl Bed {
             children: Vec::new(),
         };
         let _ = std::fs::remove_dir_all(&bed.pin);
-        for ns in [&bed.router, &bed.client, &bed.world] {
+        for ns in [&bed.router, &bed.client, &bed.other, &bed.world] {
             let _ = run("ip", &["netns", "del", ns]);
             must("ip", &["netns", "add", ns]);
             must("ip", &["-n", ns, "link", "set", "lo", "up"]);
@@ -317,6 +322,44 @@ impl Bed {
                 "via",
                 &format!("fd14:{n}::1"),
             ],
+        );
+        let o = &bed.other;
+        must(
+            "ip",
+            &[
+                "link",
+                "add",
+                &bed.other_if,
+                "netns",
+                r,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                o,
+            ],
+        );
+        a(
+            r,
+            &[
+                "addr",
+                "add",
+                &format!("10.212.{n}.1/24"),
+                "dev",
+                &bed.other_if,
+            ],
+        );
+        a(r, &["link", "set", &bed.other_if, "up"]);
+        a(
+            o,
+            &["addr", "add", &format!("10.212.{n}.2/24"), "dev", "eth0"],
+        );
+        a(o, &["link", "set", "eth0", "up"]);
+        a(
+            o,
+            &["route", "add", "default", "via", &format!("10.212.{n}.1")],
         );
         must(
             "ip",
@@ -484,8 +527,11 @@ impl Bed {
                  transparent: true\n  responseMaxDelay: 1s\n\
                  endpoints:\n  - name: client\n    namespace: default\n    labels: {{app: client}}\n    \
                  ips: [\"10.213.{n}.2\", \"fd13:{n}::2\"]\n    interface: {i}\n\
+                 \x20 - name: other\n    namespace: default\n    labels: {{app: other}}\n    \
+                 ips: [\"10.212.{n}.2\"]\n    interface: {o}\n\
                  metrics:\n  listen: null\n",
-                i = self.ifname
+                i = self.ifname,
+                o = self.other_if
             ),
         )
         .unwrap();
@@ -799,6 +845,27 @@ fn fqdn_allows_follow_intercepted_dns_in_the_kernel() {
     assert!(bed
         .connect(format!("{}:9005", bed.v4(9)).parse().unwrap())
         .is_err());
+
+    // Endpoint labels: the policy selects app=client only; the other endpoint's egress is
+    // not enforced.
+    let five = format!("http://{}:8080/", bed.v4(5));
+    assert!(bed.curl(&five, "2").is_err());
+    let o = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &bed.other,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-m",
+            "5",
+            &five,
+        ],
+    );
+    assert!(o.status.success(), "the unselected endpoint was blocked");
 
     // IPv6: AAAA learned, then reachable.
     let v6url = format!("http://[fd14:{}::3]:8080/", bed.n);
