@@ -969,12 +969,36 @@ fn audit_mode_passes_traffic_and_reports_it() {
             break;
         }
     }
-    let _ = mon.kill();
-    let _ = mon.wait();
     let ev = found.expect("an audit event for the flow");
     assert_eq!(ev["type"], "policy-verdict");
     assert_eq!(ev["endpoint"], "client");
     assert_eq!(ev["dport"], 8080);
+
+    // Audit off, live: the same flow is dropped, and the drop streams.
+    let o = fqdnwall(&[
+        "--api-socket",
+        agent.sock.to_str().unwrap(),
+        "config",
+        "PolicyAuditMode=false",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(bed
+        .curl(&format!("http://{}:8080/", bed.v4(5)), "2")
+        .is_err());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut drop_ev = None;
+    while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        if v["type"] == "drop" && v["dstIp"] == bed.v4(5).as_str() {
+            drop_ev = Some(v);
+            break;
+        }
+    }
+    let _ = mon.kill();
+    let _ = mon.wait();
+    let ev = drop_ev.expect("a drop event once audit mode is off");
+    assert_eq!(ev["verdict"], "denied");
+    assert_eq!(ev["endpoint"], "client");
     assert_eq!(agent.stop(), 0);
 }
 
