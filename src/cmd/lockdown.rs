@@ -401,11 +401,7 @@ async fn lockdown(a: Args, labels: BTreeMap<String, String>) -> anyhow::Result<E
         sb.ep_ip,
         a.policy.display()
     );
-    let status = tokio::process::Command::new("ip")
-        .args(["netns", "exec", &sb.netns])
-        .args(&a.command)
-        .status()
-        .await;
+    let status = run_command(&sb.netns, &a.command).await;
     // Let the last kernel events arrive.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let _ = stop_tx.send(());
@@ -426,6 +422,29 @@ async fn lockdown(a: Args, labels: BTreeMap<String, String>) -> anyhow::Result<E
         _ => 1,
     };
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// Runs the command in the namespace. SIGINT and SIGTERM are passed on to it rather than
+/// ending lockdown, which must live on to clean up after it.
+async fn run_command(netns: &str, command: &[String]) -> std::io::Result<std::process::ExitStatus> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut child = tokio::process::Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(command)
+        .spawn()?;
+    loop {
+        let sig = tokio::select! {
+            st = child.wait() => return st,
+            _ = int.recv() => libc::SIGINT,
+            _ = term.recv() => libc::SIGTERM,
+        };
+        if let Some(pid) = child.id() {
+            // SAFETY: kill on the pid of our own child, which we have not reaped yet.
+            unsafe { libc::kill(pid as libc::pid_t, sig) };
+        }
+    }
 }
 
 fn print_summary(s: &Summary) {
