@@ -538,7 +538,15 @@ fn datapath_bpf_needs_existing_interfaces() {
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
+    // A failed first start leaves no pins behind.
+    let links = std::fs::read_dir(format!("{pin}/links"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let maps = std::fs::read_dir(format!("{pin}/maps"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     let _ = std::fs::remove_dir_all(&pin);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("fwnosuch0"), "{}", stderr(&o));
+    assert_eq!((links, maps), (0, 0), "pins left after a failed start");
 }

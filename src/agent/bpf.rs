@@ -171,7 +171,20 @@ impl KernelDatapath {
     /// Reconciles the kernel maps with the state computed so far, attaches the programs to
     /// `interfaces`, drops what belongs to endpoints and interfaces that are gone, and
     /// switches to applying every change to the kernel directly.
+    ///
+    /// On failure, a first start (nothing adopted) removes what it loaded: no half-attached
+    /// programs stay behind. An adopted state stays as it was, still enforcing.
     pub fn go_live(&self, interfaces: Vec<Interface>) -> Result<(), String> {
+        let r = self.try_go_live(interfaces);
+        if r.is_err() && !self.dp.adopted() {
+            if let Err(e) = self.unload() {
+                tracing::warn!("removing the programs of a failed start: {e}");
+            }
+        }
+        r
+    }
+
+    fn try_go_live(&self, interfaces: Vec<Interface>) -> Result<(), String> {
         let mut st = self.lock();
         let wanted: BTreeSet<u16> = interfaces.iter().map(|i| i.endpoint).collect();
         let mut written = 0;
