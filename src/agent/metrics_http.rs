@@ -207,5 +207,8 @@ pub fn render(a: &Agent) -> String {
             h.count,
         );
     }
+    if let Some(s) = a.l7_stats.get() {
+        super::l7::render_metrics(s, &mut e);
+    }
     e.finish()
 }

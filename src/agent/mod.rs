@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod datapath;
 pub mod events;
 pub mod fqdn;
+pub mod l7;
 pub mod metrics;
 pub mod metrics_http;
 pub mod reload;
@@ -45,6 +46,8 @@ pub struct Agent {
     pub dns_bound: OnceLock<Vec<SocketAddr>>,
     pub metrics_bound: OnceLock<SocketAddr>,
     pub proxy_metrics: OnceLock<Arc<dnsproxy::ProxyMetrics>>,
+    /// Counters of the L7 proxies, once they run.
+    pub l7_stats: OnceLock<Arc<::l7::L7Stats>>,
     /// No policy is in force (every query is logged). Kept here so the proxy's per-query
     /// hook can tell without taking the state lock.
     pub no_policy: AtomicBool,
@@ -64,6 +67,7 @@ impl Agent {
             dns_bound: OnceLock::new(),
             metrics_bound: OnceLock::new(),
             proxy_metrics: OnceLock::new(),
+            l7_stats: OnceLock::new(),
             no_policy: AtomicBool::new(true),
         })
     }

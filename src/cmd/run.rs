@@ -16,6 +16,7 @@ use dnsproxy::{DnsProxy, ProxyConfig};
 use crate::agent::bpf::{self, KernelDatapath};
 use crate::agent::datapath::{Datapath, MemoryDatapath};
 use crate::agent::fqdn::{self, AgentDns};
+use crate::agent::l7::L7Listeners;
 use crate::agent::state::AgentState;
 use crate::agent::{metrics_http, reload, server, Agent};
 use crate::cli::Global;
@@ -247,6 +248,10 @@ pub async fn agent_main(
     let marks = opts.marks;
     let ports = AgentState::default_proxy_ports(&cfg);
     let (datapath, kernel) = choose_datapath(&cfg, ports.dns, &marks)?;
+    // The L7 proxies' ports go into the first policy entries (never a redirect to port 0);
+    // with the kernel datapath they take steered flows transparently.
+    let l7_listeners = L7Listeners::bind(kernel.is_some()).context("starting the L7 proxies")?;
+    let ports = l7_listeners.proxy_ports(ports);
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
     let identities = fqdn::restore_identities(&cfg.state_dir);
@@ -286,7 +291,8 @@ pub async fn agent_main(
         };
         k.go_live(ifaces)
             .map_err(|e| anyhow::anyhow!("datapath bpf: {e}"))?;
-        if transparent {
+        // The L7 proxies always take steered flows with the kernel datapath.
+        {
             marks
                 .routing
                 .install()
@@ -343,11 +349,12 @@ pub async fn agent_main(
             .context("datapath bpf: setting the DNS proxy port")?;
     }
 
-    let tasks = vec![
+    let mut tasks = l7_listeners.start(&agent, marks.out_mark);
+    tasks.extend([
         tokio::spawn(reload::watch_loop(agent.clone())),
         tokio::spawn(fqdn::expiry_loop(agent.clone())),
         tokio::spawn(fqdn::save_loop(agent.clone())),
-    ];
+    ]);
 
     if opts.banner {
         print_banner(&agent, &api_socket, proxy.udp_addrs(), &pc.upstreams);
@@ -374,9 +381,7 @@ pub async fn agent_main(
                 Ok(()) => tracing::info!("eBPF programs detached and pins removed"),
                 Err(e) => tracing::error!("unloading the eBPF datapath: {e}"),
             }
-            if transparent {
-                let _ = marks.routing.remove();
-            }
+            let _ = marks.routing.remove();
         } else {
             tracing::info!(
                 "the kernel keeps enforcing the last policy (pins in {}); the next \
