@@ -19,6 +19,8 @@ const OWN_EDNS_PAYLOAD: u16 = 1232;
 /// Longest CNAME chain followed; real chains are a handful of names, longer ones are loops
 /// or abuse.
 const MAX_CHAIN: usize = 16;
+/// Learned IPs up to which duplicates are found by a scan rather than a set.
+const DEDUP_SCAN: usize = 16;
 
 /// A client query the proxy can judge and forward.
 #[derive(Debug)]
@@ -59,6 +61,44 @@ fn read_u16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
+/// Where the first question of a message ends, when it parses (as hickory's `Query::read`
+/// decides). Uncompressed names, which every real query carries, are walked by hand: a name
+/// of labels of 1–63 bytes ending in the root label, at most 255 bytes on the wire, then type
+/// and class. Anything else (a compression pointer, a reserved label code, a truncation) is
+/// left to hickory, so the answer is hickory's in every case.
+pub(crate) fn question_end(bytes: &[u8]) -> Option<usize> {
+    match plain_name_end(bytes, HEADER_LEN) {
+        Some(end) => (end + 4 <= bytes.len()).then_some(end + 4),
+        None => {
+            let mut dec = BinDecoder::new(bytes);
+            dec.read_slice(HEADER_LEN).ok()?;
+            Query::read(&mut dec).ok()?;
+            Some(dec.index())
+        }
+    }
+}
+
+/// The end of an uncompressed, valid name starting at `start`; `None` when the name is not one
+/// (pointer, reserved label code, too long, truncated), for the caller to decide with a full
+/// decoder.
+fn plain_name_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut at = start;
+    loop {
+        let len = usize::from(*bytes.get(at)?);
+        if len == 0 {
+            // hickory's limit: label bytes plus one length byte each plus the root, ≤ 255.
+            return (at + 1 - start <= Name::MAX_LENGTH).then_some(at + 1);
+        }
+        if len > 63 {
+            return None; // a pointer or a reserved label type
+        }
+        at += 1 + len;
+        if at - start >= Name::MAX_LENGTH {
+            return None;
+        }
+    }
+}
+
 /// Judges the bytes a client sent: exactly one question and opcode QUERY, and the whole
 /// message must parse; otherwise FORMERR / NOTIMP (with ID and question echoed where they
 /// parse) or, when not even a query header is there, a drop.
@@ -75,11 +115,7 @@ pub(crate) fn parse_client_query(bytes: &[u8]) -> Result<ClientQuery, Rejection>
     let cd = bytes[3] & 0x10 != 0;
     let qdcount = read_u16(bytes, 4);
     let first_question = if qdcount >= 1 {
-        let mut dec = BinDecoder::new(bytes);
-        dec.read_slice(HEADER_LEN).ok();
-        Query::read(&mut dec)
-            .ok()
-            .map(|_| bytes[HEADER_LEN..dec.index()].to_vec())
+        question_end(bytes).map(|end| bytes[HEADER_LEN..end].to_vec())
     } else {
         None
     };
@@ -226,9 +262,21 @@ pub(crate) fn extract_learning(
         break;
     }
     let mut ips: Vec<IpAddr> = Vec::new();
-    let mut seen: HashSet<IpAddr> = HashSet::new();
+    // Answers carry a handful of addresses: a scan of those kept beats hashing each; a set
+    // takes over once there are many (a large answer must not cost quadratic time).
+    let mut seen: Option<HashSet<IpAddr>> = None;
     let mut push = |ip: IpAddr, ips: &mut Vec<IpAddr>| {
-        if seen.insert(ip) {
+        let new = match &mut seen {
+            Some(set) => set.insert(ip),
+            None if ips.len() < DEDUP_SCAN => !ips.contains(&ip),
+            None => {
+                let mut set: HashSet<IpAddr> = ips.iter().copied().collect();
+                let new = set.insert(ip);
+                seen = Some(set);
+                new
+            }
+        };
+        if new {
             ips.push(ip);
         }
     };
@@ -491,6 +539,140 @@ mod tests {
         assert_eq!(l.ttl, 42);
     }
 
+    /// hickory's verdict on the first question: where it ends, when it parses.
+    fn hickory_question_end(bytes: &[u8]) -> Option<usize> {
+        let mut dec = BinDecoder::new(bytes);
+        dec.read_slice(HEADER_LEN).ok()?;
+        Query::read(&mut dec).ok()?;
+        Some(dec.index())
+    }
+
+    fn with_header(question: &[u8]) -> Vec<u8> {
+        let mut b = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        b.extend_from_slice(question);
+        b
+    }
+
+    fn wire_name(labels: &[&[u8]]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for l in labels {
+            v.push(u8::try_from(l.len()).unwrap());
+            v.extend_from_slice(l);
+        }
+        v.push(0);
+        v
+    }
+
+    #[test]
+    fn question_end_plain_names() {
+        let mut q = wire_name(&[b"www", b"Example", b"com"]);
+        q.extend_from_slice(&[0, 1, 0, 1]);
+        let b = with_header(&q);
+        assert_eq!(question_end(&b), Some(b.len()));
+        assert_eq!(question_end(&b), hickory_question_end(&b));
+        // The root name.
+        let b = with_header(&[0, 0, 1, 0, 1]);
+        assert_eq!(question_end(&b), Some(17));
+        // Trailing sections are not part of the question.
+        let mut longer = with_header(&q);
+        longer.extend_from_slice(&[0, 0, 41, 4, 0xd0]);
+        assert_eq!(question_end(&longer), Some(HEADER_LEN + q.len()));
+    }
+
+    #[test]
+    fn question_end_truncated_and_malformed() {
+        let mut q = wire_name(&[b"www", b"example", b"com"]);
+        q.extend_from_slice(&[0, 1, 0, 1]);
+        let full = with_header(&q);
+        // Every cut, inside the name or the type/class: no question, as hickory says.
+        for cut in HEADER_LEN..full.len() {
+            assert_eq!(question_end(&full[..cut]), None, "cut at {cut}");
+            assert_eq!(hickory_question_end(&full[..cut]), None, "cut at {cut}");
+        }
+        // A label length running past the end.
+        assert_eq!(question_end(&with_header(&[5, b'a', b'b'])), None);
+        // Reserved label codes 0b01 and 0b10.
+        for code in [0x40, 0x80, 0x7f, 0xbf] {
+            let b = with_header(&[code, 0, 0, 1, 0, 1]);
+            assert_eq!(question_end(&b), None);
+            assert_eq!(hickory_question_end(&b), None);
+        }
+        // Only a header.
+        assert_eq!(question_end(&with_header(&[])), None);
+    }
+
+    #[test]
+    fn question_end_length_limit_matches_hickory() {
+        // Names of 63-byte labels around the 255-byte limit, and 1-byte labels up to it.
+        let long = [b'a'; 63];
+        for extra in 0..70 {
+            let mut labels: Vec<&[u8]> = vec![&long[..]; 3];
+            let tail = vec![b'b'; extra.clamp(1, 63)];
+            if extra > 0 {
+                labels.push(&tail);
+            }
+            let mut q = wire_name(&labels);
+            q.extend_from_slice(&[0, 1, 0, 1]);
+            let b = with_header(&q);
+            assert_eq!(question_end(&b), hickory_question_end(&b), "extra {extra}");
+        }
+        let one = [b'x'];
+        for n in 120..135 {
+            let labels: Vec<&[u8]> = vec![&one[..]; n];
+            let mut q = wire_name(&labels);
+            q.extend_from_slice(&[0, 1, 0, 1]);
+            let b = with_header(&q);
+            assert_eq!(question_end(&b), hickory_question_end(&b), "{n} labels");
+        }
+        // 255 bytes on the wire parse, 256 do not.
+        let mut ok = wire_name(&[&long, &long, &long, &[b'c'; 61]]);
+        assert_eq!(ok.len(), 255);
+        ok.extend_from_slice(&[0, 1, 0, 1]);
+        assert!(question_end(&with_header(&ok)).is_some());
+        let mut too_long = wire_name(&[&long, &long, &long, &[b'c'; 62]]);
+        too_long.extend_from_slice(&[0, 1, 0, 1]);
+        assert_eq!(question_end(&with_header(&too_long)), None);
+    }
+
+    #[test]
+    fn question_end_compression_pointers_are_hickorys() {
+        // A pointer to itself (a loop), forward, into the header, and after a label: hickory
+        // decides each, and the fast path agrees by deferring.
+        let cases: [&[u8]; 5] = [
+            &[0xc0, 12, 0, 1, 0, 1],
+            &[0xc0, 14, 0, 1, 0, 1, 0],
+            &[0xc0, 0, 0, 1, 0, 1],
+            &[1, b'a', 0xc0, 12, 0, 1, 0, 1],
+            &[1, b'a', 0xc0, 0x0e, 0, 1, 0, 1],
+        ];
+        for q in cases {
+            let b = with_header(q);
+            assert_eq!(question_end(&b), hickory_question_end(&b), "{q:?}");
+        }
+        // A loop is never a question.
+        assert_eq!(question_end(&with_header(&[0xc0, 12, 0, 1, 0, 1])), None);
+    }
+
+    #[test]
+    fn learning_dedups_past_the_scan_limit() {
+        let mut m = Message::new(1, MessageType::Response, OpCode::Query);
+        for round in 0..2u8 {
+            for i in 0..40u8 {
+                m.add_answer(rec(
+                    "many.test.",
+                    60 + u32::from(round),
+                    RData::A(A(Ipv4Addr::new(192, 0, 2, i))),
+                ));
+            }
+        }
+        let l = extract_learning(&m, &name("many.test."), 0).unwrap();
+        let want: Vec<IpAddr> = (0..40u8)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(192, 0, 2, i)))
+            .collect();
+        assert_eq!(l.ips, want, "each IP once, in answer order");
+        assert_eq!(l.ttl, 60);
+    }
+
     mod untrusted_bytes {
         use proptest::prelude::*;
 
@@ -539,6 +721,61 @@ mod tests {
                 if let Ok(m) = Message::from_vec(&b) {
                     let _ = extract_learning(&m, &name("a.test."), 0);
                 }
+            }
+        }
+
+        /// A message of random labels (any bytes, 1–63 long, any case), random type and class,
+        /// and random trailing bytes.
+        fn valid_question_message() -> impl Strategy<Value = Vec<u8>> {
+            (
+                prop::collection::vec(prop::collection::vec(any::<u8>(), 1..64), 0..6),
+                any::<u16>(),
+                any::<u16>(),
+                prop::collection::vec(any::<u8>(), 0..16),
+            )
+                .prop_map(|(labels, t, c, tail)| {
+                    let mut b = vec![0, 1, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+                    for l in labels {
+                        b.push(u8::try_from(l.len()).unwrap());
+                        b.extend_from_slice(&l);
+                    }
+                    b.push(0);
+                    b.extend_from_slice(&t.to_be_bytes());
+                    b.extend_from_slice(&c.to_be_bytes());
+                    b.extend_from_slice(&tail);
+                    b
+                })
+        }
+
+        proptest! {
+            /// The hand-walked question ends where hickory's decoder ends it, or both refuse:
+            /// on valid questions, on hickory-built queries, and on those cut or mutated.
+            #[test]
+            fn question_end_agrees_with_hickory(
+                q in prop_oneof![valid_question_message(), valid_query()],
+                flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                prop_assert_eq!(question_end(&q), hickory_question_end(&q));
+                let mut b = q.clone();
+                for (i, v) in flips {
+                    let i = i.index(b.len());
+                    b[i] ^= v;
+                }
+                prop_assert_eq!(question_end(&b), hickory_question_end(&b));
+                b.truncate(cut.index(b.len() + 1));
+                prop_assert_eq!(question_end(&b), hickory_question_end(&b));
+            }
+
+            /// A whole valid message: the question hickory parses is the bytes walked.
+            #[test]
+            fn question_bytes_are_hickorys_question(q in valid_query()) {
+                let end = question_end(&q).expect("a valid query has a question");
+                let m = Message::from_vec(&q).unwrap();
+                let mut dec = BinDecoder::new(&q[HEADER_LEN..end]);
+                let parsed = Query::read(&mut dec).unwrap();
+                prop_assert_eq!(&parsed, &m.queries[0]);
+                prop_assert_eq!(dec.index(), end - HEADER_LEN);
             }
         }
 

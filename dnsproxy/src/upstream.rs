@@ -17,7 +17,9 @@
 //! large records), and a fresh connection keeps the code free of connection-pool state and
 //! head-of-line problems; loopback and LAN resolvers accept connections in microseconds.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -63,7 +65,30 @@ struct Pending {
 /// One socket of the pool with the queries outstanding on it, keyed by the ID sent.
 struct Slot {
     socket: UdpSocket,
-    pending: Mutex<HashMap<u16, Pending>>,
+    pending: Mutex<HashMap<u16, Pending, BuildHasherDefault<IdHasher>>>,
+}
+
+/// The pending table's hasher. Its keys are IDs the proxy drew at random itself, so no one
+/// can aim at a bucket and SipHash's protection buys nothing; a multiply spreads the 16 bits
+/// over the whole word (the table reads its control bits from the top).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u16 keys are hashed (through write_u16); any other input still hashes soundly.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u16(&mut self, id: u16) {
+        self.0 = u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 impl Slot {
@@ -121,7 +146,7 @@ impl UdpPool {
                 let socket = UdpSocket::from_std(socket)?;
                 let slot = Arc::new(Slot {
                     socket,
-                    pending: Mutex::new(HashMap::new()),
+                    pending: Mutex::new(HashMap::default()),
                 });
                 tasks.push(tokio::spawn(receive_loop(slot.clone(), metrics.clone())));
                 all.push(slot.clone());
@@ -134,7 +159,7 @@ impl UdpPool {
         };
         let mut connected = HashMap::new();
         for &u in upstreams {
-            if let std::collections::hash_map::Entry::Vacant(e) = connected.entry(u) {
+            if let Entry::Vacant(e) = connected.entry(u) {
                 e.insert(family(u.is_ipv6(), Some(u))?);
             }
         }
@@ -189,22 +214,19 @@ impl UdpPool {
                 )));
                 return;
             }
-            let id = loop {
+            let (id, free) = loop {
                 let id: u16 = rand::random();
-                if !pending.contains_key(&id) {
-                    break id;
+                if let Entry::Vacant(free) = pending.entry(id) {
+                    break (id, free);
                 }
             };
-            pending.insert(
-                id,
-                Pending {
-                    server,
-                    question,
-                    sent_at: now,
-                    deadline: now + timeout,
-                    done,
-                },
-            );
+            free.insert(Pending {
+                server,
+                question,
+                sent_at: now,
+                deadline: now + timeout,
+                done,
+            });
             id
         };
         set_id(&mut query, id);
