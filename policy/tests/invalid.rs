@@ -80,7 +80,12 @@ const CASES: &[(&str, &[&str])] = &[
     ("l7-two-protocols.yaml", &["l7-two-protocols.yaml:12:9: spec.egress[0].toPorts[0].rules.kafka: only one L7 protocol per toPorts entry: http and kafka given"]),
     ("l7-non-tcp.yaml", &["l7-non-tcp.yaml:9:15: spec.egress[0].toPorts[0].ports[0]: http rules only apply to TCP ports (not UDP); set `protocol: TCP`"]),
     ("l7-port-zero.yaml", &["l7-port-zero.yaml:9:15: spec.egress[0].toPorts[0].ports[0]: L7 rules cannot be used when a port is 0 (every port)"]),
-    ("l7-host-policy.yaml", &["l7-host-policy.yaml:11:15: spec.egress[0].toPorts[0].rules.http: L7 rules are not supported in host policies (nodeSelector), as in Cilium"]),
+    ("l7-host-policy.yaml", &["l7-host-policy.yaml:11:15: spec.egress[0].toPorts[0].rules.http: http rules are not supported in host policies (nodeSelector), as in Cilium; host policies take DNS rules only"]),
+    // The DNS rules of the host's egress are accepted; Kafka there and DNS on ingress are not.
+    ("l7-host-policy-kafka.yaml", &[
+        "l7-host-policy-kafka.yaml:16:16: spec.egress[1].toPorts[0].rules.kafka: kafka rules are not supported in host policies (nodeSelector), as in Cilium; host policies take DNS rules only",
+        "l7-host-policy-kafka.yaml:21:14: spec.ingress[0].toPorts[0].rules.dns: DNS rules are not allowed on ingress",
+    ]),
     ("netpol-ipblock-combined.yaml", &["netpol-ipblock-combined.yaml:11:9: spec.ingress[0].from[0].ipBlock: ipBlock cannot be combined with podSelector or namespaceSelector in one peer"]),
     ("netpol-policy-type.yaml", &["netpol-policy-type.yaml:7:26: spec.policyTypes[1]: unknown policy type \"Outbound\"; expected Ingress or Egress"]),
     ("netpol-port.yaml", &[

@@ -417,6 +417,66 @@ fn dns_rules() {
     );
 }
 
+/// DNS rules in a host policy's egress are accepted (the host's own name filtering); HTTP and
+/// Kafka rules there are not.
+#[test]
+fn dns_rules_in_host_policies() {
+    let r = ccnp("nodeSelector:\n  matchLabels: {role: vm}\negress:\n- toEntities: [world]\n  toPorts:\n  - ports: [{port: '53', protocol: ANY}]\n    rules:\n      dns:\n      - matchPattern: '*.allowed.test'\n      - matchName: Exact.Allowed.Test\n- toPorts:\n  - ports: [{port: '5353', protocol: UDP}]\n    rules:\n      dns: [{matchPattern: '**.internal.test'}]\n- toFQDNs: [{matchPattern: '*.allowed.test'}]\n  toPorts: [{ports: [{port: '443', protocol: TCP}]}]\n");
+    assert_eq!(r.subject, Subject::Nodes(sel(vec![is("role", "vm")])));
+    assert_eq!(
+        r.allow.egress[0].peers,
+        Peers::Selectors(vec![PeerSelector::Entity(Entity::World)])
+    );
+    let pr = &r.allow.egress[0].ports[0];
+    assert_eq!(pr.ports[0].port, Port::Number(53));
+    assert_eq!(pr.ports[0].protocol, Protocol::Any);
+    assert_eq!(
+        pr.l7,
+        Some(L7Rules::Dns(vec![
+            DnsRule::MatchPattern(FqdnPattern::parse("*.allowed.test").unwrap()),
+            DnsRule::MatchName(DnsName::new("exact.allowed.test")),
+        ]))
+    );
+    // No L3 peer: the DNS rules apply to every server on that port.
+    assert_eq!(r.allow.egress[1].peers, Peers::All);
+    assert_eq!(
+        r.allow.egress[1].ports[0].l7,
+        Some(L7Rules::Dns(vec![DnsRule::MatchPattern(
+            FqdnPattern::parse("**.internal.test").unwrap()
+        )]))
+    );
+    assert!(matches!(r.allow.egress[2].peers, Peers::Fqdns(_)));
+
+    // A plain rule list (what `cilium policy import` takes) may hold host rules too.
+    let p = parse("- nodeSelector: {}\n  egress:\n  - toPorts:\n    - ports: [{port: '53', protocol: UDP}]\n      rules:\n        dns: [{matchName: a.allowed.test}]\n");
+    assert_eq!(
+        p[0].rules[0].subject,
+        Subject::Nodes(LabelSelector::default())
+    );
+    assert!(matches!(
+        p[0].rules[0].allow.egress[0].ports[0].l7,
+        Some(L7Rules::Dns(_))
+    ));
+
+    // HTTP and Kafka stay refused in host policies, with the place and the reason.
+    // The diagnostic points at the rule list (the value of `http:` / `kafka:`).
+    for (rules, port, kind, col) in [
+        ("http: [{method: GET}]", "80", "http", 21),
+        ("kafka: [{topic: orders}]", "9092", "kafka", 22),
+    ] {
+        let text = format!("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata:\n  name: h\nspec:\n  nodeSelector: {{}}\n  egress:\n  - toPorts:\n    - ports: [{{port: '{port}', protocol: TCP}}]\n      rules: {{{rules}}}\n");
+        let errs: Vec<String> = parse_policies("host.yaml", &text)
+            .unwrap_err()
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(
+            errs,
+            vec![format!("host.yaml:10:{col}: spec.egress[0].toPorts[0].rules.{kind}: {kind} rules are not supported in host policies (nodeSelector), as in Cilium; host policies take DNS rules only")]
+        );
+    }
+}
+
 #[test]
 fn server_names() {
     let r = cnp("endpointSelector: {}\negress:\n- toPorts:\n  - ports: [{port: '443', protocol: TCP}]\n    serverNames: [one.one.one.one]\n");

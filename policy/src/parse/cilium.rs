@@ -996,11 +996,19 @@ fn l7_rules(
     };
     let key_span = node.get(kind).map_or(node.span, |n| n.span);
     let kpath = path.key(kind);
-    if ctx.host_policy {
+    // Host policies take DNS rules and no other L7 rules, as current Cilium documents it
+    // (host L7 DNS policies, beta there; earlier releases refused every L7 rule in a host
+    // policy). On a machine with no workloads the host is the only endpoint, and naming what
+    // its own processes may resolve is the point of the product: the DNS proxy judges a host
+    // query like any endpoint's, through the host's egress map.
+    if ctx.host_policy && kind != "dns" {
         d.error(
             key_span,
             &kpath,
-            "L7 rules are not supported in host policies (nodeSelector), as in Cilium",
+            format!(
+                "{kind} rules are not supported in host policies (nodeSelector), as in Cilium; \
+                 host policies take DNS rules only"
+            ),
         );
     }
     if kind == "dns" && dir == Direction::Ingress {
