@@ -62,11 +62,15 @@ fn proxies_listen_and_http_rules_redirect_to_the_http_proxy_port() {
     )
     .unwrap();
     let cfg = d.join("config.yaml");
+    let fixed = free_port("127.0.0.1".parse().unwrap());
     std::fs::write(
         &cfg,
-        "policyDir: policies\nstateDir: state\ndatapath: none\ndns:\n  listen: [\"127.0.0.1:0\"]\n  \
-         upstreams: [\"127.0.0.1:9\"]\nendpoints:\n  - name: client\n    namespace: default\n    \
-         labels: {app: client}\n    ips: [\"127.0.0.2\"]\nmetrics:\n  listen: 127.0.0.1:0\n",
+        format!(
+            "policyDir: policies\nstateDir: state\ndatapath: none\ndns:\n  listen: [\"127.0.0.1:0\"]\n  \
+             upstreams: [\"127.0.0.1:9\"]\nendpoints:\n  - name: client\n    namespace: default\n    \
+             labels: {{app: client}}\n    ips: [\"127.0.0.2\"]\nmetrics:\n  listen: 127.0.0.1:0\n\
+             l7:\n  httpPort: {fixed}\n  deniedMessage: Not here\n  secretsDir: secrets\n"
+        ),
     )
     .unwrap();
     let agent = Agent::start(&["--config", cfg.to_str().unwrap()], &d.join("api.sock"));
@@ -76,7 +80,8 @@ fn proxies_listen_and_http_rules_redirect_to_the_http_proxy_port() {
     let kafka = st["proxyPorts"]["kafka"]
         .as_u64()
         .expect("kafka proxy port");
-    assert!(http != 0 && kafka != 0 && http != kafka, "{st}");
+    assert_eq!(http, u64::from(fixed), "{st}");
+    assert!(kafka != 0 && http != kafka, "{st}");
 
     // The L7 rules' entry carries the HTTP proxy's port.
     let rows = agent.json(&["bpf", "policy", "get", "client"]);
@@ -110,6 +115,22 @@ fn proxies_listen_and_http_rules_redirect_to_the_http_proxy_port() {
     );
     assert!(text.contains("fqdnwall_l7_connections_total{protocol=\"kafka\"}"));
     assert!(agent.stop().success());
+}
+
+#[test]
+fn bad_l7_settings_are_config_errors_with_their_position() {
+    let dir = tempdir();
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        "datapath: none\nl7:\n  httpPort: 70000\n  kafkaPort: 9092\n  denied: x\n",
+    )
+    .unwrap();
+    let o = fqdnwall(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains(":3:") && err.contains("l7.httpPort"), "{err}");
+    assert!(err.contains(":5:") && err.contains("denied"), "{err}");
 }
 
 /// A plain HTTP/1.0 GET; the response body.

@@ -40,9 +40,7 @@ use tokio::task::JoinHandle;
 use super::events::Event;
 use super::metrics::Exposition;
 use super::Agent;
-
-/// The message of a denied HTTP request (the body of the 403).
-pub const DENIED_MESSAGE: &str = "Access denied";
+use crate::config::L7Config;
 
 /// Compiled rule sets kept per snapshot; beyond this, lookups compile without keeping.
 const MAX_CACHED: usize = 65_536;
@@ -58,6 +56,8 @@ pub struct L7Listeners {
     transparent: bool,
     http_port: u16,
     kafka_port: u16,
+    denied_message: String,
+    secrets_dir: PathBuf,
 }
 
 /// Binds one listener per address family on one port: the first family picks the port when
@@ -91,15 +91,17 @@ fn bind_family_pair(
 
 impl L7Listeners {
     /// `transparent`: the eBPF datapath steers flows to the proxies.
-    pub fn bind(transparent: bool) -> anyhow::Result<L7Listeners> {
-        let (http, http_port) = bind_family_pair("HTTP", 0, transparent)?;
-        let (kafka, kafka_port) = bind_family_pair("Kafka", 0, transparent)?;
+    pub fn bind(cfg: &L7Config, transparent: bool) -> anyhow::Result<L7Listeners> {
+        let (http, http_port) = bind_family_pair("HTTP", cfg.http_port, transparent)?;
+        let (kafka, kafka_port) = bind_family_pair("Kafka", cfg.kafka_port, transparent)?;
         Ok(L7Listeners {
             http,
             kafka,
             transparent,
             http_port,
             kafka_port,
+            denied_message: cfg.denied_message.clone(),
+            secrets_dir: cfg.secrets_dir.clone(),
         })
     }
 
@@ -115,7 +117,7 @@ impl L7Listeners {
     /// Starts serving: the accept loops, and the task that turns proxy events into monitor
     /// events. `out_mark` goes on upstream connections in transparent mode.
     pub fn start(self, agent: &Arc<Agent>, out_mark: u32) -> Vec<JoinHandle<()>> {
-        let secrets = secrets_dir(agent);
+        let secrets = self.secrets_dir.clone();
         let source = Arc::new(AgentL7Source::new(agent.clone(), SecretDir::new(&secrets)));
         let sink = EventSink::new(EVENT_BUFFER);
         let _ = agent.l7_stats.set(sink.stats().clone());
@@ -127,7 +129,7 @@ impl L7Listeners {
             SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), self.http_port),
             mode,
         );
-        http_cfg.denied_message = DENIED_MESSAGE.to_string();
+        http_cfg.denied_message = self.denied_message.clone();
         for l in self.http {
             let mut cfg = http_cfg.clone();
             cfg.listen = l.local_addr().unwrap_or(cfg.listen);
@@ -161,16 +163,6 @@ impl L7Listeners {
             "L7 proxies listening"
         );
         tasks
-    }
-}
-
-/// Where `headerMatches` secrets are read: `secrets/` next to the configuration file
-/// (`DIR/NAMESPACE/NAME` or `DIR/NAME`), `/etc/fqdnwall/secrets` for the embedded default.
-fn secrets_dir(agent: &Agent) -> PathBuf {
-    let st = agent.lock();
-    match st.cfg.file.as_ref().and_then(|f| f.parent()) {
-        Some(dir) => dir.join("secrets"),
-        None => PathBuf::from("/etc/fqdnwall/secrets"),
     }
 }
 

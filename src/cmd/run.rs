@@ -250,7 +250,8 @@ pub async fn agent_main(
     let (datapath, kernel) = choose_datapath(&cfg, ports.dns, &marks)?;
     // The L7 proxies' ports go into the first policy entries (never a redirect to port 0);
     // with the kernel datapath they take steered flows transparently.
-    let l7_listeners = L7Listeners::bind(kernel.is_some()).context("starting the L7 proxies")?;
+    let l7_listeners =
+        L7Listeners::bind(&cfg.l7, kernel.is_some()).context("starting the L7 proxies")?;
     let ports = l7_listeners.proxy_ports(ports);
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;

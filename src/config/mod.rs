@@ -47,6 +47,7 @@ pub struct Config {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub host: HostConfig,
     pub metrics: MetricsConfig,
+    pub l7: L7Config,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +97,18 @@ pub struct HostConfig {
     pub named_ports: BTreeMap<String, (u16, Protocol)>,
 }
 
+/// The L7 (HTTP, Kafka) proxies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct L7Config {
+    /// Listening ports; 0 picks a free port at start (shown by `status`).
+    pub http_port: u16,
+    pub kafka_port: u16,
+    /// Body of the 403 answer to a denied HTTP request.
+    pub denied_message: String,
+    /// Where `headerMatches` secrets are read (`DIR/NAMESPACE/NAME` or `DIR/NAME`).
+    pub secrets_dir: PathBuf,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricsConfig {
     /// `None` when metrics are switched off (`listen: null`).
@@ -139,6 +152,7 @@ const TOP_FIELDS: &[&str] = &[
     "namespaces",
     "host",
     "metrics",
+    "l7",
 ];
 const DNS_FIELDS: &[&str] = &[
     "listen",
@@ -163,6 +177,7 @@ const ENDPOINT_FIELDS: &[&str] = &[
 const HOST_FIELDS: &[&str] = &["id", "labels", "ips", "interfaces", "namedPorts"];
 const NAMESPACE_FIELDS: &[&str] = &["labels"];
 const METRICS_FIELDS: &[&str] = &["listen"];
+const L7_FIELDS: &[&str] = &["httpPort", "kafkaPort", "deniedMessage", "secretsDir"];
 
 impl Config {
     /// The embedded default: DNS proxy on 127.0.0.1:5353 forwarding to the system resolver,
@@ -188,6 +203,12 @@ impl Config {
             },
             metrics: MetricsConfig {
                 listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+            },
+            l7: L7Config {
+                http_port: 0,
+                kafka_port: 0,
+                denied_message: "Access denied".to_string(),
+                secrets_dir: PathBuf::from("/etc/fqdnwall/secrets"),
             },
         }
     }
@@ -220,6 +241,7 @@ impl Config {
         cfg.file = Some(path.to_path_buf());
         cfg.datapath = DatapathMode::Auto;
         cfg.host.ips = default_host_ips();
+        cfg.l7.secrets_dir = base.join("secrets");
         let mut upstreams_given = false;
         match docs.as_slice() {
             [] => {}
@@ -738,6 +760,39 @@ fn decode_top(
                     cfg.metrics.listen = None;
                 } else {
                     cfg.metrics.listen = d.parsed(l, "metrics.listen", parse_listen);
+                }
+            }
+        }
+    }
+    if let Some(n) = f.get("l7") {
+        if let Some(lf) = d.fields(n, "l7", L7_FIELDS) {
+            for (name, slot) in [
+                ("httpPort", &mut cfg.l7.http_port),
+                ("kafkaPort", &mut cfg.l7.kafka_port),
+            ] {
+                if let Some(v) = lf.get(name) {
+                    if let Some(port) = d.uint(v, &join("l7", name), u64::from(u16::MAX)) {
+                        *slot = port as u16;
+                    }
+                }
+            }
+            if let Some(v) = lf.get("deniedMessage") {
+                if let Some(m) = d.string(v, "l7.deniedMessage") {
+                    cfg.l7.denied_message = m;
+                }
+            }
+            if let Some(v) = lf.get("secretsDir") {
+                if let Some(s) = d.string(v, "l7.secretsDir") {
+                    if s.is_empty() {
+                        d.error(v.span, "l7.secretsDir", "must not be empty");
+                    } else {
+                        cfg.l7.secrets_dir = base.join(s);
+                    }
+                }
+            }
+            if cfg.l7.http_port != 0 && cfg.l7.http_port == cfg.l7.kafka_port {
+                if let Some(v) = lf.get("kafkaPort") {
+                    d.error(v.span, "l7.kafkaPort", "must differ from l7.httpPort");
                 }
             }
         }
