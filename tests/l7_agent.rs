@@ -40,6 +40,11 @@ spec:
             http:
               - method: GET
                 path: "/allowed.*"
+        - ports: [{port: "9092", protocol: TCP}]
+          rules:
+            kafka:
+              - role: produce
+                topic: allowed
 "#;
 
 fn entry_for_port(rows: &serde_json::Value, port: u64) -> serde_json::Value {
@@ -88,6 +93,7 @@ fn proxies_listen_and_http_rules_redirect_to_the_http_proxy_port() {
     let e = entry_for_port(&rows, 8080);
     assert_eq!(e["proxyPort"], http, "{rows}");
     assert_eq!(e["protocol"], "TCP");
+    assert_eq!(entry_for_port(&rows, 9092)["proxyPort"], kafka, "{rows}");
 
     // Both proxies are listening on their ports.
     for port in [http, kafka] {
@@ -538,4 +544,59 @@ fn http_rules_are_enforced_on_steered_flows_in_the_kernel_datapath() {
     assert_eq!(seen[2]["method"], "HEAD");
     assert_eq!(seen[2]["verdict"], "denied");
     let _: IpAddr = ok["dstIp"].as_str().unwrap().parse().unwrap();
+
+    // A policy change applies to the next request of an open connection: a keep-alive client
+    // is denied, the policy starts allowing the path, the same connection is allowed.
+    let ready = bed.dir.path().join("ready");
+    let go = bed.dir.path().join("go");
+    let script = format!(
+        "import http.client, os, time\n\
+         c = http.client.HTTPConnection('{ip}', 8080, timeout=5)\n\
+         c.request('GET', '/denied.txt'); r = c.getresponse(); r.read()\n\
+         p1 = c.sock.getsockname()[1]\n\
+         print(r.status, flush=True)\n\
+         open('{ready}', 'w').close()\n\
+         for _ in range(400):\n    \
+             if os.path.exists('{go}'): break\n    \
+             time.sleep(0.05)\n\
+         c.request('GET', '/denied.txt'); p2 = c.sock.getsockname()[1]\n\
+         r = c.getresponse(); body = r.read().decode().strip()\n\
+         print(r.status, body, p1 == p2, flush=True)\n",
+        ip = bed.world_ip(),
+        ready = ready.display(),
+        go = go.display(),
+    );
+    let client = Command::new("ip")
+        .args(["netns", "exec", &bed.client, "python3", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the keep-alive client");
+    eventually(
+        Duration::from_secs(10),
+        "the first keep-alive request",
+        || ready.exists().then_some(()),
+    );
+    let before = api_json(&sock, &["policy", "get"])["revision"].clone();
+    let widened = HTTP_POLICY
+        .replace("WORLD", &format!("10.218.{}.0", bed.n))
+        .replace("/allowed.*", "/(allowed|denied).*");
+    let tmp = bed.dir.path().join("policies/.http.yaml.tmp");
+    std::fs::write(&tmp, widened).unwrap();
+    std::fs::rename(&tmp, bed.dir.path().join("policies/http.yaml")).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the widened policy in force",
+        || (api_json(&sock, &["policy", "get"])["revision"] != before).then_some(()),
+    );
+    std::fs::write(&go, "").unwrap();
+    let out = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["403", "200 denied content True"],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

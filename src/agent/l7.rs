@@ -17,8 +17,9 @@
 //! the other address, and the engine's `l7_policy` gives the rules of that (endpoint,
 //! direction, identity, port). They are compiled on first use and kept in a snapshot that is
 //! valid until the agent hands its next change to the datapath (any change may move an IP to
-//! another identity or change a map entry); the next request after a change compiles again,
-//! so a new policy applies to the next request of an open connection.
+//! another identity or change a map entry) or the policy revision changes (new rule contents
+//! on unchanged entries); the next request after that compiles again, so a new policy applies
+//! to the next request of an open connection.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -216,14 +217,19 @@ fn unmap(a: SocketAddr) -> SocketAddr {
 /// A flow as its rules are selected: (source IP, destination IP, destination port).
 type FlowSel = (IpAddr, IpAddr, u16);
 
-/// Rule sets compiled since the agent's change `generation`.
+/// What a compiled rule set depends on: the agent's last change handed to the datapath (map
+/// entries, the ipcache) and the policy revision (rule contents, which may change without any
+/// map entry changing).
+type Generation = (u64, u64);
+
+/// Rule sets compiled for one `generation`.
 struct Snapshot<P> {
-    generation: u64,
+    generation: Generation,
     rules: RwLock<HashMap<FlowSel, Option<Redirect<P>>>>,
 }
 
 impl<P> Snapshot<P> {
-    fn new(generation: u64) -> Self {
+    fn new(generation: Generation) -> Self {
         Snapshot {
             generation,
             rules: RwLock::new(HashMap::new()),
@@ -255,16 +261,16 @@ impl AgentL7Source {
         AgentL7Source {
             agent,
             secrets,
-            http: ArcSwap::from_pointee(Snapshot::new(u64::MAX)),
-            kafka: ArcSwap::from_pointee(Snapshot::new(u64::MAX)),
+            http: ArcSwap::from_pointee(Snapshot::new((u64::MAX, u64::MAX))),
+            kafka: ArcSwap::from_pointee(Snapshot::new((u64::MAX, u64::MAX))),
         }
     }
 
     /// Resolves a flow under the state lock; also returns the change generation the answer
     /// belongs to.
-    fn resolve(&self, flow: &FlowKey, kind: L7Kind) -> (u64, Option<Resolved>) {
+    fn resolve(&self, flow: &FlowKey, kind: L7Kind) -> (Generation, Option<Resolved>) {
         let st = self.agent.lock();
-        let generation = self.agent.issued();
+        let generation = (self.agent.issued(), st.revision);
         let (src, dst) = (flow.src.ip(), flow.dst.ip());
         let (ep, dir, remote) = if let Some(&ep) = st.by_ip.get(&src) {
             (ep, Direction::Egress, dst)
@@ -313,7 +319,12 @@ impl AgentL7Source {
         compile: impl FnOnce(Option<&[Arc<L7Rules>]>) -> Option<P>,
     ) -> Option<Redirect<P>> {
         let key = (flow.src.ip(), flow.dst.ip(), flow.dst.port());
-        let current = self.agent.issued();
+        let current = (
+            self.agent.issued(),
+            self.agent
+                .policy_revision
+                .load(std::sync::atomic::Ordering::SeqCst),
+        );
         let s = snap.load();
         if s.generation == current {
             if let Some(hit) = s.rules.read().unwrap_or_else(|e| e.into_inner()).get(&key) {

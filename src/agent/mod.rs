@@ -51,6 +51,9 @@ pub struct Agent {
     /// No policy is in force (every query is logged). Kept here so the proxy's per-query
     /// hook can tell without taking the state lock.
     pub no_policy: AtomicBool,
+    /// The policy revision in force, readable without the state lock (the L7 proxies'
+    /// compiled rules follow it).
+    pub policy_revision: AtomicU64,
 }
 
 impl Agent {
@@ -69,6 +72,7 @@ impl Agent {
             proxy_metrics: OnceLock::new(),
             l7_stats: OnceLock::new(),
             no_policy: AtomicBool::new(true),
+            policy_revision: AtomicU64::new(0),
         })
     }
 
@@ -155,6 +159,7 @@ impl Agent {
             let (changes, problems) = st.sync_policy_dir();
             self.no_policy
                 .store(st.engine.policies().next().is_none(), Ordering::Relaxed);
+            self.policy_revision.store(st.revision, Ordering::SeqCst);
             (self.submit(&st, &changes), problems)
         };
         if let Err(e) = self.wait_applied(target).await {
