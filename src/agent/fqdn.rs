@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -62,7 +63,7 @@ impl Learner for AgentDns {
         let agent = self.0.clone();
         // An IP pushed out by maxIPsPerHostname stays while a connection to it is open.
         let open: HashSet<(u16, IpAddr)> = agent.datapath.connections().into_iter().collect();
-        let target = {
+        let (target, earlier) = {
             let mut st = agent.lock();
             let (qname, chain) = match answer.names.split_first() {
                 Some((q, rest)) => (q.clone(), rest.to_vec()),
@@ -78,10 +79,15 @@ impl Learner for AgentDns {
             let fc = st.fqdn.learn(&a, now(), &open);
             let changes = st.apply_fqdn_changes(fc);
             agent.submit(&st, &changes);
+            let earlier = st.fqdn.next_expiry().is_some_and(|t| {
+                t.as_unix_millis() < agent.expiry_deadline.load(Ordering::Relaxed)
+            });
             // Every change issued so far, this answer's and any sibling's still in flight.
-            agent.issued()
+            (agent.issued(), earlier)
         };
-        agent.expiry_wakeup.notify_one();
+        if earlier {
+            agent.expiry_wakeup.notify_one();
+        }
         async move {
             match agent.wait_applied(target).await {
                 Ok(()) => HoldOutcome::Enforceable,
@@ -278,7 +284,15 @@ pub fn rcode_name(r: u16) -> String {
 /// (or until a new answer may have brought an earlier one), then expires and applies.
 pub async fn expiry_loop(agent: Arc<Agent>) {
     loop {
-        let next = agent.lock().fqdn.next_expiry();
+        let next = {
+            // Read and published under the lock that answers learn under: an answer either
+            // lands before (and is in `next`) or sees this deadline and wakes the loop.
+            let st = agent.lock();
+            let next = st.fqdn.next_expiry();
+            let deadline = next.map_or(u64::MAX, |t| t.as_unix_millis());
+            agent.expiry_deadline.store(deadline, Ordering::Relaxed);
+            next
+        };
         let wait = match next {
             Some(t) => {
                 let left = t.as_unix_millis().saturating_sub(now().as_unix_millis());

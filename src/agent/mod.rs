@@ -42,6 +42,10 @@ pub struct Agent {
     applied: watch::Sender<u64>,
     /// Woken when new learned lifetimes may end earlier than the expiry timer thinks.
     pub expiry_wakeup: Notify,
+    /// The deadline (Unix milliseconds, `u64::MAX` for none) the expiry loop is sleeping
+    /// towards. Written by the loop and compared by each answer under the state lock, so an
+    /// answer wakes the loop only when it brings an earlier deadline (not once per answer).
+    pub expiry_deadline: AtomicU64,
     /// Addresses the DNS proxy and the metrics endpoint really serve (ports resolved).
     pub dns_bound: OnceLock<Vec<SocketAddr>>,
     pub metrics_bound: OnceLock<SocketAddr>,
@@ -67,6 +71,7 @@ impl Agent {
             issued: AtomicU64::new(0),
             applied: watch::channel(0).0,
             expiry_wakeup: Notify::new(),
+            expiry_deadline: AtomicU64::new(u64::MAX),
             dns_bound: OnceLock::new(),
             metrics_bound: OnceLock::new(),
             proxy_metrics: OnceLock::new(),
