@@ -123,32 +123,13 @@ impl HttpProxy {
 
     /// Accepts connections until the task is dropped.
     pub async fn run(self) {
-        loop {
-            let (stream, src) = match self.listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "http proxy: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let svc = self.service.clone();
-            tokio::spawn(async move {
-                let dst = match svc.shared.cfg.mode {
-                    ProxyMode::Fixed { upstream, .. } => upstream,
-                    ProxyMode::Transparent { .. } => match net::original_dst(&stream) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "http proxy: no original destination");
-                            return;
-                        }
-                    },
-                };
-                svc.serve(stream, src, dst).await;
-            });
-        }
+        let mode = self.service.shared.cfg.mode;
+        let svc = self.service;
+        net::accept_loop(self.listener, mode, "http", move |stream, src, dst| {
+            let svc = svc.clone();
+            async move { svc.serve(stream, src, dst).await }
+        })
+        .await
     }
 }
 

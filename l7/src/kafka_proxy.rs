@@ -118,31 +118,13 @@ impl KafkaProxy {
 
     /// Accepts connections until the task is dropped.
     pub async fn run(self) {
-        loop {
-            let (stream, src) = match self.listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka proxy: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let svc = self.service.clone();
-            tokio::spawn(async move {
-                let dst = match svc.shared.cfg.mode {
-                    ProxyMode::Fixed { upstream, .. } => upstream,
-                    ProxyMode::Transparent { .. } => match net::original_dst(&stream) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "kafka proxy: no original destination");
-                            return;
-                        }
-                    },
-                };
-                svc.serve(stream, src, dst).await;
-            });
-        }
+        let mode = self.service.shared.cfg.mode;
+        let svc = self.service;
+        net::accept_loop(self.listener, mode, "kafka", move |stream, src, dst| {
+            let svc = svc.clone();
+            async move { svc.serve(stream, src, dst).await }
+        })
+        .await
     }
 }
 

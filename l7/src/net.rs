@@ -1,8 +1,10 @@
 //! Sockets of the transparent proxies: listeners with `IP_TRANSPARENT`, the original
 //! destination of a steered connection, and upstream connections carrying a mark.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -78,4 +80,41 @@ pub async fn connect_marked(dst: SocketAddr, mark: Option<u32>) -> io::Result<Tc
     let stream = sock.connect(dst).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Accepts connections until the task is dropped, finds each one's destination (the fixed
+/// upstream, or the original destination of a steered connection) and hands it to `serve` on
+/// its own task. `proxy` names the proxy in log lines.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mode: ProxyMode,
+    proxy: &'static str,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (stream, src) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "{proxy} proxy: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let dst = match mode {
+            ProxyMode::Fixed { upstream, .. } => upstream,
+            ProxyMode::Transparent { .. } => match original_dst(&stream) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "{proxy} proxy: no original destination");
+                    continue;
+                }
+            },
+        };
+        tokio::spawn(serve(stream, src, dst));
+    }
 }
