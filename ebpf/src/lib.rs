@@ -55,7 +55,7 @@ mod types;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,7 +69,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{qdisc_add_clsact, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ebpf_common::{self as c, map_names as names, prog_names};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use policy::mapstate::{MapDiff, MapKey};
 use policy::model::Direction;
 
@@ -138,6 +138,68 @@ struct Maps {
     counters: PerCpuArray<MapData, u64>,
 }
 
+/// The ipcache maps by slot, the index of `Inner::ipcache_counts`: host prefixes of each
+/// family in an exact-match hash (probed first by the programs), other prefixes in an LPM trie.
+const IPCACHE_MAPS: [&str; 4] = [
+    names::IPCACHE4_EXACT,
+    names::IPCACHE4,
+    names::IPCACHE6_EXACT,
+    names::IPCACHE6,
+];
+
+/// Evaluates `$body` with `$map` bound to the ipcache map that files `$prefix`, `$key` to the
+/// prefix's key in it and `$slot` to the map's index in [`IPCACHE_MAPS`]. A macro because
+/// aya's hash maps and LPM tries share no trait (and differ in key type); their `get`,
+/// `insert` and `remove` all take the key by reference, so one `$body` serves all four.
+macro_rules! with_ipcache_map {
+    ($maps:expr, $prefix:expr, |$slot:ident, $map:ident, $key:ident| $body:expr) => {{
+        let maps = &mut $maps;
+        match $prefix.trunc() {
+            IpNet::V4(n) => with_ipcache_map!(@family n, Ip4, 32, 0, maps.ip4x, maps.ip4,
+                |$slot, $map, $key| $body),
+            IpNet::V6(n) => with_ipcache_map!(@family n, Ip6, 128, 2, maps.ip6x, maps.ip6,
+                |$slot, $map, $key| $body),
+        }
+    }};
+    // One family: the host prefix goes to the exact map in slot `$base`, any other to the
+    // trie in the slot after it.
+    (@family $n:ident, $addr:ident, $host_len:literal, $base:literal, $exact:expr, $lpm:expr,
+        |$slot:ident, $map:ident, $key:ident| $body:expr) => {{
+        let addr = c::$addr {
+            addr: $n.addr().octets(),
+        };
+        if $n.prefix_len() == $host_len {
+            let ($slot, $map, $key) = ($base, &mut $exact, addr);
+            $body
+        } else {
+            let key = Key::new(u32::from($n.prefix_len()), addr);
+            let ($slot, $map, $key) = ($base + 1, &mut $lpm, key);
+            $body
+        }
+    }};
+}
+
+/// Appends the (prefix, identity) entries of the ipcache map in `slot`, whose keys `prefix`
+/// turns into an address and a prefix length; a key that is no valid prefix is skipped.
+fn collect_ipcache<K>(
+    out: &mut Vec<(IpNet, u32)>,
+    slot: usize,
+    items: impl Iterator<Item = Result<(K, c::IpcacheValue), MapError>>,
+    prefix: impl Fn(K) -> (IpAddr, u8),
+) -> Result<(), Error> {
+    for item in items {
+        let (k, v) = item.map_err(|source| Error::Map {
+            map: IPCACHE_MAPS[slot],
+            source,
+        })?;
+        let (addr, len) = prefix(k);
+        if let Ok(n) = IpNet::new(addr, len) {
+            out.push((n, v.identity));
+        }
+    }
+    Ok(())
+}
+
 /// Capacities as the kernel maps have them (adopted maps keep theirs).
 #[derive(Debug, Clone, Copy)]
 struct Actual {
@@ -146,6 +208,16 @@ struct Actual {
     ipcache_lpm: u32,
     ipcache_exact: u32,
     ct: u32,
+}
+
+impl Actual {
+    /// The capacity of the ipcache map in `slot` (see [`IPCACHE_MAPS`]).
+    fn ipcache_capacity(&self, slot: usize) -> u32 {
+        match slot {
+            0 | 2 => self.ipcache_exact,
+            _ => self.ipcache_lpm,
+        }
+    }
 }
 
 struct Inner {
@@ -880,64 +952,20 @@ impl BpfDatapath {
         let v = c::IpcacheValue { identity, _pad: 0 };
         let mut inner = self.lock();
         let caps = inner.caps;
-        let (idx, r) =
-            match prefix.trunc() {
-                IpNet::V4(n) if n.prefix_len() == 32 => {
-                    let k = c::Ip4 {
-                        addr: n.addr().octets(),
-                    };
-                    let new = inner.maps.ip4x.get(&k, 0).is_err();
-                    let r =
-                        inner.maps.ip4x.insert(k, v, 0).map_err(|e| {
-                            error::map_err(names::IPCACHE4_EXACT, caps.ipcache_exact, e)
-                        });
-                    (new.then_some(0), r)
-                }
-                IpNet::V4(n) => {
-                    let k = Key::new(
-                        u32::from(n.prefix_len()),
-                        c::Ip4 {
-                            addr: n.addr().octets(),
-                        },
-                    );
-                    let new = inner.maps.ip4.get(&k, 0).is_err();
-                    let r = inner
-                        .maps
-                        .ip4
-                        .insert(&k, v, 0)
-                        .map_err(|e| error::map_err(names::IPCACHE4, caps.ipcache_lpm, e));
-                    (new.then_some(1), r)
-                }
-                IpNet::V6(n) if n.prefix_len() == 128 => {
-                    let k = c::Ip6 {
-                        addr: n.addr().octets(),
-                    };
-                    let new = inner.maps.ip6x.get(&k, 0).is_err();
-                    let r =
-                        inner.maps.ip6x.insert(k, v, 0).map_err(|e| {
-                            error::map_err(names::IPCACHE6_EXACT, caps.ipcache_exact, e)
-                        });
-                    (new.then_some(2), r)
-                }
-                IpNet::V6(n) => {
-                    let k = Key::new(
-                        u32::from(n.prefix_len()),
-                        c::Ip6 {
-                            addr: n.addr().octets(),
-                        },
-                    );
-                    let new = inner.maps.ip6.get(&k, 0).is_err();
-                    let r = inner
-                        .maps
-                        .ip6
-                        .insert(&k, v, 0)
-                        .map_err(|e| error::map_err(names::IPCACHE6, caps.ipcache_lpm, e));
-                    (new.then_some(3), r)
-                }
-            };
-        r.map_err(|e| self.full(e))?;
-        if let Some(i) = idx {
-            inner.ipcache_counts[i] += 1;
+        // The tries take `&Key`; the hashes would take the key by value too.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        let (slot, new, r) = with_ipcache_map!(inner.maps, prefix, |slot, map, key| {
+            (slot, map.get(&key, 0).is_err(), map.insert(&key, v, 0))
+        });
+        r.map_err(|e| {
+            self.full(error::map_err(
+                IPCACHE_MAPS[slot],
+                caps.ipcache_capacity(slot),
+                e,
+            ))
+        })?;
+        if new {
+            inner.ipcache_counts[slot] += 1;
         }
         Ok(())
     }
@@ -945,85 +973,37 @@ impl BpfDatapath {
     /// Removes a prefix (absent: nothing to do).
     pub fn delete_ipcache(&self, prefix: IpNet) -> Result<(), Error> {
         let mut inner = self.lock();
-        let (idx, name, r) = match prefix.trunc() {
-            IpNet::V4(n) if n.prefix_len() == 32 => (
-                0,
-                names::IPCACHE4_EXACT,
-                inner.maps.ip4x.remove(&c::Ip4 {
-                    addr: n.addr().octets(),
-                }),
-            ),
-            IpNet::V4(n) => (
-                1,
-                names::IPCACHE4,
-                inner.maps.ip4.remove(&Key::new(
-                    u32::from(n.prefix_len()),
-                    c::Ip4 {
-                        addr: n.addr().octets(),
-                    },
-                )),
-            ),
-            IpNet::V6(n) if n.prefix_len() == 128 => (
-                2,
-                names::IPCACHE6_EXACT,
-                inner.maps.ip6x.remove(&c::Ip6 {
-                    addr: n.addr().octets(),
-                }),
-            ),
-            IpNet::V6(n) => (
-                3,
-                names::IPCACHE6,
-                inner.maps.ip6.remove(&Key::new(
-                    u32::from(n.prefix_len()),
-                    c::Ip6 {
-                        addr: n.addr().octets(),
-                    },
-                )),
-            ),
-        };
+        let (slot, r) = with_ipcache_map!(inner.maps, prefix, |slot, map, key| {
+            (slot, map.remove(&key))
+        });
         match r {
             Ok(()) => {
-                inner.ipcache_counts[idx] = inner.ipcache_counts[idx].saturating_sub(1);
+                inner.ipcache_counts[slot] = inner.ipcache_counts[slot].saturating_sub(1);
                 Ok(())
             }
             Err(e) if is_not_found(&e) => Ok(()),
-            Err(source) => Err(Error::Map { map: name, source }),
+            Err(source) => Err(Error::Map {
+                map: IPCACHE_MAPS[slot],
+                source,
+            }),
         }
     }
 
     /// The ipcache as the kernel holds it.
     pub fn ipcache_entries(&self) -> Result<Vec<(IpNet, u32)>, Error> {
         let inner = self.lock();
+        let m = &inner.maps;
         let mut out = Vec::new();
-        let e = |map| move |source| Error::Map { map, source };
-        for item in inner.maps.ip4x.iter() {
-            let (k, v) = item.map_err(e(names::IPCACHE4_EXACT))?;
-            out.push((
-                IpNet::V4(Ipv4Net::new(Ipv4Addr::from(k.addr), 32).expect("/32")),
-                v.identity,
-            ));
-        }
-        for item in inner.maps.ip4.iter() {
-            let (k, v) = item.map_err(e(names::IPCACHE4))?;
-            let Ok(n) = Ipv4Net::new(Ipv4Addr::from(k.data().addr), k.prefix_len() as u8) else {
-                continue;
-            };
-            out.push((IpNet::V4(n), v.identity));
-        }
-        for item in inner.maps.ip6x.iter() {
-            let (k, v) = item.map_err(e(names::IPCACHE6_EXACT))?;
-            out.push((
-                IpNet::V6(Ipv6Net::new(Ipv6Addr::from(k.addr), 128).expect("/128")),
-                v.identity,
-            ));
-        }
-        for item in inner.maps.ip6.iter() {
-            let (k, v) = item.map_err(e(names::IPCACHE6))?;
-            let Ok(n) = Ipv6Net::new(Ipv6Addr::from(k.data().addr), k.prefix_len() as u8) else {
-                continue;
-            };
-            out.push((IpNet::V6(n), v.identity));
-        }
+        let v4 = |addr: [u8; 4], len| (IpAddr::from(addr), len);
+        let v6 = |addr: [u8; 16], len| (IpAddr::from(addr), len);
+        collect_ipcache(&mut out, 0, m.ip4x.iter(), |k| v4(k.addr, 32))?;
+        collect_ipcache(&mut out, 1, m.ip4.iter(), |k| {
+            v4(k.data().addr, k.prefix_len() as u8)
+        })?;
+        collect_ipcache(&mut out, 2, m.ip6x.iter(), |k| v6(k.addr, 128))?;
+        collect_ipcache(&mut out, 3, m.ip6.iter(), |k| {
+            v6(k.data().addr, k.prefix_len() as u8)
+        })?;
         out.sort();
         Ok(out)
     }
@@ -1147,7 +1127,7 @@ impl BpfDatapath {
         let inner = self.lock();
         let ct_entries = inner.maps.ct.keys().filter(|k| k.is_ok()).count() as u64;
         let caps = inner.caps;
-        let maps = vec![
+        let mut maps = vec![
             MapPressure {
                 name: names::ENDPOINTS,
                 entries: inner.attachments.len() as u64,
@@ -1158,32 +1138,22 @@ impl BpfDatapath {
                 entries: inner.policy.len() as u64,
                 capacity: caps.policy,
             },
-            MapPressure {
-                name: names::IPCACHE4_EXACT,
-                entries: inner.ipcache_counts[0],
-                capacity: caps.ipcache_exact,
-            },
-            MapPressure {
-                name: names::IPCACHE4,
-                entries: inner.ipcache_counts[1],
-                capacity: caps.ipcache_lpm,
-            },
-            MapPressure {
-                name: names::IPCACHE6_EXACT,
-                entries: inner.ipcache_counts[2],
-                capacity: caps.ipcache_exact,
-            },
-            MapPressure {
-                name: names::IPCACHE6,
-                entries: inner.ipcache_counts[3],
-                capacity: caps.ipcache_lpm,
-            },
-            MapPressure {
-                name: names::CT,
-                entries: ct_entries,
-                capacity: caps.ct,
-            },
         ];
+        maps.extend(
+            IPCACHE_MAPS
+                .iter()
+                .enumerate()
+                .map(|(slot, &name)| MapPressure {
+                    name,
+                    entries: inner.ipcache_counts[slot],
+                    capacity: caps.ipcache_capacity(slot),
+                }),
+        );
+        maps.push(MapPressure {
+            name: names::CT,
+            entries: ct_entries,
+            capacity: caps.ct,
+        });
         Ok(Status {
             pin_dir: self.pin_dir.clone(),
             adopted: self.adopted,
@@ -1224,17 +1194,7 @@ impl BpfDatapath {
         name: &'static str,
         f: impl FnOnce(&SchedClassifier) -> R,
     ) -> Result<R, Error> {
-        let inner = self.lock();
-        let prog: &SchedClassifier = inner
-            .ebpf
-            .program(name)
-            .ok_or_else(|| Error::Command(format!("program {name} missing")))?
-            .try_into()
-            .map_err(|source| Error::Program {
-                program: name,
-                source,
-            })?;
-        Ok(f(prog))
+        Ok(f(self.lock().program(name)?))
     }
 }
 
@@ -1444,16 +1404,20 @@ impl Inner {
         })
     }
 
-    fn prog_id(&self, name: &'static str) -> Result<u32, Error> {
-        let p: &SchedClassifier = self
-            .ebpf
+    /// The loaded tc program called `name`.
+    fn program(&self, name: &'static str) -> Result<&SchedClassifier, Error> {
+        self.ebpf
             .program(name)
             .ok_or_else(|| Error::Command(format!("program {name} missing")))?
             .try_into()
             .map_err(|source| Error::Program {
                 program: name,
                 source,
-            })?;
+            })
+    }
+
+    fn prog_id(&self, name: &'static str) -> Result<u32, Error> {
+        let p = self.program(name)?;
         let info = p.info().map_err(|source| Error::Program {
             program: name,
             source,
@@ -1462,15 +1426,7 @@ impl Inner {
     }
 
     fn update_link(&mut self, prog: &'static str, path: &Path) -> Result<(), Error> {
-        let p: &SchedClassifier = self
-            .ebpf
-            .program(prog)
-            .ok_or_else(|| Error::Command(format!("program {prog} missing")))?
-            .try_into()
-            .map_err(|source| Error::Program {
-                program: prog,
-                source,
-            })?;
+        let p = self.program(prog)?;
         let pfd = p.fd().map_err(|source| Error::Program {
             program: prog,
             source,
