@@ -12,31 +12,20 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netns::*;
 use common::*;
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// Root, bpffs, iproute2 and the peers; a skip otherwise (a failure under CI=true).
 fn prerequisites() -> bool {
-    let root = is_root();
-    let bpffs = Path::new("/sys/fs/bpf").exists();
-    if !(root && bpffs) {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the datapath tests need root and bpffs (root={root}, bpffs={bpffs})");
-        }
-        eprintln!("*** SKIPPED: the datapath tests need root and bpffs");
-        return false;
-    }
-    require("unbound", "unbound").is_some()
+    bpf_host("the datapath tests")
+        && require("unbound", "unbound").is_some()
         && require("dig", "bind9-dnsutils").is_some()
         && require("curl", "curl").is_some()
         && require("socat", "socat").is_some()
@@ -45,51 +34,53 @@ fn prerequisites() -> bool {
         && require("ping", "iputils-ping").is_some()
 }
 
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
-}
+/// client (legs[0]), world (legs[1]) with eight IPv4 and two IPv6 addresses, and a second
+/// endpoint (legs[2], labels app=other) that no policy selects.
+const LAYOUT: Layout = Layout {
+    prefix: "fw",
+    pin: "fqdnwall-test",
+    legs: &[
+        LegSpec {
+            ns: 'c',
+            host_if: 'e',
+            v4: 213,
+            last: 2,
+            v6: Some(("fd13", 2)),
+        },
+        LegSpec {
+            ns: 'w',
+            host_if: 'o',
+            v4: 214,
+            last: 9,
+            v6: Some(("fd14", 3)),
+        },
+        LegSpec {
+            ns: 'x',
+            host_if: 'f',
+            v4: 212,
+            last: 2,
+            v6: None,
+        },
+    ],
+};
 
-fn must(cmd: &str, args: &[&str]) {
-    let o = run(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A test bed: three namespaces, the servers of the world, the agent's files.
+/// A test bed: the namespaces, the servers of the world, the agent's files.
 struct Bed {
-    n: u32,
-    router: String,
-    client: String,
-    /// A second endpoint (labels app=other) that no policy selects.
+    net: NetBed,
     other: String,
     other_if: String,
-    world: String,
-    /// Host side of the client's veth, in the router namespace.
-    ifname: String,
-    pin: PathBuf,
-    dir: tempfile::TempDir,
-    children: Vec<Child>,
 }
 
-impl Drop for Bed {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in [&self.client, &self.other, &self.world, &self.router] {
-            let _ = run("ip", &["netns", "del", ns]);
-        }
-        // Links go with the interfaces; the pins (and the maps they hold) go here.
-        let _ = std::fs::remove_dir_all(&self.pin);
+impl Deref for Bed {
+    type Target = NetBed;
+    fn deref(&self) -> &NetBed {
+        &self.net
+    }
+}
+
+impl DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut NetBed {
+        &mut self.net
     }
 }
 
@@ -143,237 +134,23 @@ spec:
 "#;
 
 impl Bed {
+    /// The namespaces, with the world's servers answering.
     fn new() -> Bed {
-        let seq = SEQ.fetch_add(1, Ordering::SeqCst);
-        let n = (std::process::id() % 40) * 6 + seq % 6 + 1;
-        let tag = format!("{}{seq}", std::process::id() % 100_000);
-        let bed = Bed {
-            n,
-            router: format!("fwr{tag}"),
-            client: format!("fwc{tag}"),
-            other: format!("fwx{tag}"),
-            other_if: format!("fwf{tag}"),
-            world: format!("fww{tag}"),
-            ifname: format!("fwe{tag}"),
-            pin: PathBuf::from(format!("/sys/fs/bpf/fqdnwall-test-{tag}")),
-            dir: tempdir(),
-            children: Vec::new(),
+        let net = NetBed::new(&LAYOUT);
+        let other = net.legs[2].clone();
+        let mut bed = Bed {
+            net,
+            other: other.ns,
+            other_if: other.ifname,
         };
-        let _ = std::fs::remove_dir_all(&bed.pin);
-        for ns in [&bed.router, &bed.client, &bed.other, &bed.world] {
-            let _ = run("ip", &["netns", "del", ns]);
-            must("ip", &["netns", "add", ns]);
-            must("ip", &["-n", ns, "link", "set", "lo", "up"]);
-        }
-        let wside = format!("fwo{tag}");
-        // client <-> router
-        must(
-            "ip",
-            &[
-                "link",
-                "add",
-                &bed.ifname,
-                "netns",
-                &bed.router,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &bed.client,
-            ],
-        );
-        must(
-            "ip",
-            &[
-                "link",
-                "add",
-                &wside,
-                "netns",
-                &bed.router,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &bed.world,
-            ],
-        );
-        let r = &bed.router;
-        let c = &bed.client;
-        let w = &bed.world;
-        let a = |ns: &str, args: &[&str]| {
-            let mut v = vec!["-n", ns];
-            v.extend_from_slice(args);
-            must("ip", &v);
-        };
-        a(
-            r,
-            &[
-                "addr",
-                "add",
-                &format!("10.213.{n}.1/24"),
-                "dev",
-                &bed.ifname,
-            ],
-        );
-        a(
-            r,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("fd13:{n}::1/64"),
-                "dev",
-                &bed.ifname,
-                "nodad",
-            ],
-        );
-        a(
-            r,
-            &["addr", "add", &format!("10.214.{n}.1/24"), "dev", &wside],
-        );
-        a(
-            r,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("fd14:{n}::1/64"),
-                "dev",
-                &wside,
-                "nodad",
-            ],
-        );
-        a(r, &["link", "set", &bed.ifname, "up"]);
-        a(r, &["link", "set", &wside, "up"]);
-        a(
-            c,
-            &["addr", "add", &format!("10.213.{n}.2/24"), "dev", "eth0"],
-        );
-        a(
-            c,
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("fd13:{n}::2/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ],
-        );
-        a(c, &["link", "set", "eth0", "up"]);
-        a(
-            c,
-            &["route", "add", "default", "via", &format!("10.213.{n}.1")],
-        );
-        a(
-            c,
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd13:{n}::1"),
-            ],
-        );
-        for host in 2..=9 {
-            a(
-                w,
-                &[
-                    "addr",
-                    "add",
-                    &format!("10.214.{n}.{host}/24"),
-                    "dev",
-                    "eth0",
-                ],
-            );
-        }
-        for host in 2..=3 {
-            a(
-                w,
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("fd14:{n}::{host}/64"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ],
-            );
-        }
-        a(w, &["link", "set", "eth0", "up"]);
-        a(
-            w,
-            &["route", "add", "default", "via", &format!("10.214.{n}.1")],
-        );
-        a(
-            w,
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd14:{n}::1"),
-            ],
-        );
-        let o = &bed.other;
-        must(
-            "ip",
-            &[
-                "link",
-                "add",
-                &bed.other_if,
-                "netns",
-                r,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                o,
-            ],
-        );
-        a(
-            r,
-            &[
-                "addr",
-                "add",
-                &format!("10.212.{n}.1/24"),
-                "dev",
-                &bed.other_if,
-            ],
-        );
-        a(r, &["link", "set", &bed.other_if, "up"]);
-        a(
-            o,
-            &["addr", "add", &format!("10.212.{n}.2/24"), "dev", "eth0"],
-        );
-        a(o, &["link", "set", "eth0", "up"]);
-        a(
-            o,
-            &["route", "add", "default", "via", &format!("10.212.{n}.1")],
-        );
-        must(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                r,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-            ],
-        );
+        bed.start_world();
         bed
+    }
+
+    /// `fqdnwall run` (with `extra` arguments) on the test policies, audit mode as given.
+    fn start_agent(&self, audit: bool, extra: &[&str]) -> NsAgent {
+        let cfg = self.write_config(audit);
+        self.agent(&cfg, extra)
     }
 
     fn sub(&self, s: &str) -> String {
@@ -421,92 +198,25 @@ impl Bed {
             ),
         )
         .unwrap();
-        let unbound = Command::new("ip")
-            .args(["netns", "exec", &self.world, "unbound", "-d", "-c"])
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start unbound");
-        self.children.push(unbound);
-        let http = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.world,
-                "python3",
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                "::",
-            ])
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the HTTP server");
-        self.children.push(http);
+        let (world, dir) = (self.world.clone(), self.dir.path().to_path_buf());
+        let conf = conf.to_str().unwrap();
+        self.spawn(&world, &["unbound", "-d", "-c", conf], &dir);
+        let http = ["python3", "-m", "http.server", "8080", "--bind", "::"];
+        self.spawn(&world, &http, &dir);
         for port in ["9000", "9005", "9020"] {
-            let echo = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &self.world,
-                    "socat",
-                    &format!("TCP-LISTEN:{port},fork,reuseaddr"),
-                    "EXEC:cat",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start socat");
-            self.children.push(echo);
+            let listen = format!("TCP-LISTEN:{port},fork,reuseaddr");
+            self.spawn(&world, &["socat", &listen, "EXEC:cat"], &dir);
         }
         // The world answers on its own before any agent is involved.
-        let world = self.world.clone();
-        let server = self.v4(2);
+        let server = format!("@{}", self.v4(2));
         eventually(Duration::from_secs(10), "the world's DNS server", || {
-            let o = run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &world,
-                    "dig",
-                    &format!("@{server}"),
-                    "+short",
-                    "+time=1",
-                    "+tries=1",
-                    "allowed.wall.test",
-                ],
-            );
+            let dig = ["dig", &server, "+short", "+time=1", "+tries=1"];
+            let o = self.exec(&world, &[&dig[..], &["allowed.wall.test"]].concat());
             String::from_utf8_lossy(&o.stdout)
                 .contains("10.214.")
                 .then_some(())
         });
-        let url = format!("http://{}:8080/", self.v4(4));
-        eventually(Duration::from_secs(10), "the world's HTTP server", || {
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &world,
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    &url,
-                ],
-            )
-            .status
-            .success()
-            .then_some(())
-        });
+        self.await_http(&world, &format!("http://{}:8080/", self.v4(4)));
     }
 
     fn write_config(&self, audit: bool) -> PathBuf {
@@ -538,71 +248,9 @@ impl Bed {
         cfg
     }
 
-    /// `fqdnwall run` in the router namespace (nsenter keeps the host's mounts, so the pins
-    /// land in the real bpffs and outlive the process).
-    fn agent(&self, cfg: &Path, extra: &[&str]) -> NsAgent {
-        let sock = self.dir.path().join("api.sock");
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.router))
-            .arg(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(cfg)
-            .arg("--api-socket")
-            .arg(&sock)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env("FQDNWALL_BPF_PIN_DIR", &self.pin)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fqdnwall run");
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(l);
-            }
-        });
-        let mut seen = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(l) => {
-                    let done = l.starts_with("Add a policy:");
-                    seen.push(l);
-                    if done {
-                        break;
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("no banner from fqdnwall run:\n{}", seen.join("\n"));
-                }
-            }
-        }
-        std::thread::spawn(move || for _ in rx {});
-        NsAgent {
-            child: Some(child),
-            sock,
-            log: seen,
-        }
-    }
-
     /// A command in the client namespace.
     fn client(&self, args: &[&str]) -> Output {
-        let mut v = vec!["netns", "exec", &self.client];
-        v.extend_from_slice(args);
-        run("ip", &v)
+        self.exec(&self.client, args)
     }
 
     /// `curl` from the client: Ok(time to connect in seconds) or Err(curl's exit code).
@@ -663,64 +311,9 @@ impl Bed {
 
     /// A TCP connection opened from inside the client namespace.
     fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
-        let path = format!("/run/netns/{}", self.client);
-        std::thread::spawn(move || {
-            let f = std::fs::File::open(&path)?;
-            // SAFETY: setns on this thread only, with a namespace fd we hold open.
-            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+        in_netns(&self.client, move || {
             TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         })
-        .join()
-        .unwrap()
-    }
-}
-
-struct NsAgent {
-    child: Option<Child>,
-    sock: PathBuf,
-    log: Vec<String>,
-}
-
-impl NsAgent {
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = vec!["--api-socket", self.sock.to_str().unwrap(), "-o", "json"];
-        all.extend_from_slice(args);
-        let o = fqdnwall(&all);
-        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
-        json(&o)
-    }
-
-    fn kill9(mut self) {
-        let mut c = self.child.take().unwrap();
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-
-    fn stop(mut self) -> i32 {
-        let mut c = self.child.take().unwrap();
-        let _ = run("kill", &["-TERM", &c.id().to_string()]);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(s) = c.try_wait().unwrap() {
-                return s.code().unwrap_or(-1);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!("fqdnwall did not stop on SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for NsAgent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -738,10 +331,8 @@ fn fqdn_allows_follow_intercepted_dns_in_the_kernel() {
     if !prerequisites() {
         return;
     }
-    let mut bed = Bed::new();
-    bed.start_world();
-    let cfg = bed.write_config(false);
-    let agent = bed.agent(&cfg, &["--unload-on-stop"]);
+    let bed = Bed::new();
+    let agent = bed.start_agent(false, &["--unload-on-stop"]);
     assert!(
         agent.log.iter().any(|l| l.contains("datapath bpf")),
         "{:?}",
@@ -889,10 +480,8 @@ fn kill_9_keeps_enforcing_and_a_restart_adopts() {
     if !prerequisites() {
         return;
     }
-    let mut bed = Bed::new();
-    bed.start_world();
-    let cfg = bed.write_config(false);
-    let agent = bed.agent(&cfg, &[]);
+    let bed = Bed::new();
+    let agent = bed.start_agent(false, &[]);
     let (status, _) = bed.dig("long.wall.test", "A");
     assert_eq!(status, "NOERROR");
     // Learned state reaches the state directory in batches (at most a second late).
@@ -918,7 +507,7 @@ fn kill_9_keeps_enforcing_and_a_restart_adopts() {
     );
     assert!(bed.pin.join("maps").exists(), "pins must survive the agent");
 
-    let agent = bed.agent(&cfg, &["--unload-on-stop"]);
+    let agent = bed.start_agent(false, &["--unload-on-stop"]);
     let st = agent.json(&["status"]);
     assert_eq!(st["bpf"]["adopted"], true, "{st}");
     assert!(echo(&mut conn, "after\n"), "allowed flow broke on restart");
@@ -938,38 +527,16 @@ fn audit_mode_passes_traffic_and_reports_it() {
     if !prerequisites() {
         return;
     }
-    let mut bed = Bed::new();
-    bed.start_world();
-    let cfg = bed.write_config(true);
-    let agent = bed.agent(&cfg, &["--unload-on-stop"]);
-    let mut mon = Command::new(BIN)
-        .args(["--api-socket", agent.sock.to_str().unwrap(), "-o", "json"])
-        .args(["monitor", "--type", "policy-verdict", "--type", "drop"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = mon.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    let bed = Bed::new();
+    let agent = bed.start_agent(true, &["--unload-on-stop"]);
+    let mon = agent.monitor(&["policy-verdict", "drop"]);
     // Never resolved, and not in any rule: audit lets it pass.
     bed.curl(&format!("http://{}:8080/", bed.v4(5)), "5")
         .expect("audit mode passes the flow");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut found = None;
-    while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
-        if v["verdict"] == "audit" && v["dstIp"] == bed.v4(5).as_str() {
-            found = Some(v);
-            break;
-        }
-    }
-    let ev = found.expect("an audit event for the flow");
+    let five = bed.v4(5);
+    let ev = mon.find(Duration::from_secs(5), "the audited flow", |v| {
+        v["verdict"] == "audit" && v["dstIp"] == five.as_str()
+    });
     assert_eq!(ev["type"], "policy-verdict");
     assert_eq!(ev["endpoint"], "client");
     assert_eq!(ev["dport"], 8080);
@@ -985,18 +552,10 @@ fn audit_mode_passes_traffic_and_reports_it() {
     assert!(bed
         .curl(&format!("http://{}:8080/", bed.v4(5)), "2")
         .is_err());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut drop_ev = None;
-    while let Ok(l) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
-        if v["type"] == "drop" && v["dstIp"] == bed.v4(5).as_str() {
-            drop_ev = Some(v);
-            break;
-        }
-    }
-    let _ = mon.kill();
-    let _ = mon.wait();
-    let ev = drop_ev.expect("a drop event once audit mode is off");
+    let ev = mon.find(Duration::from_secs(5), "the drop once audit is off", |v| {
+        v["type"] == "drop" && v["dstIp"] == five.as_str()
+    });
+    drop(mon);
     assert_eq!(ev["verdict"], "denied");
     assert_eq!(ev["endpoint"], "client");
     assert_eq!(agent.stop(), 0);
@@ -1029,8 +588,7 @@ fn lockdown_allows_a_permitted_name_and_blocks_another() {
     if !prerequisites() || require("nft", "nftables").is_none() {
         return;
     }
-    let mut bed = Bed::new();
-    bed.start_world();
+    let bed = Bed::new();
     // Lockdown's namespace hangs off the host: the world is reached from the host through
     // the router namespace (a veth of its own and routes both ways).
     let tag = format!("fwh{}", bed.ifname.trim_start_matches("fwe"));

@@ -2,10 +2,14 @@
 //! - with `datapath: none` (no root needed): the HTTP and Kafka proxies listen, `status`
 //!   shows their ports, a policy with HTTP rules puts the HTTP proxy port into the policy map
 //!   entry, and the metrics carry the L7 counters;
-//! - with the eBPF datapath (root): curl from an endpoint's network namespace to a world HTTP
-//!   server is steered to the proxy without any setting in the client: an allowed path gets
-//!   the server's 200, a denied path or method gets 403 `Access denied` from the proxy, and
-//!   `monitor --type l7` shows each request.
+//! - with the eBPF datapath (root): real clients in an endpoint's network namespace talk to
+//!   real servers in the world and are steered to the proxies without any setting in the
+//!   client: curl to an HTTP server (an allowed path gets the server's 200, a denied path or
+//!   method 403 `Access denied` from the proxy), kafka-python to a tansu broker (produce and
+//!   consume by topic and role; refused requests get TOPIC_AUTHORIZATION_FAILED and never
+//!   reach the broker), a tonic client to a tonic server (a denied method gets
+//!   PERMISSION_DENIED, allowed calls on the same channel go on). `monitor --type l7` and the
+//!   metrics show each request.
 //!
 //! ```text
 //!  client ns (eth0 10.217.N.2) ── veth ── router ns: fle* 10.217.N.1   [agent]
@@ -14,38 +18,36 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::netns::*;
 use common::*;
 
-const HTTP_POLICY: &str = r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: client-http
-  namespace: default
-spec:
-  endpointSelector:
-    matchLabels: {app: client}
-  egress:
-    - toCIDR: ["WORLD/24"]
-      toPorts:
-        - ports: [{port: "8080", protocol: TCP}]
-          rules:
-            http:
-              - method: GET
-                path: "/allowed.*"
-        - ports: [{port: "9092", protocol: TCP}]
-          rules:
-            kafka:
-              - role: produce
-                topic: allowed
-"#;
+/// L7 rules of one port, as the `rules` of a `toPorts` entry holds them (YAML flow style).
+const HTTP_RULES: &str = r#"http: [{method: GET, path: "/allowed.*"}]"#;
+const KAFKA_PRODUCE_RULES: &str = "kafka: [{role: produce, topic: allowed}]";
+
+/// The client endpoint's egress policy to the /24 of `world`: each (port, rules) in
+/// `ports` is a TCP port with those L7 rules.
+fn client_policy(world: &str, ports: &[(u16, &str)]) -> String {
+    let mut s = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n\
+         metadata:\n  name: client-l7\n  namespace: default\n\
+         spec:\n  endpointSelector:\n    matchLabels: {{app: client}}\n  \
+         egress:\n    - toCIDR: [\"{world}/24\"]\n      toPorts:\n"
+    );
+    for (port, rules) in ports {
+        s += &format!(
+            "        - ports: [{{port: \"{port}\", protocol: TCP}}]\n          rules: {{{rules}}}\n"
+        );
+    }
+    s
+}
 
 fn entry_for_port(rows: &serde_json::Value, port: u64) -> serde_json::Value {
     rows.as_array()
@@ -63,7 +65,10 @@ fn proxies_listen_and_http_rules_redirect_to_the_http_proxy_port() {
     std::fs::create_dir_all(d.join("policies")).unwrap();
     std::fs::write(
         d.join("policies/http.yaml"),
-        HTTP_POLICY.replace("WORLD", "127.0.100.0"),
+        client_policy(
+            "127.0.100.0",
+            &[(8080, HTTP_RULES), (9092, KAFKA_PRODUCE_RULES)],
+        ),
     )
     .unwrap();
     let cfg = d.join("config.yaml");
@@ -152,158 +157,66 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
 
 // ---- the eBPF datapath (root) ----
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
+/// The client endpoint and the world.
+const LAYOUT: Layout = Layout {
+    prefix: "fl",
+    pin: "fqdnwall-l7test",
+    legs: &[
+        LegSpec {
+            ns: 'c',
+            host_if: 'e',
+            v4: 217,
+            last: 2,
+            v6: None,
+        },
+        LegSpec {
+            ns: 'w',
+            host_if: 'o',
+            v4: 218,
+            last: 2,
+            v6: None,
+        },
+    ],
+};
 
 /// Root, bpffs and the tools; a skip otherwise (a failure under CI=true).
 fn prerequisites() -> bool {
-    let root = is_root();
-    let bpffs = Path::new("/sys/fs/bpf").exists();
-    if !(root && bpffs) {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the L7 datapath test needs root and bpffs (root={root}, bpffs={bpffs})");
-        }
-        eprintln!("*** SKIPPED: the L7 datapath test needs root and bpffs");
-        return false;
-    }
-    require("curl", "curl").is_some()
+    bpf_host("the L7 datapath tests")
+        && require("curl", "curl").is_some()
         && require("python3", "python3").is_some()
         && require("nsenter", "util-linux").is_some()
 }
 
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+/// A peer that scripts/setup-l7.sh installs: a skip without it (a failure under CI=true).
+fn l7_peer(present: bool, what: &str) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{what} is missing but CI=true: scripts/setup-l7.sh installs it");
+    }
+    eprintln!("*** SKIPPED: {what} is missing; scripts/setup-l7.sh installs it");
+    false
 }
 
-fn must(cmd: &str, args: &[&str]) {
-    let o = run(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stderr)
-    );
+struct Bed(NetBed);
+
+impl Deref for Bed {
+    type Target = NetBed;
+    fn deref(&self) -> &NetBed {
+        &self.0
+    }
 }
 
-/// Three namespaces (router with the agent, client endpoint, world), removed on drop.
-struct Bed {
-    n: u32,
-    router: String,
-    client: String,
-    world: String,
-    ifname: String,
-    pin: PathBuf,
-    dir: tempfile::TempDir,
-    children: Vec<Child>,
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in [&self.client, &self.world, &self.router] {
-            let _ = run("ip", &["netns", "del", ns]);
-        }
-        let _ = std::fs::remove_dir_all(&self.pin);
+impl DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut NetBed {
+        &mut self.0
     }
 }
 
 impl Bed {
     fn new() -> Bed {
-        let seq = SEQ.fetch_add(1, Ordering::SeqCst);
-        let n = (std::process::id() % 40) * 6 + seq % 6 + 1;
-        let tag = format!("{}{seq}", std::process::id() % 100_000);
-        let bed = Bed {
-            n,
-            router: format!("flr{tag}"),
-            client: format!("flc{tag}"),
-            world: format!("flw{tag}"),
-            ifname: format!("fle{tag}"),
-            pin: PathBuf::from(format!("/sys/fs/bpf/fqdnwall-l7test-{tag}")),
-            dir: tempdir(),
-            children: Vec::new(),
-        };
-        let _ = std::fs::remove_dir_all(&bed.pin);
-        for ns in [&bed.router, &bed.client, &bed.world] {
-            let _ = run("ip", &["netns", "del", ns]);
-            must("ip", &["netns", "add", ns]);
-            must("ip", &["-n", ns, "link", "set", "lo", "up"]);
-        }
-        let wside = format!("flo{tag}");
-        let (r, c, w) = (&bed.router, &bed.client, &bed.world);
-        must(
-            "ip",
-            &[
-                "link",
-                "add",
-                &bed.ifname,
-                "netns",
-                r,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                c,
-            ],
-        );
-        must(
-            "ip",
-            &[
-                "link", "add", &wside, "netns", r, "type", "veth", "peer", "name", "eth0", "netns",
-                w,
-            ],
-        );
-        let a = |ns: &str, args: &[&str]| {
-            let mut v = vec!["-n", ns];
-            v.extend_from_slice(args);
-            must("ip", &v);
-        };
-        a(
-            r,
-            &[
-                "addr",
-                "add",
-                &format!("10.217.{n}.1/24"),
-                "dev",
-                &bed.ifname,
-            ],
-        );
-        a(
-            r,
-            &["addr", "add", &format!("10.218.{n}.1/24"), "dev", &wside],
-        );
-        a(r, &["link", "set", &bed.ifname, "up"]);
-        a(r, &["link", "set", &wside, "up"]);
-        a(
-            c,
-            &["addr", "add", &format!("10.217.{n}.2/24"), "dev", "eth0"],
-        );
-        a(c, &["link", "set", "eth0", "up"]);
-        a(
-            c,
-            &["route", "add", "default", "via", &format!("10.217.{n}.1")],
-        );
-        a(
-            w,
-            &["addr", "add", &format!("10.218.{n}.2/24"), "dev", "eth0"],
-        );
-        a(w, &["link", "set", "eth0", "up"]);
-        a(
-            w,
-            &["route", "add", "default", "via", &format!("10.218.{n}.1")],
-        );
-        must(
-            "ip",
-            &["netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
-        );
-        bed
+        Bed(NetBed::new(&LAYOUT))
     }
 
     fn world_ip(&self) -> String {
@@ -316,55 +229,23 @@ impl Bed {
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("allowed.txt"), "allowed content\n").unwrap();
         std::fs::write(root.join("denied.txt"), "denied content\n").unwrap();
-        let http = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.world,
-                "python3",
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                "0.0.0.0",
-            ])
-            .current_dir(&root)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the HTTP server");
-        self.children.push(http);
-        let url = format!("http://{}:8080/allowed.txt", self.world_ip());
         let world = self.world.clone();
-        eventually(Duration::from_secs(10), "the world's HTTP server", || {
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &world,
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    &url,
-                ],
-            )
-            .status
-            .success()
-            .then_some(())
-        });
+        let http = ["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0"];
+        self.spawn(&world, &http, &root);
+        let url = format!("http://{}:8080/allowed.txt", self.world_ip());
+        self.await_http(&world, &url);
     }
 
-    fn write_config(&self) -> PathBuf {
+    /// The client policy of `ports` towards the world (see [`client_policy`]).
+    fn policy(&self, ports: &[(u16, &str)]) -> String {
+        client_policy(&format!("10.218.{}.0", self.n), ports)
+    }
+
+    /// The agent's config with the client policy of `ports` as the only policy file.
+    fn write_config(&self, ports: &[(u16, &str)]) -> PathBuf {
         let n = self.n;
         std::fs::create_dir_all(self.dir.path().join("policies")).unwrap();
-        std::fs::write(
-            self.dir.path().join("policies/http.yaml"),
-            HTTP_POLICY.replace("WORLD", &format!("10.218.{n}.0")),
-        )
-        .unwrap();
+        std::fs::write(self.dir.path().join("policies/l7.yaml"), self.policy(ports)).unwrap();
         let cfg = self.dir.path().join("config.yaml");
         std::fs::write(
             &cfg,
@@ -374,7 +255,7 @@ impl Bed {
                  transparent: false\n\
                  endpoints:\n  - name: client\n    namespace: default\n    labels: {{app: client}}\n    \
                  ips: [\"10.217.{n}.2\"]\n    interface: {i}\n\
-                 metrics:\n  listen: null\n",
+                 metrics:\n  listen: 127.0.0.1:0\n",
                 i = self.ifname
             ),
         )
@@ -382,53 +263,11 @@ impl Bed {
         cfg
     }
 
-    /// `fqdnwall run` in the router namespace; returns once its banner is out.
-    fn agent(&mut self, cfg: &Path) -> PathBuf {
-        let sock = self.dir.path().join("api.sock");
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.router))
-            .arg(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(cfg)
-            .arg("--api-socket")
-            .arg(&sock)
-            .arg("--unload-on-stop")
-            .env("RUST_LOG", "info")
-            .env("FQDNWALL_BPF_PIN_DIR", &self.pin)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fqdnwall run");
-        let lines = lines_of(&mut child);
-        self.children.push(child);
-        let mut seen = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(l) => {
-                    let done = l.starts_with("Add a policy:");
-                    seen.push(l);
-                    if done {
-                        break;
-                    }
-                }
-                Err(_) => panic!("no banner from fqdnwall run:\n{}", seen.join("\n")),
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
-        sock
-    }
-
     /// curl from the client: (HTTP status, body).
     fn curl(&self, method: &str, url: &str) -> (u32, String) {
-        let o = run(
-            "ip",
+        let o = self.exec(
+            &self.client,
             &[
-                "netns",
-                "exec",
-                &self.client,
                 "curl",
                 "-s",
                 "--max-time",
@@ -446,33 +285,42 @@ impl Bed {
     }
 }
 
-/// stdout and stderr of a child, line by line.
-fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    if let Some(out) = child.stdout.take() {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
+/// A bed and the agent with the client policy of `ports` in force; each of those ports'
+/// policy map entry carries the port of its proxy (HTTP or Kafka, after its rules' kind).
+fn bed_and_agent(ports: &[(u16, &str)]) -> (Bed, NsAgent) {
+    let bed = Bed::new();
+    let cfg = bed.write_config(ports);
+    let agent = bed.agent(&cfg, &["--unload-on-stop"]);
+    let st = agent.json(&["status"]);
+    assert_eq!(st["datapath"], "bpf", "{st}");
+    let rows = agent.json(&["bpf", "policy", "get", "client"]);
+    for (port, rules) in ports {
+        let kind = rules.split(':').next().unwrap();
+        let proxy = &st["proxyPorts"][kind];
+        assert!(proxy.as_u64().is_some_and(|p| p != 0), "{st}");
+        let entry = entry_for_port(&rows, u64::from(*port));
+        assert_eq!(&entry["proxyPort"], proxy, "{rows}");
     }
-    if let Some(err) = child.stderr.take() {
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-    }
-    rx
+    (bed, agent)
 }
 
-fn api_json(sock: &Path, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--api-socket", sock.to_str().unwrap(), "-o", "json"];
-    all.extend_from_slice(args);
-    let o = fqdnwall(&all);
-    assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
-    json(&o)
+/// The agent's metrics page, fetched inside the router namespace where it listens.
+fn agent_metrics(bed: &Bed, agent: &NsAgent) -> String {
+    let addr: SocketAddr = agent
+        .log
+        .iter()
+        .find_map(|l| l.strip_prefix("Metrics: http://"))
+        .and_then(|a| a.trim_end_matches("/metrics").parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address in {:?}", agent.log));
+    in_netns(&bed.router, move || http_get(addr, "/metrics"))
+}
+
+/// The value of one sample of the metrics page.
+fn sample(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name_and_labels}:\n{metrics}"))
 }
 
 #[test]
@@ -480,30 +328,11 @@ fn http_rules_are_enforced_on_steered_flows_in_the_kernel_datapath() {
     if !prerequisites() {
         return;
     }
-    let mut bed = Bed::new();
+    let (mut bed, agent) = bed_and_agent(&[(8080, HTTP_RULES), (9092, KAFKA_PRODUCE_RULES)]);
     bed.start_world();
-    let cfg = bed.write_config();
-    let sock = bed.agent(&cfg);
-
-    let st = api_json(&sock, &["status"]);
-    assert_eq!(st["datapath"], "bpf", "{st}");
-    let http = st["proxyPorts"]["http"].as_u64().unwrap();
-    assert_ne!(http, 0);
-    let rows = api_json(&sock, &["bpf", "policy", "get", "client"]);
-    assert_eq!(entry_for_port(&rows, 8080)["proxyPort"], http, "{rows}");
 
     // Watch the L7 events while the requests run.
-    let mut monitor = Command::new(BIN)
-        .args(["--api-socket", sock.to_str().unwrap(), "-o", "json"])
-        .args(["monitor", "--type", "l7"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start monitor");
-    let events = lines_of(&mut monitor);
-    bed.children.push(monitor);
-    std::thread::sleep(Duration::from_millis(300));
+    let monitor = agent.monitor(&["l7"]);
 
     let base = format!("http://{}:8080", bed.world_ip());
     let (code, body) = bed.curl("GET", &format!("{base}/allowed.txt"));
@@ -515,17 +344,7 @@ fn http_rules_are_enforced_on_steered_flows_in_the_kernel_datapath() {
     assert_eq!(code, 403, "{body}");
 
     // Each request appears in the monitor with its verdict and HTTP fields.
-    let mut seen: Vec<serde_json::Value> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while seen.len() < 3 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(l) = events.recv_timeout(left) else {
-            panic!("monitor showed only {seen:?}");
-        };
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) {
-            seen.push(v);
-        }
-    }
+    let seen = monitor.collect(Duration::from_secs(10), |s| s.len() >= 3);
     let ok = &seen[0];
     assert_eq!(ok["type"], "l7");
     assert_eq!(ok["verdict"], "allowed");
@@ -578,17 +397,17 @@ fn http_rules_are_enforced_on_steered_flows_in_the_kernel_datapath() {
         "the first keep-alive request",
         || ready.exists().then_some(()),
     );
-    let before = api_json(&sock, &["policy", "get"])["revision"].clone();
-    let widened = HTTP_POLICY
-        .replace("WORLD", &format!("10.218.{}.0", bed.n))
+    let before = agent.json(&["policy", "get"])["revision"].clone();
+    let widened = bed
+        .policy(&[(8080, HTTP_RULES), (9092, KAFKA_PRODUCE_RULES)])
         .replace("/allowed.*", "/(allowed|denied).*");
-    let tmp = bed.dir.path().join("policies/.http.yaml.tmp");
+    let tmp = bed.dir.path().join("policies/.l7.yaml.tmp");
     std::fs::write(&tmp, widened).unwrap();
-    std::fs::rename(&tmp, bed.dir.path().join("policies/http.yaml")).unwrap();
+    std::fs::rename(&tmp, bed.dir.path().join("policies/l7.yaml")).unwrap();
     eventually(
         Duration::from_secs(10),
         "the widened policy in force",
-        || (api_json(&sock, &["policy", "get"])["revision"] != before).then_some(()),
+        || (agent.json(&["policy", "get"])["revision"] != before).then_some(()),
     );
     std::fs::write(&go, "").unwrap();
     let out = client.wait_with_output().unwrap();
@@ -599,4 +418,375 @@ fn http_rules_are_enforced_on_steered_flows_in_the_kernel_datapath() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+// ---- Kafka: tansu in the world, kafka-python in the client ----
+
+const KAFKA_RULES: &str = "kafka: [{role: produce, topic: allowed}, \
+                           {role: consume, topic: allowed}, {role: consume, topic: readonly}]";
+
+/// The Kafka client of the l7 crate's tests (kafka-python): `MODE BOOTSTRAP ARGS...` run in
+/// `ns`; its one line, `OK ...` or `ERR <exception class> ...`.
+fn kafka(bed: &Bed, ns: &str, mode: &str, args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/l7/tests/kafka_client.py");
+    let bootstrap = format!("{}:9092", bed.world_ip());
+    let o = bed.exec(ns, &[&["python3", script, mode, &bootstrap], args].concat());
+    let text = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(
+        o.status.success(),
+        "kafka client {mode} {args:?} failed: {text}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    text
+}
+
+fn python_has_kafka() -> bool {
+    Command::new("python3")
+        .args(["-c", "import kafka"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn kafka_rules_are_enforced_between_a_real_client_and_broker() {
+    if !prerequisites()
+        || !l7_peer(python_has_kafka(), "python3 with kafka-python")
+        || !l7_peer(require_quiet("tansu"), "tansu")
+    {
+        return;
+    }
+    let (mut bed, agent) = bed_and_agent(&[(9092, KAFKA_RULES)]);
+    // The broker listens in the world and advertises its own address, so every connection
+    // the client makes (bootstrap and the partition leader) is one the datapath steers.
+    let listener = format!("tcp://{}:9092", bed.world_ip());
+    let (world, dir) = (bed.world.clone(), bed.dir.path().to_path_buf());
+    bed.spawn(
+        &world,
+        &[
+            "tansu",
+            "broker",
+            "--listener-url",
+            &listener,
+            "--advertised-listener-url",
+            &listener,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        &dir,
+    );
+    let broker: SocketAddr = format!("{}:9092", bed.world_ip()).parse().unwrap();
+    eventually(Duration::from_secs(20), "tansu listening", || {
+        in_netns(&world, move || {
+            TcpStream::connect_timeout(&broker, Duration::from_millis(500)).ok()
+        })
+    });
+    // Set up at the broker itself (the world is no endpoint): the topics, and a record to
+    // read from the topic the client may only consume.
+    assert_eq!(
+        kafka(&bed, &world, "create", &["allowed", "denied", "readonly"]),
+        "OK"
+    );
+    let r = kafka(&bed, &world, "produce", &["readonly", "seeded"]);
+    assert!(r.starts_with("OK "), "{r}");
+
+    let monitor = agent.monitor(&["l7"]);
+
+    // Role produce on `allowed`: the record is written and can be read back (role consume).
+    let client = bed.client.clone();
+    let r = kafka(&bed, &client, "produce", &["allowed", "m1"]);
+    assert!(r.starts_with("OK "), "{r}");
+    assert_eq!(kafka(&bed, &client, "consume", &["allowed"]), "OK m1");
+    // No rule for `denied`.
+    let r = kafka(&bed, &client, "produce", &["denied", "leak"]);
+    assert!(r.starts_with("ERR TopicAuthorizationFailedError"), "{r}");
+    // Role consume on `readonly`: fetch passes, produce is refused.
+    assert_eq!(kafka(&bed, &client, "consume", &["readonly"]), "OK seeded");
+    let r = kafka(&bed, &client, "produce", &["readonly", "m2"]);
+    assert!(r.starts_with("ERR TopicAuthorizationFailedError"), "{r}");
+
+    // At the broker: the refused records never arrived.
+    assert_eq!(kafka(&bed, &world, "consume", &["denied"]), "OK");
+    assert_eq!(kafka(&bed, &world, "consume", &["readonly"]), "OK seeded");
+    assert_eq!(kafka(&bed, &world, "consume", &["allowed"]), "OK m1");
+
+    // The verdicts in the monitor: an allowed Produce to `allowed`, and the refusals with
+    // TOPIC_AUTHORIZATION_FAILED for `denied` and `readonly`.
+    let denied_topic = |s: &[serde_json::Value], t: &str| {
+        s.iter()
+            .any(|e| e["verdict"] == "denied" && e["topic"] == t && e["errorCode"] == 29)
+    };
+    let seen = monitor.collect(Duration::from_secs(10), |s| {
+        denied_topic(s, "denied") && denied_topic(s, "readonly")
+    });
+    assert!(seen.iter().all(|e| e["type"] == "l7"
+        && e["l7Protocol"] == "kafka"
+        && e["endpoint"] == "client"
+        && e["dport"] == 9092
+        && e["clientID"] == "fqdnwall-test"));
+    let produced: Vec<&serde_json::Value> = seen.iter().filter(|e| e["apiKey"] == 0).collect();
+    assert!(
+        produced
+            .iter()
+            .any(|e| e["verdict"] == "allowed" && e["topic"] == "allowed"),
+        "{seen:#?}"
+    );
+    assert!(
+        produced
+            .iter()
+            .all(|e| e["verdict"] == "denied" || e["topic"] == "allowed"),
+        "{seen:#?}"
+    );
+    assert!(seen
+        .iter()
+        .any(|e| e["apiKey"] == 1 && e["verdict"] == "allowed" && e["topic"] == "readonly"));
+
+    let m = agent_metrics(&bed, &agent);
+    let kafka_req = |v: &str| {
+        sample(
+            &m,
+            &format!("fqdnwall_l7_requests_total{{protocol=\"kafka\",verdict=\"{v}\"}}"),
+        )
+    };
+    assert!(kafka_req("denied") >= 2.0, "{m}");
+    assert!(kafka_req("allowed") >= 4.0, "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "fqdnwall_l7_malformed_requests_total{protocol=\"kafka\"}"
+        ),
+        0.0
+    );
+    assert_eq!(agent.stop(), 0);
+}
+
+/// Whether `bin` is on the usual paths (no message).
+fn require_quiet(bin: &str) -> bool {
+    ["/usr/local/bin", "/usr/bin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(bin).exists())
+}
+
+// ---- gRPC: a tonic server in the world, a tonic client in the client ----
+
+const GRPC_RULES: &str = r#"http: [{method: POST, path: "/wall\\.Greeter/Hello"}]"#;
+
+/// `wall.Greeter` with the methods `Hello` and `Admin`, written out by hand (what
+/// tonic-build would generate for one string field each way) so that no protoc is needed.
+mod greeter {
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tonic::{Request, Response, Status};
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Text {
+        #[prost(string, tag = "1")]
+        pub text: String,
+    }
+
+    type Fut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+    #[derive(Clone)]
+    pub struct Greeter;
+
+    impl tonic::server::NamedService for Greeter {
+        const NAME: &'static str = "wall.Greeter";
+    }
+
+    /// One method: answers with the method's name and the request's text.
+    struct Method(&'static str);
+
+    impl tonic::server::UnaryService<Text> for Method {
+        type Response = Text;
+        type Future = Fut<Result<Response<Text>, Status>>;
+        fn call(&mut self, req: Request<Text>) -> Self::Future {
+            let text = format!("{} {}", self.0, req.into_inner().text);
+            Box::pin(async move { Ok(Response::new(Text { text })) })
+        }
+    }
+
+    type HttpRequest = http::Request<tonic::body::Body>;
+    type HttpResponse = http::Response<tonic::body::Body>;
+
+    impl tower_service::Service<HttpRequest> for Greeter {
+        type Response = HttpResponse;
+        type Error = Infallible;
+        type Future = Fut<Result<HttpResponse, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: HttpRequest) -> Self::Future {
+            let method = req.uri().path().strip_prefix("/wall.Greeter/");
+            let method = match method {
+                Some("Hello") => Method("Hello"),
+                Some("Admin") => Method("Admin"),
+                _ => return Box::pin(async { Ok(Status::unimplemented("").into_http()) }),
+            };
+            Box::pin(async move {
+                let codec = tonic_prost::ProstCodec::<Text, Text>::default();
+                Ok(tonic::server::Grpc::new(codec).unary(method, req).await)
+            })
+        }
+    }
+
+    /// One unary call on `channel`: the answer's text, or the status's code and message.
+    pub async fn call(
+        channel: &tonic::transport::Channel,
+        method: &'static str,
+        text: &str,
+    ) -> Result<String, (tonic::Code, String)> {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready()
+            .await
+            .map_err(|e| (tonic::Code::Unavailable, e.to_string()))?;
+        let codec = tonic_prost::ProstCodec::<Text, Text>::default();
+        let path = http::uri::PathAndQuery::from_static(method);
+        let req = Request::new(Text { text: text.into() });
+        match grpc.unary(req, path, codec).await {
+            Ok(r) => Ok(r.into_inner().text),
+            Err(s) => Err((s.code(), s.message().to_string())),
+        }
+    }
+}
+
+/// A tonic server running on a thread inside a namespace; stopped and joined when dropped.
+struct GrpcServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GrpcServer {
+    fn start(ns: &str, addr: SocketAddr) -> GrpcServer {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (bound, is_bound) = std::sync::mpsc::channel();
+        let thread = thread_in_netns(ns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .unwrap_or_else(|e| panic!("gRPC server on {addr}: {e}"));
+                let _ = bound.send(());
+                tonic::transport::Server::builder()
+                    .add_service(greeter::Greeter)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(l),
+                        async {
+                            let _ = stopped.await;
+                        },
+                    )
+                    .await
+                    .unwrap();
+            });
+        });
+        let server = GrpcServer {
+            stop: Some(stop),
+            thread: Some(thread),
+        };
+        is_bound
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the gRPC server listening");
+        server
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn grpc_methods_are_enforced_per_call_on_one_channel() {
+    if !prerequisites() {
+        return;
+    }
+    let (bed, agent) = bed_and_agent(&[(50051, GRPC_RULES)]);
+    let addr: SocketAddr = format!("{}:50051", bed.world_ip()).parse().unwrap();
+    let _server = GrpcServer::start(&bed.world, addr);
+    let monitor = agent.monitor(&["l7"]);
+
+    // One channel (one HTTP/2 connection): allowed, denied, allowed again, then a denied and
+    // an allowed call at the same time.
+    let results = in_netns(&bed.client, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .expect("connect to the world's gRPC server");
+            let mut out = Vec::new();
+            out.push(greeter::call(&channel, "/wall.Greeter/Hello", "one").await);
+            out.push(greeter::call(&channel, "/wall.Greeter/Admin", "two").await);
+            out.push(greeter::call(&channel, "/wall.Greeter/Hello", "three").await);
+            let (a, b) = tokio::join!(
+                greeter::call(&channel, "/wall.Greeter/Admin", "four"),
+                greeter::call(&channel, "/wall.Greeter/Hello", "five"),
+            );
+            out.extend([a, b]);
+            out
+        })
+    });
+    let denied = Err((tonic::Code::PermissionDenied, "Access denied".to_string()));
+    assert_eq!(
+        results,
+        [
+            Ok("Hello one".to_string()),
+            denied.clone(),
+            Ok("Hello three".to_string()),
+            denied,
+            Ok("Hello five".to_string()),
+        ]
+    );
+
+    let seen = monitor.collect(Duration::from_secs(10), |s| s.len() >= 5);
+    for e in &seen {
+        assert_eq!(e["httpVersion"], "HTTP/2", "{e}");
+        assert_eq!(e["method"], "POST", "{e}");
+        assert_eq!(e["status"], 200, "{e}");
+        assert_eq!(e["dport"], 50051, "{e}");
+        match e["path"].as_str() {
+            Some("/wall.Greeter/Hello") => {
+                assert_eq!(e["verdict"], "allowed", "{e}");
+                assert!(e.get("grpcStatus").is_none(), "{e}");
+            }
+            Some("/wall.Greeter/Admin") => {
+                assert_eq!(e["verdict"], "denied", "{e}");
+                assert_eq!(e["grpcStatus"], 7, "{e}");
+            }
+            _ => panic!("unexpected event {e}"),
+        }
+    }
+    // The five calls travelled on one connection.
+    let m = agent_metrics(&bed, &agent);
+    assert_eq!(
+        sample(&m, "fqdnwall_l7_connections_total{protocol=\"http\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "fqdnwall_l7_requests_total{protocol=\"http\",verdict=\"denied\"}"
+        ),
+        2.0
+    );
+    assert_eq!(agent.stop(), 0);
 }
