@@ -66,6 +66,7 @@ mod metrics;
 mod net;
 mod server;
 mod upstream;
+mod wire;
 
 pub use config::{ProxyConfig, RejectCode};
 pub use error::DnsProxyError;

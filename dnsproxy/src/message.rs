@@ -11,6 +11,7 @@ use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use policy::fqdn::DnsName;
 
 use crate::hooks::LearnedAnswer;
+use crate::wire::{fast_query, Question};
 
 pub(crate) const HEADER_LEN: usize = 12;
 /// The EDNS payload size the proxy advertises in answers it builds itself (the DNS flag day
@@ -18,16 +19,18 @@ pub(crate) const HEADER_LEN: usize = 12;
 const OWN_EDNS_PAYLOAD: u16 = 1232;
 /// Longest CNAME chain followed; real chains are a handful of names, longer ones are loops
 /// or abuse.
-const MAX_CHAIN: usize = 16;
+pub(crate) const MAX_CHAIN: usize = 16;
 /// Learned IPs up to which duplicates are found by a scan rather than a set.
-const DEDUP_SCAN: usize = 16;
+pub(crate) const DEDUP_SCAN: usize = 16;
 
 /// A client query the proxy can judge and forward.
 #[derive(Debug)]
 pub(crate) struct ClientQuery {
     pub id: u16,
-    pub query: Query,
+    pub question: Question,
     pub qname: DnsName,
+    /// Read by the fast path (a plain name): its answers may be read by the fast path too.
+    pub plain: bool,
     head: Head,
 }
 
@@ -45,7 +48,7 @@ pub(crate) enum Rejection {
 }
 
 /// The header fields and question an answer of the proxy's own echoes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Head {
     id: u16,
     op_code: OpCode,
@@ -103,6 +106,12 @@ fn plain_name_end(bytes: &[u8], start: usize) -> Option<usize> {
 /// message must parse; otherwise FORMERR / NOTIMP (with ID and question echoed where they
 /// parse) or, when not even a query header is there, a drop.
 pub(crate) fn parse_client_query(bytes: &[u8]) -> Result<ClientQuery, Rejection> {
+    parse_query(bytes, true)
+}
+
+/// `parse_client_query`, with the fast path (`wire`) for the queries it takes or hickory for
+/// all: the two give the same result (property-tested).
+fn parse_query(bytes: &[u8], fast: bool) -> Result<ClientQuery, Rejection> {
     if bytes.len() < HEADER_LEN {
         return Err(Rejection::Drop("shorter than a DNS header"));
     }
@@ -114,6 +123,24 @@ pub(crate) fn parse_client_query(bytes: &[u8]) -> Result<ClientQuery, Rejection>
     let rd = bytes[2] & 0x01 != 0;
     let cd = bytes[3] & 0x10 != 0;
     let qdcount = read_u16(bytes, 4);
+    if fast && op_code == OpCode::Query && qdcount == 1 {
+        if let Some(fast) = fast_query(bytes) {
+            return Ok(ClientQuery {
+                id,
+                question: fast.question,
+                qname: fast.qname,
+                plain: true,
+                head: Head {
+                    id,
+                    op_code,
+                    rd,
+                    cd,
+                    question: Some(bytes[HEADER_LEN..fast.question_end].to_vec()),
+                    edns_do: fast.edns_do,
+                },
+            });
+        }
+    }
     let first_question = if qdcount >= 1 {
         question_end(bytes).map(|end| bytes[HEADER_LEN..end].to_vec())
     } else {
@@ -163,8 +190,9 @@ pub(crate) fn parse_client_query(bytes: &[u8]) -> Result<ClientQuery, Rejection>
     let qname = DnsName::new(&query.name().to_ascii());
     Ok(ClientQuery {
         id,
-        query,
+        question: Question::from_query(&query),
         qname,
+        plain: false,
         head,
     })
 }
@@ -205,22 +233,13 @@ fn build_answer(head: &Head, rcode: ResponseCode) -> Vec<u8> {
     v
 }
 
-/// The ID and question of an upstream answer, read without parsing the rest: enough to match
-/// it to an outstanding query.
-pub(crate) fn answer_key(bytes: &[u8]) -> Option<(u16, Query)> {
+/// The ID of an upstream answer (a response of one question), read without parsing the rest;
+/// [`Question::asked_in`] matches its question.
+pub(crate) fn answer_id(bytes: &[u8]) -> Option<u16> {
     if bytes.len() < HEADER_LEN || bytes[2] & 0x80 == 0 || read_u16(bytes, 4) != 1 {
         return None;
     }
-    let mut dec = BinDecoder::new(bytes);
-    dec.read_slice(HEADER_LEN).ok()?;
-    let q = Query::read(&mut dec).ok()?;
-    Some((read_u16(bytes, 0), q))
-}
-
-/// Whether an upstream answer's question is the one asked: name case-insensitive, same type
-/// and class.
-pub(crate) fn same_question(a: &Query, b: &Query) -> bool {
-    a.name() == b.name() && a.query_type() == b.query_type() && a.query_class() == b.query_class()
+    Some(read_u16(bytes, 0))
 }
 
 /// Sets the ID of a message in place.
@@ -450,22 +469,19 @@ mod tests {
     }
 
     #[test]
-    fn answer_key_and_question_match() {
+    fn answer_id_and_question_match() {
         let mut b = query_bytes(0x1234, "A.Test.", RecordType::AAAA);
-        assert!(answer_key(&b).is_none(), "a query is not an answer");
+        assert!(answer_id(&b).is_none(), "a query is not an answer");
         b[2] |= 0x80;
-        let (id, q) = answer_key(&b).unwrap();
-        assert_eq!(id, 0x1234);
-        assert!(same_question(
-            &q,
-            &Query::query(name("a.test."), RecordType::AAAA)
-        ));
-        assert!(!same_question(
-            &q,
-            &Query::query(name("a.test."), RecordType::A)
-        ));
+        assert_eq!(answer_id(&b), Some(0x1234));
+        let asked = |n: &str, t| Question::from_query(&Query::query(name(n), t));
+        assert!(asked("a.test.", RecordType::AAAA).asked_in(&b));
+        assert!(asked("A.TEST.", RecordType::AAAA).asked_in(&b));
+        assert!(!asked("a.test.", RecordType::A).asked_in(&b));
+        assert!(!asked("b.test.", RecordType::AAAA).asked_in(&b));
+        assert!(!asked("a.test.x.", RecordType::AAAA).asked_in(&b));
         set_id(&mut b, 9);
-        assert_eq!(answer_key(&b).unwrap().0, 9);
+        assert_eq!(answer_id(&b), Some(9));
     }
 
     fn rec(n: &str, ttl: u32, data: RData) -> Record {
@@ -717,7 +733,9 @@ mod tests {
                 b.extend_from_slice(&tail);
                 check_client_bytes(&b)?;
                 // Upstream answers are untrusted too.
-                let _ = answer_key(&b);
+                let _ = answer_id(&b);
+                let _ = Question::from_query(&Query::query(name("a.test."), RecordType::A))
+                    .asked_in(&b);
                 if let Ok(m) = Message::from_vec(&b) {
                     let _ = extract_learning(&m, &name("a.test."), 0);
                 }
@@ -793,6 +811,263 @@ mod tests {
                 Err(Rejection::Drop(_)) => {}
             }
             Ok(())
+        }
+    }
+
+    /// The fast path (`wire`) against hickory: the same result on every message it claims,
+    /// and it claims the common ones.
+    mod fast_path {
+        use hickory_proto::rr::rdata::{NS, SOA};
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::wire::fast_answer;
+
+        /// Labels of letters, digits, `_` and `-` (a leading `-` makes a name the fast path
+        /// leaves to hickory), in any case.
+        fn label() -> impl Strategy<Value = String> {
+            "[a-zA-Z0-9_-]{1,10}"
+        }
+
+        fn plain(n: &str) -> bool {
+            !n.split('.').any(|l| l.starts_with('-'))
+        }
+
+        fn labels_name(n: &str) -> Name {
+            Name::from_labels(n.trim_end_matches('.').split('.').map(str::as_bytes)).unwrap()
+        }
+
+        fn query_of(n: &str, id: u16, t: u16, edns: Option<(bool, u16)>) -> Vec<u8> {
+            let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+            m.metadata.recursion_desired = id.is_multiple_of(2);
+            m.add_query(Query::query(labels_name(n), RecordType::from(t)));
+            if let Some((dnssec_ok, payload)) = edns {
+                let mut e = Edns::new();
+                e.set_dnssec_ok(dnssec_ok);
+                e.set_max_payload(payload.max(512));
+                m.set_edns(e);
+            }
+            m.to_vec().unwrap()
+        }
+
+        fn qname() -> impl Strategy<Value = String> {
+            prop::collection::vec(label(), 1..5).prop_map(|l| format!("{}.", l.join(".")))
+        }
+
+        fn query() -> impl Strategy<Value = (String, Vec<u8>)> {
+            (
+                qname(),
+                any::<u16>(),
+                prop::sample::select(vec![1u16, 28, 65, 15, 255]),
+                prop::option::of((any::<bool>(), any::<u16>())),
+            )
+                .prop_map(|(n, id, t, e)| {
+                    let b = query_of(&n, id, t, e);
+                    (n, b)
+                })
+        }
+
+        fn same_parse(b: &[u8]) -> Result<(), TestCaseError> {
+            match (parse_query(b, true), parse_query(b, false)) {
+                (Ok(f), Ok(s)) => {
+                    prop_assert_eq!(f.id, s.id);
+                    prop_assert_eq!(&f.question, &s.question);
+                    prop_assert_eq!(&f.qname, &s.qname);
+                    prop_assert_eq!(&f.head, &s.head);
+                }
+                (Err(f), Err(s)) => prop_assert_eq!(f, s),
+                (f, s) => prop_assert!(false, "fast {:?}, hickory {:?}", f, s),
+            }
+            Ok(())
+        }
+
+        /// One answer record: owner and CNAME target from a small set of names (so chains,
+        /// loops and strangers occur), addresses from a small set (so duplicates occur).
+        #[derive(Debug, Clone)]
+        enum Rec {
+            A(usize, u8, u32),
+            Aaaa(usize, u8, u32),
+            Cname(usize, usize, u32),
+        }
+
+        fn rec() -> impl Strategy<Value = Rec> {
+            let ttl = prop_oneof![Just(0u32), Just(30), Just(300), any::<u32>()];
+            prop_oneof![
+                (0..5usize, 0..4u8, ttl.clone()).prop_map(|(o, i, t)| Rec::A(o, i, t)),
+                (0..5usize, 0..4u8, ttl.clone()).prop_map(|(o, i, t)| Rec::Aaaa(o, i, t)),
+                (0..5usize, 0..5usize, ttl).prop_map(|(o, c, t)| Rec::Cname(o, c, t)),
+            ]
+        }
+
+        #[derive(Debug, Clone)]
+        struct AnswerCase {
+            qname: String,
+            names: Vec<String>,
+            recs: Vec<Rec>,
+            soa: bool,
+            ns: bool,
+            glue: bool,
+            edns: Option<bool>,
+            rcode: ResponseCode,
+            min_ttl: u32,
+        }
+
+        fn answer_case() -> impl Strategy<Value = AnswerCase> {
+            (
+                qname(),
+                prop::collection::vec(qname(), 4),
+                prop::collection::vec(rec(), 0..9),
+                (any::<bool>(), any::<bool>(), any::<bool>()),
+                prop::option::of(any::<bool>()),
+                prop::sample::select(vec![ResponseCode::NoError, ResponseCode::NXDomain]),
+                prop_oneof![Just(0u32), Just(60), any::<u32>()],
+            )
+                .prop_map(
+                    |(qname, others, recs, (soa, ns, glue), edns, rcode, min_ttl)| {
+                        // The question name in another case is still the question name.
+                        let mut names = vec![qname.to_uppercase()];
+                        names.extend(others);
+                        AnswerCase {
+                            qname,
+                            names,
+                            recs,
+                            soa,
+                            ns,
+                            glue,
+                            edns,
+                            rcode,
+                            min_ttl,
+                        }
+                    },
+                )
+        }
+
+        fn answer_bytes(c: &AnswerCase) -> Vec<u8> {
+            let n = |i: usize| labels_name(&c.names[i]);
+            let mut m = Message::new(77, MessageType::Response, OpCode::Query);
+            m.metadata.response_code = c.rcode;
+            m.add_query(Query::query(labels_name(&c.qname), RecordType::A));
+            for r in &c.recs {
+                let record = match *r {
+                    Rec::A(o, i, t) => {
+                        Record::from_rdata(n(o), t, RData::A(A(Ipv4Addr::new(192, 0, 2, i))))
+                    }
+                    Rec::Aaaa(o, i, t) => Record::from_rdata(
+                        n(o),
+                        t,
+                        RData::AAAA(AAAA(Ipv6Addr::new(
+                            0x2001,
+                            0xdb8,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            u16::from(i),
+                        ))),
+                    ),
+                    Rec::Cname(o, target, t) => {
+                        Record::from_rdata(n(o), t, RData::CNAME(CNAME(n(target))))
+                    }
+                };
+                m.add_answer(record);
+            }
+            if c.soa {
+                let soa = SOA::new(n(1), n(2), 1, 2, 3, 4, 5);
+                m.add_authority(Record::from_rdata(n(1), 60, RData::SOA(soa)));
+            }
+            if c.ns {
+                m.add_authority(Record::from_rdata(n(2), 60, RData::NS(NS(n(3)))));
+            }
+            if c.glue {
+                let glue = RData::A(A(Ipv4Addr::new(198, 51, 100, 1)));
+                m.add_additional(Record::from_rdata(n(3), 60, glue));
+            }
+            if let Some(dnssec_ok) = c.edns {
+                let mut e = Edns::new();
+                e.set_dnssec_ok(dnssec_ok);
+                m.set_edns(e);
+            }
+            m.to_vec().unwrap()
+        }
+
+        /// Whenever the fast path claims an answer, hickory parses it and learns the same.
+        fn same_learning(b: &[u8], qname: &str, min_ttl: u32) -> Result<bool, TestCaseError> {
+            let learn = b.len() >= HEADER_LEN && header_rcode(b) == 0;
+            let Some(fast) = fast_answer(b, &DnsName::new(qname), min_ttl, learn) else {
+                return Ok(false);
+            };
+            let msg = Message::from_vec(b);
+            prop_assert!(msg.is_ok(), "claimed, but hickory says {:?}", msg.err());
+            let slow = if learn {
+                extract_learning(&msg.unwrap(), &labels_name(qname), min_ttl)
+            } else {
+                None
+            };
+            prop_assert_eq!(fast, slow);
+            Ok(true)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn queries_read_the_same(
+                (n, q) in query(),
+                flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+                cut in any::<prop::sample::Index>(),
+                tail in prop::collection::vec(any::<u8>(), 0..4),
+            ) {
+                same_parse(&q)?;
+                let parsed = parse_query(&q, true).unwrap();
+                prop_assert_eq!(parsed.plain, plain(&n), "the fast path takes plain names");
+                let mut b = q.clone();
+                for (i, v) in flips {
+                    let i = i.index(b.len());
+                    b[i] ^= v;
+                }
+                same_parse(&b)?;
+                b.truncate(cut.index(b.len() + 1));
+                same_parse(&b)?;
+                b.extend_from_slice(&tail);
+                same_parse(&b)?;
+            }
+
+            #[test]
+            fn answers_learn_the_same(c in answer_case()) {
+                let b = answer_bytes(&c);
+                let claimed = same_learning(&b, &c.qname, c.min_ttl)?;
+                let mut used: Vec<usize> = c
+                    .recs
+                    .iter()
+                    .flat_map(|r| match *r {
+                        Rec::A(o, ..) | Rec::Aaaa(o, ..) => vec![o],
+                        Rec::Cname(o, t, _) => vec![o, t],
+                    })
+                    .collect();
+                // Owner names must be plain; names inside NS and SOA data need not be.
+                used.extend(c.soa.then_some(1));
+                used.extend(c.ns.then_some(2));
+                used.extend(c.glue.then_some(3));
+                let all_plain = used.iter().all(|&i| plain(&c.names[i]));
+                prop_assert_eq!(claimed, all_plain, "the fast path takes plain answers");
+            }
+
+            #[test]
+            fn mutated_answers_learn_the_same(
+                c in answer_case(),
+                flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let mut b = answer_bytes(&c);
+                for (i, v) in flips {
+                    let i = i.index(b.len());
+                    b[i] ^= v;
+                }
+                same_learning(&b, &c.qname, c.min_ttl)?;
+                b.truncate(cut.index(b.len() + 1));
+                same_learning(&b, &c.qname, c.min_ttl)?;
+            }
         }
     }
 }

@@ -27,7 +27,8 @@ use crate::message::{
     extract_learning, header_rcode, parse_client_query, set_id, ClientQuery, Rejection,
 };
 use crate::metrics::{ProxyMetrics, Verdict};
-use crate::upstream::{tcp_exchange, UdpPool, UpstreamError};
+use crate::upstream::{tcp_exchange, UdpPool, UpstreamError, Waiting};
+use crate::wire::{fast_answer, Question};
 use crate::{net, DnsProxyError};
 
 /// Datagrams read per wake-up of a UDP listener before it lets other tasks run.
@@ -337,20 +338,26 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
                 return Answered::Done(Some(self.upstream_failed(&fwd, &why)))
             }
         };
-        // Every answer is parsed whole before it reaches a client: a malformed one is a
-        // failure of the upstream, answered SERVFAIL.
-        let msg = match Message::from_vec(&answer) {
-            Ok(m) => m,
-            Err(e) => {
-                let why = format!("malformed answer: {e}");
-                return Answered::Done(Some(self.upstream_failed(&fwd, &why)));
-            }
-        };
+        // Every answer is read whole before it reaches a client: a malformed one is a
+        // failure of the upstream, answered SERVFAIL. The common answers are read in place;
+        // the rest, and every doubtful one, by hickory.
         let rcode = header_rcode(&answer);
-        let learned = if rcode == 0 {
-            extract_learning(&msg, fwd.q.query.name(), self.config.min_ttl)
-        } else {
-            None
+        let min_ttl = self.config.min_ttl;
+        let fast = fwd
+            .q
+            .plain
+            .then(|| fast_answer(&answer, &fwd.q.qname, min_ttl, rcode == 0))
+            .flatten();
+        let learned = match fast {
+            Some(learned) => learned,
+            None => match Message::from_vec(&answer) {
+                Ok(msg) if rcode == 0 => extract_learning(&msg, &fwd.q.question.name(), min_ttl),
+                Ok(_) => None,
+                Err(e) => {
+                    let why = format!("malformed answer: {e}");
+                    return Answered::Done(Some(self.upstream_failed(&fwd, &why)));
+                }
+            },
         };
         let Some(learned) = learned else {
             return Answered::Done(Some(self.release(fwd, answer, rcode, None, None)));
@@ -361,7 +368,7 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             server: fwd.server,
             transport: fwd.transport,
             qname: fwd.q.qname.clone(),
-            qtype: u16::from(fwd.q.query.query_type()),
+            qtype: fwd.q.question.qtype,
         };
         let confirm = Box::pin(self.learner.learn(&ctx, learned.clone()));
         Answered::Hold(
@@ -431,7 +438,7 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         let (timeout, mark) = (self.config.forward_timeout, self.config.upstream_mark);
         let result = tcp_exchange(
             fwd.server,
-            &fwd.q.query,
+            &fwd.q.question,
             query,
             timeout,
             mark,
@@ -471,14 +478,16 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             Judged::Done(None) => return,
             Judged::Forward(fwd, query) => (fwd, query),
         };
-        let this = self.clone();
-        let (server, question) = (fwd.server, fwd.q.query.clone());
+        let server = fwd.server;
         pool.send(
             server,
-            question,
             query,
             self.config.forward_timeout,
-            Box::new(move |result| this.udp_answered(fwd, result, reply_to)),
+            Box::new(UdpWaiting {
+                shared: self.clone(),
+                fwd,
+                reply_to,
+            }),
         );
     }
 
@@ -533,12 +542,34 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             server: fwd.server,
             transport: fwd.transport,
             qname: fwd.q.qname.clone(),
-            qtype: u16::from(fwd.q.query.query_type()),
+            qtype: fwd.q.question.qtype,
             decision: fwd.decision,
             rcode,
             learned,
             hold,
         });
+    }
+}
+
+/// A UDP query at the upstream pool: its continuation is [`Shared::udp_answered`].
+struct UdpWaiting<P, L> {
+    shared: Arc<Shared<P, L>>,
+    fwd: Forward,
+    reply_to: UdpReply,
+}
+
+impl<P: DnsPolicy, L: Learner> Waiting for UdpWaiting<P, L> {
+    fn question(&self) -> &Question {
+        &self.fwd.q.question
+    }
+
+    fn done(self: Box<Self>, result: Result<Vec<u8>, UpstreamError>) {
+        let UdpWaiting {
+            shared,
+            fwd,
+            reply_to,
+        } = *self;
+        shared.udp_answered(fwd, result, reply_to);
     }
 }
 

@@ -27,15 +27,15 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::Query;
 use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use tracing::debug;
 
-use crate::message::{answer_key, same_question, set_id};
+use crate::message::{answer_id, set_id};
 use crate::metrics::ProxyMetrics;
 use crate::net;
+use crate::wire::Question;
 
 /// Why an upstream gave no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,8 +46,13 @@ pub(crate) enum UpstreamError {
     Failed(String),
 }
 
-/// What to do with a query's outcome: the answer (with the ID as sent) or why there is none.
-pub(crate) type Completion = Box<dyn FnOnce(Result<Vec<u8>, UpstreamError>) + Send>;
+/// A query waiting for its answer: the question an answer must carry to be its answer, and
+/// what to do with the outcome (the answer with the ID as sent, or why there is none). One
+/// allocation per query holds both.
+pub(crate) trait Waiting: Send + 'static {
+    fn question(&self) -> &Question;
+    fn done(self: Box<Self>, result: Result<Vec<u8>, UpstreamError>);
+}
 
 /// Answers read per wake-up of a pooled socket before other tasks run.
 const RECV_BATCH: usize = 32;
@@ -56,10 +61,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 
 struct Pending {
     server: SocketAddr,
-    question: Query,
     sent_at: Instant,
     deadline: Instant,
-    done: Completion,
+    waiting: Box<dyn Waiting>,
 }
 
 /// One socket of the pool with the queries outstanding on it, keyed by the ID sent.
@@ -181,15 +185,14 @@ impl UdpPool {
     }
 
     /// Sends `query` (a client's message; its ID is replaced by a free random one) to `server`
-    /// and arranges for `done` to run exactly once: with the matching answer (ID as sent; the
+    /// and arranges for `waiting` to be done exactly once: with the matching answer (ID as sent; the
     /// caller restores the client's), with `Timeout` once `timeout` passed, or with `Failed`.
     pub(crate) fn send(
         &self,
         server: SocketAddr,
-        question: Query,
         mut query: Vec<u8>,
         timeout: Duration,
-        done: Completion,
+        waiting: Box<dyn Waiting>,
     ) {
         let connected = self.connected.get(&server);
         let family = match connected {
@@ -198,7 +201,7 @@ impl UdpPool {
             None => self.v6.as_ref(),
         };
         let Some(family) = family else {
-            done(Err(UpstreamError::Failed(format!(
+            waiting.done(Err(UpstreamError::Failed(format!(
                 "no socket for {server}"
             ))));
             return;
@@ -209,7 +212,7 @@ impl UdpPool {
             let mut pending = slot.pending.lock().expect("pending lock");
             if pending.len() >= usize::from(u16::MAX) {
                 drop(pending);
-                done(Err(UpstreamError::Failed(
+                waiting.done(Err(UpstreamError::Failed(
                     "every query ID is in use".into(),
                 )));
                 return;
@@ -222,10 +225,9 @@ impl UdpPool {
             };
             free.insert(Pending {
                 server,
-                question,
                 sent_at: now,
                 deadline: now + timeout,
-                done,
+                waiting,
             });
             id
         };
@@ -243,14 +245,16 @@ impl UdpPool {
                 tokio::spawn(async move {
                     if let Err(e) = slot.socket.send_to(&query, server).await {
                         if let Some(p) = slot.take(id) {
-                            (p.done)(Err(UpstreamError::Failed(format!("send to {server}: {e}"))));
+                            p.waiting
+                                .done(Err(UpstreamError::Failed(format!("send to {server}: {e}"))));
                         }
                     }
                 });
             }
             Err(e) => {
                 if let Some(p) = slot.take(id) {
-                    (p.done)(Err(UpstreamError::Failed(format!("send to {server}: {e}"))));
+                    p.waiting
+                        .done(Err(UpstreamError::Failed(format!("send to {server}: {e}"))));
                 }
             }
         }
@@ -260,7 +264,7 @@ impl UdpPool {
 /// Sends `query` over a new TCP connection to `server` and reads one answer.
 pub(crate) async fn tcp_exchange(
     server: SocketAddr,
-    question: &Query,
+    question: &Question,
     mut query: Vec<u8>,
     timeout: Duration,
     mark: Option<u32>,
@@ -294,14 +298,12 @@ pub(crate) async fn tcp_exchange(
                 .read_exact(&mut answer)
                 .await
                 .map_err(|e| format!("read from {server}: {e}"))?;
-            match answer_key(&answer) {
-                Some((got, q)) if got == id && same_question(&q, question) => {
-                    return Ok::<_, String>(answer)
-                }
-                // A server may send unrelated messages on a connection (RFC 7766 allows
-                // it); skip them, the timeout bounds the wait.
-                _ => metrics.upstream_mismatches.fetch_add(1, Relaxed),
-            };
+            if answer_id(&answer) == Some(id) && question.asked_in(&answer) {
+                return Ok::<_, String>(answer);
+            }
+            // A server may send unrelated messages on a connection (RFC 7766 allows it);
+            // skip them, the timeout bounds the wait.
+            metrics.upstream_mismatches.fetch_add(1, Relaxed);
         }
     };
     match tokio::time::timeout(timeout, exchange).await {
@@ -357,14 +359,14 @@ async fn receive_loop(slot: Arc<Slot>, metrics: Arc<ProxyMetrics>) {
 }
 
 fn deliver(slot: &Slot, metrics: &ProxyMetrics, answer: &[u8], from: SocketAddr) {
-    let Some((id, question)) = answer_key(answer) else {
+    let Some(id) = answer_id(answer) else {
         metrics.upstream_mismatches.fetch_add(1, Relaxed);
         return;
     };
     let mut pending = slot.pending.lock().expect("pending lock");
     let matches = pending
         .get(&id)
-        .is_some_and(|p| p.server == from && same_question(&p.question, &question));
+        .is_some_and(|p| p.server == from && p.waiting.question().asked_in(answer));
     if !matches {
         drop(pending);
         metrics.upstream_mismatches.fetch_add(1, Relaxed);
@@ -374,7 +376,7 @@ fn deliver(slot: &Slot, metrics: &ProxyMetrics, answer: &[u8], from: SocketAddr)
     let p = pending.remove(&id).expect("checked above");
     drop(pending);
     metrics.upstream_latency.observe(p.sent_at.elapsed());
-    (p.done)(Ok(answer.to_vec()));
+    p.waiting.done(Ok(answer.to_vec()));
 }
 
 fn drain_errors(slot: &Slot, buf: &mut [u8]) {
@@ -394,7 +396,8 @@ fn drain_errors(slot: &Slot, buf: &mut [u8]) {
                     let p = pending.remove(&id).expect("checked above");
                     drop(pending);
                     let err = io::Error::from_raw_os_error(errno);
-                    (p.done)(Err(UpstreamError::Failed(format!("{dst}: {err}"))));
+                    p.waiting
+                        .done(Err(UpstreamError::Failed(format!("{dst}: {err}"))));
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -424,7 +427,7 @@ async fn sweep_loop(slots: Vec<Arc<Slot>>) {
                 ids.iter().filter_map(|id| pending.remove(id)).collect()
             };
             for p in expired {
-                (p.done)(Err(UpstreamError::Timeout));
+                p.waiting.done(Err(UpstreamError::Timeout));
             }
         }
     }

@@ -23,6 +23,16 @@ impl DnsName {
         DnsName(s)
     }
 
+    /// A name already in normal form (lower case, trailing dot), e.g. read label by label
+    /// from the wire by the DNS proxy: kept as it is, without a copy.
+    pub fn from_normal(name: String) -> DnsName {
+        debug_assert!(
+            name.ends_with('.') && !name.bytes().any(|b| b.is_ascii_uppercase()),
+            "{name:?} is not in normal form"
+        );
+        DnsName(name)
+    }
+
     /// A policy `matchName`: characters `[-a-zA-Z0-9_.]`, at most 255 characters, no empty
     /// label. Returns the reason on failure.
     pub fn parse_match_name(s: &str) -> Result<DnsName, String> {

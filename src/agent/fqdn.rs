@@ -7,6 +7,7 @@
 //! far (so a sibling request's in-flight update is waited for too) → the proxy releases the
 //! response.
 
+use std::cell::OnceCell;
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -23,12 +24,13 @@ use axum::Json;
 use dnsproxy::{
     Decision, DnsPolicy, HoldOutcome, LearnedAnswer, Learner, QueryContext, QueryEvent, Transport,
 };
-use fqdn_cache::{Answer, SaveSchedule, Snapshot, Timestamp};
+use fqdn_cache::{Answer, ConnectionSource, SaveSchedule, Snapshot, Timestamp};
 use policy::fqdn::DnsName;
 use policy::identity::IdentityAllocator;
 use policy::mapstate::LookupVerdict;
 use policy::model::{Direction, FqdnSelector, Protocol};
 
+use super::datapath::Datapath;
 use super::events::Event;
 use super::server::query_pairs;
 use super::Agent;
@@ -36,6 +38,30 @@ use crate::view::{FqdnCleanView, FqdnEntryView};
 
 pub fn now() -> Timestamp {
     Timestamp::from_system_time(SystemTime::now())
+}
+
+/// The datapath's open connections as a [`ConnectionSource`], read on the first question and
+/// kept for the rest of the call.
+struct LazyConnections<'a> {
+    datapath: &'a dyn Datapath,
+    open: OnceCell<HashSet<(u16, IpAddr)>>,
+}
+
+impl<'a> LazyConnections<'a> {
+    fn new(datapath: &'a dyn Datapath) -> Self {
+        LazyConnections {
+            datapath,
+            open: OnceCell::new(),
+        }
+    }
+}
+
+impl ConnectionSource for LazyConnections<'_> {
+    fn is_alive(&self, endpoint: u16, ip: IpAddr) -> bool {
+        self.open
+            .get_or_init(|| self.datapath.connections().into_iter().collect())
+            .contains(&(endpoint, ip))
+    }
 }
 
 /// The proxy's view of the agent.
@@ -61,8 +87,10 @@ impl Learner for AgentDns {
         answer: LearnedAnswer,
     ) -> impl Future<Output = HoldOutcome> + Send + 'static {
         let agent = self.0.clone();
-        // An IP pushed out by maxIPsPerHostname stays while a connection to it is open.
-        let open: HashSet<(u16, IpAddr)> = agent.datapath.connections().into_iter().collect();
+        // An IP pushed out by maxIPsPerHostname stays while a connection to it is open. The
+        // cache asks only when it pushes one out, which is rare: the datapath's connections
+        // are read then (under the state lock), not for every answer.
+        let open = LazyConnections::new(agent.datapath.as_ref());
         let (target, earlier) = {
             let mut st = agent.lock();
             let (qname, chain) = match answer.names.split_first() {
@@ -88,7 +116,13 @@ impl Learner for AgentDns {
         if earlier {
             agent.expiry_wakeup.notify_one();
         }
+        // Usually every change up to `target` is applied already (an answer that refreshes
+        // known IPs issues none, the in-memory datapath applies at once): no subscription then.
+        let done = agent.applied_up_to(target);
         async move {
+            if done {
+                return HoldOutcome::Enforceable;
+            }
             match agent.wait_applied(target).await {
                 Ok(()) => HoldOutcome::Enforceable,
                 Err(e) => HoldOutcome::Failed(e),

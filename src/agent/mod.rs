@@ -134,6 +134,11 @@ impl Agent {
         self.issued.load(Ordering::SeqCst)
     }
 
+    /// Whether the datapath confirmed every change up to `seq` already.
+    pub fn applied_up_to(&self, seq: u64) -> bool {
+        *self.applied.borrow() >= seq
+    }
+
     /// Resolves once the datapath confirmed every change up to `seq`.
     pub async fn wait_applied(&self, seq: u64) -> Result<(), String> {
         let mut rx = self.applied.subscribe();

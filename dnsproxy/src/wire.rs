@@ -1,0 +1,429 @@
+//! The fast path of message reading: the messages the proxy sees by the hundred thousand per
+//! second, read in place without building hickory's message model.
+//!
+//! A query of one question (plus at most an option-less OPT record) and an answer made of A,
+//! AAAA and CNAME records (NS and SOA in the authority section, A/AAAA glue and an option-less
+//! OPT in the additional section) make up nearly all traffic. For those this module validates
+//! the framing exactly as hickory's decoder does (name labels and compression pointers,
+//! record lengths, RDATA lengths) and reads what the proxy needs. It claims a message only when
+//! it is certain hickory would accept it and read the same: a name with a byte outside
+//! letters, digits, `-` and `_`, a record type it does not read, an EDNS option, trailing
+//! bytes, anything malformed: `None`, and the caller decides with hickory (`message.rs`). The
+//! property tests there hold the two paths to the same results.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use hickory_proto::op::Query;
+use hickory_proto::rr::Name;
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable};
+use policy::fqdn::DnsName;
+
+use crate::hooks::LearnedAnswer;
+use crate::message::{DEDUP_SCAN, HEADER_LEN, MAX_CHAIN};
+
+const TYPE_A: u16 = 1;
+const TYPE_NS: u16 = 2;
+const TYPE_CNAME: u16 = 5;
+const TYPE_SOA: u16 = 6;
+const TYPE_AAAA: u16 = 28;
+const TYPE_OPT: u16 = 41;
+const CLASS_IN: u16 = 1;
+/// Names longer than this (label bytes plus one per label) are left to hickory, whose limit
+/// is 255 counted slightly differently; real names are far shorter.
+const FAST_NAME_MAX: usize = 200;
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// A label hickory writes back verbatim in its ASCII form: letters, digits and `_`, and `-`
+/// anywhere but first.
+fn plain_label(label: &[u8]) -> bool {
+    label
+        .iter()
+        .enumerate()
+        .all(|(i, &c)| c.is_ascii_alphanumeric() || c == b'_' || (c == b'-' && i > 0))
+}
+
+/// Walks the name at `pos` by hickory's rules (labels of 1–63 bytes, pointers only to bytes
+/// before the start of the part being read, no overlap with it), calling `label` with each
+/// label; `label` returning false gives up. Returns the position after the name in the message
+/// (after the first pointer, if any). `None`: malformed, unusual or given up.
+fn walk_name(msg: &[u8], mut pos: usize, mut label: impl FnMut(&[u8]) -> bool) -> Option<usize> {
+    let mut part_start = pos;
+    let mut limit: Option<usize> = None;
+    let mut end = None;
+    let mut length = 0usize;
+    loop {
+        if limit.is_some_and(|l| pos >= l) {
+            return None;
+        }
+        let b = *msg.get(pos)?;
+        match b {
+            0 => return Some(end.unwrap_or(pos + 1)),
+            1..=63 => {
+                let l = msg.get(pos + 1..pos + 1 + usize::from(b))?;
+                length += l.len() + 1;
+                if length > FAST_NAME_MAX || !label(l) {
+                    return None;
+                }
+                pos += 1 + l.len();
+            }
+            0xc0..=0xff => {
+                let target = usize::from(u16_at(msg, pos)? & 0x3fff);
+                if target >= part_start {
+                    return None;
+                }
+                end.get_or_insert(pos + 2);
+                limit = Some(part_start);
+                pos = target;
+                part_start = target;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// The name at `pos` as normal text (lower case, trailing dot) appended to `out`, when every
+/// label is plain; the root name is `.`. Returns the position after the name.
+fn read_plain_name(msg: &[u8], pos: usize, out: &mut String) -> Option<usize> {
+    let start = out.len();
+    let end = walk_name(msg, pos, |l| {
+        if !plain_label(l) {
+            return false;
+        }
+        for &c in l {
+            out.push(char::from(c.to_ascii_lowercase()));
+        }
+        out.push('.');
+        true
+    })?;
+    if out.len() == start {
+        out.push('.');
+    }
+    Some(end)
+}
+
+/// A question as the proxy matches answers to it: the name's wire form in lower case
+/// (uncompressed), type and class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Question {
+    name: Box<[u8]>,
+    pub qtype: u16,
+    pub qclass: u16,
+}
+
+impl Question {
+    /// From hickory's reading of a question (the slow path).
+    pub(crate) fn from_query(q: &Query) -> Question {
+        let name = q
+            .name()
+            .to_lowercase()
+            .to_bytes()
+            .expect("a decoded name encodes");
+        Question {
+            name: name.into_boxed_slice(),
+            qtype: u16::from(q.query_type()),
+            qclass: u16::from(q.query_class()),
+        }
+    }
+
+    /// The name as hickory's, for the slow path of learning.
+    pub(crate) fn name(&self) -> Name {
+        Name::read(&mut BinDecoder::new(&self.name)).expect("built from a valid name")
+    }
+
+    /// Whether the question of `msg` (one question, at the header's end) is this one: name
+    /// case-insensitive, same type and class. An unreadable question is not.
+    pub(crate) fn asked_in(&self, msg: &[u8]) -> bool {
+        if u16_at(msg, 4) != Some(1) {
+            return false;
+        }
+        // Answers echo the question uncompressed: compare in place.
+        let n = self.name.len();
+        if let Some(wire) = msg.get(HEADER_LEN..HEADER_LEN + n) {
+            if wire.eq_ignore_ascii_case(&self.name) && valid_plain_wire(wire) {
+                let at = HEADER_LEN + n;
+                return u16_at(msg, at) == Some(self.qtype)
+                    && u16_at(msg, at + 2) == Some(self.qclass);
+            }
+        }
+        // Anything else (a pointer, a different name): hickory reads it.
+        let mut dec = BinDecoder::new(msg);
+        if dec.read_slice(HEADER_LEN).is_err() {
+            return false;
+        }
+        Query::read(&mut dec).is_ok_and(|q| Question::from_query(&q) == *self)
+    }
+}
+
+/// Whether `wire` is exactly one uncompressed name (labels of 1–63 bytes ending with the root
+/// label at its last byte), so an in-place comparison compared names.
+fn valid_plain_wire(wire: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(&l) = wire.get(at) {
+        if l == 0 {
+            return at + 1 == wire.len();
+        }
+        if l > 63 {
+            return false;
+        }
+        at += 1 + usize::from(l);
+    }
+    false
+}
+
+/// A query read by the fast path.
+#[derive(Debug)]
+pub(crate) struct FastQuery {
+    pub qname: DnsName,
+    pub question: Question,
+    /// Where the question ends (its bytes are `HEADER_LEN..question_end`).
+    pub question_end: usize,
+    /// The DO bit when the query carried an OPT record.
+    pub edns_do: Option<bool>,
+}
+
+/// Reads a query whose header was judged already (a query, opcode QUERY, one question): one
+/// question with a plain name, no answer or authority records, at most an option-less OPT.
+pub(crate) fn fast_query(bytes: &[u8]) -> Option<FastQuery> {
+    if u16_at(bytes, 6)? != 0 || u16_at(bytes, 8)? != 0 {
+        return None;
+    }
+    let additional = u16_at(bytes, 10)?;
+    if additional > 1 {
+        return None;
+    }
+    let mut text = String::with_capacity(64);
+    let name_end = read_plain_name(bytes, HEADER_LEN, &mut text)?;
+    // Uncompressed (a question's name has nothing before it to point to but the header)
+    // and not the root.
+    if text == "." || !valid_plain_wire(&bytes[HEADER_LEN..name_end]) {
+        return None;
+    }
+    let qtype = u16_at(bytes, name_end)?;
+    let qclass = u16_at(bytes, name_end + 2)?;
+    let question_end = name_end + 4;
+    let mut edns_do = None;
+    let mut at = question_end;
+    if additional == 1 {
+        // root name, OPT, payload size, extended rcode/version/flags, no RDATA
+        if *bytes.get(at)? != 0 || u16_at(bytes, at + 1)? != TYPE_OPT {
+            return None;
+        }
+        let flags = u32_at(bytes, at + 5)?;
+        if u16_at(bytes, at + 9)? != 0 {
+            return None;
+        }
+        edns_do = Some(flags & 0x8000 != 0);
+        at += 11;
+    }
+    if at != bytes.len() {
+        return None;
+    }
+    let wire: Box<[u8]> = bytes[HEADER_LEN..name_end]
+        .iter()
+        .map(u8::to_ascii_lowercase)
+        .collect();
+    Some(FastQuery {
+        qname: DnsName::from_normal(text),
+        question: Question {
+            name: wire,
+            qtype,
+            qclass,
+        },
+        question_end,
+        edns_do,
+    })
+}
+
+/// One record of an answer section the fast path read.
+enum Data {
+    V4(Ipv4Addr),
+    V6(Ipv6Addr),
+    /// The target's text in the owner arena.
+    Cname(std::ops::Range<usize>),
+}
+
+struct Rec {
+    owner: std::ops::Range<usize>,
+    ttl: u32,
+    data: Data,
+}
+
+/// Reads an upstream's response whose question the pool matched already: validates every
+/// record as hickory would and, with `learn` (a NOERROR answer), computes what it teaches
+/// about `qname` exactly as `message::extract_learning` does. `Some(None)`: valid, teaches
+/// nothing. `None`: not for the fast path.
+pub(crate) fn fast_answer(
+    bytes: &[u8],
+    qname: &DnsName,
+    min_ttl: u32,
+    learn: bool,
+) -> Option<Option<LearnedAnswer>> {
+    if bytes.len() < HEADER_LEN || bytes[2] & 0x80 == 0 || (bytes[2] >> 3) & 0x0f != 0 {
+        return None;
+    }
+    if u16_at(bytes, 4)? != 1 {
+        return None;
+    }
+    let counts = [u16_at(bytes, 6)?, u16_at(bytes, 8)?, u16_at(bytes, 10)?];
+    let mut at = walk_name(bytes, HEADER_LEN, |_| true)? + 4;
+    if at > bytes.len() {
+        return None;
+    }
+    let mut arena = String::with_capacity(128);
+    let mut recs: Vec<Rec> = Vec::with_capacity(usize::from(counts[0]).min(16));
+    let mut seen_opt = false;
+    for (section, &count) in counts.iter().enumerate() {
+        for _ in 0..count {
+            let owner_start = arena.len();
+            let fixed = read_plain_name(bytes, at, &mut arena)?;
+            let owner = owner_start..arena.len();
+            let rtype = u16_at(bytes, fixed)?;
+            let class = u16_at(bytes, fixed + 2)?;
+            let ttl = u32_at(bytes, fixed + 4)?;
+            let rdlen = usize::from(u16_at(bytes, fixed + 8)?);
+            let rdata = fixed + 10;
+            let rdend = rdata + rdlen;
+            if rdend > bytes.len() {
+                return None;
+            }
+            at = rdend;
+            if rtype == TYPE_OPT {
+                // Only in the additional section, once, with the root name and no options.
+                if section != 2 || seen_opt || &arena[owner.clone()] != "." || rdlen != 0 {
+                    return None;
+                }
+                seen_opt = true;
+                arena.truncate(owner_start);
+                continue;
+            }
+            if class != CLASS_IN {
+                return None;
+            }
+            let data = match (section, rtype) {
+                (0 | 2, TYPE_A) if rdlen == 4 => {
+                    let o: [u8; 4] = bytes[rdata..rdend].try_into().ok()?;
+                    Data::V4(Ipv4Addr::from(o))
+                }
+                (0 | 2, TYPE_AAAA) if rdlen == 16 => {
+                    let o: [u8; 16] = bytes[rdata..rdend].try_into().ok()?;
+                    Data::V6(Ipv6Addr::from(o))
+                }
+                (0, TYPE_CNAME) => {
+                    let target_start = arena.len();
+                    if walk_rdata_name(bytes, rdata, &mut arena)? != rdend {
+                        return None;
+                    }
+                    Data::Cname(target_start..arena.len())
+                }
+                (1, TYPE_NS) => {
+                    if walk_name(bytes, rdata, |_| true)? != rdend {
+                        return None;
+                    }
+                    continue;
+                }
+                (1, TYPE_SOA) => {
+                    let rname = walk_name(bytes, rdata, |_| true)?;
+                    if walk_name(bytes, rname, |_| true)? + 20 != rdend {
+                        return None;
+                    }
+                    continue;
+                }
+                _ => return None,
+            };
+            if section == 0 {
+                recs.push(Rec { owner, ttl, data });
+            }
+        }
+    }
+    if at != bytes.len() {
+        return None;
+    }
+    if !learn {
+        return Some(None);
+    }
+    Some(learning(&arena, &recs, qname, min_ttl))
+}
+
+/// A name in RDATA (a CNAME target): plain text into `arena`; its end.
+fn walk_rdata_name(bytes: &[u8], at: usize, arena: &mut String) -> Option<usize> {
+    let start = arena.len();
+    let end = read_plain_name(bytes, at, arena)?;
+    // The root as a target is valid but teaches no name worth filing: leave it to hickory.
+    (&arena[start..] != ".").then_some(end)
+}
+
+/// `message::extract_learning` over the records read in place (no SVCB here: those answers
+/// take the slow path).
+fn learning(arena: &str, recs: &[Rec], qname: &DnsName, min_ttl: u32) -> Option<LearnedAnswer> {
+    let text = |r: &std::ops::Range<usize>| &arena[r.clone()];
+    let mut chain: Vec<&str> = vec![qname.as_str()];
+    let mut ttl = u32::MAX;
+    'follow: while chain.len() < MAX_CHAIN {
+        let current = *chain.last().expect("chain starts non-empty");
+        for r in recs {
+            if let Data::Cname(target) = &r.data {
+                if text(&r.owner) == current {
+                    let target = text(target);
+                    if chain.contains(&target) {
+                        break 'follow;
+                    }
+                    ttl = ttl.min(r.ttl);
+                    chain.push(target);
+                    continue 'follow;
+                }
+            }
+        }
+        break;
+    }
+    let mut ips: Vec<IpAddr> = Vec::new();
+    let mut seen: Option<std::collections::HashSet<IpAddr>> = None;
+    for r in recs {
+        let ip = match r.data {
+            Data::V4(a) => IpAddr::V4(a),
+            Data::V6(a) => IpAddr::V6(a),
+            Data::Cname(_) => continue,
+        };
+        if !chain.contains(&text(&r.owner)) {
+            continue;
+        }
+        ttl = ttl.min(r.ttl);
+        let new = match &mut seen {
+            Some(set) => set.insert(ip),
+            None if ips.len() < DEDUP_SCAN => !ips.contains(&ip),
+            None => {
+                let mut set: std::collections::HashSet<IpAddr> = ips.iter().copied().collect();
+                let new = set.insert(ip);
+                seen = Some(set);
+                new
+            }
+        };
+        if new {
+            ips.push(ip);
+        }
+    }
+    if ips.is_empty() {
+        return None;
+    }
+    Some(LearnedAnswer {
+        names: chain
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                if i == 0 {
+                    qname.clone()
+                } else {
+                    DnsName::from_normal((*n).to_owned())
+                }
+            })
+            .collect(),
+        ips,
+        ttl: ttl.max(min_ttl),
+    })
+}
