@@ -67,6 +67,34 @@ impl ConnectionSource for LazyConnections<'_> {
 /// The proxy's view of the agent.
 pub struct AgentDns(pub Arc<Agent>);
 
+/// Flows remembered per thread before the table starts over (a flow is a client address,
+/// a server and a transport: few per endpoint).
+const MAX_REMEMBERED_FLOWS: usize = 4096;
+
+/// The DNS decisions of one thread (each UDP shard of the proxy is one): per flow, the
+/// endpoint and its compiled DNS rules, as of `epoch`. Shared with no other thread, so a
+/// query whose flow is known is decided without the state lock and without touching memory
+/// another core writes.
+#[derive(Default)]
+struct FlowDecisions {
+    epoch: u64,
+    flows: std::collections::HashMap<(SocketAddr, SocketAddr, Transport), Option<FlowRules>>,
+}
+
+type FlowRules = (u16, Arc<super::state::DnsMatcher>);
+
+thread_local! {
+    static FLOW_DECISIONS: std::cell::RefCell<FlowDecisions> =
+        std::cell::RefCell::new(FlowDecisions::default());
+}
+
+fn decide(flow: &Option<FlowRules>, qname: &DnsName) -> Decision {
+    match flow {
+        None => Decision::UnknownEndpoint,
+        Some((endpoint_id, matcher)) => matcher.decide(*endpoint_id, qname),
+    }
+}
+
 impl DnsPolicy for AgentDns {
     fn check(
         &self,
@@ -75,8 +103,31 @@ impl DnsPolicy for AgentDns {
         transport: Transport,
         qname: &DnsName,
     ) -> Decision {
-        let st = self.0.lock();
-        st.dns_decision(client.ip(), server, transport, qname)
+        // The client's port does not choose its endpoint: the key keeps the address only.
+        let key = (SocketAddr::new(client.ip(), 0), server, transport);
+        FLOW_DECISIONS.with(|cell| {
+            let mut known = cell.borrow_mut();
+            if known.epoch == self.0.dns_epoch.load(Ordering::Acquire) {
+                if let Some(flow) = known.flows.get(&key) {
+                    return decide(flow, qname);
+                }
+            }
+            // Unknown flow, or something changed since: ask the state, and remember the
+            // answer under the epoch read with the lock held (a change made after it moves
+            // the epoch again).
+            let (epoch, flow) = {
+                let st = self.0.lock();
+                let epoch = self.0.dns_epoch.load(Ordering::Acquire);
+                (epoch, st.dns_flow(client.ip(), server, transport))
+            };
+            if known.epoch != epoch || known.flows.len() >= MAX_REMEMBERED_FLOWS {
+                known.flows.clear();
+                known.epoch = epoch;
+            }
+            let decision = decide(&flow, qname);
+            known.flows.insert(key, flow);
+            decision
+        })
     }
 }
 

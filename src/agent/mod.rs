@@ -58,6 +58,17 @@ pub struct Agent {
     /// The policy revision in force, readable without the state lock (the L7 proxies'
     /// compiled rules follow it).
     pub policy_revision: AtomicU64,
+    /// Moves (under the state lock) whenever a change is submitted: the DNS decisions the
+    /// proxy's threads keep per flow (`fqdn::AgentDns::check`) are valid while it stands
+    /// still. Drawn from a process-wide counter, so two agents never share a value.
+    pub dns_epoch: AtomicU64,
+}
+
+/// Source of [`Agent::dns_epoch`] values.
+static DNS_EPOCHS: AtomicU64 = AtomicU64::new(1);
+
+fn next_dns_epoch() -> u64 {
+    DNS_EPOCHS.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Agent {
@@ -78,6 +89,7 @@ impl Agent {
             l7_stats: OnceLock::new(),
             no_policy: AtomicBool::new(true),
             policy_revision: AtomicU64::new(0),
+            dns_epoch: AtomicU64::new(next_dns_epoch()),
         })
     }
 
@@ -94,6 +106,9 @@ impl Agent {
     pub fn submit(self: &Arc<Self>, held: &MutexGuard<'_, AgentState>, changes: &[Changes]) -> u64 {
         if changes.iter().any(|c| !c.maps.is_empty()) {
             held.forget_dns_matchers();
+        }
+        if changes.iter().any(|c| !c.is_empty()) {
+            self.dns_epoch.store(next_dns_epoch(), Ordering::Release);
         }
         let mut seq = self.issued.load(Ordering::SeqCst);
         for c in changes.iter().filter(|c| !c.is_empty()) {

@@ -132,6 +132,14 @@ impl DnsMatcher {
             DnsMatcher::Some(index) => !index.matches(name).is_empty(),
         }
     }
+
+    pub fn decide(&self, endpoint_id: u16, name: &DnsName) -> Decision {
+        if self.allows(name) {
+            Decision::Allow { endpoint_id }
+        } else {
+            Decision::Deny { endpoint_id }
+        }
+    }
 }
 
 impl AgentState {
@@ -370,18 +378,20 @@ impl AgentState {
         }
     }
 
-    /// The DNS proxy's question: may the endpoint at `client` resolve `qname` through
-    /// `server`? Allowed when a DNS rule of the endpoint for (server identity, port,
-    /// protocol) matches the name; with no DNS rules and no egress enforcement the query is
-    /// allowed (and its answer learned, for visibility).
-    pub fn dns_decision(
+    /// The DNS proxy's question, per flow: what decides whether the endpoint at `client` may
+    /// resolve a name through `server`. `None` when `client` is no endpoint's; else the
+    /// endpoint and the compiled DNS rules for (server identity, port, protocol), which
+    /// [`DnsMatcher::decide`] applies to each name: allowed when a DNS rule matches the name;
+    /// with no DNS rules and no egress enforcement every name is allowed (and its answer
+    /// learned, for visibility). Valid until the next change the agent submits (see
+    /// `Agent::dns_epoch`).
+    pub fn dns_flow(
         &self,
         client: IpAddr,
         server: SocketAddr,
         transport: Transport,
-        qname: &DnsName,
-    ) -> Decision {
-        let Some(&endpoint_id) = self.by_ip.get(&client).or_else(|| {
+    ) -> Option<(u16, Arc<DnsMatcher>)> {
+        let &endpoint_id = self.by_ip.get(&client).or_else(|| {
             // IPv4-mapped IPv6 sources from dual-stack sockets belong to the IPv4 address.
             match client {
                 IpAddr::V6(v6) => v6
@@ -389,9 +399,7 @@ impl AgentState {
                     .and_then(|v4| self.by_ip.get(&IpAddr::V4(v4))),
                 IpAddr::V4(_) => None,
             }
-        }) else {
-            return Decision::UnknownEndpoint;
-        };
+        })?;
         let server_identity = self
             .engine
             .ipcache()
@@ -417,11 +425,7 @@ impl AgentState {
                 })
                 .clone()
         };
-        if matcher.allows(qname) {
-            Decision::Allow { endpoint_id }
-        } else {
-            Decision::Deny { endpoint_id }
-        }
+        Some((endpoint_id, matcher))
     }
 
     /// Drops the compiled DNS matchers: called whenever policy map entries change (which is
