@@ -37,7 +37,7 @@ impl Learner for Table {
     fn learn(
         &self,
         _ctx: &QueryContext,
-        answer: LearnedAnswer,
+        answer: &LearnedAnswer,
     ) -> impl Future<Output = HoldOutcome> + Send + 'static {
         let expiry = Instant::now() + Duration::from_secs(u64::from(answer.ttl));
         let mut names = self.names.lock().expect("table lock");

@@ -107,12 +107,19 @@ pub trait Learner: Send + Sync + 'static {
     fn learn(
         &self,
         ctx: &QueryContext,
-        answer: LearnedAnswer,
+        answer: &LearnedAnswer,
     ) -> impl Future<Output = HoldOutcome> + Send + 'static;
 
     /// Told about every query the proxy answered or dropped (for `monitor --type dns` and
     /// logs). Called after the response is sent; must not block.
     fn observe(&self, _event: &QueryEvent) {}
+
+    /// Whether [`Learner::observe`] wants events now; when it says no, the proxy does not
+    /// build them (a query's event costs a copy of its name). Must be cheap (an atomic
+    /// load, no lock).
+    fn observing(&self) -> bool {
+        true
+    }
 }
 
 /// One finished query, for observers.

@@ -370,7 +370,7 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             qname: fwd.q.qname.clone(),
             qtype: fwd.q.question.qtype,
         };
-        let confirm = Box::pin(self.learner.learn(&ctx, learned.clone()));
+        let confirm = Box::pin(self.learner.learn(&ctx, &learned));
         Answered::Hold(
             Held {
                 fwd,
@@ -537,6 +537,9 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         learned: Option<crate::LearnedAnswer>,
         hold: Duration,
     ) {
+        if !self.learner.observing() {
+            return;
+        }
         self.learner.observe(&QueryEvent {
             client: fwd.client,
             server: fwd.server,

@@ -1,5 +1,7 @@
 //! Monitor events: what `fqdnwall monitor` streams, one JSON object per line.
 
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -31,6 +33,9 @@ pub struct Event {
 
 pub struct Events {
     tx: broadcast::Sender<Arc<Event>>,
+    /// Monitors listening. Kept beside the channel because the proxy asks for every query
+    /// and the channel's own count takes its lock.
+    subscribers: Arc<AtomicUsize>,
 }
 
 impl Default for Events {
@@ -39,25 +44,56 @@ impl Default for Events {
     }
 }
 
+/// A monitor's receiver; counted while it lives.
+pub struct Subscription {
+    rx: broadcast::Receiver<Arc<Event>>,
+    subscribers: Arc<AtomicUsize>,
+}
+
+impl Deref for Subscription {
+    type Target = broadcast::Receiver<Arc<Event>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.rx
+    }
+}
+
+impl DerefMut for Subscription {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.rx
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Events {
     pub fn new() -> Events {
         Events {
             tx: broadcast::channel(BUFFER).0,
+            subscribers: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     /// Sends to every monitor; nothing is kept when no monitor listens.
     pub fn publish(&self, e: Event) {
-        if self.tx.receiver_count() > 0 {
+        if self.has_subscribers() {
             let _ = self.tx.send(Arc::new(e));
         }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.tx.subscribe()
+    pub fn subscribe(&self) -> Subscription {
+        self.subscribers.fetch_add(1, Ordering::Relaxed);
+        Subscription {
+            rx: self.tx.subscribe(),
+            subscribers: self.subscribers.clone(),
+        }
     }
 
     pub fn has_subscribers(&self) -> bool {
-        self.tx.receiver_count() > 0
+        self.subscribers.load(Ordering::Relaxed) > 0
     }
 }

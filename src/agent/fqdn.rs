@@ -135,7 +135,7 @@ impl Learner for AgentDns {
     fn learn(
         &self,
         ctx: &QueryContext,
-        answer: LearnedAnswer,
+        answer: &LearnedAnswer,
     ) -> impl Future<Output = HoldOutcome> + Send + 'static {
         let agent = self.0.clone();
         // An IP pushed out by maxIPsPerHostname stays while a connection to it is open. The
@@ -145,13 +145,13 @@ impl Learner for AgentDns {
         let (target, earlier) = {
             let mut st = agent.lock();
             let (qname, chain) = match answer.names.split_first() {
-                Some((q, rest)) => (q.clone(), rest.to_vec()),
-                None => (ctx.qname.clone(), Vec::new()),
+                Some((q, rest)) => (q, rest),
+                None => (&ctx.qname, &[][..]),
             };
             let a = Answer {
                 endpoint: ctx.endpoint_id,
-                qname: &qname,
-                chain: &chain,
+                qname,
+                chain,
                 ips: &answer.ips,
                 ttl: answer.ttl,
             };
@@ -181,15 +181,18 @@ impl Learner for AgentDns {
         }
     }
 
-    fn observe(&self, ev: &QueryEvent) {
+    fn observing(&self) -> bool {
         // With no policy in force the agent is a visibility tool: every query is logged.
         // Under policy, queries are logged at debug level (the monitor shows them all).
-        let visibility = self.0.no_policy.load(std::sync::atomic::Ordering::Relaxed);
-        if !visibility
-            && !self.0.events.has_subscribers()
-            && !tracing::enabled!(tracing::Level::DEBUG)
-        {
-            // The hot path under load: nothing to do, and no lock taken.
+        // Otherwise (the hot path under load) there is nothing to do with an event.
+        self.0.no_policy.load(Ordering::Relaxed)
+            || self.0.events.has_subscribers()
+            || tracing::enabled!(tracing::Level::DEBUG)
+    }
+
+    fn observe(&self, ev: &QueryEvent) {
+        let visibility = self.0.no_policy.load(Ordering::Relaxed);
+        if !self.observing() {
             return;
         }
         let st = self.0.lock();

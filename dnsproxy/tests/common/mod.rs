@@ -357,7 +357,7 @@ impl Learner for MemDatapath {
     fn learn(
         &self,
         ctx: &QueryContext,
-        answer: LearnedAnswer,
+        answer: &LearnedAnswer,
     ) -> impl Future<Output = HoldOutcome> + Send + 'static {
         let mut waits = Vec::new();
         let mut st = self.state.lock().unwrap();
