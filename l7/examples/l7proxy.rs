@@ -2,11 +2,18 @@
 //! set like a real policy's, for benchmarks and manual testing:
 //!
 //!   l7proxy --http LISTEN UPSTREAM [--http-rules N] [--kafka LISTEN UPSTREAM] [--kafka-topic T]
-//!           [--workers N]
+//!           [--workers N] [--runtime workers|multi|per-thread]
 //!
-//! With `--workers N` (default: the number of CPUs) each worker thread runs its own
-//! single-threaded runtime with its own listener on the shared address (SO_REUSEPORT), so a
-//! connection and its upstream stay on one thread, as nginx's workers do.
+//! N (`--workers`) defaults to the number of CPUs. Each accepted HTTP connection is one task,
+//! which also drives its upstream HTTP/1.1 connection. Where the tasks run:
+//! - `workers` (the default): one listener and accept loop; each connection goes to the least
+//!   busy of N threads running a single-threaded runtime each (`l7::ConnectionWorkers`).
+//! - `multi`: one multi-thread Tokio runtime with N worker threads and one listener per
+//!   proxy; idle workers steal tasks from busy ones.
+//! - `per-thread`: N threads, each with its own single-threaded runtime and its own listener
+//!   on the shared address (SO_REUSEPORT), so the kernel spreads connections over them by a
+//!   hash of their addresses (and a thread cannot hand work to another).
+//!
 //! The HTTP rule set has N rules (default 20): N-1 that do not match typical traffic and a
 //! last one allowing `GET /api/v1/.*`. The Kafka rules allow role produce on topic T
 //! (default `bench`), so every request is decoded and its topics matched.
@@ -15,8 +22,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use l7::{
-    EventSink, HttpPolicy, HttpProxy, HttpProxyConfig, KafkaPolicy, KafkaProxy, KafkaProxyConfig,
-    ProxyMode, Redirect, SecretDir, SwappablePolicy,
+    ConnectionWorkers, EventSink, HttpPolicy, HttpProxy, HttpProxyConfig, KafkaPolicy, KafkaProxy,
+    KafkaProxyConfig, ProxyMode, Redirect, SecretDir, SwappablePolicy,
 };
 use policy::model::{HeaderRule, HttpRule, KafkaRole, KafkaRule};
 
@@ -62,24 +69,46 @@ fn main() {
     let workers = arg_after(&args, "--workers", 1)
         .map(|s| s.parse().expect("--workers N"))
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let handles: Vec<_> = (0..workers)
-        .map(|i| {
-            let args = args.clone();
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(worker(args, i == 0));
-            })
-        })
-        .collect();
-    for h in handles {
-        let _ = h.join();
+    match arg_after(&args, "--runtime", 1).as_deref() {
+        None | Some("workers") => {
+            let pool = ConnectionWorkers::start(workers, "l7proxy").expect("worker threads");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(worker(args, true, Some(Arc::new(pool))));
+        }
+        Some("multi") => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(worker(args, true, None));
+        }
+        Some("per-thread") => {
+            let handles: Vec<_> = (0..workers)
+                .map(|i| {
+                    let args = args.clone();
+                    std::thread::spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("runtime");
+                        rt.block_on(worker(args, i == 0, None));
+                    })
+                })
+                .collect();
+            for h in handles {
+                let _ = h.join();
+            }
+        }
+        Some(other) => panic!("--runtime {other}: expected workers, multi or per-thread"),
     }
 }
 
-async fn worker(args: Vec<String>, first: bool) {
+/// Binds the proxies and serves them (HTTP connections on `pool` when given).
+async fn worker(args: Vec<String>, first: bool, pool: Option<Arc<ConnectionWorkers>>) {
     let policy = Arc::new(SwappablePolicy::new());
     let events = EventSink::new(1024);
     let mut tasks = Vec::new();
@@ -116,7 +145,7 @@ async fn worker(args: Vec<String>, first: bool) {
                 proxy.local_addr()
             );
         }
-        tasks.push(tokio::spawn(proxy.run()));
+        tasks.push(tokio::spawn(proxy.run_on_workers(pool)));
     }
     if args.iter().any(|a| a == "--kafka") {
         let topic = arg_after(&args, "--kafka-topic", 1).unwrap_or_else(|| "bench".into());
@@ -155,7 +184,7 @@ async fn worker(args: Vec<String>, first: bool) {
         tasks.push(tokio::spawn(proxy.run()));
     }
     if tasks.is_empty() {
-        eprintln!("usage: l7proxy --http LISTEN UPSTREAM [--http-rules N] [--kafka LISTEN UPSTREAM] [--kafka-topic T] [--workers N]");
+        eprintln!("usage: l7proxy --http LISTEN UPSTREAM [--http-rules N] [--kafka LISTEN UPSTREAM] [--kafka-topic T] [--workers N] [--runtime workers|multi|per-thread]");
         std::process::exit(2);
     }
     for t in tasks {

@@ -174,6 +174,12 @@ impl EventSink {
         &self.stats
     }
 
+    /// Whether any subscriber listens, so a proxy may skip building an event nobody would
+    /// receive (it still counts the verdict).
+    pub fn has_subscribers(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
     /// Counts the verdict and publishes the event.
     pub(crate) fn emit(&self, ev: L7Event) {
         self.stats.protocol(ev.protocol).verdict(ev.verdict);

@@ -8,20 +8,30 @@
 //! order and a denied request in between is answered in its place. Bodies stream in both
 //! directions; nothing is buffered whole.
 //!
+//! Cost per request matters here (the proxy sits in the path of every request it judges), so:
+//! an HTTP/1.1 downstream connection and its upstream connection are driven by one task (a
+//! request and its response cross between them without waking another task, or another
+//! thread of a multi-thread runtime); the request is judged on borrowed views of its head,
+//! and the strings of an event are built only while a `monitor` client listens; hop-by-hop
+//! headers are found in one pass over the names; responses need no boxed body.
+//!
 //! Denied: 403 with the configured message; a gRPC call (content-type `application/grpc*`)
 //! gets HTTP 200 with `grpc-status: 7` (PERMISSION_DENIED) in a trailers-only response, so
 //! the client sees a clean RPC error and other streams of the connection go on.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -33,10 +43,53 @@ use tokio::sync::Mutex;
 use crate::error::L7Error;
 use crate::events::{EventSink, L7Event, L7EventKind, L7Protocol, L7Verdict, ProtocolStats};
 use crate::http_rules::{HeaderAction, HttpDecision, HttpPolicy, HttpRequestView};
-use crate::net::{self, ProxyMode};
+use crate::net::{self, ConnectionWorkers, ProxyMode};
 use crate::policy::{FlowKey, L7PolicySource, Redirect};
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// The body of an answer to the client: the upstream's, streamed through, or one the proxy
+/// made (403, 502). An enum rather than a boxed body: no allocation per response.
+enum Body {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+impl Body {
+    fn local(b: Bytes) -> Body {
+        Body::Local((!b.is_empty()).then_some(b))
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Body::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Body::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Upstream(b) => b.is_end_stream(),
+            Body::Local(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Upstream(b) => b.size_hint(),
+            Body::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// An upstream HTTP/1.1 connection's future, driven on its downstream connection's task.
+type UpstreamDriver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Configuration of one HTTP proxy listener.
 #[derive(Debug, Clone)]
@@ -69,6 +122,8 @@ impl HttpProxyConfig {
 
 struct Shared {
     cfg: HttpProxyConfig,
+    /// `cfg.denied_message`, ready to send without copying.
+    denied_body: Bytes,
     policy: Arc<dyn L7PolicySource>,
     events: EventSink,
     /// The listener's own address (to refuse connections made to it directly in transparent
@@ -121,14 +176,27 @@ impl HttpProxy {
         self.service.clone()
     }
 
-    /// Accepts connections until the task is dropped.
+    /// Accepts connections until the task is dropped, serving each on a task of the current
+    /// runtime.
     pub async fn run(self) {
+        self.run_on_workers(None).await
+    }
+
+    /// Accepts connections until the task is dropped, serving each on the least busy of
+    /// `workers` (see [`ConnectionWorkers`] for why), or on the current runtime when `None`.
+    pub async fn run_on_workers(self, workers: Option<Arc<ConnectionWorkers>>) {
         let mode = self.service.shared.cfg.mode;
         let svc = self.service;
-        net::accept_loop(self.listener, mode, "http", move |stream, src, dst| {
-            let svc = svc.clone();
-            async move { svc.serve(stream, src, dst).await }
-        })
+        net::accept_loop_on(
+            self.listener,
+            mode,
+            "http",
+            workers,
+            move |stream, src, dst| {
+                let svc = svc.clone();
+                async move { svc.serve(stream, src, dst).await }
+            },
+        )
         .await
     }
 }
@@ -152,6 +220,7 @@ impl HttpProxyService {
     ) -> HttpProxyService {
         HttpProxyService {
             shared: Arc::new(Shared {
+                denied_body: Bytes::from(cfg.denied_message.clone()),
                 cfg,
                 policy,
                 events,
@@ -164,7 +233,9 @@ impl HttpProxyService {
         &self.shared.events.stats().http
     }
 
-    /// Serves one client connection whose requests go to `dst`.
+    /// Serves one client connection whose requests go to `dst`. The returned future also
+    /// drives the connection's HTTP/1.1 upstream connection, so a request and its response
+    /// stay on one task.
     pub async fn serve<IO>(&self, io: IO, src: SocketAddr, dst: SocketAddr)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -174,12 +245,18 @@ impl HttpProxyService {
             tracing::debug!(%src, "http proxy: refusing a connection made to the proxy itself");
             return;
         }
+        let wakers = SideWakers::new();
+        let new_upstreams = Arc::new(NewUpstreams {
+            queue: std::sync::Mutex::new(Some(Vec::new())),
+            wake: Waker::from(wakers.upstream.clone()),
+        });
         let conn = Arc::new(Conn {
             shared: self.shared.clone(),
             src,
             dst,
-            h1: Mutex::new(None),
+            h1: std::sync::Mutex::new(None),
             h2: Mutex::new(None),
+            new_upstreams: new_upstreams.clone(),
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -191,10 +268,9 @@ impl HttpProxyService {
             let conn = conn.clone();
             async move { Ok::<_, Infallible>(conn.handle(req).await) }
         });
-        if let Err(e) = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), svc)
-            .await
-        {
+        let server = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        let result = OneTask::new(server, wakers, new_upstreams).await;
+        if let Err(e) = result {
             let malformed = e
                 .downcast_ref::<hyper::Error>()
                 .is_some_and(|e| e.is_parse() || e.is_parse_too_large());
@@ -209,6 +285,202 @@ impl HttpProxyService {
     }
 }
 
+/// A downstream connection's future and the futures of the upstream HTTP/1.1 connections
+/// its requests open, driven as one task. Each side has a waker of its own, so a wake-up
+/// polls only the side it is for; when one side wakes the other while they are being polled
+/// (a request handed to the upstream connection, a response handed back), the other side is
+/// polled in the same pass instead of going through the scheduler again.
+struct OneTask<S> {
+    server: Pin<Box<S>>,
+    upstreams: Vec<UpstreamDriver>,
+    new_upstreams: Arc<NewUpstreams>,
+    wakers: SideWakers,
+    /// Wakers made from `wakers`.
+    server_side: Waker,
+    upstream_side: Waker,
+}
+
+/// Upstream connections that requests of a downstream connection opened, until its task
+/// takes them in (`None` once that task has ended).
+struct NewUpstreams {
+    queue: std::sync::Mutex<Option<Vec<UpstreamDriver>>>,
+    /// Wakes the upstream side of the task.
+    wake: Waker,
+}
+
+impl NewUpstreams {
+    fn add(&self, u: UpstreamDriver) {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        match queue.as_mut() {
+            Some(q) => {
+                q.push(u);
+                drop(queue);
+                self.wake.wake_by_ref();
+            }
+            // Not reached (a request's handler runs within its connection's task), but an
+            // upstream connection must be driven by someone.
+            None => {
+                drop(queue);
+                tokio::spawn(u);
+            }
+        }
+    }
+}
+
+/// The wakers of a task's two sides.
+struct SideWakers {
+    task: Arc<TaskWake>,
+    server: Arc<SideWake>,
+    upstream: Arc<SideWake>,
+}
+
+impl SideWakers {
+    fn new() -> SideWakers {
+        let task = Arc::new(TaskWake {
+            polling: AtomicBool::new(false),
+            task: std::sync::Mutex::new(None),
+        });
+        // Both sides start woken: the first poll polls both.
+        let side = || {
+            Arc::new(SideWake {
+                woken: AtomicBool::new(true),
+                shared: task.clone(),
+            })
+        };
+        let (server, upstream) = (side(), side());
+        SideWakers {
+            task,
+            server,
+            upstream,
+        }
+    }
+}
+
+/// What the wakers of both sides share: the task's own waker, and whether the task is being
+/// polled right now (then a side's wake-up needs only its flag: the poll loop sees it).
+struct TaskWake {
+    polling: AtomicBool,
+    task: std::sync::Mutex<Option<Waker>>,
+}
+
+struct SideWake {
+    woken: AtomicBool,
+    shared: Arc<TaskWake>,
+}
+
+impl Wake for SideWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // SeqCst on both flags, here and in `OneTask::poll`: either this sees the poll
+        // loop still running (and the loop then sees `woken`), or the task is woken.
+        self.woken.store(true, Ordering::SeqCst);
+        if !self.shared.polling.load(Ordering::SeqCst) {
+            if let Some(w) = &*self
+                .shared
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+            {
+                w.wake_by_ref();
+            }
+        }
+    }
+}
+
+/// Passes over the two sides within one poll before yielding to the scheduler (a side that
+/// keeps waking itself, e.g. out of Tokio's cooperative budget, must not spin here).
+const MAX_PASSES: usize = 8;
+
+impl<S> OneTask<S> {
+    fn new(server: S, wakers: SideWakers, new_upstreams: Arc<NewUpstreams>) -> Self {
+        OneTask {
+            server: Box::pin(server),
+            upstreams: Vec::new(),
+            new_upstreams,
+            server_side: Waker::from(wakers.server.clone()),
+            upstream_side: Waker::from(wakers.upstream.clone()),
+            wakers,
+        }
+    }
+}
+
+impl<S> Drop for OneTask<S> {
+    fn drop(&mut self) {
+        *self
+            .new_upstreams
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+impl<S, T> Future for OneTask<S>
+where
+    S: Future<Output = T>,
+{
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let this = self.get_mut();
+        {
+            let mut task = this
+                .wakers
+                .task
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        let server_woken = &this.wakers.server.woken;
+        let upstream_woken = &this.wakers.upstream.woken;
+        let polling = &this.wakers.task.polling;
+        for _ in 0..MAX_PASSES {
+            polling.store(true, Ordering::SeqCst);
+            // Upstream first (a response that arrived is handed to the server in the same
+            // pass), then the server (a request it hands over is written in the next pass).
+            loop {
+                let up = upstream_woken.swap(false, Ordering::SeqCst);
+                let srv = server_woken.swap(false, Ordering::SeqCst);
+                if !up && !srv {
+                    break;
+                }
+                if up {
+                    let mut ucx = Context::from_waker(&this.upstream_side);
+                    if let Some(q) = this
+                        .new_upstreams
+                        .queue
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .as_mut()
+                    {
+                        this.upstreams.append(q);
+                    }
+                    this.upstreams
+                        .retain_mut(|u| u.as_mut().poll(&mut ucx).is_pending());
+                }
+                if srv {
+                    let mut scx = Context::from_waker(&this.server_side);
+                    if let Poll::Ready(r) = this.server.as_mut().poll(&mut scx) {
+                        polling.store(false, Ordering::SeqCst);
+                        return Poll::Ready(r);
+                    }
+                }
+            }
+            polling.store(false, Ordering::SeqCst);
+            if !upstream_woken.load(Ordering::SeqCst) && !server_woken.load(Ordering::SeqCst) {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 fn is_self(dst: SocketAddr, local: SocketAddr) -> bool {
     dst == local
         || (local.ip().is_unspecified() && dst.port() == local.port() && dst.ip().is_loopback())
@@ -219,16 +491,38 @@ struct Conn {
     shared: Arc<Shared>,
     src: SocketAddr,
     dst: SocketAddr,
-    h1: Mutex<Option<client1::SendRequest<Incoming>>>,
+    /// The HTTP/1.1 upstream connection between two requests (a request takes it out while
+    /// it uses it: HTTP/1.1 requests of one connection are handled one after the other).
+    h1: std::sync::Mutex<Option<client1::SendRequest<Incoming>>>,
+    /// The HTTP/2 upstream connection, shared by the streams (their handlers run
+    /// concurrently, so the first one connects while the others wait).
     h2: Mutex<Option<client2::SendRequest<Incoming>>>,
+    /// Hands a new HTTP/1.1 upstream connection to [`HttpProxyService::serve`] to drive.
+    new_upstreams: Arc<NewUpstreams>,
 }
 
-/// What the event needs to know about a request.
+/// What the event needs to know about a request (built only while someone listens).
 struct Seen {
     version: &'static str,
     method: String,
     path: String,
     host: String,
+}
+
+impl Seen {
+    fn of<B>(req: &Request<B>) -> Seen {
+        let is_h2 = req.version() == Version::HTTP_2;
+        Seen {
+            version: match req.version() {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            method: req.method().as_str().to_string(),
+            path: request_path(req).to_string(),
+            host: request_host(req, is_h2).to_string(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,24 +539,7 @@ enum UpstreamError {
 
 impl Conn {
     async fn handle(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
-        let version = match req.version() {
-            Version::HTTP_2 => "HTTP/2",
-            Version::HTTP_10 => "HTTP/1.0",
-            _ => "HTTP/1.1",
-        };
         let is_h2 = req.version() == Version::HTTP_2;
-        let host = request_host(&req, is_h2);
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_default();
-        let seen = Seen {
-            version,
-            method: req.method().as_str().to_string(),
-            path,
-            host,
-        };
         let is_grpc = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -286,12 +563,14 @@ impl Conn {
         let decision = match &redirect {
             None => HttpDecision::Denied,
             Some(r) => r.policy.check(&HttpRequestView {
-                method: &seen.method,
-                path: &seen.path,
-                host: &seen.host,
+                method: req.method().as_str(),
+                path: request_path(&req),
+                host: request_host(&req, is_h2),
                 headers: req.headers(),
             }),
         };
+        // As the client sent it, before header actions.
+        let seen = self.shared.events.has_subscribers().then(|| Seen::of(&req));
         let actions = match decision {
             HttpDecision::Allowed { actions, .. }
                 if !wants_upgrade || self.shared.cfg.allow_upgrades =>
@@ -299,7 +578,7 @@ impl Conn {
                 actions
             }
             _ => {
-                let resp = denied_response(&self.shared.cfg.denied_message, is_grpc);
+                let resp = denied_response(&self.shared, is_grpc);
                 self.emit(
                     redirect.as_ref(),
                     L7Verdict::Denied,
@@ -344,7 +623,7 @@ impl Conn {
             Err(e) => {
                 ProtocolStats::bump(&self.shared.events.stats().http.upstream_errors);
                 tracing::debug!(src = %self.src, dst = %self.dst, error = %e, "http proxy: upstream failed");
-                let resp = plain(StatusCode::BAD_GATEWAY, "Bad gateway");
+                let resp = plain(StatusCode::BAD_GATEWAY, Bytes::from_static(b"Bad gateway"));
                 self.emit(
                     redirect.as_ref(),
                     L7Verdict::Allowed,
@@ -358,15 +637,21 @@ impl Conn {
         }
     }
 
+    /// Counts the verdict, and publishes the event when someone listens (`seen` is `None`
+    /// when nobody did as the request arrived).
     fn emit(
         &self,
         redirect: Option<&Redirect<HttpPolicy>>,
         verdict: L7Verdict,
-        seen: Seen,
+        seen: Option<Seen>,
         status: u16,
         grpc_status: Option<u16>,
         header_actions: Vec<String>,
     ) {
+        let Some(seen) = seen else {
+            self.shared.events.stats().http.verdict(verdict);
+            return;
+        };
         self.shared.events.emit(L7Event {
             time: SystemTime::now(),
             protocol: L7Protocol::Http,
@@ -402,16 +687,28 @@ impl Conn {
         }
     }
 
-    async fn new_h1(&self) -> Result<client1::SendRequest<Incoming>, UpstreamError> {
+    /// Opens an HTTP/1.1 upstream connection. `in_task`: its future is handed to the
+    /// downstream connection's task ([`HttpProxyService::serve`]); otherwise (an upgrade,
+    /// which outlives the downstream HTTP connection) it gets a task of its own.
+    async fn new_h1(&self, in_task: bool) -> Result<client1::SendRequest<Incoming>, UpstreamError> {
         let io = self.connect().await?;
         let (sender, conn) = client1::handshake(io)
             .await
             .map_err(|e| UpstreamError::Handshake(self.dst, e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "http proxy: upstream connection ended");
-            }
-        });
+        if in_task {
+            let driver: UpstreamDriver = Box::pin(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "http proxy: upstream connection ended");
+                }
+            });
+            self.new_upstreams.add(driver);
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "http proxy: upstream connection ended");
+                }
+            });
+        }
         Ok(sender)
     }
 
@@ -421,17 +718,21 @@ impl Conn {
     ) -> Result<Response<Body>, UpstreamError> {
         to_origin_form(&mut req);
         strip_hop_by_hop(req.headers_mut());
-        let mut slot = self.h1.lock().await;
-        let mut sender = match slot.take() {
+        let idle = self
+            .h1
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let mut sender = match idle {
             Some(s) if !s.is_closed() => s,
-            _ => self.new_h1().await?,
+            _ => self.new_h1(true).await?,
         };
         // A kept-alive upstream connection may have been closed by the server between two
         // requests; when the request was not sent at all, send it once more on a new one.
         let resp = match sender.ready().await {
             Ok(()) => sender.try_send_request(req).await,
             Err(_) => {
-                sender = self.new_h1().await?;
+                sender = self.new_h1(true).await?;
                 sender.try_send_request(req).await
             }
         };
@@ -439,7 +740,7 @@ impl Conn {
             Ok(r) => r,
             Err(mut e) => match e.take_message() {
                 Some(req) => {
-                    sender = self.new_h1().await?;
+                    sender = self.new_h1(true).await?;
                     sender
                         .send_request(req)
                         .await
@@ -448,11 +749,10 @@ impl Conn {
                 None => return Err(UpstreamError::Request(e.into_error())),
             },
         };
-        *slot = Some(sender);
-        drop(slot);
+        *self.h1.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
         let mut resp = resp;
         strip_hop_by_hop(resp.headers_mut());
-        Ok(resp.map(|b| b.boxed()))
+        Ok(resp.map(Body::Upstream))
     }
 
     async fn forward_h2(&self, req: Request<Incoming>) -> Result<Response<Body>, UpstreamError> {
@@ -483,7 +783,7 @@ impl Conn {
             .await
             .map_err(UpstreamError::Request)?;
         strip_hop_by_hop(resp.headers_mut());
-        Ok(resp.map(|b| b.boxed()))
+        Ok(resp.map(Body::Upstream))
     }
 
     /// An allowed upgrade: a connection of its own upstream, then bytes copied both ways.
@@ -493,7 +793,7 @@ impl Conn {
     ) -> Result<Response<Body>, UpstreamError> {
         to_origin_form(&mut req);
         let downstream = hyper::upgrade::on(&mut req);
-        let mut sender = self.new_h1().await?;
+        let mut sender = self.new_h1(false).await?;
         let mut resp = sender
             .send_request(req)
             .await
@@ -511,25 +811,29 @@ impl Conn {
                 }
             });
         }
-        Ok(resp.map(|b| b.boxed()))
+        Ok(resp.map(Body::Upstream))
     }
+}
+
+/// The request target as sent (path and query).
+fn request_path<B>(req: &Request<B>) -> &str {
+    req.uri().path_and_query().map_or("", |p| p.as_str())
 }
 
 /// The authority a request names: `:authority` for HTTP/2, the Host header for HTTP/1.x
 /// (either falls back to the other).
-fn request_host(req: &Request<Incoming>, is_h2: bool) -> String {
-    let from_uri = req.uri().authority().map(|a| a.as_str().to_string());
+fn request_host<B>(req: &Request<B>, is_h2: bool) -> &str {
+    let from_uri = req.uri().authority().map(|a| a.as_str());
     let from_header = req
         .headers()
         .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string);
+        .and_then(|h| h.to_str().ok());
     if is_h2 {
         from_uri.or(from_header)
     } else {
         from_header.or(from_uri)
     }
-    .unwrap_or_default()
+    .unwrap_or("")
 }
 
 fn offers_only_h2c(headers: &HeaderMap) -> bool {
@@ -563,40 +867,75 @@ fn to_origin_form(req: &mut Request<Incoming>) {
     }
 }
 
+/// The hop-by-hop headers (RFC 9110 §7.6.1, and the pre-standard ones still seen), one bit
+/// each, so one pass over a message's header names tells which are there.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+const HOP_CONNECTION: u8 = 1;
+const HOP_TE: u8 = 1 << 5;
+
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    // A match on the text compiles to a switch on the length and a compare or two; most
+    // names have a length no hop-by-hop name has.
+    match name.as_str() {
+        "connection" => 1,
+        "keep-alive" => 1 << 1,
+        "proxy-connection" => 1 << 2,
+        "proxy-authenticate" => 1 << 3,
+        "proxy-authorization" => 1 << 4,
+        "te" => 1 << 5,
+        "transfer-encoding" => 1 << 6,
+        "upgrade" => 1 << 7,
+        _ => 0,
+    }
+}
+
 /// Removes headers that belong to one connection (RFC 9110 §7.6.1), including those the
 /// Connection header names. `te: trailers` stays (gRPC needs it end to end).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        if n != header::TE {
+    let present = headers.keys().fold(0u8, |acc, n| acc | hop_by_hop_bit(n));
+    if present == 0 {
+        return;
+    }
+    if present & HOP_CONNECTION != 0 {
+        // Names listed in Connection, other than the hop-by-hop ones removed below anyway.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|n| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(n))
+            })
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        for n in named {
             headers.remove(n);
         }
     }
-    for n in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(n);
-    }
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+    let te_trailers = present & HOP_TE != 0
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
         });
-    headers.remove(header::TE);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -611,12 +950,8 @@ fn describe_action(a: &HeaderAction) -> String {
     }
 }
 
-fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
-}
-
-fn plain(status: StatusCode, msg: &str) -> Response<Body> {
-    let mut r = Response::new(full(msg.to_string()));
+fn plain(status: StatusCode, msg: Bytes) -> Response<Body> {
+    let mut r = Response::new(Body::local(msg));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -624,18 +959,18 @@ fn plain(status: StatusCode, msg: &str) -> Response<Body> {
 }
 
 /// 403 with the message; for gRPC a trailers-only PERMISSION_DENIED.
-fn denied_response(message: &str, grpc: bool) -> Response<Body> {
+fn denied_response(shared: &Shared, grpc: bool) -> Response<Body> {
     if !grpc {
-        return plain(StatusCode::FORBIDDEN, message);
+        return plain(StatusCode::FORBIDDEN, shared.denied_body.clone());
     }
-    let mut r = Response::new(full(Bytes::new()));
+    let mut r = Response::new(Body::local(Bytes::new()));
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
     h.insert("grpc-status", HeaderValue::from_static("7"));
-    if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(message)) {
+    if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&shared.cfg.denied_message)) {
         h.insert("grpc-message", v);
     }
     r
@@ -652,4 +987,70 @@ fn grpc_percent_encode(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_bits_follow_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_bit(name), 1 << i, "{name}");
+        }
+        assert_eq!(hop_by_hop_bit(&header::CONTENT_LENGTH), 0);
+        assert_eq!(hop_by_hop_bit(&HeaderName::from_static("x-te")), 0);
+    }
+
+    #[test]
+    fn strips_hop_by_hop_headers_and_those_connection_names() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Hop"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("close", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.append(header::TE, HeaderValue::from_static("gzip"));
+        h.append(header::TE, HeaderValue::from_static("Trailers"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<(String, String)> = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ("content-type".to_string(), "text/plain".to_string()),
+                ("te".to_string(), "trailers".to_string()),
+                ("x-end-to-end".to_string(), "1".to_string()),
+            ]
+        );
+
+        // Nothing hop-by-hop: nothing changes; te without trailers goes.
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert("x-connection", HeaderValue::from_static("1"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
 }

@@ -293,12 +293,21 @@ impl HttpPolicy {
             };
         };
         let n = rules.len();
-        let mut m = vec![false; n];
-        let mut p = vec![false; n];
-        let mut h = vec![false; n];
-        self.method.mark(req.method, &mut m);
-        self.path.mark(req.path, &mut p);
-        self.host.mark(req.host, &mut h);
+        // One flag per rule and field; on the stack for up to 64 rules (this runs for every
+        // request, and a zeroed heap allocation costs more than the flags' use).
+        let mut on_stack = [false; 3 * 64];
+        let mut on_heap = Vec::new();
+        let flags: &mut [bool] = if n <= 64 {
+            &mut on_stack[..3 * n]
+        } else {
+            on_heap.resize(3 * n, false);
+            &mut on_heap
+        };
+        let (m, rest) = flags.split_at_mut(n);
+        let (p, h) = rest.split_at_mut(n);
+        self.method.mark(req.method, m);
+        self.path.mark(req.path, p);
+        self.host.mark(req.host, h);
         'rules: for (i, r) in rules.iter().enumerate() {
             if (r.method && !m[i]) || (r.path && !p[i]) || (r.host && !h[i]) {
                 continue;
@@ -476,6 +485,26 @@ mod tests {
         assert!(!check(&p, "PUT", "/submit", "api.example.com:8080", &[]).is_allowed());
         assert!(!check(&p, "PUT", "/submit?x=1", "api.example.com", &[]).is_allowed());
         assert!(!check(&p, "PUT", "/submit", "evil.com", &[]).is_allowed());
+    }
+
+    #[test]
+    fn more_rules_than_the_flags_on_the_stack() {
+        for n in [64, 65, 200] {
+            let rules: Vec<HttpRule> = (0..n)
+                .map(|i| {
+                    let path = format!("/r{i}");
+                    let host = (i == n - 1).then_some("last\\.example");
+                    rule(Some("GET"), Some(&path), host)
+                })
+                .collect();
+            let p = HttpPolicy::compile(&rules, &NoSecrets).unwrap();
+            assert!(check(&p, "GET", "/r0", "x", &[]).is_allowed(), "{n}");
+            let last = format!("/r{}", n - 1);
+            assert!(check(&p, "GET", &last, "last.example", &[]).is_allowed());
+            assert!(!check(&p, "GET", &last, "other.example", &[]).is_allowed());
+            assert!(!check(&p, "POST", "/r0", "x", &[]).is_allowed());
+            assert!(!check(&p, "GET", &format!("/r{n}"), "x", &[]).is_allowed());
+        }
     }
 
     #[test]

@@ -31,6 +31,6 @@ pub use http_proxy::{HttpProxy, HttpProxyConfig, HttpProxyService};
 pub use http_rules::{HeaderAction, HttpDecision, HttpPolicy, HttpRequestView};
 pub use kafka_proxy::{KafkaProxy, KafkaProxyConfig, KafkaProxyService};
 pub use kafka_rules::{KafkaDecision, KafkaPolicy, KafkaRequestView};
-pub use net::ProxyMode;
+pub use net::{ConnectionWorkers, ProxyMode};
 pub use policy::{FlowKey, L7PolicySource, Redirect, SwappablePolicy};
 pub use secret::{SecretDir, SecretError, SecretSource};

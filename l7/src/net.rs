@@ -1,9 +1,12 @@
 //! Sockets of the transparent proxies: listeners with `IP_TRANSPARENT`, the original
-//! destination of a steered connection, and upstream connections carrying a mark.
+//! destination of a steered connection, upstream connections carrying a mark, and the
+//! worker threads that serve accepted connections.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -82,16 +85,131 @@ pub async fn connect_marked(dst: SocketAddr, mark: Option<u32>) -> io::Result<Tc
     Ok(stream)
 }
 
+/// Threads that serve proxied connections, each running its own single-threaded Tokio
+/// runtime; an accepted connection goes to the one serving the fewest connections.
+///
+/// Why not the multi-thread runtime: a proxied request is a few short steps (read, judge,
+/// write upstream, read, write back), so on a multi-thread runtime much of its cost goes to
+/// waking idle workers to steal work and parking them again. Why not one listener per thread
+/// (`SO_REUSEPORT`): the kernel spreads connections by a hash of their addresses, unevenly
+/// for a few dozen connections (one thread gets 20 of 32 and its clients wait), and a listener
+/// the datapath steers flows to (`bpf_sk_assign`) is one socket. Here one accept loop hands
+/// each connection to the least busy thread, and a connection stays on that thread.
+pub struct ConnectionWorkers {
+    workers: Vec<Worker>,
+    /// Where the search for the least busy worker starts (rotates, so ties spread evenly).
+    next: AtomicUsize,
+    /// Dropped with the workers: their threads stop (and their connections close).
+    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+struct Worker {
+    handle: tokio::runtime::Handle,
+    /// Connections being served.
+    active: Arc<AtomicUsize>,
+}
+
+impl ConnectionWorkers {
+    /// Starts `threads` worker threads (at least one) named `{name}-{i}`.
+    pub fn start(threads: usize, name: &str) -> io::Result<ConnectionWorkers> {
+        let mut workers = Vec::new();
+        let mut stop = Vec::new();
+        for i in 0..threads.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = rt.handle().clone();
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        let _ = rx.await;
+                    });
+                })?;
+            workers.push(Worker {
+                handle,
+                active: Arc::new(AtomicUsize::new(0)),
+            });
+            stop.push(tx);
+        }
+        Ok(ConnectionWorkers {
+            workers,
+            next: AtomicUsize::new(0),
+            _stop: stop,
+        })
+    }
+
+    /// One worker per CPU.
+    pub fn per_cpu(name: &str) -> io::Result<ConnectionWorkers> {
+        Self::start(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            name,
+        )
+    }
+
+    pub fn threads(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Connections each worker serves right now.
+    pub fn load(&self) -> Vec<usize> {
+        self.workers
+            .iter()
+            .map(|w| w.active.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Serves `stream` on the least busy worker: `serve(stream)` runs there, with the stream
+    /// registered with that worker's runtime. Callable from any thread.
+    pub fn spawn<F, Fut>(&self, stream: TcpStream, serve: F) -> io::Result<()>
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let n = self.workers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let w = (0..n)
+            .map(|k| &self.workers[(start + k) % n])
+            .min_by_key(|w| w.active.load(Ordering::Relaxed))
+            .unwrap_or(&self.workers[0]);
+        // Out of the accepting runtime's reactor, into the worker's (non-blocking stays set).
+        let stream = stream.into_std()?;
+        let active = w.active.clone();
+        active.fetch_add(1, Ordering::Relaxed);
+        let done = Served(active);
+        w.handle.spawn(async move {
+            let _done = done;
+            match TcpStream::from_std(stream) {
+                Ok(s) => serve(s).await,
+                Err(e) => tracing::warn!(error = %e, "proxy worker: cannot take the connection"),
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Counts a connection as served when dropped (also when its task is cancelled).
+struct Served(Arc<AtomicUsize>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Accepts connections until the task is dropped, finds each one's destination (the fixed
 /// upstream, or the original destination of a steered connection) and hands it to `serve` on
-/// its own task. `proxy` names the proxy in log lines.
-pub(crate) async fn accept_loop<F, Fut>(
+/// its own task (on `workers` when given, else on the current runtime). `proxy` names the
+/// proxy in log lines.
+pub(crate) async fn accept_loop_on<F, Fut>(
     listener: TcpListener,
     mode: ProxyMode,
     proxy: &'static str,
+    workers: Option<Arc<ConnectionWorkers>>,
     serve: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -115,6 +233,29 @@ pub(crate) async fn accept_loop<F, Fut>(
                 }
             },
         };
-        tokio::spawn(serve(stream, src, dst));
+        match &workers {
+            Some(w) => {
+                let serve = serve.clone();
+                if let Err(e) = w.spawn(stream, move |s| serve(s, src, dst)) {
+                    tracing::warn!(error = %e, "{proxy} proxy: cannot hand the connection to a worker");
+                }
+            }
+            None => {
+                tokio::spawn(serve(stream, src, dst));
+            }
+        }
     }
+}
+
+/// [`accept_loop_on`] the current runtime.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mode: ProxyMode,
+    proxy: &'static str,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, SocketAddr) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    accept_loop_on(listener, mode, proxy, None, serve).await
 }
