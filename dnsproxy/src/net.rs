@@ -1,7 +1,7 @@
 //! Socket plumbing the standard library and tokio do not offer: SO_REUSEPORT groups,
-//! IP_TRANSPARENT, reading the original destination of a datagram (IP_RECVORIGDSTADDR) and
-//! reading ICMP errors of unconnected UDP sockets (IP_RECVERR + MSG_ERRQUEUE). Linux only,
-//! like the product.
+//! IP_TRANSPARENT, reading datagrams in batches (recvmmsg) with their original destinations
+//! (IP_RECVORIGDSTADDR) and reading ICMP errors of unconnected UDP sockets (IP_RECVERR +
+//! MSG_ERRQUEUE). Linux only, like the product.
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
@@ -175,39 +175,13 @@ fn storage_to_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Op
     sa.as_socket()
 }
 
-/// One datagram with its source and, when the socket has IP_RECVORIGDSTADDR, its original
-/// destination. Non-blocking: `WouldBlock` when nothing is queued.
-pub(crate) fn recv_with_dst(
-    fd: RawFd,
-    buf: &mut [u8],
-) -> io::Result<(usize, SocketAddr, Option<SocketAddr>, bool)> {
-    let mut src: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::zeroed();
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let mut control = [0u64; 16]; // 128 bytes, 8-aligned: room for one sockaddr_in6 cmsg
-                                  // SAFETY: a zeroed msghdr is valid; all pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = src.as_mut_ptr().cast();
-    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = size_of::<[u64; 16]>() as _;
-    // SAFETY: msg is fully initialised for recvmsg.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let truncated = msg.msg_flags & libc::MSG_TRUNC != 0;
-    // SAFETY: recvmsg wrote msg_namelen bytes of address.
-    let src_addr = storage_to_addr(unsafe { src.assume_init_ref() }, msg.msg_namelen)
-        .ok_or_else(|| io::Error::other("datagram without an IP source address"))?;
+/// The IP_ORIGDSTADDR / IPV6_ORIGDSTADDR control message of a received datagram, if any.
+fn original_dst(msg: &libc::msghdr) -> Option<SocketAddr> {
     let mut dst = None;
-    // SAFETY: walking the control buffer the kernel filled, with the libc macros.
+    // SAFETY: walking the control buffer the kernel filled (msg_control/msg_controllen as
+    // recvmsg left them), with the libc macros.
     unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
         while !cmsg.is_null() {
             let h = &*cmsg;
             let is_v4 = h.cmsg_level == libc::SOL_IP && h.cmsg_type == libc::IP_ORIGDSTADDR;
@@ -220,10 +194,106 @@ pub(crate) fn recv_with_dst(
                 std::ptr::copy_nonoverlapping(data, &mut storage as *mut _ as *mut u8, len);
                 dst = storage_to_addr(&storage, len as libc::socklen_t);
             }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
         }
     }
-    Ok((n as usize, src_addr, dst, truncated))
+    dst
+}
+
+/// Most datagrams one [`RecvBatch::recv`] reads.
+pub(crate) const BATCH_MAX: usize = 32;
+
+/// Buffers for reading up to [`BATCH_MAX`] datagrams with one recvmmsg call, each with its
+/// source, its original destination (on IP_RECVORIGDSTADDR sockets) and whether it was cut.
+/// The buffers are allocated zeroed and untouched, so memory is used only as far as the
+/// kernel writes datagrams into it.
+pub(crate) struct RecvBatch {
+    size: usize,
+    bufs: Vec<u8>,
+    names: Vec<libc::sockaddr_storage>,
+    controls: Vec<[u64; 16]>,
+    /// Per datagram of the last call: length, msg_flags, source length.
+    lens: [(usize, libc::c_int, libc::socklen_t); BATCH_MAX],
+    /// The destinations of the last call, read from the control messages.
+    dsts: [Option<SocketAddr>; BATCH_MAX],
+}
+
+/// One datagram of a [`RecvBatch`].
+pub(crate) struct Datagram<'a> {
+    pub bytes: &'a [u8],
+    pub src: Option<SocketAddr>,
+    pub dst: Option<SocketAddr>,
+    pub truncated: bool,
+}
+
+impl RecvBatch {
+    /// Room for [`BATCH_MAX`] datagrams of up to `size` bytes.
+    pub(crate) fn new(size: usize) -> RecvBatch {
+        RecvBatch {
+            size,
+            bufs: vec![0u8; size * BATCH_MAX],
+            // SAFETY: an all-zero sockaddr_storage is a valid (AF_UNSPEC) value.
+            names: vec![unsafe { std::mem::zeroed() }; BATCH_MAX],
+            controls: vec![[0u64; 16]; BATCH_MAX],
+            lens: [(0, 0, 0); BATCH_MAX],
+            dsts: [None; BATCH_MAX],
+        }
+    }
+
+    /// Reads what is queued, up to [`BATCH_MAX`] datagrams, without blocking: how many were
+    /// read; `WouldBlock` when none was queued, or the socket's pending error.
+    pub(crate) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        // The headers point into this batch's buffers; they live on the stack for the call
+        // only, so the batch itself holds no pointers (and stays Send).
+        // SAFETY: all-zero iovec/mmsghdr values are valid; every pointer is set below.
+        let mut iovs: [libc::iovec; BATCH_MAX] = unsafe { std::mem::zeroed() };
+        let mut hdrs: [libc::mmsghdr; BATCH_MAX] = unsafe { std::mem::zeroed() };
+        let bufs = self.bufs.as_mut_ptr();
+        for i in 0..BATCH_MAX {
+            // SAFETY: i * size + size <= bufs.len().
+            iovs[i].iov_base = unsafe { bufs.add(i * self.size) }.cast();
+            iovs[i].iov_len = self.size;
+            let h = &mut hdrs[i].msg_hdr;
+            h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = self.controls[i].as_mut_ptr().cast();
+            h.msg_controllen = size_of::<[u64; 16]>() as _;
+        }
+        // SAFETY: hdrs describes BATCH_MAX valid, writable buffers that outlive the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                hdrs.as_mut_ptr(),
+                BATCH_MAX as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        for (i, m) in hdrs[..n].iter().enumerate() {
+            let h = &m.msg_hdr;
+            self.lens[i] = (m.msg_len as usize, h.msg_flags, h.msg_namelen);
+            self.dsts[i] = original_dst(h);
+        }
+        Ok(n)
+    }
+
+    /// Datagram `i` of the last [`RecvBatch::recv`].
+    pub(crate) fn get(&self, i: usize) -> Datagram<'_> {
+        let (len, flags, namelen) = self.lens[i];
+        let start = i * self.size;
+        Datagram {
+            bytes: &self.bufs[start..start + len.min(self.size)],
+            src: storage_to_addr(&self.names[i], namelen),
+            dst: self.dsts[i],
+            truncated: flags & libc::MSG_TRUNC != 0,
+        }
+    }
 }
 
 /// An ICMP error queued on an IP_RECVERR socket: the destination the failed datagram was sent
@@ -236,7 +306,7 @@ pub(crate) fn recv_error(fd: RawFd, buf: &mut [u8]) -> io::Result<(SocketAddr, u
         iov_len: buf.len(),
     };
     let mut control = [0u64; 32];
-    // SAFETY: as in recv_with_dst.
+    // SAFETY: a zeroed msghdr is valid; all pointers set below outlive the call.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_name = dst.as_mut_ptr().cast();
     msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;

@@ -31,8 +31,6 @@ use crate::upstream::{tcp_exchange, UdpPool, UpstreamError, Waiting};
 use crate::wire::{fast_answer, Question};
 use crate::{net, DnsProxyError};
 
-/// Datagrams read per wake-up of a UDP listener before it lets other tasks run.
-const RECV_BATCH: usize = 32;
 /// Largest UDP query read; larger datagrams are truncated by the kernel and dropped.
 const MAX_UDP_QUERY: usize = 4096;
 /// Attempts at finding one free port for UDP and TCP when a listen address has port 0.
@@ -756,37 +754,46 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
         }
     };
     let fd = socket.as_raw_fd();
-    let mut buf = vec![0u8; MAX_UDP_QUERY];
+    let mut batch = net::RecvBatch::new(MAX_UDP_QUERY);
     loop {
         if let Err(e) = socket.readable().await {
             warn!(%local, error = %e, "UDP listener failed");
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        // At most a batch per wake-up; when the socket did not run dry, yield so the answers
-        // waiting on the upstream sockets get their turn.
-        let mut drained = false;
-        for _ in 0..RECV_BATCH {
-            let (n, client, dst, truncated) =
-                match socket.try_io(Interest::READABLE, || net::recv_with_dst(fd, &mut buf)) {
-                    Ok(r) => r,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        drained = true;
-                        break;
-                    }
-                    Err(e) => {
-                        debug!(%local, error = %e, "UDP receive failed");
-                        break;
-                    }
-                };
-            if truncated {
+        // One recvmmsg per wake-up. Fewer datagrams than it had room for means the queue ran
+        // dry: the readiness is cleared then (a datagram arriving meanwhile sets it again), so
+        // no extra receive call is spent on learning that the queue is empty. A full batch
+        // yields, so the answers waiting on the upstream sockets get their turn.
+        let mut got = 0;
+        let result = socket.try_io(Interest::READABLE, || {
+            got = batch.recv(fd)?;
+            if got < net::BATCH_MAX {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = &result {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                debug!(%local, error = %e, "UDP receive failed");
+            }
+        }
+        for i in 0..got {
+            let d = batch.get(i);
+            let Some(client) = d.src else {
+                shared.metrics.malformed_dropped.fetch_add(1, Relaxed);
+                debug!(%local, "dropped a datagram without an IP source address");
+                continue;
+            };
+            if d.truncated {
                 shared.metrics.malformed_dropped.fetch_add(1, Relaxed);
                 debug!(%client, "dropped an oversized UDP query");
                 continue;
             }
-            let received_on = dst.unwrap_or(local);
+            let received_on = d.dst.unwrap_or(local);
             shared.handle_udp(
-                buf[..n].to_vec(),
+                d.bytes.to_vec(),
                 client,
                 received_on,
                 &socket,
@@ -794,7 +801,7 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
                 &replies,
             );
         }
-        if !drained {
+        if result.is_ok() {
             tokio::task::yield_now().await;
         }
     }

@@ -54,8 +54,8 @@ pub(crate) trait Waiting: Send + 'static {
     fn done(self: Box<Self>, result: Result<Vec<u8>, UpstreamError>);
 }
 
-/// Answers read per wake-up of a pooled socket before other tasks run.
-const RECV_BATCH: usize = 32;
+/// Largest UDP answer read (the largest UDP payload): nothing an upstream sends is cut.
+const MAX_UDP_ANSWER: usize = 65535;
 /// How often queries past their deadline are looked for (the timeout's precision).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -318,7 +318,9 @@ pub(crate) async fn tcp_exchange(
 
 /// Reads answers and ICMP errors of one pooled socket and hands each to the query it belongs to.
 async fn receive_loop(slot: Arc<Slot>, metrics: Arc<ProxyMetrics>) {
-    let mut buf = vec![0u8; 65535];
+    let fd = slot.socket.as_raw_fd();
+    let mut batch = net::RecvBatch::new(MAX_UDP_ANSWER);
+    let mut errors = vec![0u8; MAX_UDP_ANSWER];
     loop {
         let ready = match slot
             .socket
@@ -333,26 +335,35 @@ async fn receive_loop(slot: Arc<Slot>, metrics: Arc<ProxyMetrics>) {
             }
         };
         if ready.is_error() {
-            drain_errors(&slot, &mut buf);
+            drain_errors(&slot, &mut errors);
         }
         if ready.is_readable() || ready.is_read_closed() {
-            // A batch per wake-up; when the socket did not run dry, yield so other sockets
-            // get their turn.
-            let mut drained = false;
-            for _ in 0..RECV_BATCH {
-                match slot.socket.try_recv_from(&mut buf) {
-                    Ok((n, from)) => deliver(&slot, &metrics, &buf[..n], from),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        drained = true;
-                        break;
+            // One recvmmsg per wake-up, as on the listeners (server.rs): a short batch clears
+            // the readiness, a full one yields so other sockets get their turn.
+            let mut got = 0;
+            let result = slot.socket.try_io(Interest::READABLE, || {
+                got = batch.recv(fd)?;
+                if got < net::BATCH_MAX {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            for i in 0..got {
+                let d = batch.get(i);
+                match d.src {
+                    Some(from) if !d.truncated => deliver(&slot, &metrics, d.bytes, from),
+                    _ => {
+                        metrics.upstream_mismatches.fetch_add(1, Relaxed);
                     }
-                    // The pending socket error of an ICMP report: its details are in the
-                    // error queue.
-                    Err(_) => drain_errors(&slot, &mut buf),
                 }
             }
-            if !drained {
-                tokio::task::yield_now().await;
+            match result {
+                Ok(()) => tokio::task::yield_now().await,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The pending socket error of an ICMP report: its details are in the error
+                // queue.
+                Err(_) => drain_errors(&slot, &mut errors),
             }
         }
     }
