@@ -898,6 +898,14 @@ fn hop_by_hop_bit(name: &HeaderName) -> u8 {
     }
 }
 
+/// Whether a Connection option (any case) names a header of [`HOP_BY_HOP`].
+fn is_hop_by_hop_token(token: &[u8]) -> bool {
+    HOP_BY_HOP.iter().any(|h| {
+        let h = h.as_str().as_bytes();
+        h.len() == token.len() && h.eq_ignore_ascii_case(token)
+    })
+}
+
 /// Removes headers that belong to one connection (RFC 9110 §7.6.1), including those the
 /// Connection header names. `te: trailers` stays (gRPC needs it end to end).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -906,20 +914,24 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if present & HOP_CONNECTION != 0 {
-        // Names listed in Connection, other than the hop-by-hop ones removed below anyway.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|n| {
-                !HOP_BY_HOP
-                    .iter()
-                    .any(|h| h.as_str().eq_ignore_ascii_case(n))
-            })
-            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-            .collect();
+        // Headers that Connection names (most often none: `keep-alive`, `close`), other than
+        // the hop-by-hop ones removed below anyway.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for v in headers.get_all(header::CONNECTION) {
+            for token in v.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.is_empty() || is_hop_by_hop_token(token) {
+                    continue;
+                }
+                // Looked up before a name is made (which would copy a custom one).
+                let present = std::str::from_utf8(token).is_ok_and(|t| headers.contains_key(t));
+                if present {
+                    if let Ok(n) = HeaderName::from_bytes(token) {
+                        named.push(n);
+                    }
+                }
+            }
+        }
         for n in named {
             headers.remove(n);
         }
