@@ -67,9 +67,9 @@ http {
     }
 }
 CONF
-nginx -p "$work/backend" -c "$work/backend/nginx.conf" & pids+=($!)
-nginx -p "$work/rp" -c "$work/rp/nginx.conf" & pids+=($!)
-"$BIN/l7proxy" --http "$PROXY" "$BACKEND" --http-rules 20 >"$work/proxy.log" & pids+=($!)
+nginx -p "$work/backend" -c "$work/backend/nginx.conf" & be_pid=$!; pids+=($be_pid)
+nginx -p "$work/rp" -c "$work/rp/nginx.conf" & rp_pid=$!; pids+=($rp_pid)
+"$BIN/l7proxy" --http "$PROXY" "$BACKEND" --http-rules 20 >"$work/proxy.log" & px_pid=$!; pids+=($px_pid)
 "$BIN/l7proxy" --http "$PROXY_H2" "$BACKEND_H2" --http-rules 20 >"$work/proxy-h2.log" & pids+=($!)
 
 wait_port() {
@@ -85,12 +85,23 @@ for p in $BACKEND $BACKEND_H2 $NGINX_RP $PROXY $PROXY_H2; do wait_port "$p"; don
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$PROXY$URLPATH")" = 200 ]
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$PROXY/admin")" = 403 ]
 
-wrk_run() { # target -> "rps p99_ms"
+cpu_ticks() { # pid -> utime+stime of the process and its child processes (nginx workers)
+    local total=0 p
+    for p in $1 $(pgrep -P "$1" || true); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    done
+    echo "$total"
+}
+wrk_run() { # target pid -> "rps p99_ms cpu_us_per_request" (CPU: the pid's user+sys)
+    local before after
+    before=$(cpu_ticks "$2")
     wrk -t1 -c32 -d"${DUR}s" --latency "http://$1$URLPATH" >"$work/wrk.out"
-    local rps p99
-    rps=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.out")
-    p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us$/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v=v*1000}; print v}' "$work/wrk.out")
-    echo "$rps $p99"
+    after=$(cpu_ticks "$2")
+    awk -v ticks=$((after - before)) -v tck="$(getconf CLK_TCK)" '
+        /^Requests\/sec:/ {rps=$2}
+        /requests in/ {n=$1}
+        $1=="99%" {v=$2; if (v ~ /us$/) {sub(/us$/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v=v*1000}; p99=v}
+        END {printf "%s %s %.2f\n", rps, p99, (n ? ticks/tck*1e6/n : 0)}' "$work/wrk.out"
 }
 median_of() { # lines "rps p99" -> the line with the median rps
     sort -n -k1,1 | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'
@@ -99,9 +110,9 @@ median_of() { # lines "rps p99" -> the line with the median rps
 declare -A H1
 for name in direct nginx fqdnwall; do : > "$work/h1.$name"; done
 for _ in $(seq "$ROUNDS"); do
-    wrk_run "$BACKEND" >>"$work/h1.direct"
-    wrk_run "$NGINX_RP" >>"$work/h1.nginx"
-    wrk_run "$PROXY" >>"$work/h1.fqdnwall"
+    wrk_run "$BACKEND" "$be_pid" >>"$work/h1.direct"
+    wrk_run "$NGINX_RP" "$rp_pid" >>"$work/h1.nginx"
+    wrk_run "$PROXY" "$px_pid" >>"$work/h1.fqdnwall"
 done
 for name in direct nginx fqdnwall; do H1[$name]=$(median_of <"$work/h1.$name"); done
 
@@ -139,9 +150,9 @@ done
 KD=$(median_of <"$work/k.direct"); KP=$(median_of <"$work/k.fqdnwall")
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a/b}'; }
-read -r d_rps d_p99 <<<"${H1[direct]}"
-read -r n_rps n_p99 <<<"${H1[nginx]}"
-read -r f_rps f_p99 <<<"${H1[fqdnwall]}"
+read -r d_rps d_p99 d_cpu <<<"${H1[direct]}"
+read -r n_rps n_p99 n_cpu <<<"${H1[nginx]}"
+read -r f_rps f_p99 f_cpu <<<"${H1[fqdnwall]}"
 read -r h2d_rps h2d_mean <<<"$H2D"
 read -r h2p_rps h2p_mean <<<"$H2P"
 read -r kd_rps kd_mb kd_err <<<"$KD"
@@ -153,14 +164,17 @@ cat <<MD
 Method: \`bench/l7/run.sh\` (DUR=${DUR}s per measurement, ${ROUNDS} interleaved rounds, median-rps
 round kept), release build, everything on loopback of this 2-core machine (load generator,
 proxy and backend share the cores). Backend: nginx 1 worker returning 200 "ok". fqdnwall's
-HTTP proxy runs the non-transparent mode (\`l7/examples/l7proxy.rs\`) with 20 HTTP rules (the
+HTTP proxy runs the non-transparent mode (\`l7/examples/l7proxy.rs\`: each connection goes to the
+least busy of one single-threaded runtime per CPU, \`l7::ConnectionWorkers\`) with 20 HTTP rules (the
 request matches the last); nginx reverse proxy: \`worker_processes auto\`, upstream keepalive.
+CPU per request: user+sys time of the server's processes over the requests wrk completed (less
+disturbed by other load on the machine than req/s and latency).
 
-| HTTP/1.1, wrk -t1 -c32 | req/s | p99 ms | rps vs nginx | p99 vs nginx |
-| --- | ---: | ---: | ---: | ---: |
-| direct to backend | $d_rps | $d_p99 | | |
-| nginx reverse proxy | $n_rps | $n_p99 | 1.00 | 1.00 |
-| fqdnwall HTTP proxy, 20 rules | $f_rps | $f_p99 | $(ratio "$f_rps" "$n_rps") | $(ratio "$f_p99" "$n_p99") |
+| HTTP/1.1, wrk -t1 -c32 | req/s | p99 ms | CPU us/req | rps vs nginx | p99 vs nginx | CPU vs nginx |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: |
+| direct to backend | $d_rps | $d_p99 | $d_cpu | | | |
+| nginx reverse proxy | $n_rps | $n_p99 | $n_cpu | 1.00 | 1.00 | 1.00 |
+| fqdnwall HTTP proxy, 20 rules | $f_rps | $f_p99 | $f_cpu | $(ratio "$f_rps" "$n_rps") | $(ratio "$f_p99" "$n_p99") | $(ratio "$f_cpu" "$n_cpu") |
 
 | HTTP/2, h2load -c16 -m16 | req/s | mean ms | vs direct |
 | --- | ---: | ---: | ---: |

@@ -7,7 +7,8 @@
 //! N (`--workers`) defaults to the number of CPUs. Each accepted HTTP connection is one task,
 //! which also drives its upstream HTTP/1.1 connection. Where the tasks run:
 //! - `workers` (the default): one listener and accept loop; each connection goes to the least
-//!   busy of N threads running a single-threaded runtime each (`l7::ConnectionWorkers`).
+//!   busy of N threads running a single-threaded runtime each (`l7::ConnectionWorkers`). The
+//!   accept loops and the Kafka proxy run on a multi-thread runtime, as in the agent.
 //! - `multi`: one multi-thread Tokio runtime with N worker threads and one listener per
 //!   proxy; idle workers steal tasks from busy ones.
 //! - `per-thread`: N threads, each with its own single-threaded runtime and its own listener
@@ -72,7 +73,9 @@ fn main() {
     match arg_after(&args, "--runtime", 1).as_deref() {
         None | Some("workers") => {
             let pool = ConnectionWorkers::start(workers, "l7proxy").expect("worker threads");
-            let rt = tokio::runtime::Builder::new_current_thread()
+            // The accept loops (and the Kafka proxy) on a multi-thread runtime, as in the agent.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
                 .enable_all()
                 .build()
                 .expect("runtime");
