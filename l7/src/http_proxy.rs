@@ -1004,6 +1004,110 @@ fn grpc_percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::SwappablePolicy;
+    use crate::secret::SecretDir;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The proxy on [`ConnectionWorkers`]: one keep-alive connection gets an allowed request
+    /// answered by the backend, a denied one answered 403 in its place, and a policy change
+    /// applies to its next request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serves_keep_alive_connection_on_workers() {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = backend.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let body = format!("backend saw {}", req.uri());
+                        Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from(
+                            body,
+                        ))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let rules = |path: &str| {
+            let rule = policy::model::HttpRule {
+                method: Some("GET".into()),
+                path: Some(path.into()),
+                ..Default::default()
+            };
+            Some(Redirect {
+                endpoint_id: 1,
+                endpoint: Arc::from("test"),
+                remote_identity: 2,
+                policy: Arc::new(
+                    HttpPolicy::compile(&[rule], &SecretDir::new("/nonexistent")).unwrap(),
+                ),
+            })
+        };
+        let policy = Arc::new(SwappablePolicy::new());
+        policy.set_http(rules("/allowed.*"));
+        let events = EventSink::new(16);
+        let proxy = HttpProxy::bind(
+            HttpProxyConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                ProxyMode::Fixed {
+                    upstream: backend_addr,
+                    mark: None,
+                },
+            ),
+            policy.clone(),
+            events.clone(),
+        )
+        .unwrap();
+        let addr = proxy.local_addr();
+        let workers = Arc::new(ConnectionWorkers::start(2, "test-http").unwrap());
+        tokio::spawn(proxy.run_on_workers(Some(workers.clone())));
+
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut ask = async |path: &str| {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: backend\r\n\r\n");
+            c.write_all(req.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            // Enough of the answer: the head and a body of known length.
+            loop {
+                let n = c.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap();
+                    if body.len() >= len {
+                        return (head.lines().next().unwrap().to_string(), body.to_string());
+                    }
+                }
+            }
+        };
+        let (status, body) = ask("/allowed/1").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(body, "backend saw /allowed/1");
+        let (status, body) = ask("/other").await;
+        assert_eq!(status, "HTTP/1.1 403 Forbidden");
+        assert_eq!(body, "Access denied");
+        policy.set_http(rules("/other"));
+        let (status, body) = ask("/other").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(body, "backend saw /other");
+        let (status, _) = ask("/allowed/2").await;
+        assert_eq!(status, "HTTP/1.1 403 Forbidden");
+        assert_eq!(workers.load().iter().sum::<usize>(), 1);
+        let counts = events.stats().http.snapshot();
+        assert_eq!((counts.allowed, counts.denied), (2, 2));
+    }
 
     #[test]
     fn hop_by_hop_bits_follow_the_list() {

@@ -259,3 +259,61 @@ pub(crate) async fn accept_loop<F, Fut>(
 {
     accept_loop_on(listener, mode, proxy, None, serve).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Connections spread evenly over the workers, are served there (with the stream usable on
+    /// the worker's runtime), and leave the load count when they end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn workers_serve_connections_spread_by_load() {
+        let workers = ConnectionWorkers::start(2, "test-worker").unwrap();
+        assert_eq!(workers.threads(), 2);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let client = TcpStream::connect(addr).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            workers
+                .spawn(server, |mut s| async move {
+                    // Echo, prefixed with the serving thread's name.
+                    let name = std::thread::current().name().unwrap_or("").to_string();
+                    let mut buf = [0u8; 16];
+                    while let Ok(n @ 1..) = s.read(&mut buf).await {
+                        let reply = format!("{name}:{}", String::from_utf8_lossy(&buf[..n]));
+                        if s.write_all(reply.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+                .unwrap();
+            clients.push(client);
+        }
+        assert_eq!(workers.load(), [2, 2]);
+        let mut threads = Vec::new();
+        for c in &mut clients {
+            c.write_all(b"ping").await.unwrap();
+            let mut buf = [0u8; 64];
+            let n = c.read(&mut buf).await.unwrap();
+            let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+            let (thread, echoed) = reply.split_once(':').unwrap();
+            assert_eq!(echoed, "ping");
+            assert!(thread.starts_with("test-worker-"), "{thread}");
+            threads.push(thread.to_string());
+        }
+        threads.sort();
+        threads.dedup();
+        assert_eq!(threads.len(), 2, "both workers serve");
+        drop(clients);
+        for _ in 0..100 {
+            if workers.load() == [0, 0] {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("load after the clients left: {:?}", workers.load());
+    }
+}
