@@ -59,4 +59,6 @@ here="$(cd "$(dirname "$0")" && pwd)"
 if [ "$what" = test ]; then
   # The L7 proxy tests drive real peers (curl, a Kafka broker and client).
   "$here/setup-l7.sh"
+  # scripts/test.sh ends with the fuzz targets (scripts/fuzz.sh): cargo-fuzz.
+  "$here/setup-fuzz.sh"
 fi
