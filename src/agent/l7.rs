@@ -29,9 +29,9 @@ use std::sync::{Arc, RwLock};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use l7::{
-    EventSink, FlowKey, HttpPolicy, HttpProxyConfig, HttpProxyService, KafkaPolicy,
-    KafkaProxyConfig, KafkaProxyService, L7Event, L7EventKind, L7PolicySource, L7Stats, L7Verdict,
-    ProxyMode, Redirect, SecretDir,
+    ConnectionWorkers, EventSink, FlowKey, HttpPolicy, HttpProxyConfig, HttpProxyService,
+    KafkaPolicy, KafkaProxyConfig, KafkaProxyService, L7Event, L7EventKind, L7PolicySource,
+    L7Stats, L7Verdict, ProxyMode, Redirect, SecretDir,
 };
 use policy::mapstate::ProxyPorts;
 use policy::model::{Direction, L7Kind, L7Rules, Protocol};
@@ -131,14 +131,31 @@ impl L7Listeners {
             mode,
         );
         http_cfg.denied_message = self.denied_message.clone();
+        // HTTP connections are served by one single-threaded runtime per CPU, each taking
+        // the next connection when it serves the fewest: a connection and its upstream stay
+        // on one thread (no cross-thread wake-ups per request), and the load spreads evenly
+        // even though the datapath steers every flow to one listening socket.
+        let http_spawn = match ConnectionWorkers::per_cpu("fqdnwall-http") {
+            Ok(w) => Spawn::Workers(Arc::new(w)),
+            Err(e) => {
+                tracing::warn!(error = %e, "HTTP proxy: no worker threads; serving on the main runtime");
+                Spawn::Here
+            }
+        };
         for l in self.http {
             let mut cfg = http_cfg.clone();
             cfg.listen = l.local_addr().unwrap_or(cfg.listen);
             let svc = HttpProxyService::new(cfg, source.clone(), sink.clone());
-            tasks.push(tokio::spawn(accept_loop(l, "http", move |s, src, dst| {
-                let svc = svc.clone();
-                async move { svc.serve(s, src, dst).await }
-            })));
+            let spawn = http_spawn.clone();
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                "http",
+                spawn,
+                move |s, src, dst| {
+                    let svc = svc.clone();
+                    async move { svc.serve(s, src, dst).await }
+                },
+            )));
         }
         for l in self.kafka {
             let addr = l.local_addr().unwrap_or(SocketAddr::new(
@@ -150,10 +167,15 @@ impl L7Listeners {
                 source.clone(),
                 sink.clone(),
             );
-            tasks.push(tokio::spawn(accept_loop(l, "kafka", move |s, src, dst| {
-                let svc = svc.clone();
-                async move { svc.serve(s, src, dst).await }
-            })));
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                "kafka",
+                Spawn::Here,
+                move |s, src, dst| {
+                    let svc = svc.clone();
+                    async move { svc.serve(s, src, dst).await }
+                },
+            )));
         }
         tasks.push(tokio::spawn(event_loop(agent.clone(), sink)));
         tracing::info!(
@@ -167,11 +189,20 @@ impl L7Listeners {
     }
 }
 
+/// Where an accepted connection is served.
+#[derive(Clone)]
+enum Spawn {
+    /// A task on the accepting runtime.
+    Here,
+    /// The least busy of the worker threads.
+    Workers(Arc<ConnectionWorkers>),
+}
+
 /// Accepts connections; each is served towards its original destination, which for a flow
 /// steered to a transparent socket is the socket's local address.
-async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, serve: F)
+async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, spawn: Spawn, serve: F)
 where
-    F: Fn(tokio::net::TcpStream, SocketAddr, SocketAddr) -> Fut,
+    F: Fn(tokio::net::TcpStream, SocketAddr, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -198,7 +229,18 @@ where
             tracing::debug!(%src, "{what} proxy: refusing a connection made to the proxy itself");
             continue;
         }
-        tokio::spawn(serve(stream, unmap(src), unmap(dst)));
+        let (src, dst) = (unmap(src), unmap(dst));
+        match &spawn {
+            Spawn::Here => {
+                tokio::spawn(serve(stream, src, dst));
+            }
+            Spawn::Workers(workers) => {
+                let serve = serve.clone();
+                if let Err(e) = workers.spawn(stream, move |s| serve(s, src, dst)) {
+                    tracing::warn!(%src, error = %e, "{what} proxy: connection not handed to a worker");
+                }
+            }
+        }
     }
 }
 
