@@ -64,6 +64,7 @@ mod hooks;
 mod message;
 mod metrics;
 mod net;
+mod replies;
 mod server;
 mod upstream;
 mod wire;

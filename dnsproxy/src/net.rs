@@ -341,3 +341,50 @@ pub(crate) fn recv_error(fd: RawFd, buf: &mut [u8]) -> io::Result<(SocketAddr, u
         .ok_or_else(|| io::Error::other("ICMP error without the failed datagram's destination"))?;
     Ok((addr, n as usize, errno))
 }
+
+/// Sends `datagrams` (each to its address, or on a connected socket to its peer when `None`)
+/// with as few sendmmsg calls as it takes, without blocking. Returns how many were sent,
+/// from the first: fewer than all when the socket's buffer filled (the rest would block) or a
+/// datagram failed; the error then is that datagram's (`WouldBlock` for a full buffer).
+pub(crate) fn send_batch(
+    fd: RawFd,
+    datagrams: &[(Option<SocketAddr>, &[u8])],
+) -> (usize, Option<io::Error>) {
+    let mut sent = 0;
+    while sent < datagrams.len() {
+        let chunk = &datagrams[sent..datagrams.len().min(sent + BATCH_MAX)];
+        let addrs: Vec<Option<SockAddr>> =
+            chunk.iter().map(|(to, _)| to.map(SockAddr::from)).collect();
+        // SAFETY: all-zero iovec/mmsghdr values are valid; every pointer is set below.
+        let mut iovs: [libc::iovec; BATCH_MAX] = unsafe { std::mem::zeroed() };
+        let mut hdrs: [libc::mmsghdr; BATCH_MAX] = unsafe { std::mem::zeroed() };
+        for (i, ((_, bytes), addr)) in chunk.iter().zip(&addrs).enumerate() {
+            iovs[i].iov_base = bytes.as_ptr() as *mut libc::c_void;
+            iovs[i].iov_len = bytes.len();
+            let h = &mut hdrs[i].msg_hdr;
+            if let Some(a) = addr {
+                h.msg_name = a.as_ptr() as *mut libc::c_void;
+                h.msg_namelen = a.len();
+            }
+            h.msg_iov = &mut iovs[i];
+            h.msg_iovlen = 1;
+        }
+        // SAFETY: hdrs describes chunk.len() datagrams whose buffers and addresses outlive
+        // the call; the kernel only reads them.
+        let n = unsafe {
+            libc::sendmmsg(
+                fd,
+                hdrs.as_mut_ptr(),
+                chunk.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return (sent, Some(io::Error::last_os_error()));
+        }
+        // Fewer than the chunk: the next datagram failed or would block, and the next call,
+        // starting with it, says which.
+        sent += n as usize;
+    }
+    (sent, None)
+}

@@ -29,7 +29,7 @@ use crate::message::{
 use crate::metrics::{ProxyMetrics, Verdict};
 use crate::upstream::{tcp_exchange, UdpPool, UpstreamError, Waiting};
 use crate::wire::{fast_answer, Question};
-use crate::{net, DnsProxyError};
+use crate::{net, replies, DnsProxyError};
 
 /// Largest UDP query read; larger datagrams are truncated by the kernel and dropped.
 const MAX_UDP_QUERY: usize = 4096;
@@ -650,6 +650,17 @@ impl ReplySockets {
 impl UdpReply {
     fn send(&self, answer: Vec<u8>) {
         let client = self.client;
+        if self.from.is_none() {
+            let Some(answer) = replies::queue(&self.listener, client, answer) else {
+                return;
+            };
+            return self.send_now(answer);
+        }
+        self.send_now(answer)
+    }
+
+    fn send_now(&self, answer: Vec<u8>) {
+        let client = self.client;
         let sent = match &self.from {
             // The client asked another server: the answer must come from that address.
             Some((from, sockets)) => {
@@ -779,31 +790,40 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
                 debug!(%local, error = %e, "UDP receive failed");
             }
         }
-        for i in 0..got {
-            let d = batch.get(i);
-            let Some(client) = d.src else {
-                shared.metrics.malformed_dropped.fetch_add(1, Relaxed);
-                debug!(%local, "dropped a datagram without an IP source address");
-                continue;
-            };
-            if d.truncated {
-                shared.metrics.malformed_dropped.fetch_add(1, Relaxed);
-                debug!(%client, "dropped an oversized UDP query");
-                continue;
+        replies::batch(|| {
+            for i in 0..got {
+                shared.serve_datagram(batch.get(i), local, &socket, &pool, &replies);
             }
-            let received_on = d.dst.unwrap_or(local);
-            shared.handle_udp(
-                d.bytes.to_vec(),
-                client,
-                received_on,
-                &socket,
-                &pool,
-                &replies,
-            );
-        }
+            pool.flush();
+        });
         if result.is_ok() {
             tokio::task::yield_now().await;
         }
+    }
+}
+
+impl<P: DnsPolicy, L: Learner> Shared<P, L> {
+    /// One datagram a listener received.
+    fn serve_datagram(
+        self: &Arc<Self>,
+        d: net::Datagram<'_>,
+        local: SocketAddr,
+        socket: &Arc<UdpSocket>,
+        pool: &UdpPool,
+        replies: &Arc<ReplySockets>,
+    ) {
+        let Some(client) = d.src else {
+            self.metrics.malformed_dropped.fetch_add(1, Relaxed);
+            debug!(%local, "dropped a datagram without an IP source address");
+            return;
+        };
+        if d.truncated {
+            self.metrics.malformed_dropped.fetch_add(1, Relaxed);
+            debug!(%client, "dropped an oversized UDP query");
+            return;
+        }
+        let received_on = d.dst.unwrap_or(local);
+        self.handle_udp(d.bytes.to_vec(), client, received_on, socket, pool, replies);
     }
 }
 

@@ -6,7 +6,8 @@
 //! pending table and the socket's receive loop runs it when the answer (or an ICMP error)
 //! arrives; a sweeper runs the continuations of queries past their deadline. At tens of
 //! thousands of queries per second this saves a task, a channel, a timer and two wake-ups
-//! per query.
+//! per query. Queries are queued per socket while the proxy works through a batch of client
+//! datagrams and leave together, one sendmmsg per socket.
 //!
 //! An answer is accepted only from the server that was asked, for an ID outstanding on that
 //! socket, with the same question; anything else is counted and ignored (it may be spoofed or
@@ -34,8 +35,8 @@ use tracing::debug;
 
 use crate::message::{answer_id, set_id};
 use crate::metrics::ProxyMetrics;
-use crate::net;
 use crate::wire::Question;
+use crate::{net, replies};
 
 /// Why an upstream gave no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +70,11 @@ struct Pending {
 /// One socket of the pool with the queries outstanding on it, keyed by the ID sent.
 struct Slot {
     socket: UdpSocket,
+    /// Whether `socket` is connected to its server (then queries go without an address).
+    connected: bool,
     pending: Mutex<HashMap<u16, Pending, BuildHasherDefault<IdHasher>>>,
+    /// Queries to send at the next [`UdpPool::flush`]: ID, server and bytes.
+    outbox: Mutex<Vec<(u16, SocketAddr, Vec<u8>)>>,
 }
 
 /// The pending table's hasher. Its keys are IDs the proxy drew at random itself, so no one
@@ -114,6 +119,8 @@ struct Family {
 /// from anyone else and skips a route lookup per send. Other servers (original destinations
 /// in transparent mode) share the unconnected sockets.
 pub(crate) struct UdpPool {
+    /// Every socket, for [`UdpPool::flush`].
+    all: Vec<Arc<Slot>>,
     connected: HashMap<SocketAddr, Family>,
     v4: Option<Family>,
     v6: Option<Family>,
@@ -150,7 +157,9 @@ impl UdpPool {
                 let socket = UdpSocket::from_std(socket)?;
                 let slot = Arc::new(Slot {
                     socket,
+                    connected: peer.is_some(),
                     pending: Mutex::new(HashMap::default()),
+                    outbox: Mutex::new(Vec::new()),
                 });
                 tasks.push(tokio::spawn(receive_loop(slot.clone(), metrics.clone())));
                 all.push(slot.clone());
@@ -175,8 +184,9 @@ impl UdpPool {
                 None
             }
         };
-        tasks.push(tokio::spawn(sweep_loop(all)));
+        tasks.push(tokio::spawn(sweep_loop(all.clone())));
         Ok(UdpPool {
+            all,
             connected,
             v4: Some(v4),
             v6,
@@ -184,9 +194,10 @@ impl UdpPool {
         })
     }
 
-    /// Sends `query` (a client's message; its ID is replaced by a free random one) to `server`
-    /// and arranges for `waiting` to be done exactly once: with the matching answer (ID as sent; the
-    /// caller restores the client's), with `Timeout` once `timeout` passed, or with `Failed`.
+    /// Queues `query` (a client's message; its ID is replaced by a free random one) for
+    /// `server`, to go at the next [`UdpPool::flush`], and arranges for `waiting` to be done
+    /// exactly once: with the matching answer (ID as sent; the caller restores the client's),
+    /// with `Timeout` once `timeout` passed, or with `Failed`.
     pub(crate) fn send(
         &self,
         server: SocketAddr,
@@ -232,30 +243,60 @@ impl UdpPool {
             id
         };
         set_id(&mut query, id);
-        let sent = if connected.is_some() {
-            slot.socket.try_send(&query)
-        } else {
-            slot.socket.try_send_to(&query, server)
-        };
-        match sent {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+        slot.outbox
+            .lock()
+            .expect("outbox lock")
+            .push((id, server, query));
+    }
+
+    /// Sends the queries [`UdpPool::send`] queued: one sendmmsg per socket. Call once the
+    /// batch of client datagrams that produced them has been worked through.
+    pub(crate) fn flush(&self) {
+        for slot in &self.all {
+            let queued = std::mem::take(&mut *slot.outbox.lock().expect("outbox lock"));
+            if !queued.is_empty() {
+                flush_slot(slot, queued);
+            }
+        }
+    }
+}
+
+fn flush_slot(slot: &Arc<Slot>, mut queued: Vec<(u16, SocketAddr, Vec<u8>)>) {
+    let fd = slot.socket.as_raw_fd();
+    let mut from = 0;
+    while from < queued.len() {
+        let datagrams: Vec<(Option<SocketAddr>, &[u8])> = queued[from..]
+            .iter()
+            .map(|(_, server, bytes)| ((!slot.connected).then_some(*server), &bytes[..]))
+            .collect();
+        let (sent, err) = net::send_batch(fd, &datagrams);
+        from += sent;
+        match err {
+            None => {}
+            Some(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // The send buffer is full: wait for room off this path.
+                let rest: Vec<(u16, SocketAddr, Vec<u8>)> = queued.drain(from..).collect();
                 let slot = slot.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = slot.socket.send_to(&query, server).await {
-                        if let Some(p) = slot.take(id) {
-                            p.waiting
-                                .done(Err(UpstreamError::Failed(format!("send to {server}: {e}"))));
+                    for (id, server, query) in rest {
+                        if let Err(e) = slot.socket.send_to(&query, server).await {
+                            if let Some(p) = slot.take(id) {
+                                p.waiting.done(Err(UpstreamError::Failed(format!(
+                                    "send to {server}: {e}"
+                                ))));
+                            }
                         }
                     }
                 });
+                return;
             }
-            Err(e) => {
+            Some(e) => {
+                let (id, server, _) = queued[from];
                 if let Some(p) = slot.take(id) {
                     p.waiting
                         .done(Err(UpstreamError::Failed(format!("send to {server}: {e}"))));
                 }
+                from += 1;
             }
         }
     }
@@ -335,7 +376,7 @@ async fn receive_loop(slot: Arc<Slot>, metrics: Arc<ProxyMetrics>) {
             }
         };
         if ready.is_error() {
-            drain_errors(&slot, &mut errors);
+            replies::batch(|| drain_errors(&slot, &mut errors));
         }
         if ready.is_readable() || ready.is_read_closed() {
             // One recvmmsg per wake-up, as on the listeners (server.rs): a short batch clears
@@ -349,21 +390,27 @@ async fn receive_loop(slot: Arc<Slot>, metrics: Arc<ProxyMetrics>) {
                     Ok(())
                 }
             });
-            for i in 0..got {
-                let d = batch.get(i);
-                match d.src {
-                    Some(from) if !d.truncated => deliver(&slot, &metrics, d.bytes, from),
-                    _ => {
-                        metrics.upstream_mismatches.fetch_add(1, Relaxed);
+            replies::batch(|| {
+                for i in 0..got {
+                    let d = batch.get(i);
+                    match d.src {
+                        Some(from) if !d.truncated => deliver(&slot, &metrics, d.bytes, from),
+                        _ => {
+                            metrics.upstream_mismatches.fetch_add(1, Relaxed);
+                        }
                     }
                 }
-            }
-            match result {
-                Ok(()) => tokio::task::yield_now().await,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // The pending socket error of an ICMP report: its details are in the error
                 // queue.
-                Err(_) => drain_errors(&slot, &mut errors),
+                if result
+                    .as_ref()
+                    .is_err_and(|e| e.kind() != io::ErrorKind::WouldBlock)
+                {
+                    drain_errors(&slot, &mut errors);
+                }
+            });
+            if result.is_ok() {
+                tokio::task::yield_now().await;
             }
         }
     }
