@@ -75,5 +75,5 @@ pub use hooks::{
     Decision, DnsPolicy, EndpointId, HoldOutcome, LearnedAnswer, Learner, OriginalDst,
     QueryContext, QueryEvent, Transport,
 };
-pub use metrics::{Histogram, HistogramSnapshot, ProxyMetrics, Verdict};
+pub use metrics::{Counter, Histogram, HistogramSnapshot, ProxyMetrics, Verdict};
 pub use server::DnsProxy;

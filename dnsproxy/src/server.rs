@@ -122,7 +122,9 @@ impl DnsProxy {
         for (i, sockets) in shard_sockets.into_iter().enumerate() {
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let (ready_tx, ready_rx) = oneshot::channel::<Result<(), DnsProxyError>>();
-            let shared = shared.clone();
+            // A copy of its own: the shard takes a reference per query in flight, and a
+            // reference count shared by the shards would travel between cores each time.
+            let shared = Arc::new(shared.copy());
             std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
                 .spawn(move || run_shard(shared, sockets, pool_sockets, ready_tx, stop_rx))
@@ -218,6 +220,18 @@ fn bind_listen(addr: SocketAddr, config: &ProxyConfig) -> Result<Bound, DnsProxy
 }
 
 impl<P: DnsPolicy, L: Learner> Shared<P, L> {
+    fn copy(&self) -> Shared<P, L> {
+        Shared {
+            config: self.config.clone(),
+            policy: self.policy.clone(),
+            learner: self.learner.clone(),
+            original_dst: self.original_dst.clone(),
+            metrics: self.metrics.clone(),
+            own: self.own.clone(),
+            next_upstream: AtomicUsize::new(self.next_upstream.load(Relaxed)),
+        }
+    }
+
     fn is_own(&self, addr: SocketAddr) -> bool {
         self.own
             .iter()

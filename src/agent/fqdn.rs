@@ -137,7 +137,7 @@ impl Learner for AgentDns {
         ctx: &QueryContext,
         answer: &LearnedAnswer,
     ) -> impl Future<Output = HoldOutcome> + Send + 'static {
-        let agent = self.0.clone();
+        let agent = &self.0;
         // An IP pushed out by maxIPsPerHostname stays while a connection to it is open. The
         // cache asks only when it pushes one out, which is rare: the datapath's connections
         // are read then (under the state lock), not for every answer.
@@ -169,11 +169,13 @@ impl Learner for AgentDns {
         }
         // Usually every change up to `target` is applied already (an answer that refreshes
         // known IPs issues none, the in-memory datapath applies at once): no subscription then.
-        let done = agent.applied_up_to(target);
+        // (No reference to the agent is taken then either: its count is shared by every
+        // proxy thread.)
+        let waiting = (!agent.applied_up_to(target)).then(|| agent.clone());
         async move {
-            if done {
+            let Some(agent) = waiting else {
                 return HoldOutcome::Enforceable;
-            }
+            };
             match agent.wait_applied(target).await {
                 Ok(()) => HoldOutcome::Enforceable,
                 Err(e) => HoldOutcome::Failed(e),

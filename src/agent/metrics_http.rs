@@ -1,5 +1,6 @@
 //! The Prometheus endpoint: `GET /metrics` on `metrics.listen`.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -182,13 +183,13 @@ pub fn render(a: &Agent) -> String {
             ),
         ];
         for (name, help, c) in counters {
-            e.single(name, "counter", help, load(c));
+            e.single(name, "counter", help, c.load(Ordering::Relaxed) as f64);
         }
         e.single(
             "fqdnwall_dns_tcp_connections",
             "gauge",
             "TCP client connections open.",
-            load(&p.tcp_open),
+            p.tcp_open.load(Ordering::Relaxed) as f64,
         );
         let h = p.upstream_latency.snapshot();
         e.histogram(

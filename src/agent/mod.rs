@@ -40,6 +40,9 @@ pub struct Agent {
     issued: AtomicU64,
     /// Highest sequence number the datapath confirmed (it confirms in order).
     applied: watch::Sender<u64>,
+    /// `applied`'s value, readable without the channel's lock (the DNS proxy asks for every
+    /// answer from several threads).
+    applied_seq: AtomicU64,
     /// Woken when new learned lifetimes may end earlier than the expiry timer thinks.
     pub expiry_wakeup: Notify,
     /// The deadline (Unix milliseconds, `u64::MAX` for none) the expiry loop is sleeping
@@ -81,6 +84,7 @@ impl Agent {
             started: Instant::now(),
             issued: AtomicU64::new(0),
             applied: watch::channel(0).0,
+            applied_seq: AtomicU64::new(0),
             expiry_wakeup: Notify::new(),
             expiry_deadline: AtomicU64::new(u64::MAX),
             dns_bound: OnceLock::new(),
@@ -137,6 +141,7 @@ impl Agent {
         self.applied.send_if_modified(|v| {
             if seq > *v {
                 *v = seq;
+                self.applied_seq.fetch_max(seq, Ordering::SeqCst);
                 true
             } else {
                 false
@@ -151,7 +156,7 @@ impl Agent {
 
     /// Whether the datapath confirmed every change up to `seq` already.
     pub fn applied_up_to(&self, seq: u64) -> bool {
-        *self.applied.borrow() >= seq
+        self.applied_seq.load(Ordering::SeqCst) >= seq
     }
 
     /// Resolves once the datapath confirmed every change up to `seq`.
