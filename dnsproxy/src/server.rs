@@ -382,6 +382,8 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             qname: fwd.q.qname.clone(),
             qtype: fwd.q.question.qtype,
         };
+        // The hold starts before the learner's call: a datapath may do its work inside it.
+        let since = Instant::now();
         let confirm = Box::pin(self.learner.learn(&ctx, &learned));
         Answered::Hold(
             Held {
@@ -389,7 +391,7 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
                 answer,
                 rcode,
                 learned,
-                since: Instant::now(),
+                since,
             },
             confirm,
         )
