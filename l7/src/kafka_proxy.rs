@@ -214,7 +214,16 @@ impl KafkaProxyService {
         let (broker_rd, broker_wr) = broker.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         let flow = FlowKey { src, dst };
-        let requests = self.requests(client_rd, broker_wr, tx, flow);
+        let requests = async {
+            let r = self.requests(client_rd, broker_wr, tx, flow).await;
+            // Counted before the client's side closes (it closes when `responses` is
+            // dropped below), so whoever sees the close sees the count.
+            if let Err(ConnError::Malformed(e)) = &r {
+                ProtocolStats::bump(&self.stats().malformed);
+                tracing::debug!(%src, error = %e, "kafka proxy: malformed request, connection closed");
+            }
+            r
+        };
         let responses = self.responses(broker_rd, client_wr, rx, dst);
         // Either side ending ends the connection: a client gone, a broker gone, or a
         // malformed frame that leaves no way to stay in step.
@@ -223,11 +232,7 @@ impl KafkaProxyService {
             r = responses => r,
         };
         match res {
-            Ok(()) => {}
-            Err(ConnError::Malformed(e)) => {
-                ProtocolStats::bump(&self.stats().malformed);
-                tracing::debug!(%src, error = %e, "kafka proxy: malformed request, connection closed");
-            }
+            Ok(()) | Err(ConnError::Malformed(_)) => {}
             Err(e) => tracing::debug!(%src, error = %e, "kafka proxy: connection closed"),
         }
     }

@@ -249,11 +249,16 @@ async fn malformed_frames_close_the_connection_and_are_counted() {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(&[0, 0, 0, 3, 1, 2, 3]).await.unwrap();
     let mut buf = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
         .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(n, 0, "closed without an answer");
+        .expect("the proxy closes the connection");
+    // Closed without an answer: an orderly close, or a reset when the close races the
+    // client's own segments.
+    match closed {
+        Ok(n) => assert_eq!(n, 0, "closed without an answer"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    assert!(buf.is_empty(), "no answer: {buf:?}");
     assert_eq!(
         got.await.unwrap(),
         Vec::<u8>::new(),
