@@ -210,6 +210,12 @@ fn bind_listen(addr: SocketAddr, config: &ProxyConfig) -> Result<Bound, DnsProxy
                 .map_err(|e| listen_err("udp", bound, e))?;
             udp.push(s);
         }
+        if udp.len() > 1 {
+            // Best effort: without it the kernel's 4-tuple hash still spreads clients.
+            if let Err(e) = net::steer_by_cpu(&udp[0], udp.len() as u32) {
+                debug!(%bound, error = %e, "UDP listeners keep the kernel's hash steering");
+            }
+        }
         return Ok((udp, tcp, bound));
     }
     Err(listen_err(
