@@ -217,10 +217,29 @@ impl PatternIndex {
     /// Appends the ids of every selector that matches `name` to `out` (in no particular order;
     /// an id inserted twice is reported twice).
     pub fn matches_into(&self, name: &DnsName, out: &mut Vec<u32>) {
-        let text = name.as_str();
-        out.extend_from_slice(&self.match_all);
-        if let Some(ids) = self.exact.get(text) {
+        self.visit(name, |ids| {
             out.extend_from_slice(ids);
+            false
+        });
+    }
+
+    /// Whether any selector matches `name`: the walk of [`PatternIndex::matches_into`],
+    /// stopped at the first match, without collecting ids.
+    pub fn is_match(&self, name: &DnsName) -> bool {
+        self.visit(name, |ids| !ids.is_empty())
+    }
+
+    /// Hands `found` the ids of each group of selectors that match `name`; stops (and returns
+    /// true) when `found` says so.
+    fn visit(&self, name: &DnsName, mut found: impl FnMut(&[u32]) -> bool) -> bool {
+        let text = name.as_str();
+        if found(&self.match_all) {
+            return true;
+        }
+        if let Some(ids) = self.exact.get(text) {
+            if found(ids) {
+                return true;
+            }
         }
         let labels = labels(text);
         // labels[..rem] can all be steps of a leading `**.` iff rem <= first_bad.
@@ -231,11 +250,11 @@ impl PatternIndex {
         let mut node = &self.root;
         let mut rem = labels.len();
         loop {
-            if rem == 1 && star_matches(labels[0]) {
-                out.extend_from_slice(&node.one_label);
+            if rem == 1 && star_matches(labels[0]) && found(&node.one_label) {
+                return true;
             }
-            if rem >= 1 && rem <= first_bad {
-                out.extend_from_slice(&node.many_labels);
+            if rem >= 1 && rem <= first_bad && found(&node.many_labels) {
+                return true;
             }
             for other in &node.other {
                 let count_fits = if other.leading_double_star {
@@ -247,19 +266,20 @@ impl PatternIndex {
                     && text.starts_with(&*other.prefix)
                     && text.ends_with(&*other.suffix)
                     && other.pattern.matches(name)
+                    && found(std::slice::from_ref(&other.id))
                 {
-                    out.push(other.id);
+                    return true;
                 }
             }
             if rem == 0 {
-                break;
+                return false;
             }
             match node.children.get(labels[rem - 1]) {
                 Some(child) => {
                     node = child;
                     rem -= 1;
                 }
-                None => break,
+                None => return false,
             }
         }
     }
@@ -335,6 +355,12 @@ mod tests {
         ] {
             let n = DnsName::new(name);
             assert_eq!(idx.matches(&n), linear(&sels, &n), "{name}");
+            assert_eq!(idx.is_match(&n), !linear(&sels, &n).is_empty(), "{name}");
+            // Each shape alone too (with `*` in the set every name matches).
+            for (i, s) in sels.iter().enumerate() {
+                let alone = PatternIndex::new(std::iter::once((i as u32, s)));
+                assert_eq!(alone.is_match(&n), s.matches(&n), "{name} by {s:?}");
+            }
         }
     }
 

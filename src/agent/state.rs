@@ -129,7 +129,7 @@ impl DnsMatcher {
         match self {
             DnsMatcher::Deny => false,
             DnsMatcher::All => true,
-            DnsMatcher::Some(index) => !index.matches(name).is_empty(),
+            DnsMatcher::Some(index) => index.is_match(name),
         }
     }
 
