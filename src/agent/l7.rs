@@ -135,11 +135,15 @@ impl L7Listeners {
         // the next connection when it serves the fewest: a connection and its upstream stay
         // on one thread (no cross-thread wake-ups per request), and the load spreads evenly
         // even though the datapath steers every flow to one listening socket.
-        let http_spawn = match ConnectionWorkers::per_cpu("fqdnwall-http") {
-            Ok(w) => Spawn::Workers(Arc::new(w)),
-            Err(e) => {
-                tracing::warn!(error = %e, "HTTP proxy: no worker threads; serving on the main runtime");
-                Spawn::Here
+        let http_spawn = if self.http.is_empty() {
+            Spawn::Here
+        } else {
+            match ConnectionWorkers::per_cpu("fqdnwall-http") {
+                Ok(w) => Spawn::Workers(Arc::new(w)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP proxy: no worker threads; serving on the main runtime");
+                    Spawn::Here
+                }
             }
         };
         for l in self.http {
