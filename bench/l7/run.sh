@@ -16,15 +16,6 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 [ "${SKIP_BUILD:-0}" = 1 ] || (cd "$ROOT" && cargo build --quiet --release -p l7 --examples)
 BIN=$CARGO_TARGET_DIR/release/examples
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
 BACKEND=127.0.0.1:18080
 BACKEND_H2=127.0.0.1:18081
 NGINX_RP=127.0.0.1:18090
@@ -34,75 +25,17 @@ BROKER=127.0.0.1:19092
 KPROXY=127.0.0.1:19192
 URLPATH=/api/v1/items/42
 
-mkdir -p "$work/backend" "$work/rp"
-cat > "$work/backend/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $work/backend/nginx.pid;
-error_log $work/backend/error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path $work/backend;
-    server { listen $BACKEND; location / { return 200 "ok\n"; } }
-    server { listen $BACKEND_H2 http2; location / { return 200 "ok\n"; } }
-}
-CONF
-cat > "$work/rp/nginx.conf" <<CONF
-worker_processes auto;
-daemon off;
-pid $work/rp/nginx.pid;
-error_log $work/rp/error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path $work/rp;
-    proxy_temp_path $work/rp;
-    upstream be { server $BACKEND; keepalive 128; keepalive_requests 1000000; }
-    server {
-        listen $NGINX_RP;
-        location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
-    }
-}
-CONF
-nginx -p "$work/backend" -c "$work/backend/nginx.conf" & be_pid=$!; pids+=($be_pid)
-nginx -p "$work/rp" -c "$work/rp/nginx.conf" & rp_pid=$!; pids+=($rp_pid)
+# shellcheck source=bench/l7/common.sh
+. "$ROOT/bench/l7/common.sh"
+start_nginx
 "$BIN/l7proxy" --http "$PROXY" "$BACKEND" --http-rules 20 >"$work/proxy.log" & px_pid=$!; pids+=($px_pid)
 "$BIN/l7proxy" --http "$PROXY_H2" "$BACKEND_H2" --http-rules 20 >"$work/proxy-h2.log" & pids+=($!)
 
-wait_port() {
-    for _ in $(seq 100); do
-        if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    echo "nothing listens on $1" >&2
-    exit 1
-}
 for p in $BACKEND $BACKEND_H2 $NGINX_RP $PROXY $PROXY_H2; do wait_port "$p"; done
 # Policy sanity: the bench path is allowed, another is denied.
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$PROXY$URLPATH")" = 200 ]
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$PROXY/admin")" = 403 ]
 
-cpu_ticks() { # pid -> utime+stime of the process and its child processes (nginx workers)
-    local total=0 p
-    for p in $1 $(pgrep -P "$1" || true); do
-        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-    done
-    echo "$total"
-}
-wrk_run() { # target pid -> "rps p99_ms cpu_us_per_request" (CPU: the pid's user+sys)
-    local before after
-    before=$(cpu_ticks "$2")
-    wrk -t1 -c32 -d"${DUR}s" --latency "http://$1$URLPATH" >"$work/wrk.out"
-    after=$(cpu_ticks "$2")
-    awk -v ticks=$((after - before)) -v tck="$(getconf CLK_TCK)" '
-        /^Requests\/sec:/ {rps=$2}
-        /requests in/ {n=$1}
-        $1=="99%" {v=$2; if (v ~ /us$/) {sub(/us$/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v=v*1000}; p99=v}
-        END {printf "%s %s %.2f\n", rps, p99, (n ? ticks/tck*1e6/n : 0)}' "$work/wrk.out"
-}
 median_of() { # lines "rps p99" -> the line with the median rps
     sort -n -k1,1 | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'
 }
@@ -110,9 +43,10 @@ median_of() { # lines "rps p99" -> the line with the median rps
 declare -A H1
 for name in direct nginx fqdnwall; do : > "$work/h1.$name"; done
 for _ in $(seq "$ROUNDS"); do
-    wrk_run "$BACKEND" "$be_pid" >>"$work/h1.direct"
-    wrk_run "$NGINX_RP" "$rp_pid" >>"$work/h1.nginx"
-    wrk_run "$PROXY" "$px_pid" >>"$work/h1.fqdnwall"
+    # rps p99 CPU per request (the first three of wrk_run's figures)
+    wrk_run "$BACKEND" "$be_pid" | cut -d' ' -f1-3 >>"$work/h1.direct"
+    wrk_run "$NGINX_RP" "$rp_pid" | cut -d' ' -f1-3 >>"$work/h1.nginx"
+    wrk_run "$PROXY" "$px_pid" | cut -d' ' -f1-3 >>"$work/h1.fqdnwall"
 done
 for name in direct nginx fqdnwall; do H1[$name]=$(median_of <"$work/h1.$name"); done
 
