@@ -84,7 +84,7 @@ pub(crate) fn question_end(bytes: &[u8]) -> Option<usize> {
 /// The end of an uncompressed, valid name starting at `start`; `None` when the name is not one
 /// (pointer, reserved label code, too long, truncated), for the caller to decide with a full
 /// decoder.
-fn plain_name_end(bytes: &[u8], start: usize) -> Option<usize> {
+pub(crate) fn plain_name_end(bytes: &[u8], start: usize) -> Option<usize> {
     let mut at = start;
     loop {
         let len = usize::from(*bytes.get(at)?);

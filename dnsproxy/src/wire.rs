@@ -19,7 +19,7 @@ use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable};
 use policy::fqdn::DnsName;
 
 use crate::hooks::LearnedAnswer;
-use crate::message::{DEDUP_SCAN, HEADER_LEN, MAX_CHAIN};
+use crate::message::{plain_name_end, DEDUP_SCAN, HEADER_LEN, MAX_CHAIN};
 
 const TYPE_A: u16 = 1;
 const TYPE_NS: u16 = 2;
@@ -164,17 +164,7 @@ impl Question {
 /// Whether `wire` is exactly one uncompressed name (labels of 1–63 bytes ending with the root
 /// label at its last byte), so an in-place comparison compared names.
 fn valid_plain_wire(wire: &[u8]) -> bool {
-    let mut at = 0;
-    while let Some(&l) = wire.get(at) {
-        if l == 0 {
-            return at + 1 == wire.len();
-        }
-        if l > 63 {
-            return false;
-        }
-        at += 1 + usize::from(l);
-    }
-    false
+    plain_name_end(wire, 0) == Some(wire.len())
 }
 
 /// A query read by the fast path.
