@@ -17,15 +17,6 @@ use common::*;
 /// loopback address of its own so it never meets a resolver of the machine.
 const UPSTREAM_IP: &str = "127.0.0.153";
 
-fn write(dir: &Path, name: &str, text: &str) {
-    let p = dir.join(name);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    // Write then rename, as editors and deploy tools do: the agent never sees half a file.
-    let tmp = dir.join(format!(".{}.tmp", name.replace('/', "_")));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, &p).unwrap();
-}
-
 fn config(dir: &Path, upstream: SocketAddr) -> String {
     let text = format!(
         r#"policyDir: policies

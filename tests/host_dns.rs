@@ -7,7 +7,6 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -46,88 +45,6 @@ www 60 IN A 192.0.2.66
 "#,
     ),
 ];
-
-/// A real unbound serving [`ZONES`] on `ip:port` (its own process and temp dir).
-struct Upstream {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Upstream {
-    /// `None` when unbound or dig is missing (a skip; a failure under CI=true).
-    fn start(ip: IpAddr) -> Option<Upstream> {
-        require("dig", "bind9-dnsutils")?;
-        let bin = require("unbound", "unbound")?;
-        let port = free_port(ip);
-        let dir = tempdir();
-        let mut auth = String::new();
-        for (zone, text) in ZONES {
-            let file = dir.path().join(format!("{zone}zone"));
-            std::fs::write(&file, text).unwrap();
-            auth.push_str(&format!(
-                "auth-zone:\n  name: \"{zone}\"\n  zonefile: \"{}\"\n  for-downstream: yes\n  for-upstream: yes\n",
-                file.display()
-            ));
-        }
-        let conf = format!(
-            r#"server:
-  interface: {ip}@{port}
-  do-daemonize: no
-  chroot: ""
-  username: ""
-  directory: "{d}"
-  pidfile: ""
-  use-syslog: no
-  logfile: ""
-  verbosity: 0
-  num-threads: 1
-  access-control: 127.0.0.0/8 allow
-  module-config: "iterator"
-  do-ip6: no
-  local-zone: "test." nodefault
-{auth}remote-control:
-  control-enable: no
-"#,
-            d = dir.path().display()
-        );
-        std::fs::write(dir.path().join("unbound.conf"), conf).unwrap();
-        let child = Command::new(bin)
-            .arg("-d")
-            .arg("-c")
-            .arg(dir.path().join("unbound.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start unbound");
-        let up = Upstream {
-            child,
-            addr: SocketAddr::new(ip, port),
-            _dir: dir,
-        };
-        eventually(Duration::from_secs(10), "unbound to answer", || {
-            dig(&up.addr, "127.0.0.1", "www.denied.test", "A", false)
-                .filter(|r| r.status == "NOERROR")
-        });
-        Some(up)
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) {
-    let p = dir.join(name);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    // Write then rename: the agent's watcher never sees half a file.
-    let tmp = dir.join(format!(".{}.tmp", name.replace('/', "_")));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, &p).unwrap();
-}
 
 /// The whole config of a VM firewall: no `endpoints`, the host and its addresses.
 fn config(dir: &Path, upstream: SocketAddr) -> String {
@@ -205,7 +122,8 @@ fn trace_host(a: &Agent, dst: &str, dport: &str) -> String {
 
 #[test]
 fn host_policy_dns_rules_restrict_the_hosts_own_names() {
-    let Some(up) = Upstream::start(UPSTREAM_IP.parse().unwrap()) else {
+    let ip: IpAddr = UPSTREAM_IP.parse().unwrap();
+    let Some(up) = Unbound::start_zones(ip, free_port(ip), ZONES, "www.denied.test") else {
         return;
     };
     let d = tempdir();

@@ -314,9 +314,30 @@ impl Unbound {
     }
 
     pub fn start_on(ip: IpAddr, port: u16) -> Option<Unbound> {
+        Unbound::start_zones(ip, port, &[("example.test.", ZONE)], "www.example.test")
+    }
+
+    /// Authoritative for each (zone name with trailing dot, zone file text) of `zones`;
+    /// ready once `probe` (a name with an A record) resolves. `None` when unbound or dig is
+    /// missing (a skip; a failure under CI=true).
+    pub fn start_zones(
+        ip: IpAddr,
+        port: u16,
+        zones: &[(&str, &str)],
+        probe: &str,
+    ) -> Option<Unbound> {
+        require("dig", "bind9-dnsutils")?;
         let bin = require("unbound", "unbound")?;
         let dir = tempdir();
-        std::fs::write(dir.path().join("example.zone"), ZONE).unwrap();
+        let mut auth = String::new();
+        for (zone, text) in zones {
+            let file = dir.path().join(format!("{zone}zone"));
+            std::fs::write(&file, text).unwrap();
+            auth.push_str(&format!(
+                "auth-zone:\n  name: \"{zone}\"\n  zonefile: \"{}\"\n  for-downstream: yes\n  for-upstream: yes\n",
+                file.display()
+            ));
+        }
         let conf = format!(
             r#"server:
   interface: {ip}@{port}
@@ -333,12 +354,7 @@ impl Unbound {
   module-config: "iterator"
   do-ip6: no
   local-zone: "test." nodefault
-auth-zone:
-  name: "example.test."
-  zonefile: "{d}/example.zone"
-  for-downstream: yes
-  for-upstream: yes
-remote-control:
+{auth}remote-control:
   control-enable: no
 "#,
             d = dir.path().display()
@@ -358,13 +374,23 @@ remote-control:
             _dir: dir,
         };
         let ok = eventually(Duration::from_secs(10), "unbound to answer", || {
-            dig(&ub.addr, "127.0.0.1", "www.example.test", "A", false)
+            dig(&ub.addr, "127.0.0.1", probe, "A", false)
                 .filter(|r| r.status == "NOERROR")
                 .map(|_| true)
         });
         assert!(ok);
         Some(ub)
     }
+}
+
+/// Writes `dir/name` (creating its directory) by writing a temporary file and renaming it,
+/// as editors and deploy tools do: the agent's policy watcher never sees half a file.
+pub fn write(dir: &Path, name: &str, text: &str) {
+    let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    let tmp = dir.join(format!(".{}.tmp", name.replace('/', "_")));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &p).unwrap();
 }
 
 #[derive(Debug)]
