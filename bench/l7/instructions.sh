@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Instructions per request of fqdnwall's HTTP/1.1 proxy (20 rules, the request matches the
+# last) under callgrind: h2load sends a fixed number of HTTP/1.1 requests through the proxy to
+# the nginx backend, and the proxy's instructions counted during those requests only (collection
+# starts from zero after a warm-up) are divided by their number. Unlike req/s, latency and
+# CPU time, the figure hardly moves when other work shares the machine, so it can compare
+# changes while the machine is busy. Prints "instructions/request requests".
+#   REQUESTS (default 20000), CONNS (default 32), BIN (default the release example just built,
+#   SKIP_BUILD=1 to not build), ANNOTATE=file: write callgrind_annotate's per-function table
+#   there (and the callgrind files beside it), PROXY_ARGS: extra l7proxy arguments, NGINX=1: measure the nginx reverse proxy's
+#   workers instead (the same requests through nginx, for comparison).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+REQUESTS=${REQUESTS:-20000}
+CONNS=${CONNS:-32}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+[ "${SKIP_BUILD:-0}" = 1 ] || [ -n "${BIN:-}" ] ||
+    (cd "$ROOT" && cargo build --quiet --release -p l7 --example l7proxy)
+BIN=${BIN:-$CARGO_TARGET_DIR/release/examples/l7proxy}
+
+BACKEND=127.0.0.1:18480
+NGINX_RP=127.0.0.1:18490
+PROXY=127.0.0.1:18500
+URLPATH=/api/v1/items/42
+
+# shellcheck source=bench/l7/common.sh
+. "$ROOT/bench/l7/common.sh"
+start_nginx
+out="$work/callgrind.out"
+if [ "${NGINX:-0}" = 1 ]; then
+    # The reverse proxy again, its processes under callgrind.
+    kill "$rp_pid"; wait "$rp_pid" 2>/dev/null || true
+    valgrind --tool=callgrind --trace-children=yes \
+        --callgrind-out-file="$out.%p" nginx -p "$work/rp" -c "$work/rp/nginx.conf" \
+        2>"$work/valgrind.log" & pids+=($!)
+    target=$NGINX_RP
+else
+    # shellcheck disable=SC2086
+    valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
+        "$BIN" --http "$PROXY" "$BACKEND" --http-rules 20 ${PROXY_ARGS:-} \
+        >"$work/proxy.log" 2>"$work/valgrind.log" & pids+=($!)
+    target=$PROXY
+fi
+wait_port "$BACKEND"
+for _ in $(seq 300); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$target$URLPATH")" = 200 ] && break
+    sleep 0.2
+done
+[ "$(curl -s -o /dev/null -w '%{http_code}' "http://$target$URLPATH")" = 200 ]
+# Warm-up: connections, upstream connections and lazy state set up outside the count.
+h2load --h1 -n $((CONNS * 10)) -c "$CONNS" -t 1 "http://$target$URLPATH" >/dev/null
+callgrind_control -z >/dev/null 2>&1
+h2load --h1 -n "$REQUESTS" -c "$CONNS" -t 1 "http://$target$URLPATH" >"$work/h2load.out"
+callgrind_control -d >/dev/null 2>&1
+grep -q "$REQUESTS succeeded" "$work/h2load.out" || { cat "$work/h2load.out" >&2; exit 1; }
+# The dumps (FILE.PID.1) are written when each process next runs.
+for _ in $(seq 100); do
+    compgen -G "$out.*.1" >/dev/null && break
+    sleep 0.1
+done
+sleep 0.5
+total=0
+for f in "$out".*.1; do
+    ir=$(awk '/^summary:/ {print $2}' "$f" | head -1)
+    [ -n "$ir" ] && total=$((total + ir))
+done
+if [ -n "${ANNOTATE:-}" ]; then
+    callgrind_annotate --threshold=100 --auto=no "$out".*.1 >"$ANNOTATE" 2>/dev/null || true
+    cp "$out".*.1 "$(dirname "$ANNOTATE")/" 2>/dev/null || true
+fi
+awk -v t="$total" -v n="$REQUESTS" 'BEGIN {printf "%.0f %d\n", t / n, n}'
