@@ -15,6 +15,9 @@ pub enum L7Error {
         #[source]
         source: regex::Error,
     },
+    /// The patterns of one field of all HTTP rules, each valid, are too large together.
+    #[error("http rules: field `{field}`: the patterns together do not compile: {reason}")]
+    RegexSet { field: &'static str, reason: String },
     /// A header name in an HTTP rule is not a valid HTTP header name.
     #[error("http rule {rule}: field `{field}`: invalid header name {name:?}")]
     HeaderName {

@@ -1,20 +1,32 @@
 //! Compiled HTTP rules of one (endpoint, remote identity, port): the per-request decision.
 //!
 //! `method`, `path` and `host` are regular expressions anchored at both ends (as Envoy's
-//! `safe_regex` full match that Cilium configures). Each field of all rules goes into one
-//! [`RegexSet`], so a request is matched against every rule in one pass per field; a rule
-//! matches when each field it names is in its set's matches and its header conditions hold.
-//! Rules are ORed. `path` is matched against the request target as sent (path and query),
-//! exactly as Cilium matches `:path`; `host` against the authority (Host header in HTTP/1.1,
-//! `:authority` in HTTP/2), port included when the client sent one.
+//! `safe_regex` full match that Cilium configures). A rule matches when each field it names
+//! matches and its header conditions hold; rules are ORed. `path` is matched against the
+//! request target as sent (path and query), exactly as Cilium matches `:path`; `host` against
+//! the authority (Host header in HTTP/1.1, `:authority` in HTTP/2), port included when the
+//! client sent one.
+//!
+//! This runs for every request, so a request is matched field by field, keeping the rules
+//! still in the running as one bit each: a field's patterns that only ever match a few exact
+//! strings (`GET`, `PUT|PATCH`, `api\.example\.com`: most methods and hosts) are string
+//! compares; the other patterns of the field are run only for rules still in the running (one
+//! regex each when they are one or two, else one pass of all of them as a set). Identical
+//! patterns of several rules are compiled and run once. Nothing is allocated per request (up to
+//! 256 rules; the set's scratch is kept per thread).
 //!
 //! `headerMatches` follow Cilium: a match that holds is fine; a mismatch without an action
 //! makes the rule not match; with an action (LOG, ADD, DELETE, REPLACE) the rule still
 //! matches and the action is returned for the proxy to apply before forwarding.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use policy::model::{HttpRule, MismatchAction};
-use regex::RegexSet;
+use regex_automata::meta;
+use regex_automata::{Input, MatchKind, PatternSet};
+use regex_syntax::hir::{Class, Hir, HirKind};
 
 use crate::error::L7Error;
 use crate::secret::{secret_display, SecretSource};
@@ -113,50 +125,285 @@ struct CompiledHeaderMatch {
 
 #[derive(Debug, Clone)]
 struct CompiledRule {
-    method: bool,
-    path: bool,
-    host: bool,
     /// `headers`: name and optional exact value.
     headers: Vec<(HeaderName, Option<HeaderValue>)>,
     header_matches: Vec<CompiledHeaderMatch>,
 }
 
-#[derive(Debug, Clone)]
-struct FieldSet {
-    set: RegexSet,
-    /// Set pattern index → rule index.
-    rule_of: Vec<usize>,
+/// Rules as one bit each (bit `i % 64` of word `i / 64` is rule `i`).
+type RuleBits = Box<[u64]>;
+
+fn words_for(rules: usize) -> usize {
+    rules.div_ceil(64)
 }
 
-impl FieldSet {
-    fn build(patterns: Vec<(usize, String)>, field: &'static str) -> Result<FieldSet, L7Error> {
-        // Compile each pattern on its own first so an error names its rule.
-        for (rule, p) in &patterns {
-            regex::Regex::new(p).map_err(|source| L7Error::Regex {
-                rule: *rule,
-                field,
-                source,
-            })?;
+fn set_bit(bits: &mut [u64], rule: usize) {
+    bits[rule / 64] |= 1 << (rule % 64);
+}
+
+fn intersects(a: &[u64], b: &[u64]) -> bool {
+    a.iter().zip(b).any(|(x, y)| x & y != 0)
+}
+
+/// The rules of `bits`, in order.
+fn rules_in(bits: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    bits.iter().enumerate().flat_map(|(w, &word)| {
+        let mut word = word;
+        std::iter::from_fn(move || {
+            (word != 0).then(|| {
+                let bit = word.trailing_zeros() as usize;
+                word &= word - 1;
+                w * 64 + bit
+            })
+        })
+    })
+}
+
+fn or_into(dst: &mut [u64], src: &[u64]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d |= s;
+    }
+}
+
+/// The exact strings a pattern matches in full, when it only ever matches a few (literals,
+/// alternations and small classes of them: `GET`, `PUT|PATCH`, `(?i)get`, `a\.example`).
+/// `None` for anything else, look-around assertions included (`\bx` is not the string `x`).
+fn exact_strings(pattern: &str) -> Option<Vec<Vec<u8>>> {
+    const LIMIT: usize = 64;
+    fn walk(h: &Hir) -> Option<Vec<Vec<u8>>> {
+        match h.kind() {
+            HirKind::Empty => Some(vec![Vec::new()]),
+            HirKind::Literal(l) => Some(vec![l.0.to_vec()]),
+            HirKind::Capture(c) => walk(&c.sub),
+            HirKind::Class(Class::Unicode(c)) => {
+                let mut out = Vec::new();
+                for r in c.iter() {
+                    for ch in r.start()..=r.end() {
+                        if out.len() == LIMIT {
+                            return None;
+                        }
+                        out.push(ch.to_string().into_bytes());
+                    }
+                }
+                Some(out)
+            }
+            HirKind::Alternation(subs) => {
+                let mut out = Vec::new();
+                for s in subs {
+                    out.extend(walk(s)?);
+                    if out.len() > LIMIT {
+                        return None;
+                    }
+                }
+                Some(out)
+            }
+            HirKind::Concat(subs) => {
+                let mut out = vec![Vec::new()];
+                for s in subs {
+                    let next = walk(s)?;
+                    if out.len() * next.len() > LIMIT {
+                        return None;
+                    }
+                    out = out
+                        .iter()
+                        .flat_map(|a| {
+                            next.iter().map(move |b| {
+                                let mut v = a.clone();
+                                v.extend_from_slice(b);
+                                v
+                            })
+                        })
+                        .collect();
+                }
+                Some(out)
+            }
+            HirKind::Class(Class::Bytes(_)) | HirKind::Look(_) | HirKind::Repetition(_) => None,
         }
-        let set =
-            RegexSet::new(patterns.iter().map(|(_, p)| p)).map_err(|source| L7Error::Regex {
-                rule: patterns.first().map(|(r, _)| *r).unwrap_or(0),
+    }
+    let hir = regex_syntax::Parser::new().parse(pattern).ok()?;
+    walk(&hir)
+}
+
+/// Exact strings of a field's patterns and the rules each one satisfies.
+#[derive(Debug, Clone)]
+enum Literals {
+    /// Compared one by one (a few: cheaper than hashing).
+    Few(Vec<(Box<[u8]>, RuleBits)>),
+    Many(HashMap<Box<[u8]>, RuleBits>),
+}
+
+impl Literals {
+    const FEW: usize = 8;
+
+    fn get(&self, text: &[u8]) -> Option<&RuleBits> {
+        match self {
+            Literals::Few(v) => v.iter().find(|(l, _)| **l == *text).map(|(_, r)| r),
+            Literals::Many(m) => m.get(text),
+        }
+    }
+}
+
+/// A pattern that is run as a regex, and the rules that have it.
+#[derive(Debug, Clone)]
+struct PatternRules {
+    regex: regex::Regex,
+    rules: RuleBits,
+}
+
+/// The compiled patterns of one field (method, path or host) of all rules.
+#[derive(Debug, Clone)]
+struct FieldMatcher {
+    /// The rules that name this field.
+    rules: RuleBits,
+    literals: Literals,
+    /// The rules whose pattern for this field is one of `regexes`.
+    regex_rules: RuleBits,
+    /// Rule index → its pattern's index in `regexes` (for the rules of `regex_rules`).
+    pattern_of: Box<[usize]>,
+    regexes: Vec<PatternRules>,
+    /// All of `regexes` as one set (pattern `i` is `regexes[i]`), when there are several.
+    set: Option<meta::Regex>,
+}
+
+thread_local! {
+    /// Scratch for [`FieldMatcher::set`] runs, grown to the largest set seen on the thread.
+    static SET_MATCHES: RefCell<PatternSet> = RefCell::new(PatternSet::new(0));
+}
+
+/// Regexes of a field run one by one, rather than as the set, when at most this many are
+/// needed for the rules still in the running.
+const ONE_BY_ONE: usize = 2;
+
+impl FieldMatcher {
+    /// `patterns`: (rule index, pattern as written in the rule).
+    fn build(
+        patterns: &[(usize, &str)],
+        rule_count: usize,
+        field: &'static str,
+    ) -> Result<FieldMatcher, L7Error> {
+        let words = words_for(rule_count);
+        let mut rules = vec![0u64; words].into_boxed_slice();
+        let mut literals: Vec<(Box<[u8]>, RuleBits)> = Vec::new();
+        let mut literal_index: HashMap<Box<[u8]>, usize> = HashMap::new();
+        let mut regexes: Vec<PatternRules> = Vec::new();
+        let mut regex_index: HashMap<&str, usize> = HashMap::new();
+        let mut regex_rules = vec![0u64; words].into_boxed_slice();
+        let mut pattern_of = vec![usize::MAX; rule_count].into_boxed_slice();
+        for &(rule, pattern) in patterns {
+            // Compiled on its own first, so an error names its rule.
+            let regex = regex::Regex::new(&anchored(pattern)).map_err(|source| L7Error::Regex {
+                rule,
                 field,
                 source,
             })?;
-        Ok(FieldSet {
+            set_bit(&mut rules, rule);
+            if let Some(strings) = exact_strings(pattern) {
+                for s in strings {
+                    let s = s.into_boxed_slice();
+                    let at = *literal_index.entry(s.clone()).or_insert_with(|| {
+                        literals.push((s, vec![0u64; words].into_boxed_slice()));
+                        literals.len() - 1
+                    });
+                    set_bit(&mut literals[at].1, rule);
+                }
+                continue;
+            }
+            let at = *regex_index.entry(pattern).or_insert_with(|| {
+                regexes.push(PatternRules {
+                    regex,
+                    rules: vec![0u64; words].into_boxed_slice(),
+                });
+                regexes.len() - 1
+            });
+            set_bit(&mut regexes[at].rules, rule);
+            set_bit(&mut regex_rules, rule);
+            pattern_of[rule] = at;
+        }
+        let set = if regexes.len() > 1 {
+            let all: Vec<&str> = regexes.iter().map(|p| p.regex.as_str()).collect();
+            // As `regex::RegexSet` configures it.
+            let set = meta::Builder::new()
+                .configure(
+                    meta::Config::new()
+                        .match_kind(MatchKind::All)
+                        .utf8_empty(true)
+                        .which_captures(regex_automata::nfa::thompson::WhichCaptures::None)
+                        .nfa_size_limit(Some(10 * (1 << 20)))
+                        .hybrid_cache_capacity(2 * (1 << 20)),
+                )
+                .build_many(&all)
+                .map_err(|e| L7Error::RegexSet {
+                    field,
+                    reason: e.to_string(),
+                })?;
+            Some(set)
+        } else {
+            None
+        };
+        let literals = if literals.len() <= Literals::FEW {
+            Literals::Few(literals)
+        } else {
+            Literals::Many(literals.into_iter().collect())
+        };
+        Ok(FieldMatcher {
+            rules,
+            literals,
+            regex_rules,
+            pattern_of,
+            regexes,
             set,
-            rule_of: patterns.into_iter().map(|(r, _)| r).collect(),
         })
     }
 
-    /// Marks in `hits` (one flag per rule) the rules whose field matches `text`.
-    fn mark(&self, text: &str, hits: &mut [bool]) {
-        if self.rule_of.is_empty() {
+    /// Takes out of `running` the rules that name this field and whose pattern does not match
+    /// `text`. `matched` is scratch of the same length.
+    fn filter(&self, text: &str, running: &mut [u64], matched: &mut [u64]) {
+        if !intersects(&self.rules, running) {
             return;
         }
-        for i in self.set.matches(text).iter() {
-            hits[self.rule_of[i]] = true;
+        matched.fill(0);
+        if let Some(r) = self.literals.get(text.as_bytes()) {
+            or_into(matched, r);
+        }
+        // The rules still in the running whose pattern is a regex.
+        let needed: u32 = running
+            .iter()
+            .zip(self.regex_rules.iter())
+            .map(|(r, x)| (r & x).count_ones())
+            .sum();
+        match &self.set {
+            Some(set) if needed as usize > ONE_BY_ONE => SET_MATCHES.with_borrow_mut(|found| {
+                if found.capacity() < set.pattern_len() {
+                    *found = PatternSet::new(set.pattern_len());
+                } else {
+                    found.clear();
+                }
+                set.which_overlapping_matches(&Input::new(text), found);
+                for i in found.iter() {
+                    or_into(matched, &self.regexes[i].rules);
+                }
+            }),
+            _ if needed > 0 => {
+                for rule in rules_in(running) {
+                    let at = self.pattern_of[rule];
+                    // A rule sharing its pattern with an earlier one has its bit already.
+                    if at == usize::MAX || matched[rule / 64] & (1 << (rule % 64)) != 0 {
+                        continue;
+                    }
+                    let p = &self.regexes[at];
+                    if p.regex.is_match(text) {
+                        or_into(matched, &p.rules);
+                    }
+                }
+            }
+            _ => {}
+        }
+        for ((r, f), m) in running
+            .iter_mut()
+            .zip(self.rules.iter())
+            .zip(matched.iter())
+        {
+            *r &= !f | m;
         }
     }
 }
@@ -167,9 +414,11 @@ pub struct HttpPolicy {
     /// `None`: every request is allowed (an empty rule list, or an L4-only allow on the same
     /// port and peer that lifts the L7 restriction).
     rules: Option<Vec<CompiledRule>>,
-    method: FieldSet,
-    path: FieldSet,
-    host: FieldSet,
+    /// Every rule's bit.
+    all: RuleBits,
+    method: FieldMatcher,
+    path: FieldMatcher,
+    host: FieldMatcher,
     warnings: Vec<String>,
 }
 
@@ -188,9 +437,10 @@ impl HttpPolicy {
     pub fn allow_all() -> HttpPolicy {
         HttpPolicy {
             rules: None,
-            method: FieldSet::build(Vec::new(), "method").expect("empty set"),
-            path: FieldSet::build(Vec::new(), "path").expect("empty set"),
-            host: FieldSet::build(Vec::new(), "host").expect("empty set"),
+            all: Box::new([]),
+            method: FieldMatcher::build(&[], 0, "method").expect("empty set"),
+            path: FieldMatcher::build(&[], 0, "path").expect("empty set"),
+            host: FieldMatcher::build(&[], 0, "host").expect("empty set"),
             warnings: Vec::new(),
         }
     }
@@ -209,13 +459,13 @@ impl HttpPolicy {
         let mut warnings = Vec::new();
         for (i, r) in rules.iter().enumerate() {
             if let Some(m) = field(&r.method) {
-                methods.push((i, anchored(m)));
+                methods.push((i, m));
             }
             if let Some(p) = field(&r.path) {
-                paths.push((i, anchored(p)));
+                paths.push((i, p));
             }
             if let Some(h) = field(&r.host) {
-                hosts.push((i, anchored(h)));
+                hosts.push((i, h));
             }
             let mut headers = Vec::new();
             for h in &r.headers {
@@ -257,18 +507,19 @@ impl HttpPolicy {
                 });
             }
             compiled.push(CompiledRule {
-                method: field(&r.method).is_some(),
-                path: field(&r.path).is_some(),
-                host: field(&r.host).is_some(),
                 headers,
                 header_matches,
             });
         }
+        let n = rules.len();
+        let mut all = vec![0u64; words_for(n)].into_boxed_slice();
+        (0..n).for_each(|i| set_bit(&mut all, i));
         Ok(HttpPolicy {
             rules: Some(compiled),
-            method: FieldSet::build(methods, "method")?,
-            path: FieldSet::build(paths, "path")?,
-            host: FieldSet::build(hosts, "host")?,
+            all,
+            method: FieldMatcher::build(&methods, n, "method")?,
+            path: FieldMatcher::build(&paths, n, "path")?,
+            host: FieldMatcher::build(&hosts, n, "host")?,
             warnings,
         })
     }
@@ -292,26 +543,26 @@ impl HttpPolicy {
                 actions: Vec::new(),
             };
         };
-        let n = rules.len();
-        // One flag per rule and field; on the stack for up to 64 rules (this runs for every
-        // request, and a zeroed heap allocation costs more than the flags' use).
-        let mut on_stack = [false; 3 * 64];
+        // The rules still in the running, one bit each, and scratch; on the stack for up to
+        // 256 rules.
+        let words = self.all.len();
+        let mut on_stack = [0u64; 8];
         let mut on_heap = Vec::new();
-        let flags: &mut [bool] = if n <= 64 {
-            &mut on_stack[..3 * n]
+        let bits: &mut [u64] = if words <= 4 {
+            &mut on_stack[..2 * words]
         } else {
-            on_heap.resize(3 * n, false);
+            on_heap.resize(2 * words, 0);
             &mut on_heap
         };
-        let (m, rest) = flags.split_at_mut(n);
-        let (p, h) = rest.split_at_mut(n);
-        self.method.mark(req.method, m);
-        self.path.mark(req.path, p);
-        self.host.mark(req.host, h);
-        'rules: for (i, r) in rules.iter().enumerate() {
-            if (r.method && !m[i]) || (r.path && !p[i]) || (r.host && !h[i]) {
-                continue;
-            }
+        let (running, scratch) = bits.split_at_mut(words);
+        running.copy_from_slice(&self.all);
+        // Methods and hosts first: most often string compares that leave few rules to run
+        // path regexes for.
+        self.method.filter(req.method, running, scratch);
+        self.host.filter(req.host, running, scratch);
+        self.path.filter(req.path, running, scratch);
+        'rules: for i in rules_in(running) {
+            let r = &rules[i];
             for (name, value) in &r.headers {
                 if !header_holds(req.headers, name, value.as_ref()) {
                     continue 'rules;
@@ -489,7 +740,7 @@ mod tests {
 
     #[test]
     fn more_rules_than_the_flags_on_the_stack() {
-        for n in [64, 65, 200] {
+        for n in [64, 65, 200, 256, 257, 300] {
             let rules: Vec<HttpRule> = (0..n)
                 .map(|i| {
                     let path = format!("/r{i}");
@@ -611,6 +862,122 @@ mod tests {
         }
         assert!(h.get("x-del").is_none());
         assert_eq!(h.get("authorization").unwrap(), "t0k");
+    }
+
+    #[test]
+    fn exact_strings_only_for_patterns_that_match_only_them() {
+        let strings = |p: &str| {
+            exact_strings(p).map(|v| {
+                let mut v: Vec<String> = v
+                    .into_iter()
+                    .map(|s| String::from_utf8(s).unwrap())
+                    .collect();
+                v.sort();
+                v
+            })
+        };
+        assert_eq!(strings("GET"), Some(vec!["GET".into()]));
+        assert_eq!(
+            strings("PUT|PATCH"),
+            Some(vec!["PATCH".into(), "PUT".into()])
+        );
+        assert_eq!(
+            strings("(GET|HEAD)"),
+            Some(vec!["GET".into(), "HEAD".into()])
+        );
+        assert_eq!(
+            strings(r"api\.example\.com"),
+            Some(vec!["api.example.com".into()])
+        );
+        assert_eq!(
+            strings("(?i)ge"),
+            Some(vec!["GE".into(), "Ge".into(), "gE".into(), "ge".into()])
+        );
+        assert_eq!(strings("a[bc]"), Some(vec!["ab".into(), "ac".into()]));
+        assert_eq!(strings("GET|"), Some(vec!["".into(), "GET".into()]));
+        for not in [
+            ".*",
+            "/api/.*",
+            "a+",
+            "a?",
+            r"\bGET",
+            "^GET",
+            "GET$",
+            r"\w",
+            "(?-u:\\xff)",
+            "x{2}",
+            "a)|(b",
+            "[a-z]{3}",
+        ] {
+            assert_eq!(strings(not), None, "{not}");
+        }
+    }
+
+    /// Literal fields, regexes one by one and as a set, shared patterns and the order of
+    /// fields give the decision a rule-by-rule match of the anchored regexes gives.
+    #[test]
+    fn matches_as_rule_by_rule_regexes() {
+        use proptest::prelude::*;
+        let methods = ["GET", "POST", "PUT|PATCH", "(?i)get", "G.T", "[A-Z]+", ""];
+        let paths = [
+            "/a",
+            "/a/.*",
+            "/a|/b",
+            "/b/[0-9]+",
+            "/(a|b)/c",
+            "/a/b",
+            ".*c",
+            "",
+        ];
+        let hosts = ["h", r"h\.x", "h(:[0-9]+)?", "[hx]", ""];
+        let rule_strategy = (0..methods.len(), 0..paths.len(), 0..hosts.len());
+        let reqs = prop::collection::vec(
+            (
+                prop::sample::select(vec!["GET", "get", "POST", "PATCH", "GOT", "DELETE"]),
+                prop::sample::select(vec!["/a", "/b", "/a/b", "/b/12", "/a/c", "/c", "/", "/a/"]),
+                prop::sample::select(vec!["h", "h.x", "h:80", "x", "", "hx"]),
+            ),
+            1..8,
+        );
+        let mut runner = proptest::test_runner::TestRunner::default();
+        runner
+            .run(
+                &(prop::collection::vec(rule_strategy, 1..12), reqs),
+                |(picked, reqs)| {
+                    let rules: Vec<HttpRule> = picked
+                        .iter()
+                        .map(|&(m, p, h)| {
+                            let f = |s: &str| (!s.is_empty()).then(|| s.to_string());
+                            HttpRule {
+                                method: f(methods[m]),
+                                path: f(paths[p]),
+                                host: f(hosts[h]),
+                                ..Default::default()
+                            }
+                        })
+                        .collect();
+                    let compiled = HttpPolicy::compile(&rules, &NoSecrets).unwrap();
+                    let full = |re: &Option<String>, text: &str| {
+                        re.as_ref().is_none_or(|re| {
+                            regex::Regex::new(&format!("^(?:{re})$"))
+                                .unwrap()
+                                .is_match(text)
+                        })
+                    };
+                    for (method, path, host) in reqs {
+                        let want = rules.iter().position(|r| {
+                            full(&r.method, method) && full(&r.path, path) && full(&r.host, host)
+                        });
+                        let got = match check(&compiled, method, path, host, &[]) {
+                            HttpDecision::Allowed { rule, .. } => rule,
+                            HttpDecision::Denied => None,
+                        };
+                        prop_assert_eq!(got, want, "{:?} {} {} {}", picked, method, path, host);
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
     }
 
     #[test]
