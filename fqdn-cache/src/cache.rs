@@ -8,9 +8,15 @@
 //! earliest-expiring IP of that one name, or when a user cleans it — and each departure must
 //! produce an ipcache change. `moka` also reads its own clock (time must be an argument here)
 //! and expires lazily; a global LRU bound would silently revoke allows. What fits is a deadline
-//! index: a `BTreeSet` ordered by expiry holding one key per (endpoint, name) at that name's
-//! earliest expiry, so the next deadline is its first element and expiring is popping due
+//! index: a `BTreeSet` ordered by expiry holding a key per (endpoint, name) no later than that
+//! name's earliest expiry, so the next deadline is its first element and expiring is popping due
 //! keys — no sweep over the whole cache, one timer in the agent.
+//!
+//! The index is lazy: a key may be earlier than its group's earliest expiry (a refresh that
+//! moved the group's deadline later leaves the key where it was) or outlive its group. Popping
+//! such a key ends nothing and files the group's true deadline. A refresh of known IPs — most
+//! answers — then costs no index update, and a key is never later than the lifetime it guards,
+//! so no expiry is missed.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
@@ -896,12 +902,12 @@ impl FqdnCache {
             }
         }
 
+        // The indexed key is at most `old_deadline` (see the module comment): a deadline that
+        // moved later needs nothing, an earlier one (a new IP of shorter lifetime, a new
+        // group) a key of its own; the older key, when it comes up, files the true deadline.
         let new_deadline = group.iter().map(|(_, e)| *e).min();
-        if old_deadline != new_deadline {
-            if let Some(d) = old_deadline {
-                expiry.remove(&(d, ep, nid));
-            }
-            if let Some(d) = new_deadline {
+        if let Some(d) = new_deadline {
+            if old_deadline.is_none_or(|old| d < old) {
                 expiry.insert((d, ep, nid));
             }
         }
@@ -912,7 +918,9 @@ impl FqdnCache {
         }
     }
 
-    /// When [`FqdnCache::expire`] next has work: the earliest lookup expiry or zombie check.
+    /// When [`FqdnCache::expire`] is next to be called: no later than the earliest lookup
+    /// expiry or zombie check (possibly earlier: the deadline index is lazy, and a call at a
+    /// stale key only refiles it).
     pub fn next_expiry(&self) -> Option<Timestamp> {
         let lookups = self.store.expiry.first().map(|k| k.0);
         let zombies = self.store.zombie_checks.first().map(|k| k.0);
@@ -938,9 +946,13 @@ impl FqdnCache {
                 break;
             }
             expiry.pop_first();
-            let EndpointState { groups, zombies } =
-                endpoints.get_mut(&ep).expect("indexed endpoint");
-            let slot = groups.get_mut(&nid).expect("indexed group");
+            // A key may outlive its group (lazy index): nothing to end then.
+            let Some(EndpointState { groups, zombies }) = endpoints.get_mut(&ep) else {
+                continue;
+            };
+            let Some(slot) = groups.get_mut(&nid) else {
+                continue;
+            };
             let mut group = std::mem::take(slot).into_vec();
             let mut i = 0;
             while i < group.len() {

@@ -166,9 +166,15 @@ fn a_later_answer_extends_but_never_shortens() {
         c.lookup(1, &n("a.example.com")),
         vec![(ip("192.0.2.1"), t(206))]
     );
-    assert_eq!(c.next_expiry(), Some(t(206)));
+    // The deadline index is lazy: the first deadline is still due for a call, which ends
+    // nothing and files the true one.
+    assert_eq!(c.next_expiry(), Some(t(100)));
     assert!(c.expire(t(100), &NoConnections).is_empty());
     assert_eq!(c.stats().entries, 1);
+    assert_eq!(c.next_expiry(), Some(t(206)));
+    c.expire(t(206), &NoConnections);
+    assert_eq!(c.stats().entries, 0);
+    assert_eq!(c.next_expiry(), None);
 }
 
 #[test]
@@ -369,6 +375,11 @@ fn max_ips_per_hostname_evicts_the_earliest_expiring() {
         100,
         t(0),
     );
+    assert_eq!(c.stats().entries, 6);
+    // Lazy deadline index: the evicted IPs' deadline (50) is still a key; a call then ends
+    // nothing, and the true one comes next.
+    assert_eq!(c.next_expiry(), Some(t(50)));
+    assert!(c.expire(t(99), &NoConnections).is_empty());
     assert_eq!(c.stats().entries, 6);
     assert_eq!(c.next_expiry(), Some(t(100)));
 }
