@@ -9,9 +9,10 @@
 //! directions; nothing is buffered whole.
 //!
 //! Cost per request matters here (the proxy sits in the path of every request it judges), so:
-//! an HTTP/1.1 downstream connection and its upstream connection are driven by one task (a
-//! request and its response cross between them without waking another task, or another
-//! thread of a multi-thread runtime); the request is judged on borrowed views of its head,
+//! the HTTP/1.1 upstream side is no connection task of its own but driven by the request's
+//! handler and the response body as the client side polls them (`http1_upstream`: no
+//! hand-over between tasks or state machines for a request, its response and each part of
+//! the body); the request is judged on borrowed views of its head,
 //! and the strings of an event are built only while a `monitor` client listens; hop-by-hop
 //! headers are found in one pass over the names; responses need no boxed body.
 //!
@@ -23,9 +24,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -42,13 +42,18 @@ use tokio::sync::Mutex;
 
 use crate::error::L7Error;
 use crate::events::{EventSink, L7Event, L7EventKind, L7Protocol, L7Verdict, ProtocolStats};
+use crate::http1_upstream::{
+    self, BodyError, ClientError, IdleSlot, Outgoing, Upstream, UpstreamBody,
+};
 use crate::http_rules::{HeaderAction, HttpDecision, HttpPolicy, HttpRequestView};
 use crate::net::{self, ConnectionWorkers, ProxyMode};
 use crate::policy::{FlowKey, L7PolicySource, Redirect};
 
-/// The body of an answer to the client: the upstream's, streamed through, or one the proxy
-/// made (403, 502). An enum rather than a boxed body: no allocation per response.
+/// The body of an answer to the client: the upstream's, streamed through (read from the
+/// HTTP/1.1 upstream connection as it is polled, or hyper's for HTTP/2 and upgrades), or one
+/// the proxy made (403, 502). An enum rather than a boxed body: no allocation per response.
 enum Body {
+    H1(UpstreamBody),
     Upstream(Incoming),
     Local(Option<Bytes>),
 }
@@ -61,20 +66,22 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            Body::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Body::H1(b) => Pin::new(b).poll_frame(cx),
+            Body::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Body::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
+            Body::H1(b) => b.is_end_stream(),
             Body::Upstream(b) => b.is_end_stream(),
             Body::Local(b) => b.is_none(),
         }
@@ -82,14 +89,12 @@ impl http_body::Body for Body {
 
     fn size_hint(&self) -> SizeHint {
         match self {
+            Body::H1(b) => b.size_hint(),
             Body::Upstream(b) => b.size_hint(),
             Body::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }
-
-/// An upstream HTTP/1.1 connection's future, driven on its downstream connection's task.
-type UpstreamDriver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Configuration of one HTTP proxy listener.
 #[derive(Debug, Clone)]
@@ -245,18 +250,12 @@ impl HttpProxyService {
             tracing::debug!(%src, "http proxy: refusing a connection made to the proxy itself");
             return;
         }
-        let wakers = SideWakers::new();
-        let new_upstreams = Arc::new(NewUpstreams {
-            queue: std::sync::Mutex::new(Some(Vec::new())),
-            wake: Waker::from(wakers.upstream.clone()),
-        });
         let conn = Arc::new(Conn {
             shared: self.shared.clone(),
             src,
             dst,
-            h1: std::sync::Mutex::new(None),
+            h1: IdleSlot::default(),
             h2: Mutex::new(None),
-            new_upstreams: new_upstreams.clone(),
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -268,8 +267,9 @@ impl HttpProxyService {
             let conn = conn.clone();
             async move { Ok::<_, Infallible>(conn.handle(req).await) }
         });
-        let server = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-        let result = OneTask::new(server, wakers, new_upstreams).await;
+        let result = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), svc)
+            .await;
         if let Err(e) = result {
             let malformed = e
                 .downcast_ref::<hyper::Error>()
@@ -285,202 +285,6 @@ impl HttpProxyService {
     }
 }
 
-/// A downstream connection's future and the futures of the upstream HTTP/1.1 connections
-/// its requests open, driven as one task. Each side has a waker of its own, so a wake-up
-/// polls only the side it is for; when one side wakes the other while they are being polled
-/// (a request handed to the upstream connection, a response handed back), the other side is
-/// polled in the same pass instead of going through the scheduler again.
-struct OneTask<S> {
-    server: Pin<Box<S>>,
-    upstreams: Vec<UpstreamDriver>,
-    new_upstreams: Arc<NewUpstreams>,
-    wakers: SideWakers,
-    /// Wakers made from `wakers`.
-    server_side: Waker,
-    upstream_side: Waker,
-}
-
-/// Upstream connections that requests of a downstream connection opened, until its task
-/// takes them in (`None` once that task has ended).
-struct NewUpstreams {
-    queue: std::sync::Mutex<Option<Vec<UpstreamDriver>>>,
-    /// Wakes the upstream side of the task.
-    wake: Waker,
-}
-
-impl NewUpstreams {
-    fn add(&self, u: UpstreamDriver) {
-        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        match queue.as_mut() {
-            Some(q) => {
-                q.push(u);
-                drop(queue);
-                self.wake.wake_by_ref();
-            }
-            // Not reached (a request's handler runs within its connection's task), but an
-            // upstream connection must be driven by someone.
-            None => {
-                drop(queue);
-                tokio::spawn(u);
-            }
-        }
-    }
-}
-
-/// The wakers of a task's two sides.
-struct SideWakers {
-    task: Arc<TaskWake>,
-    server: Arc<SideWake>,
-    upstream: Arc<SideWake>,
-}
-
-impl SideWakers {
-    fn new() -> SideWakers {
-        let task = Arc::new(TaskWake {
-            polling: AtomicBool::new(false),
-            task: std::sync::Mutex::new(None),
-        });
-        // Both sides start woken: the first poll polls both.
-        let side = || {
-            Arc::new(SideWake {
-                woken: AtomicBool::new(true),
-                shared: task.clone(),
-            })
-        };
-        let (server, upstream) = (side(), side());
-        SideWakers {
-            task,
-            server,
-            upstream,
-        }
-    }
-}
-
-/// What the wakers of both sides share: the task's own waker, and whether the task is being
-/// polled right now (then a side's wake-up needs only its flag: the poll loop sees it).
-struct TaskWake {
-    polling: AtomicBool,
-    task: std::sync::Mutex<Option<Waker>>,
-}
-
-struct SideWake {
-    woken: AtomicBool,
-    shared: Arc<TaskWake>,
-}
-
-impl Wake for SideWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        // SeqCst on both flags, here and in `OneTask::poll`: either this sees the poll
-        // loop still running (and the loop then sees `woken`), or the task is woken.
-        self.woken.store(true, Ordering::SeqCst);
-        if !self.shared.polling.load(Ordering::SeqCst) {
-            if let Some(w) = &*self
-                .shared
-                .task
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-            {
-                w.wake_by_ref();
-            }
-        }
-    }
-}
-
-/// Passes over the two sides within one poll before yielding to the scheduler (a side that
-/// keeps waking itself, e.g. out of Tokio's cooperative budget, must not spin here).
-const MAX_PASSES: usize = 8;
-
-impl<S> OneTask<S> {
-    fn new(server: S, wakers: SideWakers, new_upstreams: Arc<NewUpstreams>) -> Self {
-        OneTask {
-            server: Box::pin(server),
-            upstreams: Vec::new(),
-            new_upstreams,
-            server_side: Waker::from(wakers.server.clone()),
-            upstream_side: Waker::from(wakers.upstream.clone()),
-            wakers,
-        }
-    }
-}
-
-impl<S> Drop for OneTask<S> {
-    fn drop(&mut self) {
-        *self
-            .new_upstreams
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = None;
-    }
-}
-
-impl<S, T> Future for OneTask<S>
-where
-    S: Future<Output = T>,
-{
-    type Output = T;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        let this = self.get_mut();
-        {
-            let mut task = this
-                .wakers
-                .task
-                .task
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *task = Some(cx.waker().clone());
-            }
-        }
-        let server_woken = &this.wakers.server.woken;
-        let upstream_woken = &this.wakers.upstream.woken;
-        let polling = &this.wakers.task.polling;
-        for _ in 0..MAX_PASSES {
-            polling.store(true, Ordering::SeqCst);
-            // Upstream first (a response that arrived is handed to the server in the same
-            // pass), then the server (a request it hands over is written in the next pass).
-            loop {
-                let up = upstream_woken.swap(false, Ordering::SeqCst);
-                let srv = server_woken.swap(false, Ordering::SeqCst);
-                if !up && !srv {
-                    break;
-                }
-                if up {
-                    let mut ucx = Context::from_waker(&this.upstream_side);
-                    if let Some(q) = this
-                        .new_upstreams
-                        .queue
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .as_mut()
-                    {
-                        this.upstreams.append(q);
-                    }
-                    this.upstreams
-                        .retain_mut(|u| u.as_mut().poll(&mut ucx).is_pending());
-                }
-                if srv {
-                    let mut scx = Context::from_waker(&this.server_side);
-                    if let Poll::Ready(r) = this.server.as_mut().poll(&mut scx) {
-                        polling.store(false, Ordering::SeqCst);
-                        return Poll::Ready(r);
-                    }
-                }
-            }
-            polling.store(false, Ordering::SeqCst);
-            if !upstream_woken.load(Ordering::SeqCst) && !server_woken.load(Ordering::SeqCst) {
-                return Poll::Pending;
-            }
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
-
 fn is_self(dst: SocketAddr, local: SocketAddr) -> bool {
     dst == local
         || (local.ip().is_unspecified() && dst.port() == local.port() && dst.ip().is_loopback())
@@ -492,13 +296,12 @@ struct Conn {
     src: SocketAddr,
     dst: SocketAddr,
     /// The HTTP/1.1 upstream connection between two requests (a request takes it out while
-    /// it uses it: HTTP/1.1 requests of one connection are handled one after the other).
-    h1: std::sync::Mutex<Option<client1::SendRequest<Incoming>>>,
+    /// it uses it, its response body puts it back when complete: HTTP/1.1 requests of one
+    /// connection are handled one after the other).
+    h1: IdleSlot,
     /// The HTTP/2 upstream connection, shared by the streams (their handlers run
     /// concurrently, so the first one connects while the others wait).
     h2: Mutex<Option<client2::SendRequest<Incoming>>>,
-    /// Hands a new HTTP/1.1 upstream connection to [`HttpProxyService::serve`] to drive.
-    new_upstreams: Arc<NewUpstreams>,
 }
 
 /// What the event needs to know about a request (built only while someone listens).
@@ -535,6 +338,8 @@ enum UpstreamError {
     Handshake(SocketAddr, hyper::Error),
     #[error("upstream request: {0}")]
     Request(hyper::Error),
+    #[error("upstream request: {0}")]
+    H1(ClientError),
 }
 
 impl Conn {
@@ -548,12 +353,13 @@ impl Conn {
         // An offer to upgrade to h2c (`curl --http2` on http://) may be ignored by the
         // server (RFC 9113 leaves it optional): drop the offer and serve HTTP/1.1, rather
         // than refuse the request as an upgrade.
-        if !is_h2 && offers_only_h2c(req.headers()) {
+        let mut has_upgrade = !is_h2 && hop_by_hop_bits(req.headers()) & HOP_UPGRADE != 0;
+        if has_upgrade && offers_only_h2c(req.headers()) {
             req.headers_mut().remove(header::UPGRADE);
             req.headers_mut().remove("http2-settings");
+            has_upgrade = false;
         }
-        let wants_upgrade = (!is_h2 && req.headers().contains_key(header::UPGRADE))
-            || req.method() == Method::CONNECT;
+        let wants_upgrade = has_upgrade || req.method() == Method::CONNECT;
 
         let flow = FlowKey {
             src: self.src,
@@ -601,10 +407,12 @@ impl Conn {
             tracing::info!(src = %self.src, dst = %self.dst, actions = ?action_notes, "http headerMatches mismatch");
         }
 
+        // The rarer kinds boxed: the future of a request lives in the connection's state and
+        // is moved there for every request, so its size is the plain HTTP/1.1 one's.
         let result = if wants_upgrade {
-            self.forward_upgrade(req).await
+            Box::pin(self.forward_upgrade(req)).await
         } else if is_h2 {
-            self.forward_h2(req).await
+            Box::pin(self.forward_h2(req)).await
         } else {
             self.forward_h1(req).await
         };
@@ -673,7 +481,7 @@ impl Conn {
         });
     }
 
-    async fn connect(&self) -> Result<TokioIo<tokio::net::TcpStream>, UpstreamError> {
+    async fn connect(&self) -> Result<tokio::net::TcpStream, UpstreamError> {
         let cfg = &self.shared.cfg;
         match tokio::time::timeout(
             cfg.connect_timeout,
@@ -681,34 +489,33 @@ impl Conn {
         )
         .await
         {
-            Ok(Ok(s)) => Ok(TokioIo::new(s)),
+            Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => Err(UpstreamError::Connect(self.dst, e)),
             Err(_) => Err(UpstreamError::ConnectTimeout(self.dst)),
         }
     }
 
-    /// Opens an HTTP/1.1 upstream connection. `in_task`: its future is handed to the
-    /// downstream connection's task ([`HttpProxyService::serve`]); otherwise (an upgrade,
-    /// which outlives the downstream HTTP connection) it gets a task of its own.
-    async fn new_h1(&self, in_task: bool) -> Result<client1::SendRequest<Incoming>, UpstreamError> {
-        let io = self.connect().await?;
+    /// Connecting, boxed: it happens once per connection, and its future inline would make
+    /// every request's future larger.
+    fn connect_boxed(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<tokio::net::TcpStream, UpstreamError>> + Send + '_>>
+    {
+        Box::pin(self.connect())
+    }
+
+    /// Opens an HTTP/1.1 upstream connection with hyper's client for an upgrade (it outlives
+    /// the downstream HTTP connection, so it gets a task of its own).
+    async fn new_upgrade_h1(&self) -> Result<client1::SendRequest<Incoming>, UpstreamError> {
+        let io = TokioIo::new(self.connect().await?);
         let (sender, conn) = client1::handshake(io)
             .await
             .map_err(|e| UpstreamError::Handshake(self.dst, e))?;
-        if in_task {
-            let driver: UpstreamDriver = Box::pin(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "http proxy: upstream connection ended");
-                }
-            });
-            self.new_upstreams.add(driver);
-        } else {
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(error = %e, "http proxy: upstream connection ended");
-                }
-            });
-        }
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "http proxy: upstream connection ended");
+            }
+        });
         Ok(sender)
     }
 
@@ -722,37 +529,28 @@ impl Conn {
             .h1
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let mut sender = match idle {
-            Some(s) if !s.is_closed() => s,
-            _ => self.new_h1(true).await?,
+            .take()
+            .filter(|up| up.is_usable());
+        let (up, reused) = match idle {
+            Some(up) => (up, true),
+            None => (Upstream::new(self.connect_boxed().await?), false),
         };
-        // A kept-alive upstream connection may have been closed by the server between two
-        // requests; when the request was not sent at all, send it once more on a new one.
-        let resp = match sender.ready().await {
-            Ok(()) => sender.try_send_request(req).await,
-            Err(_) => {
-                sender = self.new_h1(true).await?;
-                sender.try_send_request(req).await
-            }
-        };
-        let resp = match resp {
+        let mut out = Outgoing::new(req);
+        let resp = match http1_upstream::send(up, &mut out, &self.h1).await {
             Ok(r) => r,
-            Err(mut e) => match e.take_message() {
-                Some(req) => {
-                    sender = self.new_h1(true).await?;
-                    sender
-                        .send_request(req)
-                        .await
-                        .map_err(UpstreamError::Request)?
-                }
-                None => return Err(UpstreamError::Request(e.into_error())),
-            },
+            // A kept-alive upstream connection the server closed meanwhile: once more on a
+            // new one, when that is safe.
+            Err(e) if reused && e.retry => {
+                let up = Upstream::new(self.connect_boxed().await?);
+                http1_upstream::send(up, &mut out, &self.h1)
+                    .await
+                    .map_err(|e| UpstreamError::H1(e.error))?
+            }
+            Err(e) => return Err(UpstreamError::H1(e.error)),
         };
-        *self.h1.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
         let mut resp = resp;
         strip_hop_by_hop(resp.headers_mut());
-        Ok(resp.map(Body::Upstream))
+        Ok(resp.map(Body::H1))
     }
 
     async fn forward_h2(&self, req: Request<Incoming>) -> Result<Response<Body>, UpstreamError> {
@@ -764,7 +562,7 @@ impl Conn {
                     let io = self.connect().await?;
                     let (sender, conn) = client2::Builder::new(TokioExecutor::new())
                         .timer(TokioTimer::new())
-                        .handshake(io)
+                        .handshake(TokioIo::new(io))
                         .await
                         .map_err(|e| UpstreamError::Handshake(self.dst, e))?;
                     tokio::spawn(async move {
@@ -793,7 +591,7 @@ impl Conn {
     ) -> Result<Response<Body>, UpstreamError> {
         to_origin_form(&mut req);
         let downstream = hyper::upgrade::on(&mut req);
-        let mut sender = self.new_h1(false).await?;
+        let mut sender = self.new_upgrade_h1().await?;
         let mut resp = sender
             .send_request(req)
             .await
@@ -879,10 +677,16 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
-const HOP_CONNECTION: u8 = 1;
-const HOP_TE: u8 = 1 << 5;
+const HOP_CONNECTION: u16 = 1;
+const HOP_TE: u16 = 1 << 5;
+const HOP_UPGRADE: u16 = 1 << 7;
+/// Every bit of [`HOP_BY_HOP`].
+const HOP_ANY: u16 = 0xff;
+/// Not hop-by-hop: a header named `close`, which `Connection: close` names (the usual
+/// Connection option, so told apart without a lookup).
+const NAMED_CLOSE: u16 = 1 << 8;
 
-fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+fn hop_by_hop_bit(name: &HeaderName) -> u16 {
     // A match on the text compiles to a switch on the length and a compare or two; most
     // names have a length no hop-by-hop name has.
     match name.as_str() {
@@ -894,8 +698,14 @@ fn hop_by_hop_bit(name: &HeaderName) -> u8 {
         "te" => 1 << 5,
         "transfer-encoding" => 1 << 6,
         "upgrade" => 1 << 7,
+        "close" => NAMED_CLOSE,
         _ => 0,
     }
+}
+
+/// The [`hop_by_hop_bit`]s of the names in `headers`.
+fn hop_by_hop_bits(headers: &HeaderMap) -> u16 {
+    headers.keys().fold(0, |acc, n| acc | hop_by_hop_bit(n))
 }
 
 /// Whether a Connection option (any case) names a header of [`HOP_BY_HOP`].
@@ -909,8 +719,8 @@ fn is_hop_by_hop_token(token: &[u8]) -> bool {
 /// Removes headers that belong to one connection (RFC 9110 §7.6.1), including those the
 /// Connection header names. `te: trailers` stays (gRPC needs it end to end).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let present = headers.keys().fold(0u8, |acc, n| acc | hop_by_hop_bit(n));
-    if present == 0 {
+    let present = hop_by_hop_bits(headers);
+    if present & HOP_ANY == 0 {
         return;
     }
     if present & HOP_CONNECTION != 0 {
@@ -921,6 +731,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             for token in v.as_bytes().split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.is_empty() || is_hop_by_hop_token(token) {
+                    continue;
+                }
+                if token.eq_ignore_ascii_case(b"close") {
+                    if present & NAMED_CLOSE != 0 {
+                        named.push(HeaderName::from_static("close"));
+                    }
                     continue;
                 }
                 // Looked up before a name is made (which would copy a custom one).
@@ -1115,6 +931,13 @@ mod tests {
             assert_eq!(hop_by_hop_bit(name), 1 << i, "{name}");
         }
         assert_eq!(hop_by_hop_bit(&header::CONTENT_LENGTH), 0);
+        assert_eq!(
+            hop_by_hop_bit(&HeaderName::from_static("close")),
+            NAMED_CLOSE
+        );
+        assert_eq!(HOP_BY_HOP.len(), HOP_ANY.count_ones() as usize);
+        assert_eq!(hop_by_hop_bit(&header::UPGRADE), HOP_UPGRADE);
+        assert_eq!(hop_by_hop_bit(&header::TE), HOP_TE);
         assert_eq!(hop_by_hop_bit(&HeaderName::from_static("x-te")), 0);
     }
 

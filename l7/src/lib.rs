@@ -16,6 +16,7 @@
 
 pub mod error;
 pub mod events;
+mod http1_upstream;
 pub mod http_proxy;
 pub mod http_rules;
 pub mod kafka_codec;
