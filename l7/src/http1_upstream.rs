@@ -19,6 +19,7 @@
 //! Upgrades and CONNECT do not come here (hyper's client handles them).
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
@@ -306,13 +307,19 @@ enum Parsed {
 }
 
 /// Parses a response head at the start of `buf` (consuming it), `None` while incomplete.
+///
+/// The hop-by-hop headers (RFC 9110 §7.6.1) are read here for the framing and the connection's
+/// reuse, and not kept: the client side frames the response to the client itself. So are the
+/// headers the Connection header names.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, ClientError> {
     if buf.is_empty() {
         return Ok(None);
     }
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+    {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -335,7 +342,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     } else {
         Version::HTTP_11
     };
-    // Where each name and value is within the head, to take them as slices of it.
+    // The values are taken as slices of the head (no copy): where each name and value is.
     let base = buf.as_ptr() as usize;
     let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let count = resp.headers.len();
@@ -351,30 +358,58 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
+    let mut close = false;
+    let mut keep_alive_option = false;
+    let mut te_chunked: Option<bool> = None;
+    let mut length: Option<u64> = None;
+    let mut named: Vec<HeaderName> = Vec::new();
     for &(ns, ne, vs, ve) in &spans[..count] {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| ClientError::Malformed("invalid header name"))?;
+        let value = &head[vs as usize..ve as usize];
+        match name.as_str() {
+            "connection" => {
+                for token in value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive_option = true;
+                    } else if let Ok(n) = HeaderName::from_bytes(token) {
+                        named.push(n);
+                    }
+                }
+                continue;
+            }
+            "transfer-encoding" => {
+                // The last coding of the last value counts.
+                let last = value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+                te_chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                continue;
+            }
+            "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "upgrade" => continue,
+            "content-length" => length = content_length(value, length)?,
+            _ => {}
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
             .map_err(|_| ClientError::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
+    for n in named {
+        headers.remove(n);
+    }
     let mut keep_alive = match version {
-        Version::HTTP_10 => connection_has(&headers, b"keep-alive"),
-        _ => !connection_has(&headers, b"close"),
+        Version::HTTP_10 => keep_alive_option && !close,
+        _ => !close,
     };
-    let chunked_last = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .map(|v| {
-            v.as_bytes()
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-        });
     let framing = if head_request || code == 204 || code == 304 {
         Framing::Length(0)
-    } else if let Some(chunked) = chunked_last {
+    } else if let Some(chunked) = te_chunked {
         // A transfer coding overrides any content-length (which then must not reach the
         // client); a connection that carried both is not trusted further.
         if headers.remove(header::CONTENT_LENGTH).is_some() {
@@ -385,7 +420,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         } else {
             Framing::Close
         }
-    } else if let Some(n) = content_length(&headers)? {
+    } else if let Some(n) = length {
         Framing::Length(n)
     } else {
         Framing::Close
@@ -402,34 +437,24 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     })))
 }
 
-/// The content-length: every value (and every item of a list) the same number.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ClientError> {
-    let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for item in v.as_bytes().split(|b| *b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-                return Err(ClientError::Malformed("invalid content-length"));
-            }
-            let n = item
-                .iter()
-                .fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err(ClientError::Malformed("conflicting content-length"));
-            }
-            length = Some(n);
+/// Reads a content-length value into `seen` (the value of an earlier one): every value, and
+/// every item of a list, must be the same number.
+fn content_length(value: &[u8], seen: Option<u64>) -> Result<Option<u64>, ClientError> {
+    let mut length = seen;
+    for item in value.split(|b| *b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+            return Err(ClientError::Malformed("invalid content-length"));
         }
+        let n = item
+            .iter()
+            .fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
+        if length.is_some_and(|l| l != n) {
+            return Err(ClientError::Malformed("conflicting content-length"));
+        }
+        length = Some(n);
     }
     Ok(length)
-}
-
-/// Whether a Connection header lists `option` (any case).
-fn connection_has(headers: &HeaderMap, option: &[u8]) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|b| *b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(option))
-    })
 }
 
 fn respond(up: Upstream, head: FinalHead, slot: &IdleSlot) -> Response<UpstreamBody> {
@@ -754,6 +779,14 @@ mod tests {
         let h = final_head("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nServer: x\r\n\r\nok\n");
         assert!(matches!(h.framing, Framing::Length(3)) && h.keep_alive);
         assert_eq!(h.headers.get("server").unwrap(), "x");
+        assert_eq!(h.headers.get("content-length").unwrap(), "3");
+        // Hop-by-hop headers, and those the Connection header names, are not kept.
+        let h = final_head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nTransfer-Encoding: chunked\r\nUpgrade: h2c\r\nProxy-Authenticate: Basic\r\nX-End: 2\r\n\r\n",
+        );
+        let names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-end"]);
+        assert!(h.keep_alive);
         let h = final_head("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: Close\r\n\r\n");
         assert!(matches!(h.framing, Framing::Length(3)) && !h.keep_alive);
         let h = final_head("HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n");

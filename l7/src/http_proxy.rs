@@ -353,11 +353,13 @@ impl Conn {
         // An offer to upgrade to h2c (`curl --http2` on http://) may be ignored by the
         // server (RFC 9113 leaves it optional): drop the offer and serve HTTP/1.1, rather
         // than refuse the request as an upgrade.
-        let mut has_upgrade = !is_h2 && hop_by_hop_bits(req.headers()) & HOP_UPGRADE != 0;
+        let mut hop = hop_by_hop_bits(req.headers());
+        let mut has_upgrade = !is_h2 && hop & HOP_UPGRADE != 0;
         if has_upgrade && offers_only_h2c(req.headers()) {
             req.headers_mut().remove(header::UPGRADE);
             req.headers_mut().remove("http2-settings");
             has_upgrade = false;
+            hop &= !HOP_UPGRADE;
         }
         let wants_upgrade = has_upgrade || req.method() == Method::CONNECT;
 
@@ -399,6 +401,9 @@ impl Conn {
         for a in &actions {
             a.apply(req.headers_mut());
         }
+        if !actions.is_empty() {
+            hop = hop_by_hop_bits(req.headers());
+        }
         let action_notes: Vec<String> = actions.iter().map(describe_action).collect();
         if actions
             .iter()
@@ -414,7 +419,7 @@ impl Conn {
         } else if is_h2 {
             Box::pin(self.forward_h2(req)).await
         } else {
-            self.forward_h1(req).await
+            self.forward_h1(req, hop).await
         };
         match result {
             Ok(resp) => {
@@ -519,12 +524,14 @@ impl Conn {
         Ok(sender)
     }
 
+    /// `hop`: the [`hop_by_hop_bits`] of the request's headers.
     async fn forward_h1(
         &self,
         mut req: Request<Incoming>,
+        hop: u16,
     ) -> Result<Response<Body>, UpstreamError> {
         to_origin_form(&mut req);
-        strip_hop_by_hop(req.headers_mut());
+        strip_hop_by_hop_present(req.headers_mut(), hop);
         let idle = self
             .h1
             .lock()
@@ -548,8 +555,7 @@ impl Conn {
             }
             Err(e) => return Err(UpstreamError::H1(e.error)),
         };
-        let mut resp = resp;
-        strip_hop_by_hop(resp.headers_mut());
+        // (Its hop-by-hop headers were left out as it was read.)
         Ok(resp.map(Body::H1))
     }
 
@@ -719,7 +725,11 @@ fn is_hop_by_hop_token(token: &[u8]) -> bool {
 /// Removes headers that belong to one connection (RFC 9110 §7.6.1), including those the
 /// Connection header names. `te: trailers` stays (gRPC needs it end to end).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let present = hop_by_hop_bits(headers);
+    strip_hop_by_hop_present(headers, hop_by_hop_bits(headers))
+}
+
+/// [`strip_hop_by_hop`] with the headers' [`hop_by_hop_bits`] known.
+fn strip_hop_by_hop_present(headers: &mut HeaderMap, present: u16) {
     if present & HOP_ANY == 0 {
         return;
     }
