@@ -259,16 +259,33 @@ pub(crate) const BATCH_MAX: usize = 32;
 /// source, its original destination (on IP_RECVORIGDSTADDR sockets) and whether it was cut.
 /// The buffers are allocated zeroed and untouched, so memory is used only as far as the
 /// kernel writes datagrams into it.
+///
+/// The recvmmsg headers are built once, pointing into the batch's own heap buffers (which do
+/// not move when the batch does); a call only restores the lengths the previous call's
+/// datagrams changed. At the rates the proxy sees most calls read one or two datagrams, and
+/// rebuilding 32 headers each time was a visible share of its work.
 pub(crate) struct RecvBatch {
     size: usize,
     bufs: Vec<u8>,
     names: Vec<libc::sockaddr_storage>,
     controls: Vec<[u64; 16]>,
+    iovs: Box<[libc::iovec; BATCH_MAX]>,
+    hdrs: Box<[libc::mmsghdr; BATCH_MAX]>,
+    /// How many headers the last call may have changed (the kernel writes lengths and flags).
+    used: usize,
     /// Per datagram of the last call: length, msg_flags, source length.
     lens: [(usize, libc::c_int, libc::socklen_t); BATCH_MAX],
     /// The destinations of the last call, read from the control messages.
     dsts: [Option<SocketAddr>; BATCH_MAX],
 }
+
+// SAFETY: the raw pointers in `iovs` and `hdrs` point only into the batch's own heap
+// allocations (`bufs`, `names`, `controls`, `iovs`), which move with it and are touched only
+// through `&mut self`.
+unsafe impl Send for RecvBatch {}
+
+const NAME_LEN: libc::socklen_t = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+const CONTROL_LEN: usize = size_of::<[u64; 16]>();
 
 /// One datagram of a [`RecvBatch`].
 pub(crate) struct Datagram<'a> {
@@ -281,43 +298,53 @@ pub(crate) struct Datagram<'a> {
 impl RecvBatch {
     /// Room for [`BATCH_MAX`] datagrams of up to `size` bytes.
     pub(crate) fn new(size: usize) -> RecvBatch {
-        RecvBatch {
+        // SAFETY: all-zero sockaddr_storage, iovec and mmsghdr values are valid; every
+        // pointer is set below.
+        let mut batch = RecvBatch {
             size,
             bufs: vec![0u8; size * BATCH_MAX],
-            // SAFETY: an all-zero sockaddr_storage is a valid (AF_UNSPEC) value.
             names: vec![unsafe { std::mem::zeroed() }; BATCH_MAX],
             controls: vec![[0u64; 16]; BATCH_MAX],
+            iovs: Box::new(unsafe { std::mem::zeroed() }),
+            hdrs: Box::new(unsafe { std::mem::zeroed() }),
+            used: 0,
             lens: [(0, 0, 0); BATCH_MAX],
             dsts: [None; BATCH_MAX],
+        };
+        let bufs = batch.bufs.as_mut_ptr();
+        for i in 0..BATCH_MAX {
+            // SAFETY: i * size + size <= bufs.len().
+            batch.iovs[i].iov_base = unsafe { bufs.add(i * size) }.cast();
+            batch.iovs[i].iov_len = size;
+            let h = &mut batch.hdrs[i].msg_hdr;
+            h.msg_name = (&mut batch.names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = NAME_LEN;
+            h.msg_iov = &mut batch.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = batch.controls[i].as_mut_ptr().cast();
+            h.msg_controllen = CONTROL_LEN as _;
         }
+        batch
     }
 
     /// Reads what is queued, up to [`BATCH_MAX`] datagrams, without blocking: how many were
     /// read; `WouldBlock` when none was queued, or the socket's pending error.
     pub(crate) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        // The headers point into this batch's buffers; they live on the stack for the call
-        // only, so the batch itself holds no pointers (and stays Send).
-        // SAFETY: all-zero iovec/mmsghdr values are valid; every pointer is set below.
-        let mut iovs: [libc::iovec; BATCH_MAX] = unsafe { std::mem::zeroed() };
-        let mut hdrs: [libc::mmsghdr; BATCH_MAX] = unsafe { std::mem::zeroed() };
-        let bufs = self.bufs.as_mut_ptr();
-        for i in 0..BATCH_MAX {
-            // SAFETY: i * size + size <= bufs.len().
-            iovs[i].iov_base = unsafe { bufs.add(i * self.size) }.cast();
-            iovs[i].iov_len = self.size;
-            let h = &mut hdrs[i].msg_hdr;
-            h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_iov = &mut iovs[i];
-            h.msg_iovlen = 1;
-            h.msg_control = self.controls[i].as_mut_ptr().cast();
-            h.msg_controllen = size_of::<[u64; 16]>() as _;
+        // The kernel wrote the lengths (and flags) of the headers the last call filled.
+        for m in &mut self.hdrs[..self.used] {
+            m.msg_hdr.msg_namelen = NAME_LEN;
+            m.msg_hdr.msg_controllen = CONTROL_LEN as _;
+            m.msg_hdr.msg_flags = 0;
         }
-        // SAFETY: hdrs describes BATCH_MAX valid, writable buffers that outlive the call.
+        // Also the header after the last datagram: a receive that failed there may have
+        // written to it.
+        self.used = 1;
+        // SAFETY: the headers describe BATCH_MAX valid, writable buffers of this batch, which
+        // outlive the call.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
-                hdrs.as_mut_ptr(),
+                self.hdrs.as_mut_ptr(),
                 BATCH_MAX as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
@@ -327,7 +354,8 @@ impl RecvBatch {
             return Err(io::Error::last_os_error());
         }
         let n = n as usize;
-        for (i, m) in hdrs[..n].iter().enumerate() {
+        self.used = (n + 1).min(BATCH_MAX);
+        for (i, m) in self.hdrs[..n].iter().enumerate() {
             let h = &m.msg_hdr;
             self.lens[i] = (m.msg_len as usize, h.msg_flags, h.msg_namelen);
             self.dsts[i] = original_dst(h);
@@ -394,49 +422,62 @@ pub(crate) fn recv_error(fd: RawFd, buf: &mut [u8]) -> io::Result<(SocketAddr, u
     Ok((addr, n as usize, errno))
 }
 
-/// Sends `datagrams` (each to its address, or on a connected socket to its peer when `None`)
-/// with as few sendmmsg calls as it takes, without blocking. Returns how many were sent,
-/// from the first: fewer than all when the socket's buffer filled (the rest would block) or a
-/// datagram failed; the error then is that datagram's (`WouldBlock` for a full buffer).
-pub(crate) fn send_batch(
+/// Sends `count` datagrams, the `i`th being `datagram(i)` (to its address, or on a connected
+/// socket to its peer when `None`), with as few sendmmsg calls as it takes, without blocking.
+/// Returns how many were sent, from the first: fewer than all when the socket's buffer filled
+/// (the rest would block) or a datagram failed; the error then is that datagram's
+/// (`WouldBlock` for a full buffer).
+pub(crate) fn send_batch<'a>(
     fd: RawFd,
-    datagrams: &[(Option<SocketAddr>, &[u8])],
+    count: usize,
+    datagram: impl Fn(usize) -> (Option<SocketAddr>, &'a [u8]),
 ) -> (usize, Option<io::Error>) {
+    // Everything on the stack, and only the headers in use are written: this runs once per
+    // batch of replies or forwarded queries, often for a single datagram.
+    let mut addrs = [const { MaybeUninit::<SockAddr>::uninit() }; BATCH_MAX];
+    let mut iovs = [const { MaybeUninit::<libc::iovec>::uninit() }; BATCH_MAX];
+    let mut hdrs = [const { MaybeUninit::<libc::mmsghdr>::uninit() }; BATCH_MAX];
     let mut sent = 0;
-    while sent < datagrams.len() {
-        let chunk = &datagrams[sent..datagrams.len().min(sent + BATCH_MAX)];
-        let addrs: Vec<Option<SockAddr>> =
-            chunk.iter().map(|(to, _)| to.map(SockAddr::from)).collect();
-        // SAFETY: all-zero iovec/mmsghdr values are valid; every pointer is set below.
-        let mut iovs: [libc::iovec; BATCH_MAX] = unsafe { std::mem::zeroed() };
-        let mut hdrs: [libc::mmsghdr; BATCH_MAX] = unsafe { std::mem::zeroed() };
-        for (i, ((_, bytes), addr)) in chunk.iter().zip(&addrs).enumerate() {
-            iovs[i].iov_base = bytes.as_ptr() as *mut libc::c_void;
-            iovs[i].iov_len = bytes.len();
-            let h = &mut hdrs[i].msg_hdr;
-            if let Some(a) = addr {
+    while sent < count {
+        let n = (count - sent).min(BATCH_MAX);
+        for i in 0..n {
+            let (to, bytes) = datagram(sent + i);
+            let iov = iovs[i].write(libc::iovec {
+                iov_base: bytes.as_ptr() as *mut libc::c_void,
+                iov_len: bytes.len(),
+            });
+            // SAFETY: an all-zero msghdr is valid (no name, no control); the pointers are
+            // set below.
+            let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+            if let Some(to) = to {
+                let a = addrs[i].write(SockAddr::from(to));
                 h.msg_name = a.as_ptr() as *mut libc::c_void;
                 h.msg_namelen = a.len();
             }
-            h.msg_iov = &mut iovs[i];
+            h.msg_iov = iov;
             h.msg_iovlen = 1;
+            hdrs[i].write(libc::mmsghdr {
+                msg_hdr: h,
+                msg_len: 0,
+            });
         }
-        // SAFETY: hdrs describes chunk.len() datagrams whose buffers and addresses outlive
-        // the call; the kernel only reads them.
-        let n = unsafe {
+        // SAFETY: the first n headers are initialized above and describe datagrams whose
+        // buffers and addresses outlive the call; the kernel only reads them (and writes
+        // msg_len).
+        let r = unsafe {
             libc::sendmmsg(
                 fd,
-                hdrs.as_mut_ptr(),
-                chunk.len() as libc::c_uint,
+                hdrs.as_mut_ptr().cast::<libc::mmsghdr>(),
+                n as libc::c_uint,
                 libc::MSG_DONTWAIT,
             )
         };
-        if n < 0 {
+        if r < 0 {
             return (sent, Some(io::Error::last_os_error()));
         }
         // Fewer than the chunk: the next datagram failed or would block, and the next call,
         // starting with it, says which.
-        sent += n as usize;
+        sent += r as usize;
     }
     (sent, None)
 }

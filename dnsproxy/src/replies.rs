@@ -68,11 +68,11 @@ fn send_all(mut queued: Vec<(Arc<UdpSocket>, SocketAddr, Vec<u8>)>) {
         let mut from = start;
         let end = start + run;
         while from < end {
-            let datagrams: Vec<(Option<SocketAddr>, &[u8])> = queued[from..end]
-                .iter()
-                .map(|(_, client, bytes)| (Some(*client), &bytes[..]))
-                .collect();
-            let (sent, err) = net::send_batch(listener.as_raw_fd(), &datagrams);
+            let run = &queued[from..end];
+            let (sent, err) = net::send_batch(listener.as_raw_fd(), run.len(), |i| {
+                let (_, client, bytes) = &run[i];
+                (Some(*client), &bytes[..])
+            });
             from += sent;
             match err {
                 None => {}

@@ -121,7 +121,8 @@ struct Family {
 pub(crate) struct UdpPool {
     /// Every socket, for [`UdpPool::flush`].
     all: Vec<Arc<Slot>>,
-    connected: HashMap<SocketAddr, Family>,
+    /// Per configured upstream (a handful: a scan beats hashing the address).
+    connected: Vec<(SocketAddr, Family)>,
     v4: Option<Family>,
     v6: Option<Family>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -170,10 +171,10 @@ impl UdpPool {
                 next: AtomicUsize::new(0),
             })
         };
-        let mut connected = HashMap::new();
+        let mut connected: Vec<(SocketAddr, Family)> = Vec::new();
         for &u in upstreams {
-            if let Entry::Vacant(e) = connected.entry(u) {
-                e.insert(family(u.is_ipv6(), Some(u))?);
+            if !connected.iter().any(|(a, _)| *a == u) {
+                connected.push((u, family(u.is_ipv6(), Some(u))?));
             }
         }
         let v4 = family(false, None)?;
@@ -205,7 +206,11 @@ impl UdpPool {
         timeout: Duration,
         waiting: Box<dyn Waiting>,
     ) {
-        let connected = self.connected.get(&server);
+        let connected = self
+            .connected
+            .iter()
+            .find(|(a, _)| *a == server)
+            .map(|(_, f)| f);
         let family = match connected {
             Some(f) => Some(f),
             None if server.is_ipv4() => self.v4.as_ref(),
@@ -253,23 +258,33 @@ impl UdpPool {
     /// batch of client datagrams that produced them has been worked through.
     pub(crate) fn flush(&self) {
         for slot in &self.all {
-            let queued = std::mem::take(&mut *slot.outbox.lock().expect("outbox lock"));
-            if !queued.is_empty() {
-                flush_slot(slot, queued);
+            let mut queued = {
+                let mut outbox = slot.outbox.lock().expect("outbox lock");
+                if outbox.is_empty() {
+                    continue;
+                }
+                std::mem::take(&mut *outbox)
+            };
+            flush_slot(slot, &mut queued);
+            // The emptied vector goes back for the next batch (no allocation per flush).
+            queued.clear();
+            let mut outbox = slot.outbox.lock().expect("outbox lock");
+            if outbox.is_empty() {
+                std::mem::swap(&mut *outbox, &mut queued);
             }
         }
     }
 }
 
-fn flush_slot(slot: &Arc<Slot>, mut queued: Vec<(u16, SocketAddr, Vec<u8>)>) {
+fn flush_slot(slot: &Arc<Slot>, queued: &mut Vec<(u16, SocketAddr, Vec<u8>)>) {
     let fd = slot.socket.as_raw_fd();
     let mut from = 0;
     while from < queued.len() {
-        let datagrams: Vec<(Option<SocketAddr>, &[u8])> = queued[from..]
-            .iter()
-            .map(|(_, server, bytes)| ((!slot.connected).then_some(*server), &bytes[..]))
-            .collect();
-        let (sent, err) = net::send_batch(fd, &datagrams);
+        let rest = &queued[from..];
+        let (sent, err) = net::send_batch(fd, rest.len(), |i| {
+            let (_, server, bytes) = &rest[i];
+            ((!slot.connected).then_some(*server), &bytes[..])
+        });
         from += sent;
         match err {
             None => {}

@@ -92,20 +92,35 @@ fn walk_name(msg: &[u8], mut pos: usize, mut label: impl FnMut(&[u8]) -> bool) -
 /// label is plain; the root name is `.`. Returns the position after the name.
 fn read_plain_name(msg: &[u8], pos: usize, out: &mut String) -> Option<usize> {
     let start = out.len();
+    // SAFETY: only bytes of plain labels (ASCII letters, digits, `-`, `_`, lower-cased) and
+    // `.` are added, so the string stays UTF-8. Bytes, not chars: this runs for every name
+    // of every answer, and a char push per byte cost more than the rest of the walk.
+    let text = unsafe { out.as_mut_vec() };
     let end = walk_name(msg, pos, |l| {
         if !plain_label(l) {
             return false;
         }
-        for &c in l {
-            out.push(char::from(c.to_ascii_lowercase()));
-        }
-        out.push('.');
+        text.extend(l.iter().map(u8::to_ascii_lowercase));
+        text.push(b'.');
         true
-    })?;
-    if out.len() == start {
-        out.push('.');
+    });
+    match end {
+        Some(_) if text.len() == start => text.push(b'.'),
+        Some(_) => {}
+        None => text.truncate(start),
     }
-    Some(end)
+    end
+}
+
+/// Whether the name at `pos` is valid for the fast path (as [`read_plain_name`] would read it)
+/// without reading it: its end, and whether it is the root.
+fn check_plain_name(msg: &[u8], pos: usize) -> Option<(usize, bool)> {
+    let mut labels = 0usize;
+    let end = walk_name(msg, pos, |l| {
+        labels += 1;
+        plain_label(l)
+    })?;
+    Some((end, labels == 0))
 }
 
 /// A question as the proxy matches answers to it: the name's wire form in lower case
@@ -262,17 +277,52 @@ pub(crate) fn fast_answer(
         return None;
     }
     let counts = [u16_at(bytes, 6)?, u16_at(bytes, 8)?, u16_at(bytes, 10)?];
-    let mut at = walk_name(bytes, HEADER_LEN, |_| true)? + 4;
+    let at = walk_name(bytes, HEADER_LEN, |_| true)? + 4;
     if at > bytes.len() {
         return None;
     }
-    let mut arena = String::with_capacity(128);
-    let mut recs: Vec<Rec> = Vec::with_capacity(usize::from(counts[0]).min(16));
+    SCRATCH.with(|scratch| {
+        // Taken, not borrowed: a panic inside leaves the thread an empty scratch, not a
+        // poisoned one.
+        let (mut arena, mut recs) = scratch.take();
+        arena.clear();
+        recs.clear();
+        let result = read_records(bytes, at, counts, &mut arena, &mut recs).map(|()| {
+            learn
+                .then(|| learning(&arena, &recs, qname, min_ttl))
+                .flatten()
+        });
+        scratch.set((arena, recs));
+        result
+    })
+}
+
+thread_local! {
+    /// [`fast_answer`]'s working space, kept between answers: names read and records.
+    static SCRATCH: std::cell::Cell<(String, Vec<Rec>)> =
+        const { std::cell::Cell::new((String::new(), Vec::new())) };
+}
+
+/// Validates the records from `at` on (`counts` per section) and gathers the answer
+/// section's A, AAAA and CNAME records into `recs`, their names into `arena`. `None`: not for
+/// the fast path.
+fn read_records(
+    bytes: &[u8],
+    mut at: usize,
+    counts: [u16; 3],
+    arena: &mut String,
+    recs: &mut Vec<Rec>,
+) -> Option<()> {
     let mut seen_opt = false;
     for (section, &count) in counts.iter().enumerate() {
         for _ in 0..count {
+            // Only answer-section owners are read; the others are checked alike.
             let owner_start = arena.len();
-            let fixed = read_plain_name(bytes, at, &mut arena)?;
+            let (fixed, root) = if section == 0 {
+                (read_plain_name(bytes, at, arena)?, false)
+            } else {
+                check_plain_name(bytes, at)?
+            };
             let owner = owner_start..arena.len();
             let rtype = u16_at(bytes, fixed)?;
             let class = u16_at(bytes, fixed + 2)?;
@@ -286,11 +336,10 @@ pub(crate) fn fast_answer(
             at = rdend;
             if rtype == TYPE_OPT {
                 // Only in the additional section, once, with the root name and no options.
-                if section != 2 || seen_opt || &arena[owner.clone()] != "." || rdlen != 0 {
+                if section != 2 || seen_opt || !root || rdlen != 0 {
                     return None;
                 }
                 seen_opt = true;
-                arena.truncate(owner_start);
                 continue;
             }
             if class != CLASS_IN {
@@ -307,7 +356,7 @@ pub(crate) fn fast_answer(
                 }
                 (0, TYPE_CNAME) => {
                     let target_start = arena.len();
-                    if walk_rdata_name(bytes, rdata, &mut arena)? != rdend {
+                    if walk_rdata_name(bytes, rdata, arena)? != rdend {
                         return None;
                     }
                     Data::Cname(target_start..arena.len())
@@ -332,13 +381,7 @@ pub(crate) fn fast_answer(
             }
         }
     }
-    if at != bytes.len() {
-        return None;
-    }
-    if !learn {
-        return Some(None);
-    }
-    Some(learning(&arena, &recs, qname, min_ttl))
+    (at == bytes.len()).then_some(())
 }
 
 /// A name in RDATA (a CNAME target): plain text into `arena`; its end.
@@ -353,10 +396,14 @@ fn walk_rdata_name(bytes: &[u8], at: usize, arena: &mut String) -> Option<usize>
 /// take the slow path).
 fn learning(arena: &str, recs: &[Rec], qname: &DnsName, min_ttl: u32) -> Option<LearnedAnswer> {
     let text = |r: &std::ops::Range<usize>| &arena[r.clone()];
-    let mut chain: Vec<&str> = vec![qname.as_str()];
+    // The chain is at most MAX_CHAIN names: on the stack.
+    let mut names = [""; MAX_CHAIN];
+    names[0] = qname.as_str();
+    let mut len = 1;
     let mut ttl = u32::MAX;
-    'follow: while chain.len() < MAX_CHAIN {
-        let current = *chain.last().expect("chain starts non-empty");
+    'follow: while len < MAX_CHAIN {
+        let chain = &names[..len];
+        let current = chain[len - 1];
         for r in recs {
             if let Data::Cname(target) = &r.data {
                 if text(&r.owner) == current {
@@ -365,14 +412,16 @@ fn learning(arena: &str, recs: &[Rec], qname: &DnsName, min_ttl: u32) -> Option<
                         break 'follow;
                     }
                     ttl = ttl.min(r.ttl);
-                    chain.push(target);
+                    names[len] = target;
+                    len += 1;
                     continue 'follow;
                 }
             }
         }
         break;
     }
-    let mut ips: Vec<IpAddr> = Vec::new();
+    let chain = &names[..len];
+    let mut ips: Vec<IpAddr> = Vec::with_capacity(recs.len().min(DEDUP_SCAN));
     let mut seen: Option<std::collections::HashSet<IpAddr>> = None;
     for r in recs {
         let ip = match r.data {
