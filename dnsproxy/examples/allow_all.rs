@@ -38,7 +38,7 @@ impl Learner for Table {
         &self,
         _ctx: &QueryContext,
         answer: &LearnedAnswer,
-    ) -> impl Future<Output = HoldOutcome> + Send + 'static {
+    ) -> impl Future<Output = HoldOutcome> + Send + Unpin + 'static {
         let expiry = Instant::now() + Duration::from_secs(u64::from(answer.ttl));
         let mut names = self.names.lock().expect("table lock");
         for name in &answer.names {

@@ -103,12 +103,17 @@ pub enum HoldOutcome {
 /// enforceable while that other request's datapath update is still in flight: this request's
 /// future waits for that update too, so no response is ever released early because a sibling
 /// request got there first.
+///
+/// The future is `Unpin` so the proxy can look at it once, in place, before deciding to keep
+/// it: most answers refresh IPs that are enforceable already, and the future of those should
+/// be ready at once (e.g. `std::future::ready`) and cost nothing more. A future that must
+/// wait can be boxed (`Box::pin(async move { ... })`).
 pub trait Learner: Send + Sync + 'static {
     fn learn(
         &self,
         ctx: &QueryContext,
         answer: &LearnedAnswer,
-    ) -> impl Future<Output = HoldOutcome> + Send + 'static;
+    ) -> impl Future<Output = HoldOutcome> + Send + Unpin + 'static;
 
     /// Told about every query the proxy answered or dropped (for `monitor --type dns` and
     /// logs). Called after the response is sent; must not block.

@@ -38,7 +38,7 @@
 //! struct Datapath;
 //! impl Learner for Datapath {
 //!     fn learn(&self, _ctx: &QueryContext, _answer: &LearnedAnswer)
-//!         -> impl std::future::Future<Output = HoldOutcome> + Send + 'static {
+//!         -> impl std::future::Future<Output = HoldOutcome> + Send + Unpin + 'static {
 //!         // Apply policy-map then ipcache entries; resolve once both hold every IP.
 //!         std::future::ready(HoldOutcome::Enforceable)
 //!     }

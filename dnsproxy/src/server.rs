@@ -390,17 +390,21 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         };
         // The hold starts before the learner's call: a datapath may do its work inside it.
         let since = Instant::now();
-        let confirm = Box::pin(self.learner.learn(&ctx, &learned));
-        Answered::Hold(
-            Held {
-                fwd,
-                answer,
-                rcode,
-                learned,
-                since,
-            },
-            confirm,
-        )
+        let mut confirm = self.learner.learn(&ctx, &learned);
+        let held = Held {
+            fwd,
+            answer,
+            rcode,
+            learned,
+            since,
+        };
+        // Usually the datapath has confirmed already (the IPs were known, or the update is
+        // synchronous): look once, in place, before keeping the future anywhere.
+        let mut cx = Context::from_waker(Waker::noop());
+        if let Poll::Ready(outcome) = Pin::new(&mut confirm).poll(&mut cx) {
+            return Answered::Done(Some(self.release_held(held, Some(outcome))));
+        }
+        Answered::Hold(held, Box::pin(confirm))
     }
 
     /// Last step of a held answer: `outcome` is the learner's word, `None` when
@@ -520,13 +524,7 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         match self.on_answer(fwd, result) {
             Answered::Done(Some(reply)) => reply_to.send(reply),
             Answered::Done(None) => {}
-            Answered::Hold(held, mut confirm) => {
-                // Usually the datapath has confirmed already (the IPs were known, or the update
-                // is synchronous): look once before paying for a task.
-                let mut cx = Context::from_waker(Waker::noop());
-                if let Poll::Ready(outcome) = confirm.as_mut().poll(&mut cx) {
-                    return reply_to.send(self.release_held(held, Some(outcome)));
-                }
+            Answered::Hold(held, confirm) => {
                 let max_delay = self.config.response_max_delay;
                 tokio::spawn(async move {
                     let outcome = tokio::time::timeout(max_delay, confirm).await.ok();
@@ -620,7 +618,8 @@ type Confirmation = Pin<Box<dyn Future<Output = HoldOutcome> + Send>>;
 #[allow(clippy::large_enum_variant)] // as for Judged
 enum Answered {
     Done(Option<Vec<u8>>),
-    /// Released when the confirmation resolves (bounded by responseMaxDelay).
+    /// Released when the confirmation resolves (bounded by responseMaxDelay); it was not
+    /// ready when first asked.
     Hold(Held, Confirmation),
 }
 

@@ -133,12 +133,33 @@ impl DnsPolicy for AgentDns {
     }
 }
 
+/// The agent's answer to a learn: ready at once (no allocation: the common case), or a wait
+/// for the datapath.
+enum Confirm {
+    Now(std::future::Ready<HoldOutcome>),
+    Wait(std::pin::Pin<Box<dyn Future<Output = HoldOutcome> + Send>>),
+}
+
+impl Future for Confirm {
+    type Output = HoldOutcome;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<HoldOutcome> {
+        match self.get_mut() {
+            Confirm::Now(ready) => std::pin::Pin::new(ready).poll(cx),
+            Confirm::Wait(wait) => wait.as_mut().poll(cx),
+        }
+    }
+}
+
 impl Learner for AgentDns {
     fn learn(
         &self,
         ctx: &QueryContext,
         answer: &LearnedAnswer,
-    ) -> impl Future<Output = HoldOutcome> + Send + 'static {
+    ) -> impl Future<Output = HoldOutcome> + Send + Unpin + 'static {
         let agent = &self.0;
         // An IP pushed out by maxIPsPerHostname stays while a connection to it is open. The
         // cache asks only when it pushes one out, which is rare: the datapath's connections
@@ -173,16 +194,16 @@ impl Learner for AgentDns {
         // known IPs issues none, the in-memory datapath applies at once): no subscription then.
         // (No reference to the agent is taken then either: its count is shared by every
         // proxy thread.)
-        let waiting = (!agent.applied_up_to(target)).then(|| agent.clone());
-        async move {
-            let Some(agent) = waiting else {
-                return HoldOutcome::Enforceable;
-            };
+        if agent.applied_up_to(target) {
+            return Confirm::Now(std::future::ready(HoldOutcome::Enforceable));
+        }
+        let agent = agent.clone();
+        Confirm::Wait(Box::pin(async move {
             match agent.wait_applied(target).await {
                 Ok(()) => HoldOutcome::Enforceable,
                 Err(e) => HoldOutcome::Failed(e),
             }
-        }
+        }))
     }
 
     fn observing(&self) -> bool {

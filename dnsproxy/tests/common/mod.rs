@@ -358,7 +358,7 @@ impl Learner for MemDatapath {
         &self,
         ctx: &QueryContext,
         answer: &LearnedAnswer,
-    ) -> impl Future<Output = HoldOutcome> + Send + 'static {
+    ) -> impl Future<Output = HoldOutcome> + Send + Unpin + 'static {
         let mut waits = Vec::new();
         let mut st = self.state.lock().unwrap();
         st.learned.push((ctx.clone(), answer.clone()));
@@ -399,14 +399,14 @@ impl Learner for MemDatapath {
             });
         }
         drop(st);
-        async move {
+        Box::pin(async move {
             for mut rx in waits {
                 if rx.wait_for(|done| *done).await.is_err() {
                     return HoldOutcome::Failed("datapath update abandoned".into());
                 }
             }
             HoldOutcome::Enforceable
-        }
+        })
     }
 
     fn observe(&self, event: &QueryEvent) {
