@@ -56,15 +56,24 @@ pub struct Histogram {
     count: Counter,
 }
 
-/// Slots of a [`Counter`]: threads beyond this many share slots (still correct, a little
-/// slower).
+/// Slots of a [`Counter`]: one each for the first threads to count, one shared by the rest
+/// (still correct, a little slower).
 const COUNTER_SLOTS: usize = 8;
 
 static NEXT_COUNTER_SLOT: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    /// This thread's slot in every [`Counter`], handed out round-robin on first use.
-    static COUNTER_SLOT: usize = NEXT_COUNTER_SLOT.fetch_add(1, Relaxed) % COUNTER_SLOTS;
+    /// This thread's slot in every [`Counter`], handed out in turn on first use, and whether
+    /// the thread has it to itself: the first `COUNTER_SLOTS - 1` threads to count do (the
+    /// proxy's shards are among the first); every later one shares the last slot.
+    static COUNTER_SLOT: (usize, bool) = {
+        let n = NEXT_COUNTER_SLOT.fetch_add(1, Relaxed);
+        if n < COUNTER_SLOTS - 1 {
+            (n, true)
+        } else {
+            (COUNTER_SLOTS - 1, false)
+        }
+    };
 }
 
 /// A slot on a cache line of its own.
@@ -86,6 +95,15 @@ impl Default for Counter {
     }
 }
 
+/// The ordering a plain store may take for what a read-modify-write was asked to do.
+fn order_for_store(order: Ordering) -> Ordering {
+    match order {
+        Ordering::Relaxed | Ordering::Acquire => Ordering::Relaxed,
+        Ordering::SeqCst => Ordering::SeqCst,
+        _ => Ordering::Release,
+    }
+}
+
 impl Counter {
     pub fn new(value: u64) -> Counter {
         let slots: Box<[CounterSlot; COUNTER_SLOTS]> = Box::default();
@@ -93,17 +111,25 @@ impl Counter {
         Counter { slots }
     }
 
-    fn slot(&self) -> &AtomicU64 {
-        &self.slots[COUNTER_SLOT.with(|s| *s)].0
+    /// Adds `n` (wrapping) to this thread's slot. A slot only this thread writes needs no
+    /// read-modify-write: a load and a store (no bus lock; readers still see whole values).
+    fn add(&self, n: u64, order: Ordering) {
+        let (slot, exclusive) = COUNTER_SLOT.with(|s| *s);
+        let slot = &self.slots[slot].0;
+        if exclusive {
+            slot.store(slot.load(Relaxed).wrapping_add(n), order_for_store(order));
+        } else {
+            slot.fetch_add(n, order);
+        }
     }
 
     pub fn fetch_add(&self, n: u64, order: Ordering) {
-        self.slot().fetch_add(n, order);
+        self.add(n, order);
     }
 
     /// For gauges: a slot may go below zero on its own; the sum does not.
     pub fn fetch_sub(&self, n: u64, order: Ordering) {
-        self.slot().fetch_sub(n, order);
+        self.add(n.wrapping_neg(), order);
     }
 
     /// The sum of the slots (wrapping, so a gauge's slots add up right).
@@ -272,6 +298,26 @@ mod tests {
         assert_eq!(s.quantile_upper_bound(0.99), Some(50e-6));
         assert_eq!(s.quantile_upper_bound(1.0), Some(5e-3));
         assert_eq!(s.buckets.last().unwrap(), &(None, 100));
+    }
+
+    #[test]
+    fn counters_lose_nothing_with_more_threads_than_slots() {
+        let c = Counter::new(5);
+        let threads = 3 * COUNTER_SLOTS;
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let c = &c;
+                s.spawn(move || {
+                    for i in 0..20_000u64 {
+                        c.fetch_add(2, Relaxed);
+                        if (i + t as u64).is_multiple_of(2) {
+                            c.fetch_sub(1, Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(c.load(Relaxed), 5 + threads as u64 * 30_000);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,9 +72,15 @@ struct Slot {
     socket: UdpSocket,
     /// Whether `socket` is connected to its server (then queries go without an address).
     connected: bool,
-    pending: Mutex<HashMap<u16, Pending, BuildHasherDefault<IdHasher>>>,
+    /// One lock for both tables: a query takes it once to be filed and queued.
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    pending: HashMap<u16, Pending, BuildHasherDefault<IdHasher>>,
     /// Queries to send at the next [`UdpPool::flush`]: ID, server and bytes.
-    outbox: Mutex<Vec<(u16, SocketAddr, Vec<u8>)>>,
+    outbox: Vec<(u16, SocketAddr, Vec<u8>)>,
 }
 
 /// The pending table's hasher. Its keys are IDs the proxy drew at random itself, so no one
@@ -102,14 +108,13 @@ impl Hasher for IdHasher {
 
 impl Slot {
     fn take(&self, id: u16) -> Option<Pending> {
-        self.pending.lock().expect("pending lock").remove(&id)
+        self.state.lock().expect("slot lock").pending.remove(&id)
     }
 }
 
 /// UDP sockets of one address family.
 struct Family {
     slots: Vec<Arc<Slot>>,
-    next: AtomicUsize,
 }
 
 /// The UDP side of the upstream client. Each shard of the proxy owns one, on its own
@@ -159,17 +164,13 @@ impl UdpPool {
                 let slot = Arc::new(Slot {
                     socket,
                     connected: peer.is_some(),
-                    pending: Mutex::new(HashMap::default()),
-                    outbox: Mutex::new(Vec::new()),
+                    state: Mutex::default(),
                 });
                 tasks.push(tokio::spawn(receive_loop(slot.clone(), metrics.clone())));
                 all.push(slot.clone());
                 slots.push(slot);
             }
-            Ok(Family {
-                slots,
-                next: AtomicUsize::new(0),
-            })
+            Ok(Family { slots })
         };
         let mut connected: Vec<(SocketAddr, Family)> = Vec::new();
         for &u in upstreams {
@@ -222,36 +223,33 @@ impl UdpPool {
             ))));
             return;
         };
-        let slot = &family.slots[family.next.fetch_add(1, Relaxed) % family.slots.len()];
+        // One draw picks the socket (high half) and the first ID to try (low half).
+        let draw: u32 = rand::random();
+        let slot = &family.slots[(draw >> 16) as usize % family.slots.len()];
         let now = Instant::now();
-        let id = {
-            let mut pending = slot.pending.lock().expect("pending lock");
-            if pending.len() >= usize::from(u16::MAX) {
-                drop(pending);
-                waiting.done(Err(UpstreamError::Failed(
-                    "every query ID is in use".into(),
-                )));
-                return;
+        let mut state = slot.state.lock().expect("slot lock");
+        if state.pending.len() >= usize::from(u16::MAX) {
+            drop(state);
+            waiting.done(Err(UpstreamError::Failed(
+                "every query ID is in use".into(),
+            )));
+            return;
+        }
+        let mut id = draw as u16;
+        let free = loop {
+            match state.pending.entry(id) {
+                Entry::Vacant(free) => break free,
+                Entry::Occupied(_) => id = rand::random(),
             }
-            let (id, free) = loop {
-                let id: u16 = rand::random();
-                if let Entry::Vacant(free) = pending.entry(id) {
-                    break (id, free);
-                }
-            };
-            free.insert(Pending {
-                server,
-                sent_at: now,
-                deadline: now + timeout,
-                waiting,
-            });
-            id
         };
+        free.insert(Pending {
+            server,
+            sent_at: now,
+            deadline: now + timeout,
+            waiting,
+        });
         set_id(&mut query, id);
-        slot.outbox
-            .lock()
-            .expect("outbox lock")
-            .push((id, server, query));
+        state.outbox.push((id, server, query));
     }
 
     /// Sends the queries [`UdpPool::send`] queued: one sendmmsg per socket. Call once the
@@ -259,18 +257,18 @@ impl UdpPool {
     pub(crate) fn flush(&self) {
         for slot in &self.all {
             let mut queued = {
-                let mut outbox = slot.outbox.lock().expect("outbox lock");
-                if outbox.is_empty() {
+                let mut state = slot.state.lock().expect("slot lock");
+                if state.outbox.is_empty() {
                     continue;
                 }
-                std::mem::take(&mut *outbox)
+                std::mem::take(&mut state.outbox)
             };
             flush_slot(slot, &mut queued);
             // The emptied vector goes back for the next batch (no allocation per flush).
             queued.clear();
-            let mut outbox = slot.outbox.lock().expect("outbox lock");
-            if outbox.is_empty() {
-                std::mem::swap(&mut *outbox, &mut queued);
+            let mut state = slot.state.lock().expect("slot lock");
+            if state.outbox.is_empty() {
+                std::mem::swap(&mut state.outbox, &mut queued);
             }
         }
     }
@@ -436,18 +434,19 @@ fn deliver(slot: &Slot, metrics: &ProxyMetrics, answer: &[u8], from: SocketAddr)
         metrics.upstream_mismatches.fetch_add(1, Relaxed);
         return;
     };
-    let mut pending = slot.pending.lock().expect("pending lock");
-    let matches = pending
+    let mut state = slot.state.lock().expect("slot lock");
+    let matches = state
+        .pending
         .get(&id)
         .is_some_and(|p| p.server == from && p.waiting.question().asked_in(answer));
     if !matches {
-        drop(pending);
+        drop(state);
         metrics.upstream_mismatches.fetch_add(1, Relaxed);
         debug!(%from, id, "upstream answer matches no outstanding query");
         return;
     }
-    let p = pending.remove(&id).expect("checked above");
-    drop(pending);
+    let p = state.pending.remove(&id).expect("checked above");
+    drop(state);
     metrics.upstream_latency.observe(p.sent_at.elapsed());
     p.waiting.done(Ok(answer.to_vec()));
 }
@@ -464,10 +463,10 @@ fn drain_errors(slot: &Slot, buf: &mut [u8]) {
                     continue;
                 }
                 let id = u16::from_be_bytes([buf[0], buf[1]]);
-                let mut pending = slot.pending.lock().expect("pending lock");
-                if pending.get(&id).is_some_and(|p| p.server == dst) {
-                    let p = pending.remove(&id).expect("checked above");
-                    drop(pending);
+                let mut state = slot.state.lock().expect("slot lock");
+                if state.pending.get(&id).is_some_and(|p| p.server == dst) {
+                    let p = state.pending.remove(&id).expect("checked above");
+                    drop(state);
                     let err = io::Error::from_raw_os_error(errno);
                     p.waiting
                         .done(Err(UpstreamError::Failed(format!("{dst}: {err}"))));
@@ -491,7 +490,8 @@ async fn sweep_loop(slots: Vec<Arc<Slot>>) {
         let now = Instant::now();
         for slot in &slots {
             let expired: Vec<Pending> = {
-                let mut pending = slot.pending.lock().expect("pending lock");
+                let mut state = slot.state.lock().expect("slot lock");
+                let pending = &mut state.pending;
                 let ids: Vec<u16> = pending
                     .iter()
                     .filter(|(_, p)| p.deadline <= now)
