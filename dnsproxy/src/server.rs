@@ -342,7 +342,14 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
     /// Second step: what came back from upstream. A failure or an answer that teaches nothing
     /// is finished here; an answer that teaches IPs comes back with the learner's future, to
     /// be released when it resolves (or `responseMaxDelay` passes).
-    fn on_answer(&self, fwd: Forward, result: Result<Vec<u8>, UpstreamError>) -> Answered {
+    /// `at`: when the pool finished with the query (the answer's receipt): the hold time
+    /// counts from there.
+    fn on_answer(
+        &self,
+        fwd: Forward,
+        result: Result<Vec<u8>, UpstreamError>,
+        at: Instant,
+    ) -> Answered {
         let answer = match result {
             Ok(a) => a,
             Err(UpstreamError::Timeout) => {
@@ -388,8 +395,9 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             qname: fwd.q.qname.clone(),
             qtype: fwd.q.question.qtype,
         };
-        // The hold starts before the learner's call: a datapath may do its work inside it.
-        let since = Instant::now();
+        // The hold counts from the answer's receipt: reading it and the learner's call (a
+        // datapath may do its work inside it) are part of it.
+        let since = at;
         let mut confirm = self.learner.learn(&ctx, &learned);
         let held = Held {
             fwd,
@@ -469,7 +477,7 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             &self.metrics,
         )
         .await;
-        match self.on_answer(fwd, result) {
+        match self.on_answer(fwd, result, Instant::now()) {
             Answered::Done(reply) => reply,
             Answered::Hold(held, confirm) => {
                 let outcome = tokio::time::timeout(self.config.response_max_delay, confirm)
@@ -480,48 +488,14 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         }
     }
 
-    /// A UDP query: finished at once, or handed to the pool with its continuation. No task
-    /// is spawned unless the datapath keeps an answer waiting.
-    fn handle_udp(
-        self: &Arc<Self>,
-        bytes: Vec<u8>,
-        client: SocketAddr,
-        received_on: SocketAddr,
-        listener: &Arc<UdpSocket>,
-        pool: &UdpPool,
-        replies: &Arc<ReplySockets>,
-    ) {
-        let reply_to = UdpReply {
-            listener: listener.clone(),
-            from: (self.config.transparent && !self.is_own(received_on))
-                .then(|| (received_on, replies.clone())),
-            client,
-        };
-        let (fwd, query) = match self.judge(bytes, client, received_on, Transport::Udp) {
-            Judged::Done(Some(reply)) => return reply_to.send(reply),
-            Judged::Done(None) => return,
-            Judged::Forward(fwd, query) => (fwd, query),
-        };
-        let server = fwd.server;
-        pool.send(
-            server,
-            query,
-            self.config.forward_timeout,
-            Box::new(UdpWaiting {
-                shared: self.clone(),
-                fwd,
-                reply_to,
-            }),
-        );
-    }
-
     fn udp_answered(
         self: Arc<Self>,
         fwd: Forward,
         result: Result<Vec<u8>, UpstreamError>,
+        at: Instant,
         reply_to: UdpReply,
     ) {
-        match self.on_answer(fwd, result) {
+        match self.on_answer(fwd, result, at) {
             Answered::Done(Some(reply)) => reply_to.send(reply),
             Answered::Done(None) => {}
             Answered::Hold(held, confirm) => {
@@ -584,13 +558,13 @@ impl<P: DnsPolicy, L: Learner> Waiting for UdpWaiting<P, L> {
         &self.fwd.q.question
     }
 
-    fn done(self: Box<Self>, result: Result<Vec<u8>, UpstreamError>) {
+    fn done(self: Box<Self>, result: Result<Vec<u8>, UpstreamError>, at: Instant) {
         let UdpWaiting {
             shared,
             fwd,
             reply_to,
         } = *self;
-        shared.udp_answered(fwd, result, reply_to);
+        shared.udp_answered(fwd, result, at, reply_to);
     }
 }
 
@@ -811,9 +785,11 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
                 debug!(%local, error = %e, "UDP receive failed");
             }
         }
+        // One clock read per batch: the queries' time of receipt.
+        let received = Instant::now();
         replies::batch(|| {
             for i in 0..got {
-                shared.serve_datagram(batch.get(i), local, &socket, &pool, &replies);
+                shared.serve_datagram(batch.get(i), received, local, &socket, &pool, &replies);
             }
             pool.flush();
         });
@@ -825,11 +801,15 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
 
 impl<P: DnsPolicy, L: Learner> Shared<P, L> {
     /// One datagram a listener received.
+    /// One datagram a listener received (`received`: when its batch was read): finished at
+    /// once, or handed to the pool with its continuation. No task is spawned unless the
+    /// datapath keeps an answer waiting.
     fn serve_datagram(
         self: &Arc<Self>,
         d: net::Datagram<'_>,
+        received: Instant,
         local: SocketAddr,
-        socket: &Arc<UdpSocket>,
+        listener: &Arc<UdpSocket>,
         pool: &UdpPool,
         replies: &Arc<ReplySockets>,
     ) {
@@ -844,7 +824,30 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             return;
         }
         let received_on = d.dst.unwrap_or(local);
-        self.handle_udp(d.bytes.to_vec(), client, received_on, socket, pool, replies);
+        let reply_to = UdpReply {
+            listener: listener.clone(),
+            from: (self.config.transparent && !self.is_own(received_on))
+                .then(|| (received_on, replies.clone())),
+            client,
+        };
+        let bytes = d.bytes.to_vec();
+        let (fwd, query) = match self.judge(bytes, client, received_on, Transport::Udp) {
+            Judged::Done(Some(reply)) => return reply_to.send(reply),
+            Judged::Done(None) => return,
+            Judged::Forward(fwd, query) => (fwd, query),
+        };
+        let server = fwd.server;
+        pool.send(
+            server,
+            query,
+            received,
+            self.config.forward_timeout,
+            Box::new(UdpWaiting {
+                shared: self.clone(),
+                fwd,
+                reply_to,
+            }),
+        );
     }
 }
 

@@ -52,7 +52,8 @@ pub(crate) enum UpstreamError {
 /// allocation per query holds both.
 pub(crate) trait Waiting: Send + 'static {
     fn question(&self) -> &Question;
-    fn done(self: Box<Self>, result: Result<Vec<u8>, UpstreamError>);
+    /// `at`: when the outcome was known (an answer's receipt, the timeout's sweep).
+    fn done(self: Box<Self>, result: Result<Vec<u8>, UpstreamError>, at: Instant);
 }
 
 /// Largest UDP answer read (the largest UDP payload): nothing an upstream sends is cut.
@@ -204,6 +205,7 @@ impl UdpPool {
         &self,
         server: SocketAddr,
         mut query: Vec<u8>,
+        now: Instant,
         timeout: Duration,
         waiting: Box<dyn Waiting>,
     ) {
@@ -218,21 +220,22 @@ impl UdpPool {
             None => self.v6.as_ref(),
         };
         let Some(family) = family else {
-            waiting.done(Err(UpstreamError::Failed(format!(
-                "no socket for {server}"
-            ))));
+            waiting.done(
+                Err(UpstreamError::Failed(format!("no socket for {server}"))),
+                now,
+            );
             return;
         };
         // One draw picks the socket (high half) and the first ID to try (low half).
         let draw: u32 = rand::random();
         let slot = &family.slots[(draw >> 16) as usize % family.slots.len()];
-        let now = Instant::now();
         let mut state = slot.state.lock().expect("slot lock");
         if state.pending.len() >= usize::from(u16::MAX) {
             drop(state);
-            waiting.done(Err(UpstreamError::Failed(
-                "every query ID is in use".into(),
-            )));
+            waiting.done(
+                Err(UpstreamError::Failed("every query ID is in use".into())),
+                now,
+            );
             return;
         }
         let mut id = draw as u16;
@@ -294,9 +297,10 @@ fn flush_slot(slot: &Arc<Slot>, queued: &mut Vec<(u16, SocketAddr, Vec<u8>)>) {
                     for (id, server, query) in rest {
                         if let Err(e) = slot.socket.send_to(&query, server).await {
                             if let Some(p) = slot.take(id) {
-                                p.waiting.done(Err(UpstreamError::Failed(format!(
-                                    "send to {server}: {e}"
-                                ))));
+                                p.waiting.done(
+                                    Err(UpstreamError::Failed(format!("send to {server}: {e}"))),
+                                    Instant::now(),
+                                );
                             }
                         }
                     }
@@ -306,8 +310,10 @@ fn flush_slot(slot: &Arc<Slot>, queued: &mut Vec<(u16, SocketAddr, Vec<u8>)>) {
             Some(e) => {
                 let (id, server, _) = queued[from];
                 if let Some(p) = slot.take(id) {
-                    p.waiting
-                        .done(Err(UpstreamError::Failed(format!("send to {server}: {e}"))));
+                    p.waiting.done(
+                        Err(UpstreamError::Failed(format!("send to {server}: {e}"))),
+                        Instant::now(),
+                    );
                 }
                 from += 1;
             }
@@ -403,11 +409,15 @@ async fn receive_loop(slot: Arc<Slot>, metrics: Arc<ProxyMetrics>) {
                     Ok(())
                 }
             });
+            // One clock read per batch: the answers' time of receipt.
+            let received = Instant::now();
             replies::batch(|| {
                 for i in 0..got {
                     let d = batch.get(i);
                     match d.src {
-                        Some(from) if !d.truncated => deliver(&slot, &metrics, d.bytes, from),
+                        Some(from) if !d.truncated => {
+                            deliver(&slot, &metrics, d.bytes, from, received)
+                        }
                         _ => {
                             metrics.upstream_mismatches.fetch_add(1, Relaxed);
                         }
@@ -429,7 +439,14 @@ async fn receive_loop(slot: Arc<Slot>, metrics: Arc<ProxyMetrics>) {
     }
 }
 
-fn deliver(slot: &Slot, metrics: &ProxyMetrics, answer: &[u8], from: SocketAddr) {
+/// `received`: when the batch holding `answer` was read.
+fn deliver(
+    slot: &Slot,
+    metrics: &ProxyMetrics,
+    answer: &[u8],
+    from: SocketAddr,
+    received: Instant,
+) {
     let Some(id) = answer_id(answer) else {
         metrics.upstream_mismatches.fetch_add(1, Relaxed);
         return;
@@ -447,8 +464,10 @@ fn deliver(slot: &Slot, metrics: &ProxyMetrics, answer: &[u8], from: SocketAddr)
     }
     let p = state.pending.remove(&id).expect("checked above");
     drop(state);
-    metrics.upstream_latency.observe(p.sent_at.elapsed());
-    p.waiting.done(Ok(answer.to_vec()));
+    metrics
+        .upstream_latency
+        .observe(received.saturating_duration_since(p.sent_at));
+    p.waiting.done(Ok(answer.to_vec()), received);
 }
 
 fn drain_errors(slot: &Slot, buf: &mut [u8]) {
@@ -468,8 +487,10 @@ fn drain_errors(slot: &Slot, buf: &mut [u8]) {
                     let p = state.pending.remove(&id).expect("checked above");
                     drop(state);
                     let err = io::Error::from_raw_os_error(errno);
-                    p.waiting
-                        .done(Err(UpstreamError::Failed(format!("{dst}: {err}"))));
+                    p.waiting.done(
+                        Err(UpstreamError::Failed(format!("{dst}: {err}"))),
+                        Instant::now(),
+                    );
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -500,7 +521,7 @@ async fn sweep_loop(slots: Vec<Arc<Slot>>) {
                 ids.iter().filter_map(|id| pending.remove(id)).collect()
             };
             for p in expired {
-                p.waiting.done(Err(UpstreamError::Timeout));
+                p.waiting.done(Err(UpstreamError::Timeout), now);
             }
         }
     }
