@@ -270,19 +270,29 @@ impl PatternIndex {
                 &on_heap
             }
         };
-        // labels[..rem] can all be steps of a leading `**.` iff rem <= first_bad.
-        let first_bad = labels
-            .iter()
-            .position(|l| !double_star_step_matches(l))
-            .unwrap_or(labels.len());
+        // labels[..rem] can all be steps of a leading `**.` iff rem <= first_bad; worked out
+        // the first time a `**.` pattern is met (most walks meet none).
+        let mut first_bad: Option<usize> = None;
         let mut node = &self.root;
         let mut rem = labels.len();
         loop {
-            if rem == 1 && star_matches(labels[0]) && found(&node.one_label) {
+            if rem == 1
+                && !node.one_label.is_empty()
+                && star_matches(labels[0])
+                && found(&node.one_label)
+            {
                 return true;
             }
-            if rem >= 1 && rem <= first_bad && found(&node.many_labels) {
-                return true;
+            if rem >= 1 && !node.many_labels.is_empty() {
+                let first_bad = *first_bad.get_or_insert_with(|| {
+                    labels
+                        .iter()
+                        .position(|l| !double_star_step_matches(l))
+                        .unwrap_or(labels.len())
+                });
+                if rem <= first_bad && found(&node.many_labels) {
+                    return true;
+                }
             }
             for other in &node.other {
                 let count_fits = if other.leading_double_star {
