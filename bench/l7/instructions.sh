@@ -7,8 +7,7 @@
 # changes while the machine is busy. Prints "instructions/request requests".
 #   REQUESTS (default 20000), CONNS (default 32), BIN (default the release example just built,
 #   SKIP_BUILD=1 to not build), ANNOTATE=file: write callgrind_annotate's per-function table
-#   there (and the callgrind files beside it), PROXY_ARGS: extra l7proxy arguments, NGINX=1: measure the nginx reverse proxy's
-#   workers instead (the same requests through nginx, for comparison).
+#   there (and the callgrind files beside it), PROXY_ARGS: extra l7proxy arguments.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 REQUESTS=${REQUESTS:-20000}
@@ -19,7 +18,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=${BIN:-$CARGO_TARGET_DIR/release/examples/l7proxy}
 
 BACKEND=127.0.0.1:18480
-NGINX_RP=127.0.0.1:18490
+NGINX_RP=127.0.0.1:18490 # (started by start_nginx, unused here)
 PROXY=127.0.0.1:18500
 URLPATH=/api/v1/items/42
 
@@ -27,20 +26,11 @@ URLPATH=/api/v1/items/42
 . "$ROOT/bench/l7/common.sh"
 start_nginx
 out="$work/callgrind.out"
-if [ "${NGINX:-0}" = 1 ]; then
-    # The reverse proxy again, its processes under callgrind.
-    kill "$rp_pid"; wait "$rp_pid" 2>/dev/null || true
-    valgrind --tool=callgrind --trace-children=yes \
-        --callgrind-out-file="$out.%p" nginx -p "$work/rp" -c "$work/rp/nginx.conf" \
-        2>"$work/valgrind.log" & pids+=($!)
-    target=$NGINX_RP
-else
-    # shellcheck disable=SC2086
-    valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
-        "$BIN" --http "$PROXY" "$BACKEND" --http-rules 20 ${PROXY_ARGS:-} \
-        >"$work/proxy.log" 2>"$work/valgrind.log" & pids+=($!)
-    target=$PROXY
-fi
+# shellcheck disable=SC2086
+valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
+    "$BIN" --http "$PROXY" "$BACKEND" --http-rules 20 ${PROXY_ARGS:-} \
+    >"$work/proxy.log" 2>"$work/valgrind.log" & pids+=($!)
+target=$PROXY
 wait_port "$BACKEND"
 for _ in $(seq 300); do
     [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$target$URLPATH")" = 200 ] && break
@@ -49,9 +39,14 @@ done
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$target$URLPATH")" = 200 ]
 # Warm-up: connections, upstream connections and lazy state set up outside the count.
 h2load --h1 -n $((CONNS * 10)) -c "$CONNS" -t 1 "http://$target$URLPATH" >/dev/null
-callgrind_control -z >/dev/null 2>&1
+# Only this script's processes (callgrind_control without pids would reach every callgrind
+# run on the machine): those writing to this run's output files.
+# shellcheck disable=SC2207
+ours=($(pgrep -f -- "--callgrind-out-file=$out" || true))
+[ "${#ours[@]}" -gt 0 ] || { echo "no callgrind process of this run" >&2; exit 1; }
+callgrind_control -z "${ours[@]}" >/dev/null
 h2load --h1 -n "$REQUESTS" -c "$CONNS" -t 1 "http://$target$URLPATH" >"$work/h2load.out"
-callgrind_control -d >/dev/null 2>&1
+callgrind_control -d "${ours[@]}" >/dev/null
 grep -q "$REQUESTS succeeded" "$work/h2load.out" || { cat "$work/h2load.out" >&2; exit 1; }
 # The dumps (FILE.PID.1) are written when each process next runs.
 for _ in $(seq 100); do
