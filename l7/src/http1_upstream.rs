@@ -315,18 +315,25 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     if buf.is_empty() {
         return Ok(None);
     }
+    // The head is parsed out of its own `Bytes`, so the values are taken as slices of it (no
+    // copy); what follows the head (the start of the body) goes back to `buf`.
+    let all = buf.split().freeze();
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
-    let len = match httparse::ParserConfig::default()
-        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
-    {
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, &all, &mut slots);
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Partial) => {
+            buf.extend_from_slice(&all);
+            return Ok(None);
+        }
         Err(httparse::Error::TooManyHeaders) => {
             return Err(ClientError::Malformed("too many headers"))
         }
         Err(_) => return Err(ClientError::Malformed("invalid response head")),
     };
+    buf.extend_from_slice(&all[len..]);
     let code = resp.code.unwrap_or(0);
     let status =
         StatusCode::from_u16(code).map_err(|_| ClientError::Malformed("invalid status code"))?;
@@ -334,7 +341,6 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         if code == 101 {
             return Err(ClientError::Malformed("switching protocols unasked"));
         }
-        buf.advance(len);
         return Ok(Some(Parsed::Informational));
     }
     let version = if resp.version == Some(0) {
@@ -342,31 +348,16 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     } else {
         Version::HTTP_11
     };
-    // The values are taken as slices of the head (no copy): where each name and value is.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let count = resp.headers.len();
-    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-        let n = h.name.as_ptr() as usize - base;
-        let v = h.value.as_ptr() as usize - base;
-        *span = (
-            n as u32,
-            (n + h.name.len()) as u32,
-            v as u32,
-            (v + h.value.len()) as u32,
-        );
-    }
-    let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
     let mut close = false;
     let mut keep_alive_option = false;
     let mut te_chunked: Option<bool> = None;
     let mut length: Option<u64> = None;
     let mut named: Vec<HeaderName> = Vec::new();
-    for &(ns, ne, vs, ve) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| ClientError::Malformed("invalid header name"))?;
-        let value = &head[vs as usize..ve as usize];
+        let value = h.value;
         match name.as_str() {
             "connection" => {
                 for token in value.split(|b| *b == b',') {
@@ -396,8 +387,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             "content-length" => length = content_length(value, length)?,
             _ => {}
         }
-        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
-            .map_err(|_| ClientError::Malformed("invalid header value"))?;
+        // SAFETY: httparse accepts in a header value only HTAB, SP and bytes 0x21-0x7E and
+        // 0x80-0xFF, exactly the bytes a `HeaderValue` may hold (hyper's own parser relies on
+        // the same).
+        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(all.slice_ref(value)) };
         headers.append(name, value);
     }
     for n in named {
@@ -845,6 +838,8 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 3x\r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\n\r\n",
             "HTTP/1.1 2000 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: a\x7fb\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX-A: a\x01b\r\n\r\n",
             "NOTHTTP\r\n\r\n",
         ] {
             assert!(
