@@ -726,3 +726,100 @@ fn host_endpoint_under_a_clusterwide_node_policy_with_name_error_replies() {
     assert!(r.answers.is_empty());
     assert_eq!(a.stop_with("INT").code(), Some(0), "clean stop on SIGINT");
 }
+
+const CHAIN_ZONE: &str = r#"$ORIGIN chain.test.
+$TTL 300
+@ IN SOA ns.chain.test. admin.chain.test. 1 3600 600 86400 5
+@ IN NS ns.chain.test.
+ns IN A 127.0.0.1
+alias 120 IN CNAME mid.chain.test.
+mid 90 IN CNAME edge.chain.test.
+edge 60 IN A 192.0.2.77
+other 60 IN A 192.0.2.78
+"#;
+
+const CHAIN_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: chain
+spec:
+  endpointSelector:
+    matchLabels: {app: frontend}
+  egress:
+    - toCIDR: ["127.0.0.156/32"]
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules:
+            dns:
+              - matchPattern: "*.chain.test"
+    - toFQDNs:
+        - matchName: edge.chain.test
+      toPorts:
+        - ports: [{port: "443", protocol: TCP}]
+"#;
+
+/// A lookup of a name that is a CNAME chain files the final IPs under the question name and
+/// every target: a toFQDNs selector on the last target allows them, with the chain's
+/// smallest TTL, though the client never asked for that name.
+#[test]
+fn cname_chain_targets_are_selectable_by_their_own_names() {
+    if !is_root() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("the agent tests run as root in CI");
+        }
+        return;
+    }
+    let Some(ub) = Unbound::start_zones(
+        "127.0.0.156".parse().unwrap(),
+        53,
+        &[("chain.test.", CHAIN_ZONE)],
+        "edge.chain.test",
+    ) else {
+        return;
+    };
+    let d = tempdir();
+    let cfg = config(d.path(), ub.addr);
+    write(d.path(), "policies/chain.yaml", CHAIN_POLICY);
+    let sock = d.path().join("api.sock");
+    let a = Agent::start(&["--config", &cfg], &sock);
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.77", "443"),
+        (1, "denied".into()),
+        "nothing learned yet"
+    );
+
+    let r = dig(&a.dns, "127.0.0.2", "alias.chain.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    assert!(
+        r.answers.iter().any(|l| l.contains("192.0.2.77")),
+        "{:?}",
+        r.answers
+    );
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.77", "443"),
+        (0, "allowed".into())
+    );
+    let rows = a.json(&["fqdn", "cache", "list", "--endpoint", "frontend"]);
+    let rows = rows.as_array().unwrap();
+    let mut names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["alias.chain.test.", "edge.chain.test.", "mid.chain.test."],
+        "{rows:?}"
+    );
+    for row in rows {
+        assert_eq!(row["ips"], serde_json::json!(["192.0.2.77"]), "{row}");
+        let ttl = row["ttl"].as_u64().unwrap();
+        assert!(ttl > 50 && ttl <= 60, "the chain's smallest TTL: {row}");
+    }
+
+    // A name outside the chain teaches nothing the selector picks.
+    let r = dig(&a.dns, "127.0.0.2", "other.chain.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.78", "443"),
+        (1, "denied".into())
+    );
+    assert_eq!(a.stop().code(), Some(0));
+}

@@ -36,12 +36,12 @@ struct Table {
 impl Learner for Table {
     fn learn(
         &self,
-        _ctx: &QueryContext,
+        ctx: &QueryContext,
         answer: &LearnedAnswer,
     ) -> impl Future<Output = HoldOutcome> + Send + Unpin + 'static {
         let expiry = Instant::now() + Duration::from_secs(u64::from(answer.ttl));
         let mut names = self.names.lock().expect("table lock");
-        for name in &answer.names {
+        for name in std::iter::once(&ctx.qname).chain(&answer.chain) {
             let ips = names.entry(name.clone()).or_default();
             for ip in &answer.ips {
                 let e = ips.entry(*ip).or_insert(expiry);

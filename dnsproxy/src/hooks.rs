@@ -69,9 +69,10 @@ pub struct QueryContext {
 /// What an allowed, successful (NOERROR) response teaches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LearnedAnswer {
-    /// The CNAME chain from the question name (first) through every target, in order. The cache
-    /// files `ips` under each of these names, so a toFQDNs selector on a CNAME target works.
-    pub names: Vec<DnsName>,
+    /// The CNAME chain after the question name (the context's `qname`): every target, in
+    /// order; empty for a direct answer. The cache files `ips` under the question name and
+    /// each of these, so a toFQDNs selector on a CNAME target works.
+    pub chain: Vec<DnsName>,
     /// A and AAAA addresses of the chain's names, then SVCB/HTTPS ipv4hint/ipv6hint addresses,
     /// without duplicates.
     pub ips: Vec<IpAddr>,

@@ -346,7 +346,10 @@ pub(crate) fn extract_learning(
         return None;
     }
     Some(LearnedAnswer {
-        names: chain.iter().map(|n| DnsName::new(&n.to_ascii())).collect(),
+        chain: chain[1..]
+            .iter()
+            .map(|n| DnsName::new(&n.to_ascii()))
+            .collect(),
         ips,
         ttl: ttl.max(min_ttl),
     })
@@ -506,8 +509,8 @@ mod tests {
             RData::AAAA(AAAA(Ipv6Addr::from_str("2001:db8::1").unwrap())),
         ));
         let l = extract_learning(&m, &name("A.TEST."), 0).unwrap();
-        let names: Vec<_> = l.names.iter().map(|n| n.as_str()).collect();
-        assert_eq!(names, ["a.test.", "b.test.", "c.test."]);
+        let chain: Vec<_> = l.chain.iter().map(|n| n.as_str()).collect();
+        assert_eq!(chain, ["b.test.", "c.test."]);
         assert_eq!(
             l.ips,
             vec![

@@ -451,16 +451,9 @@ fn learning(arena: &str, recs: &[Rec], qname: &DnsName, min_ttl: u32) -> Option<
         return None;
     }
     Some(LearnedAnswer {
-        names: chain
+        chain: chain[1..]
             .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                if i == 0 {
-                    qname.clone()
-                } else {
-                    DnsName::from_normal((*n).to_owned())
-                }
-            })
+            .map(|n| DnsName::from_normal((*n).to_owned()))
             .collect(),
         ips,
         ttl: ttl.max(min_ttl),

@@ -146,8 +146,13 @@ async fn learns_cname_chains_aaaa_svcb_hints_and_min_ttl() {
     assert_eq!(status(&nx), "NXDOMAIN");
 
     let learned = dp.learned();
-    let names =
-        |i: usize| -> Vec<String> { learned[i].1.names.iter().map(|n| n.to_string()).collect() };
+    let names = |i: usize| -> Vec<String> {
+        let (ctx, answer) = &learned[i];
+        std::iter::once(&ctx.qname)
+            .chain(&answer.chain)
+            .map(|n| n.to_string())
+            .collect()
+    };
     let ips =
         |i: usize| -> Vec<String> { learned[i].1.ips.iter().map(|n| n.to_string()).collect() };
     assert_eq!(learned.len(), 4, "NXDOMAIN teaches nothing: {learned:#?}");

@@ -167,14 +167,10 @@ impl Learner for AgentDns {
         let open = LazyConnections::new(agent.datapath.as_ref());
         let (target, earlier) = {
             let mut st = agent.lock();
-            let (qname, chain) = match answer.names.split_first() {
-                Some((q, rest)) => (q, rest),
-                None => (&ctx.qname, &[][..]),
-            };
             let a = Answer {
                 endpoint: ctx.endpoint_id,
-                qname,
-                chain,
+                qname: &ctx.qname,
+                chain: &answer.chain,
                 ips: &answer.ips,
                 ttl: answer.ttl,
             };
