@@ -71,6 +71,8 @@ pub(crate) struct Upstream {
     io: TcpStream,
     /// Read but not yet used.
     buf: BytesMut,
+    /// The last request's head, kept for its allocation.
+    spare: Vec<u8>,
 }
 
 impl Upstream {
@@ -78,7 +80,15 @@ impl Upstream {
         Upstream {
             io,
             buf: BytesMut::new(),
+            spare: Vec::new(),
         }
+    }
+
+    /// A buffer for the next request's head (the last one's, cleared).
+    pub fn head_buffer(&mut self) -> Vec<u8> {
+        let mut b = std::mem::take(&mut self.spare);
+        b.clear();
+        b
     }
 
     /// Whether an idle connection can take a request: the server has neither closed it nor
@@ -135,16 +145,16 @@ pub(crate) struct Outgoing {
 }
 
 impl Outgoing {
-    /// Serializes the head of `req` (origin-form target, hop-by-hop headers already removed).
-    /// The body is framed by its known length, or chunked when it has none.
-    pub fn new(req: Request<Incoming>) -> Outgoing {
+    /// Serializes the head of `req` (origin-form target, hop-by-hop headers already removed)
+    /// into `head` (empty). The body is framed by its known length, or chunked when it has none.
+    pub fn new(req: Request<Incoming>, mut head: Vec<u8>) -> Outgoing {
         let (parts, body) = req.into_parts();
         let framing = match http_body::Body::size_hint(&body).exact() {
             Some(0) if http_body::Body::is_end_stream(&body) => RequestFraming::None,
             Some(_) => RequestFraming::Length,
             None => RequestFraming::Chunked,
         };
-        let mut head = Vec::with_capacity(256);
+        head.reserve(256);
         head.extend_from_slice(parts.method.as_str().as_bytes());
         head.push(b' ');
         match parts.uri.path_and_query() {
@@ -212,7 +222,10 @@ pub(crate) async fn send(
     loop {
         match parse_head(&mut up.buf, req.head_request) {
             Ok(Some(Parsed::Informational)) => continue,
-            Ok(Some(Parsed::Final(head))) => return Ok(respond(up, head, slot)),
+            Ok(Some(Parsed::Final(head))) => {
+                up.spare = std::mem::take(&mut req.head);
+                return Ok(respond(up, head, slot));
+            }
             Ok(None) => {}
             Err(error) => {
                 return Err(SendError {

@@ -538,11 +538,11 @@ impl Conn {
             .unwrap_or_else(PoisonError::into_inner)
             .take()
             .filter(|up| up.is_usable());
-        let (up, reused) = match idle {
+        let (mut up, reused) = match idle {
             Some(up) => (up, true),
             None => (Upstream::new(self.connect_boxed().await?), false),
         };
-        let mut out = Outgoing::new(req);
+        let mut out = Outgoing::new(req, up.head_buffer());
         let resp = match http1_upstream::send(up, &mut out, &self.h1).await {
             Ok(r) => r,
             // A kept-alive upstream connection the server closed meanwhile: once more on a
