@@ -43,10 +43,42 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
 /// A label hickory writes back verbatim in its ASCII form: letters, digits and `_`, and `-`
 /// anywhere but first.
 fn plain_label(label: &[u8]) -> bool {
-    label
-        .iter()
-        .enumerate()
-        .all(|(i, &c)| c.is_ascii_alphanumeric() || c == b'_' || (c == b'-' && i > 0))
+    label.first() != Some(&b'-') && label.iter().all(|&c| PLAIN[usize::from(c)] != 0)
+}
+
+/// Per byte: its lower-case form when it may appear in a plain label (letters, digits, `_`,
+/// `-`), else 0. One lookup both checks and folds a byte on the path every name takes.
+static PLAIN: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            t[c] = b.to_ascii_lowercase();
+        }
+        c += 1;
+    }
+    t
+};
+
+/// Appends `label` lower-cased and a dot to `out` if it is a plain label (see
+/// [`plain_label`]); false (and `out` as it was, up to its length) if not.
+fn push_plain_label(label: &[u8], out: &mut Vec<u8>) -> bool {
+    if label.first() == Some(&b'-') {
+        return false;
+    }
+    let start = out.len();
+    out.reserve(label.len() + 1);
+    for &c in label {
+        let folded = PLAIN[usize::from(c)];
+        if folded == 0 {
+            out.truncate(start);
+            return false;
+        }
+        out.push(folded);
+    }
+    out.push(b'.');
+    true
 }
 
 /// Walks the name at `pos` by hickory's rules (labels of 1–63 bytes, pointers only to bytes
@@ -96,14 +128,7 @@ fn read_plain_name(msg: &[u8], pos: usize, out: &mut String) -> Option<usize> {
     // `.` are added, so the string stays UTF-8. Bytes, not chars: this runs for every name
     // of every answer, and a char push per byte cost more than the rest of the walk.
     let text = unsafe { out.as_mut_vec() };
-    let end = walk_name(msg, pos, |l| {
-        if !plain_label(l) {
-            return false;
-        }
-        text.extend(l.iter().map(u8::to_ascii_lowercase));
-        text.push(b'.');
-        true
-    });
+    let end = walk_name(msg, pos, |l| push_plain_label(l, text));
     match end {
         Some(_) if text.len() == start => text.push(b'.'),
         Some(_) => {}
