@@ -24,6 +24,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -52,15 +53,25 @@ use crate::policy::{FlowKey, L7PolicySource, Redirect};
 /// The body of an answer to the client: the upstream's, streamed through (read from the
 /// HTTP/1.1 upstream connection as it is polled, or hyper's for HTTP/2 and upgrades), or one
 /// the proxy made (403, 502). An enum rather than a boxed body: no allocation per response.
-enum Body {
+enum BodyKind {
     H1(UpstreamBody),
     Upstream(Incoming),
     Local(Option<Bytes>),
 }
 
+struct Body {
+    kind: BodyKind,
+    /// Marks the request's exchange as over when the body is dropped (written, or given up).
+    _done: Option<Exchange>,
+}
+
 impl Body {
     fn local(b: Bytes) -> Body {
-        Body::Local((!b.is_empty()).then_some(b))
+        Body::of(BodyKind::Local((!b.is_empty()).then_some(b)))
+    }
+
+    fn of(kind: BodyKind) -> Body {
+        Body { kind, _done: None }
     }
 }
 
@@ -72,27 +83,141 @@ impl http_body::Body for Body {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            Body::H1(b) => Pin::new(b).poll_frame(cx),
-            Body::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Body::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        match &mut self.get_mut().kind {
+            BodyKind::H1(b) => Pin::new(b).poll_frame(cx),
+            BodyKind::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            BodyKind::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            Body::H1(b) => b.is_end_stream(),
-            Body::Upstream(b) => b.is_end_stream(),
-            Body::Local(b) => b.is_none(),
+        match &self.kind {
+            BodyKind::H1(b) => b.is_end_stream(),
+            BodyKind::Upstream(b) => b.is_end_stream(),
+            BodyKind::Local(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            Body::H1(b) => b.size_hint(),
-            Body::Upstream(b) => b.size_hint(),
-            Body::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        match &self.kind {
+            BodyKind::H1(b) => b.size_hint(),
+            BodyKind::Upstream(b) => b.size_hint(),
+            BodyKind::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
+    }
+}
+
+/// What the client side of a connection is doing, for its head timeout: how many request
+/// exchanges started and ended (a change means activity), how many are under way (from the
+/// head until the response is written), and whether it speaks HTTP/2 (which has no head
+/// timeout).
+#[derive(Default)]
+struct Activity {
+    changes: AtomicU64,
+    under_way: AtomicUsize,
+    h2: AtomicBool,
+}
+
+impl Activity {
+    fn start(self: &Arc<Self>) -> Exchange {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        self.under_way.fetch_add(1, Ordering::Relaxed);
+        Exchange(self.clone())
+    }
+}
+
+/// One request's exchange under way (see [`Activity`]).
+struct Exchange(Arc<Activity>);
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.0.under_way.fetch_sub(1, Ordering::Relaxed);
+        self.0.changes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Ends when an HTTP/1.x client has been idle or sending a request head for `timeout` (at
+/// most a quarter more): nothing under way and no exchange started or ended meanwhile. One
+/// timer per connection rather than hyper's header read timeout, which arms a timer for every
+/// request (a tenth of the proxy's cost per request).
+async fn head_timeout(activity: &Activity, timeout: Duration) {
+    const TICKS: u32 = 4;
+    let tick = (timeout / TICKS).max(Duration::from_millis(1));
+    let mut seen = activity.changes.load(Ordering::Relaxed);
+    let mut idle_ticks = 0;
+    loop {
+        tokio::time::sleep(tick).await;
+        if activity.h2.load(Ordering::Relaxed) {
+            return std::future::pending().await;
+        }
+        let now = activity.changes.load(Ordering::Relaxed);
+        if now != seen || activity.under_way.load(Ordering::Relaxed) > 0 {
+            seen = now;
+            idle_ticks = 0;
+            continue;
+        }
+        // Idle since at most one tick before the first idle tick.
+        idle_ticks += 1;
+        if idle_ticks > TICKS {
+            return;
+        }
+    }
+}
+
+/// The client's connection, noting whether it opens with the HTTP/2 preface.
+struct Sniffed<IO> {
+    io: IO,
+    activity: Arc<Activity>,
+    first: bool,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Sniffed<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if this.first && buf.filled().len() > before {
+            this.first = false;
+            // "PRI * HTTP/2.0": no HTTP/1 request has the method PRI.
+            if buf.filled()[before..].starts_with(b"PRI ") {
+                this.activity.h2.store(true, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Sniffed<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -107,7 +232,9 @@ pub struct HttpProxyConfig {
     /// the request. Off: such requests are denied, since what follows an upgrade is not HTTP
     /// and could not be judged.
     pub allow_upgrades: bool,
-    /// How long a client may take to send a request head.
+    /// How long an HTTP/1.x client may take to send a request head, counted from the
+    /// connection's start or the end of the previous exchange (so also how long a keep-alive
+    /// connection may stay idle); checked a quarter of it at a time, so up to 1.25 times this.
     pub header_read_timeout: Duration,
     pub connect_timeout: Duration,
 }
@@ -257,19 +384,36 @@ impl HttpProxyService {
             h1: IdleSlot::default(),
             h2: Mutex::new(None),
         });
+        let activity = Arc::new(Activity::default());
+        let io = Sniffed {
+            io,
+            activity: activity.clone(),
+            first: true,
+        };
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.shared.cfg.header_read_timeout);
+        // No timer for HTTP/1: hyper would arm a header read timeout for every request;
+        // `head_timeout` below keeps one per connection.
         builder.http2().timer(TokioTimer::new());
-        let svc = hyper::service::service_fn(move |req| {
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(conn.handle(req).await) }
-        });
-        let result = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), svc)
-            .await;
+        let svc = {
+            let activity = activity.clone();
+            hyper::service::service_fn(move |req| {
+                let conn = conn.clone();
+                let exchange = activity.start();
+                async move {
+                    let mut resp = conn.handle(req).await;
+                    resp.body_mut()._done = Some(exchange);
+                    Ok::<_, Infallible>(resp)
+                }
+            })
+        };
+        let server = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        let result = tokio::select! {
+            r = server => r,
+            () = head_timeout(&activity, self.shared.cfg.header_read_timeout) => {
+                tracing::debug!(%src, "http proxy: no request head within the timeout");
+                return;
+            }
+        };
         if let Err(e) = result {
             let malformed = e
                 .downcast_ref::<hyper::Error>()
@@ -556,7 +700,7 @@ impl Conn {
             Err(e) => return Err(UpstreamError::H1(e.error)),
         };
         // (Its hop-by-hop headers were left out as it was read.)
-        Ok(resp.map(Body::H1))
+        Ok(resp.map(|b| Body::of(BodyKind::H1(b))))
     }
 
     async fn forward_h2(&self, req: Request<Incoming>) -> Result<Response<Body>, UpstreamError> {
@@ -587,7 +731,7 @@ impl Conn {
             .await
             .map_err(UpstreamError::Request)?;
         strip_hop_by_hop(resp.headers_mut());
-        Ok(resp.map(Body::Upstream))
+        Ok(resp.map(|b| Body::of(BodyKind::Upstream(b))))
     }
 
     /// An allowed upgrade: a connection of its own upstream, then bytes copied both ways.
@@ -615,7 +759,7 @@ impl Conn {
                 }
             });
         }
-        Ok(resp.map(Body::Upstream))
+        Ok(resp.map(|b| Body::of(BodyKind::Upstream(b))))
     }
 }
 

@@ -102,6 +102,10 @@ async fn start_backend() -> (SocketAddr, Arc<AtomicUsize>) {
                             // The server closes (after /stale without saying so).
                             return;
                         }
+                        "/slow" => {
+                            tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow".to_vec()
+                        }
                         "/bad-length" => {
                             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"
                                 .to_vec()
@@ -119,14 +123,23 @@ async fn start_backend() -> (SocketAddr, Arc<AtomicUsize>) {
 }
 
 async fn start_proxy(h: &Harness, backend: SocketAddr) -> SocketAddr {
+    start_proxy_with(h, backend, |_| {}).await
+}
+
+async fn start_proxy_with(
+    h: &Harness,
+    backend: SocketAddr,
+    tune: impl FnOnce(&mut HttpProxyConfig),
+) -> SocketAddr {
     h.policy.set_http(redirect(HttpPolicy::allow_all()));
-    let cfg = HttpProxyConfig::new(
+    let mut cfg = HttpProxyConfig::new(
         loopback0(),
         ProxyMode::Fixed {
             upstream: backend,
             mark: None,
         },
     );
+    tune(&mut cfg);
     let proxy = HttpProxy::bind(cfg, h.policy.clone(), h.events.clone()).unwrap();
     let addr = proxy.local_addr();
     tokio::spawn(proxy.run());
@@ -272,4 +285,53 @@ async fn malformed_upstream_answer_is_bad_gateway() {
     let a = c.ask("GET", "/length", b"").await;
     assert_eq!((a.status, &a.body[..]), (200, &b"ok"[..]));
     assert_eq!(h.events.stats().http.snapshot().upstream_errors, 1);
+}
+
+/// The head timeout: a client that sends no complete head (nothing, or part of one) within it
+/// is disconnected, and so is a keep-alive connection left idle; a request whose answer takes
+/// longer is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_timeout_closes_idle_and_slow_clients_only() {
+    use std::time::{Duration, Instant};
+    let (backend, _) = start_backend().await;
+    let h = Harness::new();
+    let timeout = Duration::from_millis(200);
+    let proxy = start_proxy_with(&h, backend, |c| c.header_read_timeout = timeout).await;
+    async fn closed_after(s: &mut TcpStream) -> Duration {
+        let start = Instant::now();
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("not closed"),
+            }
+        }
+    }
+    // Nothing sent.
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let t = closed_after(&mut s).await;
+    assert!(t >= timeout - Duration::from_millis(20), "{t:?}");
+    // Part of a head.
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(b"GET /length HTTP/1.1\r\nHost: b\r\n")
+        .await
+        .unwrap();
+    let t = closed_after(&mut s).await;
+    assert!(t >= timeout - Duration::from_millis(20), "{t:?}");
+    // An answer slower than the timeout comes through, then the idle connection is closed.
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: b\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.ends_with(b"slow") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200 OK"));
+    let t = closed_after(&mut s).await;
+    assert!(t >= timeout - Duration::from_millis(20), "{t:?}");
 }
