@@ -529,7 +529,7 @@ pub async fn save_loop(agent: Arc<Agent>) {
 }
 
 pub fn save_if_due(agent: &Agent, schedule: &mut SaveSchedule) {
-    let (bytes, generation, path) = {
+    let (snap, generation, path) = {
         let st = agent.lock();
         let generation = st.fqdn.generation();
         match schedule.due(generation) {
@@ -544,8 +544,10 @@ pub fn save_if_due(agent: &Agent, schedule: &mut SaveSchedule) {
         let snap = st
             .fqdn
             .snapshot(|id| names.iter().find(|(i, _)| *i == id).map(|(_, n)| n.clone()));
-        (snap.encode(), generation, state_file(&st.cfg.state_dir))
+        (snap, generation, state_file(&st.cfg.state_dir))
     };
+    // Encoded with the lock released: the proxy's answers wait on that lock.
+    let bytes = snap.encode();
     match write_atomic(&path, &bytes) {
         Ok(()) => schedule.saved(generation, now()),
         Err(e) => tracing::error!("cannot save learned names to {}: {e}", path.display()),
