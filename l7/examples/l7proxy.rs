@@ -7,8 +7,9 @@
 //! N (`--workers`) defaults to the number of CPUs. Each accepted HTTP connection is one task,
 //! which also drives its upstream HTTP/1.1 connection. Where the tasks run:
 //! - `workers` (the default): one listener and accept loop; each connection goes to the least
-//!   busy of N threads running a single-threaded runtime each (`l7::ConnectionWorkers`). The
-//!   accept loops and the Kafka proxy run on a multi-thread runtime, as in the agent.
+//!   busy of N threads running a single-threaded runtime each (`l7::ConnectionWorkers`;
+//!   without `--workers`, one per CPU, each pinned to its CPU, as in the agent). The accept
+//!   loops and the Kafka proxy run on a multi-thread runtime, as in the agent.
 //! - `multi`: one multi-thread Tokio runtime with N worker threads and one listener per
 //!   proxy; idle workers steal tasks from busy ones.
 //! - `per-thread`: N threads, each with its own single-threaded runtime and its own listener
@@ -67,12 +68,18 @@ fn addr(s: Option<String>, what: &str) -> SocketAddr {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let workers = arg_after(&args, "--workers", 1)
-        .map(|s| s.parse().expect("--workers N"))
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let chosen: Option<usize> =
+        arg_after(&args, "--workers", 1).map(|s| s.parse().expect("--workers N"));
+    let workers =
+        chosen.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     match arg_after(&args, "--runtime", 1).as_deref() {
         None | Some("workers") => {
-            let pool = ConnectionWorkers::start(workers, "l7proxy").expect("worker threads");
+            // As the agent: one pinned worker per CPU, unless a count is asked for.
+            let pool = match chosen {
+                Some(n) => ConnectionWorkers::start(n, "l7proxy"),
+                None => ConnectionWorkers::per_cpu("l7proxy"),
+            }
+            .expect("worker threads");
             // The accept loops (and the Kafka proxy) on a multi-thread runtime, as in the agent.
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers)
