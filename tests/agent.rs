@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -66,17 +66,31 @@ spec:
         - ports: [{port: "80", protocol: TCP}]
 "#;
 
-/// Root (port 53), unbound and dig are needed; without them the test is skipped (CI fails).
-fn upstream() -> Option<Unbound> {
-    if !is_root() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the agent tests run as root in CI");
-        }
-        eprintln!("*** SKIPPED: needs root (upstream DNS server on port 53)");
+/// Whether the test runs as root; if not, it is skipped (`why` says what needs root), and
+/// under CI it fails.
+fn root(why: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("the agent tests run as root in CI");
+    }
+    eprintln!("*** SKIPPED: {why} needs root");
+    false
+}
+
+/// A real unbound on `ip`, port 53 (DNS rules name the port queries go to). Root, unbound and
+/// dig are needed; without them the test is skipped (CI fails).
+fn upstream_on(ip: &str) -> Option<Unbound> {
+    if !root("an upstream DNS server on port 53") {
         return None;
     }
     require("dig", "bind9-dnsutils")?;
-    Unbound::start_on(UPSTREAM_IP.parse().unwrap(), 53)
+    Unbound::start_on(ip.parse().unwrap(), 53)
+}
+
+fn upstream() -> Option<Unbound> {
+    upstream_on(UPSTREAM_IP)
 }
 
 fn trace_verdict(a: &Agent, dst: &str, dport: &str) -> (i32, String) {
@@ -584,23 +598,12 @@ fn monitor_streams_dns_events() {
 
 /// A second upstream on another address, so the two tests can run at the same time.
 fn upstream_other() -> Option<Unbound> {
-    if !is_root() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the agent tests run as root in CI");
-        }
-        return None;
-    }
-    require("dig", "bind9-dnsutils")?;
-    Unbound::start_on("127.0.0.154".parse::<IpAddr>().unwrap(), 53)
+    upstream_on("127.0.0.154")
 }
 
 #[test]
 fn run_on_the_embedded_default_prints_where_it_listens_and_stops_on_sigterm() {
-    if !is_root() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the agent tests run as root in CI");
-        }
-        eprintln!("*** SKIPPED: the embedded default needs root (/var/lib, /run)");
+    if !root("the embedded default (/var/lib, /run)") {
         return;
     }
     if Path::new("/etc/fqdnwall/config.yaml").exists() {
@@ -661,16 +664,7 @@ spec:
 
 #[test]
 fn host_endpoint_under_a_clusterwide_node_policy_with_name_error_replies() {
-    if !is_root() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the agent tests run as root in CI");
-        }
-        return;
-    }
-    if require("dig", "bind9-dnsutils").is_none() {
-        return;
-    }
-    let Some(ub) = Unbound::start_on("127.0.0.155".parse().unwrap(), 53) else {
+    let Some(ub) = upstream_on("127.0.0.155") else {
         return;
     };
     let d = tempdir();
@@ -763,10 +757,7 @@ spec:
 /// smallest TTL, though the client never asked for that name.
 #[test]
 fn cname_chain_targets_are_selectable_by_their_own_names() {
-    if !is_root() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the agent tests run as root in CI");
-        }
+    if !root("an upstream DNS server on port 53") {
         return;
     }
     let Some(ub) = Unbound::start_zones(

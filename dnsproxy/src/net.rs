@@ -16,14 +16,19 @@ fn setsockopt_int(
     name: libc::c_int,
     value: libc::c_int,
 ) -> io::Result<()> {
+    setsockopt(fd, level, name, &value)
+}
+
+/// setsockopt with `value` as the option's bytes.
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
     // SAFETY: `value` outlives the call and its size is passed.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -128,21 +133,13 @@ pub(crate) fn steer_by_cpu(s: &std::net::UdpSocket, group: u32) -> io::Result<()
         len: prog.len() as libc::c_ushort,
         filter: prog.as_mut_ptr(),
     };
-    // SAFETY: fprog points at `prog`, which outlives the call; its size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // fprog points at `prog`, which outlives the call.
+    setsockopt(
+        s.as_raw_fd(),
+        libc::SOL_SOCKET,
+        SO_ATTACH_REUSEPORT_CBPF,
+        &fprog,
+    )
 }
 
 /// A listening TCP socket (SO_REUSEADDR so restarts do not wait for TIME_WAIT; IP_TRANSPARENT

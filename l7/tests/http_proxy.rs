@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use l7::{HttpPolicy, HttpProxy, HttpProxyConfig, L7EventKind, L7Verdict, ProxyMode, SecretDir};
+use l7::{HttpPolicy, L7EventKind, L7Verdict, SecretDir};
 use policy::model::{HeaderMatch, HeaderRule, HttpRule, MismatchAction, SecretRef};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -151,18 +151,7 @@ fn curl(proxy: SocketAddr, path: &str, args: &[&str]) -> Curl {
 }
 
 async fn start(h: &Harness, backend: SocketAddr, policy: HttpPolicy) -> SocketAddr {
-    h.policy.set_http(redirect(policy));
-    let cfg = HttpProxyConfig::new(
-        loopback0(),
-        ProxyMode::Fixed {
-            upstream: backend,
-            mark: None,
-        },
-    );
-    let proxy = HttpProxy::bind(cfg, h.policy.clone(), h.events.clone()).unwrap();
-    let addr = proxy.local_addr();
-    tokio::spawn(proxy.run());
-    addr
+    start_http_proxy(h, backend, policy, |_| {}).await
 }
 
 fn secrets() -> tempfile::TempDir {
@@ -503,18 +492,10 @@ async fn allowed_upgrade_switches_protocols() {
         }
     });
     let h = Harness::new();
-    h.policy.set_http(redirect(HttpPolicy::allow_all()));
-    let mut cfg = HttpProxyConfig::new(
-        loopback0(),
-        ProxyMode::Fixed {
-            upstream: backend,
-            mark: None,
-        },
-    );
-    cfg.allow_upgrades = true;
-    let proxy = HttpProxy::bind(cfg, h.policy.clone(), h.events.clone()).unwrap();
-    let addr = proxy.local_addr();
-    tokio::spawn(proxy.run());
+    let addr = start_http_proxy(&h, backend, HttpPolicy::allow_all(), |cfg| {
+        cfg.allow_upgrades = true
+    })
+    .await;
 
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET /chat HTTP/1.1\r\nHost: b\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use l7::{HttpPolicy, HttpProxy, HttpProxyConfig, ProxyMode};
+use l7::{HttpPolicy, HttpProxyConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -131,19 +131,7 @@ async fn start_proxy_with(
     backend: SocketAddr,
     tune: impl FnOnce(&mut HttpProxyConfig),
 ) -> SocketAddr {
-    h.policy.set_http(redirect(HttpPolicy::allow_all()));
-    let mut cfg = HttpProxyConfig::new(
-        loopback0(),
-        ProxyMode::Fixed {
-            upstream: backend,
-            mark: None,
-        },
-    );
-    tune(&mut cfg);
-    let proxy = HttpProxy::bind(cfg, h.policy.clone(), h.events.clone()).unwrap();
-    let addr = proxy.local_addr();
-    tokio::spawn(proxy.run());
-    addr
+    start_http_proxy(h, backend, HttpPolicy::allow_all(), tune).await
 }
 
 struct Answer {

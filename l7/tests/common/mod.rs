@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
-use l7::{EventSink, Redirect, SwappablePolicy};
+use l7::{EventSink, HttpPolicy, HttpProxy, HttpProxyConfig, ProxyMode, Redirect, SwappablePolicy};
 
 /// Whether a prerequisite is missing in a way the test should skip on (developer machine)
 /// or fail on (`CI=true`, where `scripts/setup-l7.sh` has run).
@@ -67,4 +67,27 @@ impl Harness {
 
 pub fn loopback0() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
+}
+
+/// Starts an HTTP proxy (non-transparent) in front of `backend` under `policy`, with `tune`
+/// applied to its config first; its address.
+pub async fn start_http_proxy(
+    h: &Harness,
+    backend: SocketAddr,
+    policy: HttpPolicy,
+    tune: impl FnOnce(&mut HttpProxyConfig),
+) -> SocketAddr {
+    h.policy.set_http(redirect(policy));
+    let mut cfg = HttpProxyConfig::new(
+        loopback0(),
+        ProxyMode::Fixed {
+            upstream: backend,
+            mark: None,
+        },
+    );
+    tune(&mut cfg);
+    let proxy = HttpProxy::bind(cfg, h.policy.clone(), h.events.clone()).unwrap();
+    let addr = proxy.local_addr();
+    tokio::spawn(proxy.run());
+    addr
 }
