@@ -24,7 +24,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -34,12 +34,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1 as client1, http2 as client2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::client::conn::http1 as client1;
+use hyper::server::conn::http1 as server1;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
 
 use crate::error::L7Error;
 use crate::events::{EventSink, L7Event, L7EventKind, L7Protocol, L7Verdict, ProtocolStats};
@@ -49,6 +48,9 @@ use crate::http1_upstream::{
 use crate::http_rules::{HeaderAction, HttpDecision, HttpPolicy, HttpRequestView};
 use crate::net::{self, ConnectionWorkers, ProxyMode};
 use crate::policy::{FlowKey, L7PolicySource, Redirect};
+
+#[path = "h2_relay.rs"]
+mod h2_relay;
 
 /// The body of an answer to the client: the upstream's, streamed through (read from the
 /// HTTP/1.1 upstream connection as it is polled, or hyper's for HTTP/2 and upgrades), or one
@@ -107,15 +109,13 @@ impl http_body::Body for Body {
     }
 }
 
-/// What the client side of a connection is doing, for its head timeout: how many request
-/// exchanges started and ended (a change means activity), how many are under way (from the
-/// head until the response is written), and whether it speaks HTTP/2 (which has no head
-/// timeout).
+/// What the client side of an HTTP/1.x connection is doing, for its head timeout: how many
+/// request exchanges started and ended (a change means activity) and how many are under way
+/// (from the head until the response is written).
 #[derive(Default)]
 struct Activity {
     changes: AtomicU64,
     under_way: AtomicUsize,
-    h2: AtomicBool,
 }
 
 impl Activity {
@@ -147,9 +147,6 @@ async fn head_timeout(activity: &Activity, timeout: Duration) {
     let mut idle_ticks = 0;
     loop {
         tokio::time::sleep(tick).await;
-        if activity.h2.load(Ordering::Relaxed) {
-            return std::future::pending().await;
-        }
         let now = activity.changes.load(Ordering::Relaxed);
         if now != seen || activity.under_way.load(Ordering::Relaxed) > 0 {
             seen = now;
@@ -164,34 +161,64 @@ async fn head_timeout(activity: &Activity, timeout: Duration) {
     }
 }
 
-/// The client's connection, noting whether it opens with the HTTP/2 preface.
-struct Sniffed<IO> {
+/// The connection preface of an HTTP/2 client (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The client's connection with the bytes read to tell HTTP/1.x from HTTP/2 put back in front.
+struct Rewound<IO> {
+    head: [u8; 24],
+    /// `head[pos..len]` is still to be read.
+    pos: u8,
+    len: u8,
     io: IO,
-    activity: Arc<Activity>,
-    first: bool,
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Sniffed<IO> {
+impl<IO: AsyncRead + Unpin> Rewound<IO> {
+    /// Reads until the bytes are the HTTP/2 preface or cannot be: whether they are, and the
+    /// connection to read on (nothing to read when it ended before the first byte).
+    async fn sniff(mut io: IO) -> std::io::Result<(bool, Rewound<IO>)> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 24];
+        let mut len = 0;
+        while len < head.len() {
+            let n = io.read(&mut head[len..]).await?;
+            if n == 0 {
+                break;
+            }
+            len += n;
+            if head[..len] != H2_PREFACE[..len] {
+                break;
+            }
+        }
+        let rewound = Rewound {
+            head,
+            pos: 0,
+            len: len as u8,
+            io,
+        };
+        Ok((len == head.len() && head == *H2_PREFACE, rewound))
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewound<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
-        if this.first && buf.filled().len() > before {
-            this.first = false;
-            // "PRI * HTTP/2.0": no HTTP/1 request has the method PRI.
-            if buf.filled()[before..].starts_with(b"PRI ") {
-                this.activity.h2.store(true, Ordering::Relaxed);
-            }
+        if this.pos < this.len {
+            let rest = &this.head[this.pos as usize..this.len as usize];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.pos += n as u8;
+            return Poll::Ready(Ok(()));
         }
-        r
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Sniffed<IO> {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewound<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -377,23 +404,33 @@ impl HttpProxyService {
             tracing::debug!(%src, "http proxy: refusing a connection made to the proxy itself");
             return;
         }
+        let timeout = self.shared.cfg.header_read_timeout;
+        let (is_h2, io) = match tokio::time::timeout(timeout, Rewound::sniff(io)).await {
+            Ok(Ok(sniffed)) => sniffed,
+            Ok(Err(e)) => {
+                tracing::debug!(%src, error = %e, "http proxy: connection failed before a request");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%src, "http proxy: no request head within the timeout");
+                return;
+            }
+        };
+        if io.len == 0 {
+            return;
+        }
         let conn = Arc::new(Conn {
             shared: self.shared.clone(),
             src,
             dst,
             h1: IdleSlot::default(),
-            h2: Mutex::new(None),
+            h2: h2_relay::UpstreamSlot::default(),
         });
+        if is_h2 {
+            // No head timeout: an HTTP/2 connection may stay open between requests.
+            return h2_relay::serve(conn, io).await;
+        }
         let activity = Arc::new(Activity::default());
-        let io = Sniffed {
-            io,
-            activity: activity.clone(),
-            first: true,
-        };
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        // No timer for HTTP/1: hyper would arm a header read timeout for every request;
-        // `head_timeout` below keeps one per connection.
-        builder.http2().timer(TokioTimer::new());
         let svc = {
             let activity = activity.clone();
             hyper::service::service_fn(move |req| {
@@ -406,18 +443,20 @@ impl HttpProxyService {
                 }
             })
         };
-        let server = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        // No timer: hyper would arm a header read timeout for every request; `head_timeout`
+        // below keeps one per connection.
+        let server = server1::Builder::new()
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades();
         let result = tokio::select! {
             r = server => r,
-            () = head_timeout(&activity, self.shared.cfg.header_read_timeout) => {
+            () = head_timeout(&activity, timeout) => {
                 tracing::debug!(%src, "http proxy: no request head within the timeout");
                 return;
             }
         };
         if let Err(e) = result {
-            let malformed = e
-                .downcast_ref::<hyper::Error>()
-                .is_some_and(|e| e.is_parse() || e.is_parse_too_large());
+            let malformed = e.is_parse() || e.is_parse_too_large();
             if malformed {
                 // hyper has answered 400 (or 431/414) before closing.
                 ProtocolStats::bump(&self.stats().malformed);
@@ -443,9 +482,8 @@ struct Conn {
     /// it uses it, its response body puts it back when complete: HTTP/1.1 requests of one
     /// connection are handled one after the other).
     h1: IdleSlot,
-    /// The HTTP/2 upstream connection, shared by the streams (their handlers run
-    /// concurrently, so the first one connects while the others wait).
-    h2: Mutex<Option<client2::SendRequest<Incoming>>>,
+    /// The HTTP/2 upstream connection, shared by the streams.
+    h2: h2_relay::UpstreamSlot,
 }
 
 /// What the event needs to know about a request (built only while someone listens).
@@ -472,6 +510,24 @@ impl Seen {
     }
 }
 
+/// A request's verdict (see [`Conn::judge`]).
+enum Judged {
+    /// The answer to send in its place (the denial already counted and published).
+    Denied(Response<Body>),
+    Allowed(Allowed),
+}
+
+/// What an allowed request's event and forwarding need.
+struct Allowed {
+    redirect: Option<Redirect<HttpPolicy>>,
+    /// `Some` when someone listened for events as the request arrived.
+    seen: Option<Seen>,
+    action_notes: Vec<String>,
+    /// The [`hop_by_hop_bits`] of the request's headers (header actions applied).
+    hop: u16,
+    wants_upgrade: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum UpstreamError {
     #[error("connecting to {0}: {1}")]
@@ -484,11 +540,38 @@ enum UpstreamError {
     Request(hyper::Error),
     #[error("upstream request: {0}")]
     H1(ClientError),
+    #[error("http/2 handshake with {0}: {1}")]
+    H2Handshake(SocketAddr, h2::Error),
+    #[error("upstream http/2 request: {0}")]
+    H2(h2::Error),
 }
 
 impl Conn {
+    /// An HTTP/1.x request: judged, then forwarded or answered.
     async fn handle(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
-        let is_h2 = req.version() == Version::HTTP_2;
+        let allowed = match self.judge(&mut req, false) {
+            Judged::Denied(resp) => return resp,
+            Judged::Allowed(a) => a,
+        };
+        // The rarer kind boxed: the future of a request lives in the connection's state and
+        // is moved there for every request, so its size is the plain HTTP/1.1 one's.
+        let result = if allowed.wants_upgrade {
+            Box::pin(self.forward_upgrade(req)).await
+        } else {
+            self.forward_h1(req, allowed.hop).await
+        };
+        match result {
+            Ok(resp) => {
+                self.allowed(allowed, resp.status().as_u16());
+                resp
+            }
+            Err(e) => self.upstream_failed(allowed, &e),
+        }
+    }
+
+    /// Judges a request (HTTP/1.x or a stream of HTTP/2) by its head, applying the header
+    /// actions of an allowed one. A denial is counted and published here.
+    fn judge<B>(&self, req: &mut Request<B>, is_h2: bool) -> Judged {
         let is_grpc = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -516,13 +599,13 @@ impl Conn {
             None => HttpDecision::Denied,
             Some(r) => r.policy.check(&HttpRequestView {
                 method: req.method().as_str(),
-                path: request_path(&req),
-                host: request_host(&req, is_h2),
+                path: request_path(req),
+                host: request_host(req, is_h2),
                 headers: req.headers(),
             }),
         };
         // As the client sent it, before header actions.
-        let seen = self.shared.events.has_subscribers().then(|| Seen::of(&req));
+        let seen = self.shared.events.has_subscribers().then(|| Seen::of(req));
         let actions = match decision {
             HttpDecision::Allowed { actions, .. }
                 if !wants_upgrade || self.shared.cfg.allow_upgrades =>
@@ -539,7 +622,7 @@ impl Conn {
                     is_grpc.then_some(7),
                     Vec::new(),
                 );
-                return resp;
+                return Judged::Denied(resp);
             }
         };
         for a in &actions {
@@ -555,43 +638,33 @@ impl Conn {
         {
             tracing::info!(src = %self.src, dst = %self.dst, actions = ?action_notes, "http headerMatches mismatch");
         }
+        Judged::Allowed(Allowed {
+            redirect,
+            seen,
+            action_notes,
+            hop,
+            wants_upgrade,
+        })
+    }
 
-        // The rarer kinds boxed: the future of a request lives in the connection's state and
-        // is moved there for every request, so its size is the plain HTTP/1.1 one's.
-        let result = if wants_upgrade {
-            Box::pin(self.forward_upgrade(req)).await
-        } else if is_h2 {
-            Box::pin(self.forward_h2(req)).await
-        } else {
-            self.forward_h1(req, hop).await
-        };
-        match result {
-            Ok(resp) => {
-                self.emit(
-                    redirect.as_ref(),
-                    L7Verdict::Allowed,
-                    seen,
-                    resp.status().as_u16(),
-                    None,
-                    action_notes,
-                );
-                resp
-            }
-            Err(e) => {
-                ProtocolStats::bump(&self.shared.events.stats().http.upstream_errors);
-                tracing::debug!(src = %self.src, dst = %self.dst, error = %e, "http proxy: upstream failed");
-                let resp = plain(StatusCode::BAD_GATEWAY, Bytes::from_static(b"Bad gateway"));
-                self.emit(
-                    redirect.as_ref(),
-                    L7Verdict::Allowed,
-                    seen,
-                    502,
-                    None,
-                    action_notes,
-                );
-                resp
-            }
-        }
+    /// Counts and publishes an allowed request answered by the upstream with `status`.
+    fn allowed(&self, a: Allowed, status: u16) {
+        self.emit(
+            a.redirect.as_ref(),
+            L7Verdict::Allowed,
+            a.seen,
+            status,
+            None,
+            a.action_notes,
+        );
+    }
+
+    /// The answer to an allowed request the upstream did not answer: 502, counted.
+    fn upstream_failed(&self, a: Allowed, e: &UpstreamError) -> Response<Body> {
+        ProtocolStats::bump(&self.shared.events.stats().http.upstream_errors);
+        tracing::debug!(src = %self.src, dst = %self.dst, error = %e, "http proxy: upstream failed");
+        self.allowed(a, 502);
+        plain(StatusCode::BAD_GATEWAY, Bytes::from_static(b"Bad gateway"))
     }
 
     /// Counts the verdict, and publishes the event when someone listens (`seen` is `None`
@@ -701,37 +774,6 @@ impl Conn {
         };
         // (Its hop-by-hop headers were left out as it was read.)
         Ok(resp.map(|b| Body::of(BodyKind::H1(b))))
-    }
-
-    async fn forward_h2(&self, req: Request<Incoming>) -> Result<Response<Body>, UpstreamError> {
-        let mut sender = {
-            let mut slot = self.h2.lock().await;
-            match slot.as_ref() {
-                Some(s) if !s.is_closed() => s.clone(),
-                _ => {
-                    let io = self.connect().await?;
-                    let (sender, conn) = client2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .handshake(TokioIo::new(io))
-                        .await
-                        .map_err(|e| UpstreamError::Handshake(self.dst, e))?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "http proxy: upstream h2 connection ended");
-                        }
-                    });
-                    *slot = Some(sender.clone());
-                    sender
-                }
-            }
-        };
-        sender.ready().await.map_err(UpstreamError::Request)?;
-        let mut resp = sender
-            .send_request(req)
-            .await
-            .map_err(UpstreamError::Request)?;
-        strip_hop_by_hop(resp.headers_mut());
-        Ok(resp.map(|b| Body::of(BodyKind::Upstream(b))))
     }
 
     /// An allowed upgrade: a connection of its own upstream, then bytes copied both ways.
