@@ -200,6 +200,8 @@ async fn bodies_and_trailers_cross_both_ways_beside_a_denied_stream() {
             tx.send_trailers(t).unwrap();
             let resp = resp.await.unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
+            // The backend sent no Date; a forwarded response gets one.
+            assert!(resp.headers().contains_key("date"));
             let mut body = resp.into_body();
             let got = read_all(&mut body).await.unwrap();
             assert_eq!(got.len(), big + 1);
@@ -219,6 +221,7 @@ async fn bodies_and_trailers_cross_both_ways_beside_a_denied_stream() {
             let resp = resp.await.unwrap();
             assert_eq!(resp.status(), StatusCode::FORBIDDEN);
             assert_eq!(resp.headers()["content-length"], "13");
+            assert!(resp.headers()["date"].to_str().unwrap().ends_with(" GMT"));
             let mut body = resp.into_body();
             assert_eq!(read_all(&mut body).await.unwrap(), b"Access denied");
         }
