@@ -336,7 +336,7 @@ fn send_local(respond: &mut SendResponse<Bytes>, resp: Response<Body>) {
 fn date_now() -> HeaderValue {
     thread_local! {
         static LAST: std::cell::RefCell<(u64, HeaderValue)> =
-            std::cell::RefCell::new((u64::MAX, HeaderValue::from_static("")));
+            const { std::cell::RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
     }
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
