@@ -1,20 +1,24 @@
 //! The HTTP proxy: HTTP/1.1 and HTTP/2 (h2c, so gRPC) on one listener, every request judged
 //! on its own against the rules in force when it arrives.
 //!
-//! Each downstream connection gets its own upstream connection to the original destination
-//! (HTTP/1.1 for HTTP/1.1, HTTP/2 for HTTP/2), opened on first use and reopened if the
-//! upstream closed it. HTTP/1.1 requests on a connection are served in order (hyper reads the
-//! next one only after the previous response is written), so pipelined requests stay in
-//! order and a denied request in between is answered in its place. Bodies stream in both
-//! directions; nothing is buffered whole.
+//! A connection's first bytes tell the protocol: the HTTP/2 preface (prior knowledge, as gRPC
+//! clients and `curl --http2-prior-knowledge` send it) goes to `h2_relay`, anything else is
+//! HTTP/1.x served by hyper. Each downstream connection gets its own upstream connection to
+//! the original destination (HTTP/1.1 for HTTP/1.1, HTTP/2 for HTTP/2), opened on first use
+//! and reopened if the upstream closed it. HTTP/1.1 requests on a connection are served in
+//! order (hyper reads the next one only after the previous response is written), so
+//! pipelined requests stay in order and a denied request in between is answered in its
+//! place. Bodies stream in both directions; nothing is buffered whole.
 //!
 //! Cost per request matters here (the proxy sits in the path of every request it judges), so:
 //! the HTTP/1.1 upstream side is no connection task of its own but driven by the request's
 //! handler and the response body as the client side polls them (`http1_upstream`: no
 //! hand-over between tasks or state machines for a request, its response and each part of
-//! the body); the request is judged on borrowed views of its head,
-//! and the strings of an event are built only while a `monitor` client listens; hop-by-hop
-//! headers are found in one pass over the names; responses need no boxed body.
+//! the body); HTTP/2 streams are relayed on the `h2` crate within the client connection's
+//! task (`h2_relay`: no task, channel or body wrapper per stream); the request is judged on
+//! borrowed views of its head, and the strings of an event are built only while a `monitor`
+//! client listens; hop-by-hop headers are found in one pass over the names; responses need
+//! no boxed body.
 //!
 //! Denied: 403 with the configured message; a gRPC call (content-type `application/grpc*`)
 //! gets HTTP 200 with `grpc-status: 7` (PERMISSION_DENIED) in a trailers-only response, so
