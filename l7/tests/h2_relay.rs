@@ -76,6 +76,16 @@ async fn start_backend() -> SocketAddr {
 
 async fn backend_stream(req: Request<RecvStream>, mut respond: h2::server::SendResponse<Bytes>) {
     let (head, mut body) = req.into_parts();
+    if head.method == Method::CONNECT {
+        // A tunnel that echoes what comes through it.
+        let mut tx = respond.send_response(Response::new(()), false).unwrap();
+        while let Some(Ok(d)) = body.data().await {
+            body.flow_control().release_capacity(d.len()).unwrap();
+            tx.send_data(d, false).unwrap();
+        }
+        let _ = tx.send_data(Bytes::new(), true);
+        return;
+    }
     match head.uri.path() {
         // The request body and trailers read whole, then as many bytes as asked for and
         // trailers telling what came.
@@ -345,4 +355,52 @@ async fn curl_prior_knowledge_and_a_dead_upstream() {
     let out = tokio::task::spawn_blocking(move || curl(proxy, "/hello"));
     assert_eq!(out.await.unwrap(), "Bad gateway\n2 502");
     assert_eq!(h.events.stats().http.snapshot().upstream_errors, 1);
+}
+
+/// CONNECT over HTTP/2 (RFC 9113 §8.5) is refused unless upgrades are allowed; allowed, the
+/// tunnel is a stream of the upstream connection and bytes cross it both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_only_when_upgrades_are_allowed() {
+    let backend = start_backend().await;
+    let connect_rule = || {
+        HttpPolicy::compile(
+            &[HttpRule {
+                method: Some("CONNECT".into()),
+                ..Default::default()
+            }],
+            &SecretDir::new("/nonexistent"),
+        )
+        .unwrap()
+    };
+    let connect = || {
+        Request::builder()
+            .method(Method::CONNECT)
+            .uri("tunnel.example:443")
+            .body(())
+            .unwrap()
+    };
+
+    let h = Harness::new();
+    let proxy = start_http_proxy(&h, backend, connect_rule(), |_| {}).await;
+    let mut send = client(proxy).await;
+    let (resp, _) = send.send_request(connect(), false).unwrap();
+    assert_eq!(resp.await.unwrap().status(), StatusCode::FORBIDDEN);
+
+    let h = Harness::new();
+    let proxy =
+        start_http_proxy(&h, backend, connect_rule(), |cfg| cfg.allow_upgrades = true).await;
+    let mut send = client(proxy).await;
+    let (resp, mut tx) = send.send_request(connect(), false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut rx = resp.into_body();
+    for word in ["ping", "pong"] {
+        tx.send_data(Bytes::from(word), false).unwrap();
+        let got = rx.data().await.unwrap().unwrap();
+        rx.flow_control().release_capacity(got.len()).unwrap();
+        assert_eq!(got, word);
+    }
+    tx.send_data(Bytes::new(), true).unwrap();
+    let rest = read_all(&mut rx).await;
+    assert_eq!(rest.as_deref().ok(), Some(&b""[..]), "{rest:?}");
 }
