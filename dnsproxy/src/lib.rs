@@ -14,8 +14,9 @@
 //! answer matched to its query (source, ID, question) → learning → hold → client (ID
 //! restored), with every step counted in [`ProxyMetrics`].
 //!
-//! Threads: UDP is served by per-core shards (an OS thread each, with its own current-thread
-//! runtime, listening sockets from SO_REUSEPORT groups and upstream sockets); TCP on the
+//! Threads: UDP is served by per-core shards, each with listening sockets from SO_REUSEPORT
+//! groups and upstream sockets of its own, every socket with a thread that blocks receiving
+//! on it, and a current-thread runtime for the answers the datapath keeps waiting; TCP on the
 //! runtime that called [`DnsProxy::start`].
 //!
 //! ```no_run

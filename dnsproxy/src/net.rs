@@ -93,9 +93,24 @@ pub(crate) fn udp_listener(addr: SocketAddr, transparent: bool) -> io::Result<st
     } else {
         setsockopt_int(s.as_raw_fd(), libc::SOL_IPV6, libc::IPV6_RECVORIGDSTADDR, 1)?;
     }
-    s.set_nonblocking(true)?;
+    // Blocking: a thread of its own waits in recvmmsg (see RecvBatch::recv). Sends that
+    // find the buffer full wait at most SEND_WAIT.
+    s.set_write_timeout(Some(SEND_WAIT))?;
     s.bind(&addr.into())?;
     Ok(s.into())
+}
+
+/// The longest a send on a blocking UDP socket of the proxy waits for room in its buffer
+/// (SO_SNDTIMEO); past it the datagram is given up, as a network would drop it.
+pub(crate) const SEND_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Wakes every thread blocked receiving on `s` and makes its later receives return at once
+/// (`shutdown(SHUT_RD)`; on an unconnected UDP socket the call reports ENOTCONN but still
+/// takes effect, which is what the kernel documents as a way to wake pollers). The receivers
+/// read a stop flag set before calling this.
+pub(crate) fn wake_receivers(s: &std::net::UdpSocket) {
+    // SAFETY: a plain syscall on a descriptor `s` owns.
+    unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RD) };
 }
 
 /// SO_ATTACH_REUSEPORT_CBPF from asm-generic/socket.h (the libc crate defines it only for
@@ -179,7 +194,8 @@ pub(crate) fn udp_upstream(ipv6: bool, mark: Option<u32>) -> io::Result<std::net
         setsockopt_int(s.as_raw_fd(), libc::SOL_IP, libc::IP_RECVERR, 1)?;
         s.bind(&"0.0.0.0:0".parse::<SocketAddr>().expect("literal").into())?;
     }
-    s.set_nonblocking(true)?;
+    // Blocking, as the listeners: a thread of its own waits for answers.
+    s.set_write_timeout(Some(SEND_WAIT))?;
     Ok(s.into())
 }
 
@@ -324,8 +340,10 @@ impl RecvBatch {
         batch
     }
 
-    /// Reads what is queued, up to [`BATCH_MAX`] datagrams, without blocking: how many were
-    /// read; `WouldBlock` when none was queued, or the socket's pending error.
+    /// Waits for a datagram on the blocking socket `fd`, then reads it and whatever else is
+    /// queued, up to [`BATCH_MAX`] datagrams (MSG_WAITFORONE): how many were read, or the
+    /// socket's pending error. After [`wake_receivers`] it returns at once, with zero-length
+    /// datagrams.
     pub(crate) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         // The kernel wrote the lengths (and flags) of the headers the last call filled.
         for m in &mut self.hdrs[..self.used] {
@@ -343,7 +361,7 @@ impl RecvBatch {
                 fd,
                 self.hdrs.as_mut_ptr(),
                 BATCH_MAX as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                libc::MSG_WAITFORONE,
                 std::ptr::null_mut(),
             )
         };

@@ -1,14 +1,13 @@
 //! Replies to clients gathered while a UDP shard works through a batch of received datagrams
 //! (client queries, upstream answers), sent together when the batch is done: one sendmmsg per
-//! listener instead of a sendto per reply. Each shard is one thread, so the batch is a
-//! thread-local; outside a batch, replies go at once.
+//! listener instead of a sendto per reply. A batch belongs to the thread that receives, so it
+//! is a thread-local; outside a batch, replies go at once.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use tokio::net::UdpSocket;
 use tracing::debug;
 
 use crate::net;
@@ -22,7 +21,7 @@ struct ReplyBatch {
 }
 
 thread_local! {
-    /// Each UDP shard is one thread: its batch of replies.
+    /// The batch of replies of the receiving thread.
     static REPLIES: std::cell::RefCell<ReplyBatch> = std::cell::RefCell::new(ReplyBatch::default());
 }
 
@@ -55,8 +54,8 @@ impl Drop for Open {
     }
 }
 
-/// Sends gathered replies, one sendmmsg per run of replies on the same listener. What the
-/// listener's buffer cannot take now is sent by a task that waits for room.
+/// Sends gathered replies, one sendmmsg per run of replies on the same listener. A reply the
+/// listener's buffer cannot take now waits for room (at most `net::SEND_WAIT`).
 fn send_all(mut queued: Vec<(Arc<UdpSocket>, SocketAddr, Vec<u8>)>) {
     let mut start = 0;
     while start < queued.len() {
@@ -77,20 +76,13 @@ fn send_all(mut queued: Vec<(Arc<UdpSocket>, SocketAddr, Vec<u8>)>) {
             match err {
                 None => {}
                 Some(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // The send buffer is full: wait for room off this path.
-                    let rest: Vec<(SocketAddr, Vec<u8>)> = queued[from..end]
-                        .iter_mut()
-                        .map(|(_, client, bytes)| (*client, std::mem::take(bytes)))
-                        .collect();
-                    let listener = listener.clone();
-                    tokio::spawn(async move {
-                        for (client, answer) in rest {
-                            if let Err(e) = listener.send_to(&answer, client).await {
-                                debug!(%client, error = %e, "UDP answer not sent");
-                            }
-                        }
-                    });
-                    from = end;
+                    // The send buffer is full: this one waits for room (the listener is a
+                    // blocking socket), then the rest go batched again.
+                    let (_, client, answer) = &queued[from];
+                    if let Err(e) = listener.send_to(answer, *client) {
+                        debug!(%client, error = %e, "UDP answer not sent");
+                    }
+                    from += 1;
                 }
                 Some(e) => {
                     debug!(client = %queued[from].1, error = %e, "UDP answer not sent");

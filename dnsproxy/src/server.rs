@@ -6,15 +6,14 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
-use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -44,8 +43,7 @@ pub struct DnsProxy {
     metrics: Arc<ProxyMetrics>,
     /// TCP listeners, on the runtime that started the proxy.
     tasks: Vec<JoinHandle<()>>,
-    /// Dropping a sender stops its UDP shard.
-    shard_stops: Vec<oneshot::Sender<()>>,
+    shards: Vec<ShardHandle>,
 }
 
 impl Drop for DnsProxy {
@@ -53,7 +51,25 @@ impl Drop for DnsProxy {
         for t in &self.tasks {
             t.abort();
         }
-        self.shard_stops.clear();
+        self.shards.clear();
+    }
+}
+
+/// What stops a UDP shard: its listener threads read `stopping` after every receive and are
+/// woken out of it; dropping `_runtime` ends the shard's runtime thread, which stops the
+/// shard's upstream pool.
+struct ShardHandle {
+    stopping: Arc<AtomicBool>,
+    listeners: Vec<Arc<std::net::UdpSocket>>,
+    _runtime: oneshot::Sender<()>,
+}
+
+impl Drop for ShardHandle {
+    fn drop(&mut self) {
+        self.stopping.store(true, SeqCst);
+        for l in &self.listeners {
+            net::wake_receivers(l);
+        }
     }
 }
 
@@ -74,13 +90,16 @@ impl DnsProxy {
     /// listener), opens the upstream client and starts serving on the current tokio runtime.
     /// A listen address with port 0 gets one free port shared by its UDP and TCP sockets.
     ///
-    /// UDP is served by `udp_sockets_per_listen` shards: each an OS thread with its own
-    /// current-thread runtime, one socket of every listen address's SO_REUSEPORT group and its
-    /// own upstream sockets, so a query is received, forwarded, matched and answered on one
-    /// thread (shared nothing but the policy, the learner and the counters). TCP is served on
-    /// the runtime that calls `start`. The learner's futures are therefore polled on a shard's
-    /// runtime: they must rely on runtime-agnostic primitives (tokio channels, `watch`,
-    /// `Notify`), not on tasks of the caller's runtime being polled by the shard.
+    /// UDP is served by `udp_sockets_per_listen` shards, each with one socket of every listen
+    /// address's SO_REUSEPORT group and upstream sockets of its own (shared nothing but the
+    /// policy, the learner and the counters). Every UDP socket has a thread blocking in
+    /// recvmmsg on it: a listener's thread judges and forwards the queries it reads, an
+    /// upstream socket's thread matches the answers, learns and replies. Each shard also runs a
+    /// current-thread runtime, which those threads enter: the learner is called on them, and a
+    /// future it returns that is not ready at once is polled as a task of that runtime. TCP is
+    /// served on the runtime that calls `start`. The learner's futures must therefore rely on
+    /// runtime-agnostic primitives (tokio channels, `watch`, `Notify`), not on tasks of the
+    /// caller's runtime being polled by the shard.
     pub async fn start<P: DnsPolicy, L: Learner>(
         config: ProxyConfig,
         policy: Arc<P>,
@@ -89,9 +108,9 @@ impl DnsProxy {
     ) -> Result<DnsProxy, DnsProxyError> {
         config.check()?;
         let metrics = Arc::new(ProxyMetrics::default());
-        let shards = config.udp_sockets_per_listen;
+        let shard_count = config.udp_sockets_per_listen;
         let mut shard_sockets: Vec<Vec<std::net::UdpSocket>> =
-            (0..shards).map(|_| Vec::new()).collect();
+            (0..shard_count).map(|_| Vec::new()).collect();
         let mut tcp_listeners = Vec::new();
         let mut own = Vec::new();
         for &addr in &config.listen {
@@ -107,7 +126,7 @@ impl DnsProxy {
                 "upstream {u} is one of the proxy's own listen addresses"
             )));
         }
-        let pool_sockets = config.upstream_udp_sockets.div_ceil(shards).max(1);
+        let pool_sockets = config.upstream_udp_sockets.div_ceil(shard_count).max(1);
         let tcp_limit = Arc::new(Semaphore::new(config.tcp_max_connections));
         let shared = Arc::new(Shared {
             config,
@@ -118,19 +137,39 @@ impl DnsProxy {
             own: own.clone(),
             next_upstream: AtomicUsize::new(0),
         });
-        let mut shard_stops = Vec::new();
+        let mut shards = Vec::new();
         for (i, sockets) in shard_sockets.into_iter().enumerate() {
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let (ready_tx, ready_rx) = oneshot::channel::<Result<(), DnsProxyError>>();
             // A copy of its own: the shard takes a reference per query in flight, and a
             // reference count shared by the shards would travel between cores each time.
             let shared = Arc::new(shared.copy());
+            let listeners: Vec<Arc<std::net::UdpSocket>> =
+                sockets.into_iter().map(Arc::new).collect();
+            let handle = ShardHandle {
+                stopping: Arc::new(AtomicBool::new(false)),
+                listeners: listeners.clone(),
+                _runtime: stop_tx,
+            };
+            let stopping = handle.stopping.clone();
+            // From here on the handle stops whatever part of the shard started.
+            shards.push(handle);
             std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
-                .spawn(move || run_shard(shared, sockets, pool_sockets, ready_tx, stop_rx))
+                .spawn(move || {
+                    run_shard(
+                        i,
+                        shared,
+                        listeners,
+                        pool_sockets,
+                        stopping,
+                        ready_tx,
+                        stop_rx,
+                    )
+                })
                 .map_err(DnsProxyError::Shard)?;
             match ready_rx.await {
-                Ok(Ok(())) => shard_stops.push(stop_tx),
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     return Err(DnsProxyError::Shard(io::Error::other(
@@ -152,13 +191,13 @@ impl DnsProxy {
                 tcp_limit.clone(),
             )));
         }
-        info!(listen = ?own, upstreams = ?shared.config.upstreams, transparent = shared.config.transparent, shards, "DNS proxy serving");
+        info!(listen = ?own, upstreams = ?shared.config.upstreams, transparent = shared.config.transparent, shards = shard_count, "DNS proxy serving");
         Ok(DnsProxy {
             udp_addrs: own.clone(),
             tcp_addrs: own,
             metrics,
             tasks,
-            shard_stops,
+            shards,
         })
     }
 
@@ -608,7 +647,7 @@ struct Held {
 /// Where a UDP answer goes: to `client`, from the listener, or in transparent mode from the
 /// address the client sent to (`from`).
 struct UdpReply {
-    listener: Arc<UdpSocket>,
+    listener: Arc<std::net::UdpSocket>,
     from: Option<(SocketAddr, Arc<ReplySockets>)>,
     client: SocketAddr,
 }
@@ -668,30 +707,27 @@ impl UdpReply {
                 }
                 sent
             }
-            None => self.listener.try_send_to(&answer, client),
+            // A blocking socket: a full buffer is waited on, at most net::SEND_WAIT.
+            None => self.listener.send_to(&answer, client),
         };
-        match sent {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.from.is_none() => {
-                // The send buffer is full: wait for room off this path.
-                let listener = self.listener.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = listener.send_to(&answer, client).await {
-                        debug!(%client, error = %e, "UDP answer not sent");
-                    }
-                });
-            }
-            Err(e) => debug!(%client, error = %e, "UDP answer not sent"),
+        if let Err(e) = sent {
+            debug!(%client, error = %e, "UDP answer not sent");
         }
     }
 }
 
-/// One UDP shard: its own current-thread runtime, its sockets of the listen groups and its own
-/// upstream pool, until `stop` fires (or its sender is dropped).
+/// One UDP shard: a thread per listen socket that blocks receiving queries, and the shard's
+/// upstream pool with a thread per socket that blocks receiving answers (as dnsdist's
+/// listener and responder threads do: a datagram costs one wake-up and one receive call, no
+/// reactor in between). This thread runs the shard's current-thread runtime, which the
+/// receiving threads enter: the answers the datapath keeps waiting, and the pool's timeout
+/// sweeper, are tasks on it. It runs until `stop` fires (or its sender is dropped).
 fn run_shard<P: DnsPolicy, L: Learner>(
+    index: usize,
     shared: Arc<Shared<P, L>>,
-    sockets: Vec<std::net::UdpSocket>,
+    listeners: Vec<Arc<std::net::UdpSocket>>,
     pool_sockets: usize,
+    stopping: Arc<AtomicBool>,
     ready: oneshot::Sender<Result<(), DnsProxyError>>,
     stop: oneshot::Receiver<()>,
 ) {
@@ -705,52 +741,50 @@ fn run_shard<P: DnsPolicy, L: Learner>(
             return;
         }
     };
+    let pool = match UdpPool::start(
+        pool_sockets,
+        &shared.config.upstreams,
+        shared.config.upstream_mark,
+        shared.metrics.clone(),
+        rt.handle(),
+        &format!("dns-up-{index}"),
+    ) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            let _ = ready.send(Err(DnsProxyError::UpstreamSocket(e)));
+            return;
+        }
+    };
+    let replies = Arc::new(ReplySockets::default());
+    for (j, socket) in listeners.into_iter().enumerate() {
+        let (shared, replies) = (shared.clone(), replies.clone());
+        let (stopping, runtime, in_pool) = (stopping.clone(), rt.handle().clone(), pool.clone());
+        let started = std::thread::Builder::new()
+            .name(format!("dns-in-{index}-{j}"))
+            .spawn(move || {
+                let _on = runtime.enter();
+                serve_udp(&shared, &socket, &in_pool, &replies, &stopping)
+            });
+        if let Err(e) = started {
+            pool.stop();
+            let _ = ready.send(Err(DnsProxyError::Shard(e)));
+            return;
+        }
+    }
+    let _ = ready.send(Ok(()));
     rt.block_on(async move {
-        let pool = match UdpPool::start(
-            pool_sockets,
-            &shared.config.upstreams,
-            shared.config.upstream_mark,
-            shared.metrics.clone(),
-        ) {
-            Ok(p) => Arc::new(p),
-            Err(e) => {
-                let _ = ready.send(Err(DnsProxyError::UpstreamSocket(e)));
-                return;
-            }
-        };
-        let mut listeners = Vec::new();
-        for s in sockets {
-            match UdpSocket::from_std(s) {
-                Ok(s) => listeners.push(Arc::new(s)),
-                Err(e) => {
-                    let _ = ready.send(Err(DnsProxyError::Shard(e)));
-                    return;
-                }
-            }
-        }
-        let replies = Arc::new(ReplySockets::default());
-        let mut tasks = Vec::new();
-        for socket in listeners {
-            tasks.push(tokio::spawn(serve_udp(
-                shared.clone(),
-                socket,
-                pool.clone(),
-                replies.clone(),
-            )));
-        }
-        let _ = ready.send(Ok(()));
         let _ = stop.await;
-        for t in tasks {
-            t.abort();
-        }
     });
+    pool.stop();
 }
 
-async fn serve_udp<P: DnsPolicy, L: Learner>(
-    shared: Arc<Shared<P, L>>,
-    socket: Arc<UdpSocket>,
-    pool: Arc<UdpPool>,
-    replies: Arc<ReplySockets>,
+/// A listener thread: receives batches of queries until `stopping`.
+fn serve_udp<P: DnsPolicy, L: Learner>(
+    shared: &Arc<Shared<P, L>>,
+    socket: &Arc<std::net::UdpSocket>,
+    pool: &UdpPool,
+    replies: &Arc<ReplySockets>,
+    stopping: &AtomicBool,
 ) {
     let local = match socket.local_addr() {
         Ok(a) => a,
@@ -762,40 +796,27 @@ async fn serve_udp<P: DnsPolicy, L: Learner>(
     let fd = socket.as_raw_fd();
     let mut batch = net::RecvBatch::new(MAX_UDP_QUERY);
     loop {
-        if let Err(e) = socket.readable().await {
-            warn!(%local, error = %e, "UDP listener failed");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
+        let result = batch.recv(fd);
+        if stopping.load(Relaxed) {
+            return;
         }
-        // One recvmmsg per wake-up. Fewer datagrams than it had room for means the queue ran
-        // dry: the readiness is cleared then (a datagram arriving meanwhile sets it again), so
-        // no extra receive call is spent on learning that the queue is empty. A full batch
-        // yields, so the answers waiting on the upstream sockets get their turn.
-        let mut got = 0;
-        let result = socket.try_io(Interest::READABLE, || {
-            got = batch.recv(fd)?;
-            if got < net::BATCH_MAX {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(())
+        let got = match result {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                warn!(%local, error = %e, "UDP receive failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
             }
-        });
-        if let Err(e) = &result {
-            if e.kind() != io::ErrorKind::WouldBlock {
-                debug!(%local, error = %e, "UDP receive failed");
-            }
-        }
+        };
         // One clock read per batch: the queries' time of receipt.
         let received = Instant::now();
         replies::batch(|| {
             for i in 0..got {
-                shared.serve_datagram(batch.get(i), received, local, &socket, &pool, &replies);
+                shared.serve_datagram(batch.get(i), received, local, socket, pool, replies);
             }
             pool.flush();
         });
-        if result.is_ok() {
-            tokio::task::yield_now().await;
-        }
     }
 }
 
@@ -809,7 +830,7 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         d: net::Datagram<'_>,
         received: Instant,
         local: SocketAddr,
-        listener: &Arc<UdpSocket>,
+        listener: &Arc<std::net::UdpSocket>,
         pool: &UdpPool,
         replies: &Arc<ReplySockets>,
     ) {
