@@ -378,6 +378,26 @@ impl RecvBatch {
         Ok(n)
     }
 
+    /// The next batch of a receiving thread: [`RecvBatch::recv`], again when interrupted by a
+    /// signal; `None` once `stopping` is set (read after every wake-up, see
+    /// [`wake_receivers`]).
+    pub(crate) fn recv_until(
+        &mut self,
+        fd: RawFd,
+        stopping: &std::sync::atomic::AtomicBool,
+    ) -> Option<io::Result<usize>> {
+        loop {
+            let result = self.recv(fd);
+            if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                return None;
+            }
+            match result {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                result => return Some(result),
+            }
+        }
+    }
+
     /// Datagram `i` of the last [`RecvBatch::recv`].
     pub(crate) fn get(&self, i: usize) -> Datagram<'_> {
         let (len, flags, namelen) = self.lens[i];

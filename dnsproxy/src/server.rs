@@ -795,14 +795,9 @@ fn serve_udp<P: DnsPolicy, L: Learner>(
     };
     let fd = socket.as_raw_fd();
     let mut batch = net::RecvBatch::new(MAX_UDP_QUERY);
-    loop {
-        let result = batch.recv(fd);
-        if stopping.load(Relaxed) {
-            return;
-        }
+    while let Some(result) = batch.recv_until(fd, stopping) {
         let got = match result {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 warn!(%local, error = %e, "UDP receive failed");
                 std::thread::sleep(Duration::from_millis(10));

@@ -412,14 +412,9 @@ fn receive_thread(slot: &Slot, metrics: &ProxyMetrics, stopping: &AtomicBool) {
     let fd = slot.socket.as_raw_fd();
     let mut batch = net::RecvBatch::new(MAX_UDP_ANSWER);
     let mut errors = vec![0u8; MAX_UDP_ANSWER];
-    loop {
-        let result = batch.recv(fd);
-        if stopping.load(Relaxed) {
-            return;
-        }
+    while let Some(result) = batch.recv_until(fd, stopping) {
         let got = match result {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 // The pending socket error of an ICMP report: its details are in the error
                 // queue. Anything else is logged, and the next call waits again.
