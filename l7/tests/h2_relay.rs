@@ -17,7 +17,7 @@ use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use l7::{HttpPolicy, SecretDir};
 use policy::model::HttpRule;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use common::*;
 
@@ -58,20 +58,13 @@ async fn read_all(rx: &mut RecvStream) -> Result<Vec<u8>, h2::Error> {
 
 /// The upstream: an HTTP/2 server whose paths do what the tests need.
 async fn start_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut conn = h2::server::handshake(s).await.unwrap();
-                while let Some(Ok((req, respond))) = conn.accept().await {
-                    tokio::spawn(backend_stream(req, respond));
-                }
-            });
+    serve_each(|s| async move {
+        let mut conn = h2::server::handshake(s).await.unwrap();
+        while let Some(Ok((req, respond))) = conn.accept().await {
+            tokio::spawn(backend_stream(req, respond));
         }
-    });
-    addr
+    })
+    .await
 }
 
 async fn backend_stream(req: Request<RecvStream>, mut respond: h2::server::SendResponse<Bytes>) {

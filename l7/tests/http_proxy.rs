@@ -16,42 +16,34 @@ use hyper_util::rt::TokioIo;
 use l7::{HttpPolicy, L7EventKind, L7Verdict, SecretDir};
 use policy::model::{HeaderMatch, HeaderRule, HttpRule, MismatchAction, SecretRef};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 use common::*;
 
 /// A backend that answers every request with what it received: request line, then each
 /// header, then the body length.
 async fn start_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let mut out = format!("{} {}\n", req.method(), req.uri());
-                    let mut names: Vec<_> = req.headers().iter().collect();
-                    names.sort_by_key(|(k, _)| k.as_str().to_string());
-                    for (k, v) in names {
-                        out.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
-                    }
-                    let body = req
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    out.push_str(&format!("body-length: {}\n", body.len()));
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(out))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    serve_each(|s| async move {
+        let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+            let mut out = format!("{} {}\n", req.method(), req.uri());
+            let mut names: Vec<_> = req.headers().iter().collect();
+            names.sort_by_key(|(k, _)| k.as_str().to_string());
+            for (k, v) in names {
+                out.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+            }
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            out.push_str(&format!("body-length: {}\n", body.len()));
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(out))))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(s), svc)
+            .await;
+    })
+    .await
 }
 
 fn rules(secret_dir: &std::path::Path) -> HttpPolicy {
@@ -456,41 +448,35 @@ async fn denied_request_with_body_keeps_the_connection() {
 /// bytes after it flow both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_upgrade_switches_protocols() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = listener.accept().await.unwrap();
+    let backend = serve_each(|s| async move {
+        let svc = hyper::service::service_fn(|mut req: Request<Incoming>| async move {
+            let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|mut req: Request<Incoming>| async move {
-                    let on = hyper::upgrade::on(&mut req);
-                    tokio::spawn(async move {
-                        if let Ok(up) = on.await {
-                            let mut io = TokioIo::new(up);
-                            let mut buf = [0u8; 64];
-                            while let Ok(n) = io.read(&mut buf).await {
-                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
-                            }
+                if let Ok(up) = on.await {
+                    let mut io = TokioIo::new(up);
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
                         }
-                    });
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .status(101)
-                            .header("connection", "upgrade")
-                            .header("upgrade", "echo")
-                            .body(Full::new(Bytes::new()))
-                            .unwrap(),
-                    )
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .with_upgrades()
-                    .await;
+                    }
+                }
             });
-        }
-    });
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(101)
+                    .header("connection", "upgrade")
+                    .header("upgrade", "echo")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(s), svc)
+            .with_upgrades()
+            .await;
+    })
+    .await;
     let h = Harness::new();
     let addr = start_http_proxy(&h, backend, HttpPolicy::allow_all(), |cfg| {
         cfg.allow_upgrades = true

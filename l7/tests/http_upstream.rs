@@ -14,7 +14,7 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use l7::{HttpPolicy, HttpProxyConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use common::*;
 
@@ -65,15 +65,11 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, V
 
 /// A backend answering by the request path; counts the connections it accepted.
 async fn start_backend() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
+    let addr = serve_each(move |mut s| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
                 let mut buf = Vec::new();
                 while let Some((head, body)) = read_request(&mut s, &mut buf).await {
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
@@ -116,9 +112,9 @@ async fn start_backend() -> (SocketAddr, Arc<AtomicUsize>) {
                         return;
                     }
                 }
-            });
         }
-    });
+    })
+    .await;
     (addr, accepted)
 }
 

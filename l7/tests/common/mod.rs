@@ -1,6 +1,7 @@
 //! Helpers shared by the proxy tests: prerequisites, the proxy under test, policies.
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
@@ -89,5 +90,23 @@ pub async fn start_http_proxy(
     let proxy = HttpProxy::bind(cfg, h.policy.clone(), h.events.clone()).unwrap();
     let addr = proxy.local_addr();
     tokio::spawn(proxy.run());
+    addr
+}
+
+/// A loopback TCP server for a test (a backend behind the proxy): every accepted connection
+/// goes to `serve`, on a task of its own. Its address.
+pub async fn serve_each<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            tokio::spawn(serve(s));
+        }
+    });
     addr
 }
