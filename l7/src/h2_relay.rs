@@ -33,6 +33,13 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+#[path = "h2/hpack.rs"]
+#[cfg_attr(not(test), allow(dead_code))]
+mod hpack;
+#[path = "h2/huffman.rs"]
+#[cfg_attr(not(test), allow(dead_code))]
+mod huffman;
+
 use super::{
     strip_hop_by_hop, strip_hop_by_hop_present, Body, BodyKind, Conn, Judged, UpstreamError,
     HOP_ANY,
