@@ -33,12 +33,20 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+#[path = "h2/frame.rs"]
+#[cfg_attr(not(test), allow(dead_code))]
+mod frame;
 #[path = "h2/hpack.rs"]
 #[cfg_attr(not(test), allow(dead_code))]
 mod hpack;
 #[path = "h2/huffman.rs"]
 #[cfg_attr(not(test), allow(dead_code))]
 mod huffman;
+#[path = "h2/relay.rs"]
+#[allow(dead_code)]
+mod relay;
+
+pub(super) use relay::H2Failure;
 
 use super::{
     strip_hop_by_hop, strip_hop_by_hop_present, Body, BodyKind, Conn, Judged, UpstreamError,

@@ -548,6 +548,8 @@ enum UpstreamError {
     H2Handshake(SocketAddr, h2::Error),
     #[error("upstream http/2 request: {0}")]
     H2(h2::Error),
+    #[error("upstream http/2: {0}")]
+    H2Relay(h2_relay::H2Failure),
 }
 
 impl Conn {

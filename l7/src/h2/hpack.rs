@@ -288,14 +288,15 @@ impl Decoder {
         }
     }
 
-    /// Decodes `block`, handing each field to `field` (a name and value the caller checks).
+    /// Decodes `block`, handing each field to `field` (a name and value the caller checks, and
+    /// whether it was sent never-indexed: RFC 7541 §7.1.3 has intermediaries keep that).
     /// Returns where the fields start (after leading dynamic table size updates), or `None`
     /// in [`Mode::Scan`] when the block is not context-free.
     pub(crate) fn decode(
         &mut self,
         block: &[u8],
         mode: Mode,
-        mut field: impl FnMut(&[u8], &[u8]),
+        mut field: impl FnMut(&[u8], &[u8], bool),
     ) -> Result<Option<usize>, HpackError> {
         let mut pos = 0;
         let mut start = 0;
@@ -308,7 +309,7 @@ impl Decoder {
                     return Ok(None);
                 }
                 let (n, v) = self.get(index)?;
-                field(n, v);
+                field(n, v, false);
             } else if b & 0x40 != 0 {
                 if mode == Mode::Scan {
                     return Ok(None);
@@ -338,7 +339,7 @@ impl Decoder {
                         name_len: name.len(),
                     }
                 };
-                field(entry.name(), entry.value());
+                field(entry.name(), entry.value(), false);
                 self.insert(entry);
             } else if b & 0x20 != 0 {
                 if fields {
@@ -354,6 +355,7 @@ impl Decoder {
                 continue;
             } else {
                 // Without indexing (0000) or never indexed (0001).
+                let never = b & 0x10 != 0;
                 let index = int(block, &mut pos, 4)?;
                 if index > 61 && mode == Mode::Scan {
                     return Ok(None);
@@ -371,7 +373,7 @@ impl Decoder {
                     }
                 };
                 let value = string(block, &mut pos, &mut self.value_buf)?;
-                field(name, value);
+                field(name, value, never);
             }
             fields = true;
         }
@@ -453,17 +455,20 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// Appends a field that does not touch the decoder's dynamic table: indexed when the static
-/// table has it exactly, else a literal without indexing (the name indexed when the static
-/// table has it).
-pub(crate) fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    if let Some(i) = static_field_index(name, value) {
-        out.push(0x80 | i);
-        return;
+/// table has it exactly, else a literal without indexing (`never`: never indexed; the name
+/// indexed when the static table has it).
+pub(crate) fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8], never: bool) {
+    let literal = if never { 0x10 } else { 0 };
+    if !never {
+        if let Some(i) = static_field_index(name, value) {
+            out.push(0x80 | i);
+            return;
+        }
     }
     match static_name_index(name) {
-        Some(i) => put_int(out, i as usize, 4, 0),
+        Some(i) => put_int(out, i as usize, 4, literal),
         None => {
-            out.push(0);
+            out.push(literal);
             put_str(out, name);
         }
     }
@@ -489,7 +494,7 @@ mod tests {
 
     fn decode_all(d: &mut Decoder, block: &[u8]) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        d.decode(block, Mode::Full, |n, v| {
+        d.decode(block, Mode::Full, |n, v, _| {
             out.push((
                 String::from_utf8(n.to_vec()).unwrap(),
                 String::from_utf8(v.to_vec()).unwrap(),
@@ -730,20 +735,20 @@ mod tests {
         assert_eq!(d.table().len(), 1);
         // To 0 and back: the table empties.
         assert_eq!(
-            d.decode(&[0x20, 0x3f, 0xe1, 0x1f, 0x82], Mode::Full, |_, _| {}),
+            d.decode(&[0x20, 0x3f, 0xe1, 0x1f, 0x82], Mode::Full, |_, _, _| {}),
             Ok(Some(4))
         );
         assert!(d.table().is_empty());
         assert_eq!(d.max, 4096);
         // After a field, or above what we allow.
         assert_eq!(
-            d.decode(&[0x82, 0x20], Mode::Full, |_, _| {}),
+            d.decode(&[0x82, 0x20], Mode::Full, |_, _, _| {}),
             Err(HpackError::SizeUpdate)
         );
         let mut over = Vec::new();
         put_size_update(&mut over, 4097);
         assert_eq!(
-            d.decode(&over, Mode::Full, |_, _| {}),
+            d.decode(&over, Mode::Full, |_, _, _| {}),
             Err(HpackError::SizeUpdate)
         );
     }
@@ -752,27 +757,27 @@ mod tests {
     fn bad_indexes_and_truncation() {
         let mut d = Decoder::default();
         assert_eq!(
-            d.decode(&[0x80], Mode::Full, |_, _| {}),
+            d.decode(&[0x80], Mode::Full, |_, _, _| {}),
             Err(HpackError::Index(0))
         );
         assert_eq!(
-            d.decode(&[0xbe], Mode::Full, |_, _| {}),
+            d.decode(&[0xbe], Mode::Full, |_, _, _| {}),
             Err(HpackError::Index(62))
         );
         assert_eq!(
-            d.decode(&[0x0f, 0x2f, 0x01, b'a'], Mode::Full, |_, _| {}),
+            d.decode(&[0x0f, 0x2f, 0x01, b'a'], Mode::Full, |_, _, _| {}),
             Err(HpackError::Index(62))
         );
         assert_eq!(
-            d.decode(&[0x00, 0x05, b'a'], Mode::Full, |_, _| {}),
+            d.decode(&[0x00, 0x05, b'a'], Mode::Full, |_, _, _| {}),
             Err(HpackError::Truncated)
         );
         assert_eq!(
-            d.decode(&[0x04], Mode::Full, |_, _| {}),
+            d.decode(&[0x04], Mode::Full, |_, _, _| {}),
             Err(HpackError::Truncated)
         );
         assert_eq!(
-            d.decode(&[0x04, 0x81, 0xff], Mode::Full, |_, _| {}),
+            d.decode(&[0x04, 0x81, 0xff], Mode::Full, |_, _, _| {}),
             Err(HpackError::Huffman(HuffmanError::Padding))
         );
         // An entry bigger than the table empties it and is not added.
@@ -781,7 +786,7 @@ mod tests {
         put_str(&mut block, b"a");
         put_str(&mut block, &[b'v'; 40]);
         let mut n = 0;
-        d.decode(&block, Mode::Full, |_, _| n += 1).unwrap();
+        d.decode(&block, Mode::Full, |_, _, _| n += 1).unwrap();
         assert_eq!(n, 1);
         assert!(d.table().is_empty());
     }
@@ -802,7 +807,7 @@ mod tests {
         put_int(&mut block, enc.len(), 7, 0x80);
         block.extend_from_slice(&enc);
         let mut seen = Vec::new();
-        let r = d.decode(&block, Mode::Scan, |n, v| {
+        let r = d.decode(&block, Mode::Scan, |n, v, _| {
             seen.push((n.to_vec(), v.to_vec()))
         });
         assert_eq!(r, Ok(Some(0)));
@@ -818,19 +823,22 @@ mod tests {
         // A leading size update is applied and skipped.
         let mut with_update = vec![0x3f, 0xe1, 0x0f];
         with_update.extend_from_slice(&block);
-        assert_eq!(d.decode(&with_update, Mode::Scan, |_, _| {}), Ok(Some(3)));
+        assert_eq!(
+            d.decode(&with_update, Mode::Scan, |_, _, _| {}),
+            Ok(Some(3))
+        );
         // Incremental indexing, a dynamic reference, a dynamic name: not context-free, and
         // the table untouched by the scan.
         let mut indexing = vec![0x88, 0x40];
         put_str(&mut indexing, b"x-a");
         put_str(&mut indexing, b"1");
-        assert_eq!(d.decode(&indexing, Mode::Scan, |_, _| {}), Ok(None));
+        assert_eq!(d.decode(&indexing, Mode::Scan, |_, _, _| {}), Ok(None));
         assert!(d.table().is_empty());
         decode_all(&mut d, &indexing);
         assert_eq!(d.table().len(), 1);
-        assert_eq!(d.decode(&[0x88, 0xbe], Mode::Scan, |_, _| {}), Ok(None));
+        assert_eq!(d.decode(&[0x88, 0xbe], Mode::Scan, |_, _, _| {}), Ok(None));
         assert_eq!(
-            d.decode(&[0x0f, 0x2f, 0x00], Mode::Scan, |_, _| {}),
+            d.decode(&[0x0f, 0x2f, 0x00], Mode::Scan, |_, _, _| {}),
             Ok(None)
         );
         assert_eq!(
@@ -853,11 +861,11 @@ mod tests {
         let mut block = Vec::new();
         put_size_update(&mut block, 0);
         for (n, v) in fields {
-            put_field(&mut block, n, v);
+            put_field(&mut block, n, v, false);
         }
         let mut d = Decoder::default();
         let mut got = Vec::new();
-        let r = d.decode(&block, Mode::Scan, |n, v| {
+        let r = d.decode(&block, Mode::Scan, |n, v, _| {
             got.push((n.to_vec(), v.to_vec()))
         });
         assert_eq!(r, Ok(Some(1)));
