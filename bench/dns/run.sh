@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # DNS forwarding benchmark: dnsperf through fqdnwall vs through dnsdist vs through dnsmasq
-# (cache-size=0) vs straight to the upstream, with the same query file and the same upstream
-# (unbound, authoritative for a generated zone), all in one run, on loopback.
+# (cache-size=0) vs straight to the upstream vs through a floor relay that only receives and
+# sends (dnsproxy/examples/floor_relay.rs: what any forwarder's two thread wake-ups per query
+# cost on this machine), with the same query file and the same upstream (unbound,
+# authoritative for a generated zone), all in one run, on loopback.
 #
 # For each target it measures
 #   1. throughput: dnsperf with 100 outstanding queries for DURATION seconds -> queries/s;
@@ -53,6 +55,7 @@ UP=127.0.0.1:25300
 FW=127.0.0.1:25301
 DD=127.0.0.1:25302
 DM=127.0.0.1:25303
+FL=127.0.0.1:25304
 METRICS=127.0.0.1:25309
 CLIENT=127.0.0.2
 
@@ -211,6 +214,15 @@ CONF
   PIDS+=("$PEER_PID")
 }
 
+# The floor: a relay that only receives and sends (dnsproxy/examples/floor_relay.rs). What it
+# adds over direct is what any forwarder pays on this machine (two thread wake-ups per query).
+start_floor() {
+  (cd "$ROOT" && cargo build -q --release -p dnsproxy --example floor_relay)
+  "${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/floor_relay" "$FL" "$UP" >"$WORK/floor.log" 2>&1 &
+  PEER_PID=$!
+  PIDS+=("$PEER_PID")
+}
+
 start_dnsmasq() {
   dnsmasq -k --no-resolv --no-hosts --server="${UP%:*}#${UP#*:}" --listen-address="${DM%:*}" \
     --port="${DM#*:}" --bind-interfaces --cache-size=0 --dns-forward-max=10000 \
@@ -266,10 +278,11 @@ start_fqdnwall
 if [ "$EXAMPLE" = 1 ]; then FW_LABEL="dnsproxy allow_all example"; else FW_LABEL="fqdnwall run"; fi
 start_dnsdist; DD_PID=$PEER_PID
 start_dnsmasq; DM_PID=$PEER_PID
-declare -A ADDR=([direct]=$UP [fqdnwall]=$FW [dnsdist]=$DD [dnsmasq]=$DM)
-declare -A PID=([direct]="" [fqdnwall]=$FW_PID [dnsdist]=$DD_PID [dnsmasq]=$DM_PID)
+start_floor; FL_PID=$PEER_PID
+declare -A ADDR=([direct]=$UP [fqdnwall]=$FW [dnsdist]=$DD [dnsmasq]=$DM [floor]=$FL)
+declare -A PID=([direct]="" [fqdnwall]=$FW_PID [dnsdist]=$DD_PID [dnsmasq]=$DM_PID [floor]=$FL_PID)
 declare -A CPU
-TARGETS="direct fqdnwall dnsdist dnsmasq"
+TARGETS="direct fqdnwall dnsdist dnsmasq floor"
 for t in $TARGETS; do wait_dns "${ADDR[$t]}"; done
 
 for round in $(seq 1 "$ROUNDS"); do
@@ -311,13 +324,13 @@ REPORT=$(
   echo
   echo "Method: \`bench/dns/run.sh$( [ "$EXAMPLE" = 1 ] && echo ' --example')\`; upstream unbound $(unbound -V | awk 'NR==1{print $2}') (1 thread, authoritative zone of 1,000 A names + 100 CNAMEs); $(wc -l < "$WORK/queries.txt") distinct A queries, looped;"
   echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/{print $2}'), client $CLIENT; throughput: 4 clients, 100 outstanding, ${DURATION} s; latency: fixed ${RATE} q/s for ${DURATION} s, per-query latencies from \`dnsperf -v\`; targets interleaved, median of ${ROUNDS} rounds."
-  echo "dnsdist $(dnsdist --version | awk 'NR==1{print $2}') (no packet cache), dnsmasq $(dnsmasq --version | awk 'NR==1{print $3}') (cache-size=0, dns-forward-max=10000). $(nproc) cores shared by client and servers; load average at the end: $LOAD."
+  echo "dnsdist $(dnsdist --version | awk 'NR==1{print $2}') (no packet cache), dnsmasq $(dnsmasq --version | awk 'NR==1{print $3}') (cache-size=0, dns-forward-max=10000); floor relay: \`dnsproxy/examples/floor_relay.rs\`, one thread blocking in recv on each of its two sockets, nothing parsed. $(nproc) cores shared by client and servers; load average at the end: $LOAD."
   echo "Forwarder CPU per query: user+system CPU time of the forwarder's process (all threads) during the throughput runs, divided by the queries completed: the figure least disturbed by other load on the machine."
   echo
   echo "| target | q/s (max) | vs dnsdist | forwarder CPU per query (µs) | avg latency (ms) at max | p50 at ${RATE} q/s (µs) | p99 (µs) | p50 added vs direct (µs) | lost (max / rate) |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-  for t in direct fqdnwall dnsdist dnsmasq; do
-    name=$t; [ "$t" = fqdnwall ] && name="$FW_LABEL"
+  for t in $TARGETS; do
+    name=$t; [ "$t" = fqdnwall ] && name="$FW_LABEL"; [ "$t" = floor ] && name="floor relay (receive and send only)"
     printf '| %s | %.0f | %s | %s | %.3f | %s | %s | %s | %s / %s |\n' "$name" "${QPS[$t]:-0}" "$(ratio "${QPS[$t]:-0}" "${QPS[dnsdist]:-0}")" "${CPU[$t]}" \
       "$(awk -v a="${AVG[$t]:-0}" 'BEGIN{print a*1000}')" "${P50[$t]}" "${P99[$t]}" "$(added "${P50[$t]}" "${P50[direct]}")" "${LOSTM[$t]}" "${LOSTR[$t]}"
   done

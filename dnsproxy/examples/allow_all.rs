@@ -4,7 +4,7 @@
 //! measures it against other forwarders.
 //!
 //! Usage: allow_all --listen 127.0.0.1:5353 --upstream 127.0.0.1:53 [--listen ...]
-//!        [--upstream ...] [--udp-sockets N]
+//!        [--upstream ...] [--udp-sockets N] [--upstream-sockets N]
 //! Stops on SIGINT/SIGTERM and prints its counters and histograms.
 
 use std::collections::HashMap;
@@ -54,7 +54,7 @@ impl Learner for Table {
 }
 
 fn usage(msg: &str) -> ! {
-    eprintln!("allow_all: {msg}\nusage: allow_all --listen ADDR --upstream ADDR [--udp-sockets N]");
+    eprintln!("allow_all: {msg}\nusage: allow_all --listen ADDR --upstream ADDR [--udp-sockets N] [--upstream-sockets N]");
     std::process::exit(2);
 }
 
@@ -69,6 +69,7 @@ async fn main() {
     let mut listen = Vec::new();
     let mut upstreams = Vec::new();
     let mut udp_sockets = None;
+    let mut upstream_sockets = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -93,12 +94,22 @@ async fn main() {
                         .unwrap_or_else(|e| usage(&format!("--udp-sockets: {e}"))),
                 )
             }
+            "--upstream-sockets" => {
+                upstream_sockets = Some(
+                    value()
+                        .parse()
+                        .unwrap_or_else(|e| usage(&format!("--upstream-sockets: {e}"))),
+                )
+            }
             other => usage(&format!("unknown argument {other}")),
         }
     }
     let mut config = ProxyConfig::new(listen, upstreams);
     if let Some(n) = udp_sockets {
         config.udp_sockets_per_listen = n;
+    }
+    if let Some(n) = upstream_sockets {
+        config.upstream_udp_sockets = n;
     }
     let table = Arc::new(Table::default());
     let proxy = match DnsProxy::start(config, Arc::new(AllowAll), table.clone(), None).await {
