@@ -14,11 +14,12 @@
 //! the HTTP/1.1 upstream side is no connection task of its own but driven by the request's
 //! handler and the response body as the client side polls them (`http1_upstream`: no
 //! hand-over between tasks or state machines for a request, its response and each part of
-//! the body); HTTP/2 streams are relayed on the `h2` crate within the client connection's
-//! task (`h2_relay`: no task, channel or body wrapper per stream); the request is judged on
-//! borrowed views of its head, and the strings of an event are built only while a `monitor`
-//! client listens; hop-by-hop headers are found in one pass over the names; responses need
-//! no boxed body.
+//! the body); HTTP/2 is relayed frame by frame by a relay of our own, one task owning the
+//! client connection and its upstream connection (`h2_relay`: no task, channel or header map
+//! per stream beyond the request's, response headers forwarded as they came when they can
+//! be); the request is judged on borrowed views of its head, and the strings of an event are
+//! built only while a `monitor` client listens; hop-by-hop headers are found in one pass over
+//! the names; responses need no boxed body.
 //!
 //! Denied: 403 with the configured message; a gRPC call (content-type `application/grpc*`)
 //! gets HTTP 200 with `grpc-status: 7` (PERMISSION_DENIED) in a trailers-only response, so
@@ -57,7 +58,7 @@ use crate::policy::{FlowKey, L7PolicySource, Redirect};
 mod h2_relay;
 
 /// The body of an answer to the client: the upstream's, streamed through (read from the
-/// HTTP/1.1 upstream connection as it is polled, or hyper's for HTTP/2 and upgrades), or one
+/// HTTP/1.1 upstream connection as it is polled, or hyper's for upgrades), or one
 /// the proxy made (403, 502). An enum rather than a boxed body: no allocation per response.
 enum BodyKind {
     H1(UpstreamBody),
@@ -428,7 +429,6 @@ impl HttpProxyService {
             src,
             dst,
             h1: IdleSlot::default(),
-            h2: h2_relay::UpstreamSlot::default(),
         });
         if is_h2 {
             // No head timeout: an HTTP/2 connection may stay open between requests.
@@ -486,8 +486,6 @@ struct Conn {
     /// it uses it, its response body puts it back when complete: HTTP/1.1 requests of one
     /// connection are handled one after the other).
     h1: IdleSlot,
-    /// The HTTP/2 upstream connection, shared by the streams.
-    h2: h2_relay::UpstreamSlot,
 }
 
 /// What the event needs to know about a request (built only while someone listens).
@@ -544,12 +542,8 @@ enum UpstreamError {
     Request(hyper::Error),
     #[error("upstream request: {0}")]
     H1(ClientError),
-    #[error("http/2 handshake with {0}: {1}")]
-    H2Handshake(SocketAddr, h2::Error),
-    #[error("upstream http/2 request: {0}")]
-    H2(h2::Error),
     #[error("upstream http/2: {0}")]
-    H2Relay(h2_relay::H2Failure),
+    H2(h2_relay::H2Failure),
 }
 
 impl Conn {
@@ -915,7 +909,9 @@ fn is_hop_by_hop_token(token: &[u8]) -> bool {
 }
 
 /// Removes headers that belong to one connection (RFC 9110 §7.6.1), including those the
-/// Connection header names. `te: trailers` stays (gRPC needs it end to end).
+/// Connection header names. `te: trailers` stays (gRPC needs it end to end). (HTTP/2
+/// responses are checked field by field in `h2_relay` instead.)
+#[cfg(test)]
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip_hop_by_hop_present(headers, hop_by_hop_bits(headers))
 }

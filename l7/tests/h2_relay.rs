@@ -9,7 +9,7 @@ use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +26,8 @@ const FLOOD: usize = 10 * 1024 * 1024;
 static FLOOD_SENT: AtomicUsize = AtomicUsize::new(0);
 /// How the request body of `/watch` ended at the backend.
 static WATCHED: Mutex<Option<Result<(), Option<Reason>>>> = Mutex::new(None);
+/// The same for `/watch-raw`.
+static WATCHED_RAW: Mutex<Option<Result<(), Option<Reason>>>> = Mutex::new(None);
 
 /// `len` bytes of a pattern that shows misplaced or lost chunks.
 fn pattern(len: usize) -> Bytes {
@@ -128,13 +130,18 @@ async fn backend_stream(req: Request<RecvStream>, mut respond: h2::server::SendR
             }
             tx.send_data(Bytes::new(), true).unwrap();
         }
-        "/watch" => {
+        path @ ("/watch" | "/watch-raw") => {
             let _tx = respond.send_response(Response::new(()), false).unwrap();
             let end = read_all(&mut body)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.reason());
-            *WATCHED.lock().unwrap() = Some(end);
+            let watched = if path == "/watch" {
+                &WATCHED
+            } else {
+                &WATCHED_RAW
+            };
+            *watched.lock().unwrap() = Some(end);
         }
         _ => {
             let mut resp = Response::new(());
@@ -154,6 +161,7 @@ fn policy() -> HttpPolicy {
         &[
             r("POST", "/echo"),
             r("POST", "/watch"),
+            r("POST", "/watch-raw"),
             r("GET", "/hello"),
             r("GET", "/reset-mid-body"),
             r("GET", "/flood"),
@@ -396,4 +404,500 @@ async fn connect_tunnels_only_when_upgrades_are_allowed() {
     tx.send_data(Bytes::new(), true).unwrap();
     let rest = read_all(&mut rx).await;
     assert_eq!(rest.as_deref().ok(), Some(&b""[..]), "{rest:?}");
+}
+
+/// The upstream allows two streams at a time: twenty concurrent client streams wait for a
+/// slot each rather than being refused upstream, and all are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_the_upstream_stream_limit_wait_for_a_slot() {
+    let active = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (a, p) = (active.clone(), peak.clone());
+    let backend = serve_each(move |s| {
+        let (a, p) = (a.clone(), p.clone());
+        async move {
+            let mut conn = h2::server::Builder::new()
+                .max_concurrent_streams(2)
+                .handshake::<_, Bytes>(s)
+                .await
+                .unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let (a, p) = (a.clone(), p.clone());
+                tokio::spawn(async move {
+                    p.fetch_max(a.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    a.fetch_sub(1, Ordering::SeqCst);
+                    let path = req.uri().path().to_string();
+                    let mut tx = respond.send_response(Response::new(()), false).unwrap();
+                    tx.send_data(Bytes::from(path), true).unwrap();
+                });
+            }
+        }
+    })
+    .await;
+    let h = Harness::new();
+    let policy = HttpPolicy::compile(
+        &[HttpRule {
+            method: Some("GET".into()),
+            ..Default::default()
+        }],
+        &SecretDir::new("/nonexistent"),
+    )
+    .unwrap();
+    let proxy = start_http_proxy(&h, backend, policy, |_| {}).await;
+    let send = client(proxy).await;
+    let calls = (0..20).map(|i| {
+        let send = send.clone();
+        async move {
+            let mut send = send.ready().await.unwrap();
+            let (resp, _) = send
+                .send_request(request(Method::GET, &format!("/n{i}")), true)
+                .unwrap();
+            let resp = resp.await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "stream {i}");
+            let mut body = resp.into_body();
+            assert_eq!(
+                read_all(&mut body).await.unwrap(),
+                format!("/n{i}").as_bytes()
+            );
+        }
+    });
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("streams hung");
+    assert!(peak.load(Ordering::SeqCst) <= 2);
+    let counts = h.events.stats().http.snapshot();
+    assert_eq!((counts.allowed, counts.upstream_errors), (20, 0));
+}
+
+/// A client that starts with stream windows of 0 and opens them by SETTINGS later: the
+/// response body waits in the proxy, then flows once the new initial window applies to the
+/// open stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_settings_change_of_the_initial_window_applies_to_open_streams() {
+    let h = Harness::new();
+    let proxy = start_http_proxy(&h, start_backend().await, policy(), |_| {}).await;
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let (send, mut conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let (open_tx, open_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = &mut conn => return,
+            _ = open_rx => {}
+        }
+        conn.set_initial_window_size(1 << 20).unwrap();
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.unwrap();
+    let want = 200_000;
+    let mut req = request(Method::POST, "/echo");
+    req.headers_mut()
+        .insert("x-reply-bytes", HeaderValue::from(want));
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("no response head")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    // Nothing may come through a window of 0.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), body.data())
+            .await
+            .is_err(),
+        "DATA beyond the client's stream window"
+    );
+    open_tx.send(()).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), read_all(&mut body))
+        .await
+        .expect("the body never came after the window opened")
+        .unwrap();
+    assert!(got == pattern(want), "response body damaged");
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers["x-got-bytes"], "0");
+}
+
+/// The `h2` crate's encoder adds response fields to its dynamic table and refers to them
+/// later (with evictions, the values being large): each response still arrives with its own
+/// fields, sequentially and concurrently, also after responses the proxy had to encode again
+/// (a hop-by-hop field dropped, so the client's table does not learn what the upstream's
+/// did). The upstream closes its connection after every ten
+/// streams, so the client's one connection sees several upstream tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_using_the_upstream_dynamic_table_arrive_intact() {
+    let backend = serve_each(|s| async move {
+        let mut conn = h2::server::handshake(s).await.unwrap();
+        let mut served = 0;
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            served += 1;
+            if served == 10 {
+                conn.graceful_shutdown();
+            }
+            let n: usize = req.uri().path()[1..].parse().unwrap();
+            let mut resp = Response::new(());
+            let h = resp.headers_mut();
+            h.insert("x-seq", HeaderValue::from(n));
+            h.insert("x-fixed", HeaderValue::from_static("same every time"));
+            h.insert("cache-control", HeaderValue::from_static("private"));
+            h.insert("x-big", HeaderValue::from_str(&big_value(n)).unwrap());
+            if n % 7 == 3 {
+                // A hop-by-hop field the proxy drops: the block is encoded again there.
+                h.insert("proxy-authenticate", HeaderValue::from_static("Basic"));
+                h.insert("x-dropped-beside", HeaderValue::from(n % 3));
+            }
+            let mut tx = respond.send_response(resp, false).unwrap();
+            tx.send_data(Bytes::from_static(b"ok"), false).unwrap();
+            let mut t = HeaderMap::new();
+            t.insert("x-trailer", HeaderValue::from(n * 2));
+            t.insert("x-fixed", HeaderValue::from_static("same every time"));
+            tx.send_trailers(t).unwrap();
+        }
+    })
+    .await;
+    fn big_value(n: usize) -> String {
+        // Large enough that a few fill the 4 KiB table; the same for every fifth.
+        format!("{}-{}", n % 5, "v".repeat(900))
+    }
+    let h = Harness::new();
+    let policy = HttpPolicy::compile(
+        &[HttpRule {
+            method: Some("GET".into()),
+            ..Default::default()
+        }],
+        &SecretDir::new("/nonexistent"),
+    )
+    .unwrap();
+    let proxy = start_http_proxy(&h, backend, policy, |_| {}).await;
+    let send = client(proxy).await;
+    let one = |n: usize| {
+        let send = send.clone();
+        async move {
+            let mut send = send.ready().await.unwrap();
+            let (resp, _) = send
+                .send_request(request(Method::GET, &format!("/{n}")), true)
+                .unwrap();
+            let resp = resp.await.unwrap();
+            let h = resp.headers();
+            assert_eq!(h["x-seq"], n.to_string().as_str());
+            assert_eq!(h["x-fixed"], "same every time");
+            assert_eq!(h["cache-control"], "private");
+            assert_eq!(h["x-big"], big_value(n).as_str());
+            assert_eq!(h.get_all("x-seq").iter().count(), 1);
+            assert!(h.contains_key("date"));
+            assert!(!h.contains_key("proxy-authenticate"));
+            assert_eq!(
+                h.get("x-dropped-beside")
+                    .map(|v| v.to_str().unwrap().to_string()),
+                (n % 7 == 3).then(|| (n % 3).to_string())
+            );
+            let mut body = resp.into_body();
+            assert_eq!(read_all(&mut body).await.unwrap(), b"ok");
+            let t = body.trailers().await.unwrap().expect("trailers");
+            assert_eq!(t["x-trailer"], (n * 2).to_string().as_str());
+            assert_eq!(t["x-fixed"], "same every time");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), async {
+        for n in 0..40 {
+            one(n).await;
+        }
+        futures_util::future::join_all((40..80).map(one)).await;
+    })
+    .await
+    .expect("streams hung");
+}
+
+/// An upstream that closes its connection gracefully after its first stream (GOAWAY, then
+/// the stream finishes): a stream opened while the old connection drains, and each later
+/// one, goes on a new upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_upstream_goaway_the_next_stream_opens_a_new_connection() {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let backend = serve_each(move |s| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            if let Some(Ok((req, mut respond))) = conn.accept().await {
+                conn.graceful_shutdown();
+                tokio::spawn(async move {
+                    if req.uri().path() == "/slow" {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    let mut tx = respond.send_response(Response::new(()), false).unwrap();
+                    tx.send_data(Bytes::from_static(b"once"), true).unwrap();
+                });
+            }
+            while let Some(Ok(_)) = conn.accept().await {}
+        }
+    })
+    .await;
+    let h = Harness::new();
+    let any_get = HttpPolicy::compile(
+        &[HttpRule {
+            method: Some("GET".into()),
+            ..Default::default()
+        }],
+        &SecretDir::new("/nonexistent"),
+    )
+    .unwrap();
+    let proxy = start_http_proxy(&h, backend, any_get, |_| {}).await;
+    let send = client(proxy).await;
+    let get = |path: &'static str, after: u64| {
+        let send = send.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            let mut send = send.ready().await.unwrap();
+            let (resp, _) = send.send_request(request(Method::GET, path), true).unwrap();
+            let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+                .await
+                .expect("no response")
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "{path}");
+            let mut body = resp.into_body();
+            assert_eq!(read_all(&mut body).await.unwrap(), b"once");
+        }
+    };
+    // The second stream starts while the first holds the first connection open.
+    tokio::join!(get("/slow", 0), get("/fast", 100));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    let mut send = send.ready().await.unwrap();
+    for _ in 0..3 {
+        let (resp, _) = send
+            .send_request(request(Method::GET, "/hello"), true)
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("no response")
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        assert_eq!(read_all(&mut body).await.unwrap(), b"once");
+        // Until the proxy has seen the GOAWAY, a request could still go to the old
+        // connection (which would refuse it; the proxy sends it again on a new one).
+        send = send.ready().await.unwrap();
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    assert_eq!(h.events.stats().http.snapshot().upstream_errors, 0);
+}
+
+/// An upstream that does not speak HTTP/2: 502 for the stream, and no loop of new
+/// connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_is_not_http2_gets_502_without_reconnecting() {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let backend = serve_each(move |mut s| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = s
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    })
+    .await;
+    let h = Harness::new();
+    let proxy = start_http_proxy(&h, backend, policy(), |_| {}).await;
+    let mut send = client(proxy).await;
+    let (resp, _) = send
+        .send_request(request(Method::GET, "/hello"), true)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("no response")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(h.events.stats().http.snapshot().upstream_errors, 1);
+}
+
+/// A raw HTTP/2 client for protocol errors no well-behaved client library makes.
+struct RawClient {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A literal header field without indexing, new name, no Huffman (RFC 7541 §6.2.2).
+fn literal(name: &str, value: &str) -> Vec<u8> {
+    assert!(name.len() < 127 && value.len() < 127);
+    let mut out = vec![0, name.len() as u8];
+    out.extend_from_slice(name.as_bytes());
+    out.push(value.len() as u8);
+    out.extend_from_slice(value.as_bytes());
+    out
+}
+
+fn get_block(path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = literal(":method", "GET");
+    b.extend(literal(":scheme", "http"));
+    b.extend(literal(":authority", "backend"));
+    b.extend(literal(":path", path));
+    for (n, v) in extra {
+        b.extend(literal(n, v));
+    }
+    b
+}
+
+impl RawClient {
+    async fn connect(addr: SocketAddr) -> RawClient {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        RawClient {
+            tcp,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        self.tcp.write_all(&f).await.unwrap();
+    }
+
+    /// The next frame: (type, flags, stream, payload); `None` when the proxy closed.
+    async fn next(&mut self) -> Option<(u8, u8, u32, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.buf.len() >= 9 {
+                let len = (self.buf[0] as usize) << 16
+                    | (self.buf[1] as usize) << 8
+                    | self.buf[2] as usize;
+                if self.buf.len() >= 9 + len {
+                    let f: Vec<u8> = self.buf.drain(..9 + len).collect();
+                    let stream = u32::from_be_bytes([f[5], f[6], f[7], f[8]]) & 0x7fff_ffff;
+                    return Some((f[3], f[4], stream, f[9..].to_vec()));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.tcp.read(&mut chunk))
+                .await
+                .expect("the proxy said nothing")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Skips frames until one of type `kind` (SETTINGS, their acks, WINDOW_UPDATE and the
+    /// like go by).
+    async fn expect(&mut self, kind: u8) -> (u8, u32, Vec<u8>) {
+        loop {
+            let (k, flags, stream, payload) = self.next().await.expect("closed");
+            if k == kind {
+                return (flags, stream, payload);
+            }
+        }
+    }
+}
+
+const RST_STREAM: u8 = 3;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+const WINDOW_UPDATE: u8 = 8;
+
+fn code(payload: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([
+        payload[at],
+        payload[at + 1],
+        payload[at + 2],
+        payload[at + 3],
+    ])
+}
+
+/// Protocol errors of a client: stream errors reset the stream (and the upstream's), the
+/// connection goes on; connection errors end it with GOAWAY and the right code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_protocol_errors_reset_the_stream_or_end_the_connection() {
+    let h = Harness::new();
+    let proxy = start_http_proxy(&h, start_backend().await, policy(), |_| {}).await;
+
+    let mut c = RawClient::connect(proxy).await;
+    c.send(PING, 0, 0, b"12345678").await;
+    let (flags, _, payload) = c.expect(PING).await;
+    assert_eq!((flags, payload.as_slice()), (1, &b"12345678"[..]));
+    // An uppercase field name: the stream is malformed (PROTOCOL_ERROR), counted.
+    c.send(1, 0x5, 1, &get_block("/hello", &[("X-Upper", "1")]))
+        .await;
+    let (_, stream, payload) = c.expect(RST_STREAM).await;
+    assert_eq!((stream, code(&payload, 0)), (1, 1));
+    assert_eq!(h.events.stats().http.snapshot().malformed, 1);
+    // The connection goes on.
+    c.send(1, 0x5, 3, &get_block("/hello", &[])).await;
+    let (_, stream, _) = c.expect(1).await;
+    assert_eq!(stream, 3);
+    // A stream whose window would pass 2^31-1: FLOW_CONTROL_ERROR for it; the upstream's
+    // stream is reset too.
+    let mut block = literal(":method", "POST");
+    block.extend(literal(":scheme", "http"));
+    block.extend(literal(":authority", "backend"));
+    block.extend(literal(":path", "/watch-raw"));
+    c.send(1, 0x4, 5, &block).await;
+    let (_, stream, _) = c.expect(1).await;
+    assert_eq!(stream, 5);
+    c.send(WINDOW_UPDATE, 0, 5, &0x7fff_ffffu32.to_be_bytes())
+        .await;
+    let (_, stream, payload) = c.expect(RST_STREAM).await;
+    assert_eq!((stream, code(&payload, 0)), (5, 3));
+    let watched = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(w) = WATCHED_RAW.lock().unwrap().take() {
+                return w;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the upstream never saw the stream end");
+    assert_eq!(watched, Err(Some(Reason::CANCEL)));
+    // The connection window past 2^31-1: GOAWAY FLOW_CONTROL_ERROR naming the last stream.
+    c.send(WINDOW_UPDATE, 0, 0, &0x7fff_ffffu32.to_be_bytes())
+        .await;
+    let (_, _, payload) = c.expect(GOAWAY).await;
+    assert_eq!((code(&payload, 0), code(&payload, 4)), (5, 3));
+    assert!(c.next().await.is_none(), "still open after GOAWAY");
+
+    for (frames, want) in [
+        // A frame larger than our SETTINGS_MAX_FRAME_SIZE.
+        (vec![(0u8, 0u8, 1u32, vec![0u8; 16_385])], 6u32),
+        // DATA on stream 0; CONTINUATION out of the blue; DATA on an idle stream.
+        (vec![(0, 0, 0, vec![0; 4])], 1),
+        (vec![(9, 0x4, 1, vec![0x82])], 1),
+        (vec![(0, 0, 7, vec![0; 4])], 1),
+        // Padding longer than the payload.
+        (vec![(1, 0x4 | 0x8, 1, vec![200, 0x82])], 1),
+        // HEADERS cut by a PING before its CONTINUATION.
+        (
+            vec![(1, 0, 1, get_block("/hello", &[])), (6, 0, 0, vec![0; 8])],
+            1,
+        ),
+        // A header block that is not HPACK (index 0).
+        (vec![(1, 0x5, 1, vec![0x80])], 9),
+        // A zero WINDOW_UPDATE for the connection.
+        (vec![(8, 0, 0, vec![0; 4])], 1),
+    ] {
+        let mut c = RawClient::connect(proxy).await;
+        for (kind, flags, stream, payload) in &frames {
+            c.send(*kind, *flags, *stream, payload).await;
+        }
+        let (_, _, payload) = c.expect(GOAWAY).await;
+        assert_eq!(code(&payload, 4), want, "{frames:?}");
+        assert!(c.next().await.is_none(), "still open after GOAWAY");
+    }
 }

@@ -317,7 +317,7 @@ impl Reader {
                 if ack && len != 0 {
                     return Err(conn_error(FRAME_SIZE_ERROR, "SETTINGS ack with a payload"));
                 }
-                if len % 6 != 0 {
+                if !len.is_multiple_of(6) {
                     return Err(conn_error(FRAME_SIZE_ERROR, "SETTINGS of the wrong size"));
                 }
                 for (id, value) in settings(p) {

@@ -55,6 +55,8 @@ const MAX_BLOCK: usize = 64 * 1024;
 /// How often a stream the upstream refused (REFUSED_STREAM before anything of it was
 /// processed) is sent again.
 const MAX_RETRIES: u8 = 3;
+/// How long input is still read after a GOAWAY for an error (see [`Relay::linger`]).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Stream ids we may use upstream (31 bits, odd).
 const MAX_STREAM_ID: u32 = (1 << 31) - 1;
 
@@ -439,6 +441,10 @@ struct Relay<IO> {
     next_gen: u64,
     /// A GOAWAY went to the client: write it out, then close.
     closing: bool,
+    /// After the GOAWAY is out and our side shut down: how long input is still read (and
+    /// dropped) so that the client gets to read the GOAWAY before the connection goes (closing
+    /// a socket with unread input resets it, which can drop what the client has not read).
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Streams we reset for the client's protocol errors.
     error_resets: usize,
     want_dispatch: bool,
@@ -461,6 +467,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             max_client_id: 0,
             next_gen: 0,
             closing: false,
+            linger: None,
             error_resets: 0,
             want_dispatch: false,
             scratch: Vec::new(),
@@ -537,10 +544,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             // Draining connections with nothing left, and dead ones, go (a dead one's last
             // output, a GOAWAY, had its one try above).
             self.ups.retain(|u| {
-                !u.dead && !(u.draining && u.streams.is_empty() && u.io.pending_out() == 0)
+                !(u.dead || (u.draining && u.streams.is_empty() && u.io.pending_out() == 0))
             });
             if self.closing && self.client.pending_out() == 0 {
-                return Poll::Ready(());
+                return self.poll_linger(cx);
             }
             if high && !self.out_high() {
                 progress = true;
@@ -548,6 +555,31 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             if !progress {
                 return Poll::Pending;
             }
+        }
+    }
+
+    /// Shuts our side of the client connection down, then reads and drops what still comes
+    /// until the client closes or a second passes.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // The upstream streams cannot be answered any more.
+        self.ups.clear();
+        self.connecting = None;
+        if self.linger.is_none() {
+            if Pin::new(&mut self.client.io).poll_shutdown(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        loop {
+            match self.client.poll_fill(cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(_)) => self.client.rstart = self.client.rend,
+                Poll::Pending => break,
+            }
+        }
+        match self.linger.as_mut() {
+            Some(l) => l.as_mut().poll(cx),
+            None => Poll::Ready(()),
         }
     }
 
@@ -671,7 +703,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
     /// A frame other than HEADERS and PRIORITY on a client stream id: the client's, and not
     /// idle.
     fn check_client_id(&self, stream: u32) -> Result<(), ConnError> {
-        if stream % 2 == 0 || stream > self.max_client_id {
+        if stream.is_multiple_of(2) || stream > self.max_client_id {
             return Err(frame::conn_error(
                 frame::PROTOCOL_ERROR,
                 "frame on an idle or server stream",
@@ -691,6 +723,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
         }
         if self.streams.contains_key(&stream) {
             self.reset_stream(stream, Some(code), Some(frame::CANCEL));
+        } else if stream > self.max_client_id {
+            // No RST_STREAM on an idle stream (RFC 9113 §6.4).
+            return Err(frame::conn_error(code, "stream error on an idle stream"));
         } else {
             frame::put_reset(&mut self.client.wbuf, stream, code);
         }
@@ -755,7 +790,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
         end: bool,
         bad_priority: bool,
     ) -> Result<(), ConnError> {
-        if stream % 2 == 0 {
+        if stream.is_multiple_of(2) {
             return Err(frame::conn_error(
                 frame::PROTOCOL_ERROR,
                 "HEADERS on a server stream id",
@@ -1120,9 +1155,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
                 continue;
             };
             s.link = Link::Local;
-            if let Some(a) = s.allowed.take() {
-                let resp = self.conn.upstream_failed(a, e);
-                self.send_local(stream, resp);
+            match s.allowed.take() {
+                Some(a) => {
+                    let resp = self.conn.upstream_failed(a, e);
+                    self.send_local(stream, resp);
+                }
+                None => self.reset_stream(stream, Some(frame::REFUSED_STREAM), None),
             }
         }
     }
@@ -1173,7 +1211,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
         }
         if !was_ready {
             // Not an HTTP/2 server (or it failed at once): trying again would loop.
-            self.fail_queued(&UpstreamError::H2Relay(H2Failure::Connection(e)));
+            self.fail_queued(&UpstreamError::H2(H2Failure::Connection(e)));
         }
         self.want_dispatch = true;
     }
@@ -1184,6 +1222,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
         let Some(s) = self.streams.get_mut(&stream) else {
             return;
         };
+        if s.resp.end && matches!(why, H2Failure::Connection(_)) {
+            // The whole response came (only the request was still going): it still goes
+            // to the client.
+            self.upstream_done_early(stream);
+            return;
+        }
         s.u_recv_closed = true;
         s.u_send_closed = true;
         if let Link::Open { gen, id } = s.link {
@@ -1200,7 +1244,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
         self.want_dispatch = true;
         if s.resp_state == RespState::Head && !s.c_send_closed {
             if let Some(a) = s.allowed.take() {
-                let resp = self.conn.upstream_failed(a, &UpstreamError::H2Relay(why));
+                let resp = self.conn.upstream_failed(a, &UpstreamError::H2(why));
                 self.send_local(stream, resp);
                 return;
             }
@@ -1329,7 +1373,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
         if let Some(&stream) = u.streams.get(&id) {
             return Ok(Some(stream));
         }
-        if id % 2 == 0 || id >= u.next_id {
+        if id.is_multiple_of(2) || id >= u.next_id {
             return Err(frame::conn_error(
                 frame::PROTOCOL_ERROR,
                 "frame on an idle or server-initiated stream",
@@ -1516,19 +1560,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             return;
         }
         if code == frame::NO_ERROR && s.resp.end {
-            // The response is complete and the upstream wants no more of the request: the
-            // rest of the response still goes to the client, then the stream ends.
-            s.u_send_closed = true;
-            s.u_recv_closed = true;
-            let n = s.req.buf.len();
-            s.req.buf.clear();
-            s.req.trailers = None;
-            s.req.end = true;
-            if n > 0 {
-                self.cside.credit(&mut self.client.wbuf, n);
-            }
-            self.flush_resp(stream);
-            self.settle(stream);
+            self.upstream_done_early(stream);
             return;
         }
         if let Some(s) = self.streams.get_mut(&stream) {
@@ -1537,6 +1569,26 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             s.u_send_closed = true;
         }
         self.upstream_stream_failed(stream, H2Failure::Reset(code), code);
+    }
+
+    /// The response is complete and the upstream wants no more of the request (RST_STREAM
+    /// NO_ERROR, or the connection closed): the rest of the response still goes to the
+    /// client, then the client is told to stop sending.
+    fn upstream_done_early(&mut self, stream: u32) {
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        s.u_send_closed = true;
+        s.u_recv_closed = true;
+        let n = s.req.buf.len();
+        s.req.buf.clear();
+        s.req.trailers = None;
+        s.req.end = true;
+        if n > 0 {
+            self.cside.credit(&mut self.client.wbuf, n);
+        }
+        self.flush_resp(stream);
+        self.settle(stream);
     }
 
     fn upstream_goaway(&mut self, i: usize, last: u32, code: u32) {
@@ -1571,7 +1623,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
                     // Counted as the upstream's failure; the client may retry (RFC 9113 §8.7).
                     let _ = self
                         .conn
-                        .upstream_failed(a, &UpstreamError::H2Relay(H2Failure::Refused));
+                        .upstream_failed(a, &UpstreamError::H2(H2Failure::Refused));
                 }
                 self.reset_stream(stream, Some(frame::REFUSED_STREAM), None);
             }
