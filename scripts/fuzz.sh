@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target of the repository briefly and fails when one crashes:
-#   l7/fuzz      http_request (the HTTP proxy's request path), kafka_request (the Kafka codec)
+#   l7/fuzz      http_request (the HTTP proxy's request path), h2_frames (the HTTP/2 relay's
+#                client side: frames, HPACK, streams), kafka_request (the Kafka codec)
 #   policy/fuzz  parse_policies (the policy parser and its diagnostics)
 #
 #   scripts/fuzz.sh [TARGET...]   all targets, or only those named (e.g. kafka_request)
@@ -39,6 +40,7 @@ fi
 # crate, target, extra libFuzzer flags, extra seed directories (relative to the crate).
 targets=(
     "l7|http_request|-max_len=4096|"
+    "l7|h2_frames|-max_len=4096|"
     "l7|kafka_request|-max_len=4096|"
     "policy|parse_policies|-max_len=16384|tests/fixtures ../../shared/corpus"
 )
