@@ -866,11 +866,17 @@ async fn client_protocol_errors_reset_the_stream_or_end_the_connection() {
     .await
     .expect("the upstream never saw the stream end");
     assert_eq!(watched, Err(Some(Reason::CANCEL)));
+    // A request ending before the DATA its content-length announced: malformed.
+    c.send(1, 0x5, 7, &get_block("/hello", &[("content-length", "10")]))
+        .await;
+    let (_, stream, payload) = c.expect(RST_STREAM).await;
+    assert_eq!((stream, code(&payload, 0)), (7, 1));
+    assert_eq!(h.events.stats().http.snapshot().malformed, 2);
     // The connection window past 2^31-1: GOAWAY FLOW_CONTROL_ERROR naming the last stream.
     c.send(WINDOW_UPDATE, 0, 0, &0x7fff_ffffu32.to_be_bytes())
         .await;
     let (_, _, payload) = c.expect(GOAWAY).await;
-    assert_eq!((code(&payload, 0), code(&payload, 4)), (5, 3));
+    assert_eq!((code(&payload, 0), code(&payload, 4)), (7, 3));
     assert!(c.next().await.is_none(), "still open after GOAWAY");
 
     for (frames, want) in [

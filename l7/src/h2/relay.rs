@@ -327,6 +327,9 @@ struct Pipe {
     /// did not give back yet.
     recv_window: i64,
     recv_unacked: u32,
+    /// What the content-length declared and has not come yet (`None`: none declared, or
+    /// not checked: the response to HEAD, 204, 304).
+    length: Option<u64>,
 }
 
 impl Pipe {
@@ -335,9 +338,25 @@ impl Pipe {
             buf: BytesMut::new(),
             end: false,
             trailers: None,
+            length: None,
             send_window: 0,
             recv_window: recv_window as i64,
             recv_unacked: 0,
+        }
+    }
+
+    /// Counts `n` octets of DATA against the content-length (RFC 9113 §8.1.1): false when
+    /// they go past it, or `end` comes before all of it.
+    fn count(&mut self, n: usize, end: bool) -> bool {
+        match &mut self.length {
+            None => true,
+            Some(left) => {
+                if n as u64 > *left {
+                    return false;
+                }
+                *left -= n as u64;
+                !end || *left == 0
+            }
         }
     }
 
@@ -397,6 +416,8 @@ struct Stream {
     u_send_closed: bool,
     /// Something beyond the head went upstream (no retry).
     body_sent: bool,
+    /// A HEAD request (its response's content-length counts no DATA).
+    head_request: bool,
 }
 
 /// An upstream HTTP/2 connection.
@@ -762,6 +783,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             return self.client_stream_error(stream, code);
         }
         s.req.recv_window -= flow as i64;
+        if !s.req.count(data.len(), end) {
+            self.cside.credit(&mut self.client.wbuf, flow);
+            ProtocolStats::bump(&self.conn.shared.events.stats().http.malformed);
+            return self.client_stream_error(stream, frame::PROTOCOL_ERROR);
+        }
         let keep = !matches!(s.link, Link::Local | Link::Done) && !s.u_send_closed;
         let passed = if keep { flow - data.len() } else { flow };
         if keep {
@@ -830,6 +856,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             u_recv_closed: true,
             u_send_closed: true,
             body_sent: false,
+            head_request: false,
         };
         s.req.end = end;
         s.resp.send_window = self.cside.peer_window;
@@ -840,13 +867,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             self.send_local(stream, resp);
             return Ok(());
         }
-        let (mut req, scheme) = match (bad_priority, head.into_request()) {
-            (false, Ok(r)) => r,
-            (true, _) | (_, Err(_)) => {
-                ProtocolStats::bump(&self.conn.shared.events.stats().http.malformed);
-                return self.client_stream_error(stream, frame::PROTOCOL_ERROR);
-            }
+        let parsed = match (bad_priority, head.into_request()) {
+            (false, Ok((req, scheme))) => content_length(req.headers()).map(|l| (req, scheme, l)),
+            (true, _) | (_, Err(_)) => None,
         };
+        let Some((mut req, scheme, length)) = parsed else {
+            ProtocolStats::bump(&self.conn.shared.events.stats().http.malformed);
+            return self.client_stream_error(stream, frame::PROTOCOL_ERROR);
+        };
+        s.req.length = length;
+        s.head_request = req.method() == Method::HEAD;
+        if !s.req.count(0, end) {
+            ProtocolStats::bump(&self.conn.shared.events.stats().http.malformed);
+            return self.client_stream_error(stream, frame::PROTOCOL_ERROR);
+        }
         let allowed = match self.conn.judge(&mut req, true) {
             Judged::Denied(resp) => {
                 self.streams.insert(stream, s);
@@ -878,7 +912,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
         if s.c_recv_closed {
             return self.client_stream_error(stream, frame::STREAM_CLOSED);
         }
-        if !end || check.error.is_some() {
+        if !end || check.error.is_some() || !s.req.count(0, true) {
             ProtocolStats::bump(&self.conn.shared.events.stats().http.malformed);
             return self.client_stream_error(stream, frame::PROTOCOL_ERROR);
         }
@@ -1436,6 +1470,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             return Ok(());
         }
         s.resp.recv_window -= flow as i64;
+        if !s.resp.count(data.len(), end) {
+            u.side.credit(&mut u.io.wbuf, flow);
+            self.upstream_stream_error(
+                i,
+                id,
+                stream,
+                frame::PROTOCOL_ERROR,
+                "DATA not matching the content-length",
+            );
+            return Ok(());
+        }
         let keep = !s.c_send_closed;
         let passed = if keep { flow - data.len() } else { flow };
         if keep {
@@ -1483,6 +1528,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             Some(why)
         } else if trailers && !end {
             Some("trailers without END_STREAM")
+        } else if trailers && !s.resp.count(0, true) {
+            Some("fewer DATA octets than the content-length")
         } else if !trailers && check.status.is_none() {
             Some("no :status")
         } else if !trailers
@@ -1510,6 +1557,22 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
         } else {
             let status = check.status.expect("checked");
             if status >= 200 {
+                s.resp.length = if s.head_request || status == 204 || status == 304 {
+                    None
+                } else {
+                    check.content_length
+                };
+                if !s.resp.count(0, end) {
+                    self.scratch = out;
+                    self.upstream_stream_error(
+                        i,
+                        id,
+                        stream,
+                        frame::PROTOCOL_ERROR,
+                        "no DATA for the content-length",
+                    );
+                    return Ok(());
+                }
                 if !check.has_date {
                     put_field(&mut out, b"date", date_now().as_bytes(), false);
                 }
@@ -1782,6 +1845,7 @@ struct FieldCheck {
     /// A field to drop is there (so the block cannot go as it came).
     strip: bool,
     size: usize,
+    content_length: Option<u64>,
     error: Option<&'static str>,
 }
 
@@ -1789,6 +1853,7 @@ impl FieldCheck {
     fn new(trailers: bool) -> FieldCheck {
         FieldCheck {
             trailers,
+            content_length: None,
             status: None,
             regular: false,
             has_date: false,
@@ -1843,10 +1908,37 @@ impl FieldCheck {
             | b"upgrade" => self.error = Some("connection-specific field"),
             b"te" if value != b"trailers" => self.error = Some("te other than trailers"),
             b"date" => self.has_date = true,
+            b"content-length" => match (parse_length(value), self.content_length) {
+                (Some(l), None) => self.content_length = Some(l),
+                (Some(l), Some(before)) if l == before => {}
+                _ => self.error = Some("invalid content-length"),
+            },
             n if is_dropped(n) => self.strip = true,
             _ => {}
         }
     }
+}
+
+/// A content-length value: digits only (RFC 9110 §8.6).
+fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0, |n, d| n * 10 + (d - b'0') as u64))
+}
+
+/// The content-length of a request's fields: `Some(None)` without one, `None` when invalid
+/// (or several that differ).
+fn content_length(headers: &HeaderMap) -> Option<Option<u64>> {
+    let mut length = None;
+    for v in headers.get_all(CONTENT_LENGTH) {
+        let l = parse_length(v.as_bytes())?;
+        if length.is_some_and(|before| before != l) {
+            return None;
+        }
+        length = Some(l);
+    }
+    Some(length)
 }
 
 /// A request head as its fields are decoded (RFC 9113 §8.3.1 checks on the way).
@@ -2100,6 +2192,49 @@ mod tests {
                 s("authorization", "Bearer x", true),
             ]
         );
+    }
+
+    #[test]
+    fn content_lengths_are_parsed_and_counted() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"18446744073709551615"), None);
+        assert_eq!(
+            parse_length(b"1234567890123456789"),
+            Some(1234567890123456789)
+        );
+        for bad in [&b""[..], b"-1", b"1 ", b"+1", b"0x10", b"1,1"] {
+            assert_eq!(parse_length(bad), None, "{bad:?}");
+        }
+        let mut h = HeaderMap::new();
+        assert_eq!(content_length(&h), Some(None));
+        h.append(CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert_eq!(content_length(&h), Some(Some(5)));
+        h.append(CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert_eq!(content_length(&h), None);
+
+        let mut p = Pipe::new(0);
+        assert!(p.count(100, true), "nothing declared: anything goes");
+        p.length = Some(10);
+        assert!(p.count(4, false) && p.count(6, false) && p.count(0, true));
+        p.length = Some(10);
+        assert!(!p.count(11, false), "more than declared");
+        p.length = Some(10);
+        assert!(!p.count(9, true), "ended short");
+        let c = check(&[(":status", "200"), ("content-length", "7")], false);
+        assert_eq!((c.content_length, c.error), (Some(7), None));
+        let c = check(
+            &[
+                (":status", "200"),
+                ("content-length", "7"),
+                ("content-length", "8"),
+            ],
+            false,
+        );
+        assert!(c.error.is_some());
+        assert!(check(&[(":status", "200"), ("content-length", "x")], false)
+            .error
+            .is_some());
     }
 
     fn check(fields: &[(&str, &str)], trailers: bool) -> FieldCheck {
