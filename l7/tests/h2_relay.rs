@@ -907,3 +907,31 @@ async fn client_protocol_errors_reset_the_stream_or_end_the_connection() {
         assert!(c.next().await.is_none(), "still open after GOAWAY");
     }
 }
+
+/// nghttp2's client (h2load) with a decoder table of 0 octets: it requires the dynamic table
+/// size update that the proxy owes it at the start of the next header block, and every
+/// response must decode without the table (the upstream's encoder indexes its fields).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nghttp2_with_no_header_table_gets_every_response() {
+    if !require(have_command("h2load", "--version"), "h2load") {
+        return;
+    }
+    let h = Harness::new();
+    let proxy = start_http_proxy(&h, start_backend().await, policy(), |_| {}).await;
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("h2load")
+            .args(["-n", "200", "-c", "2", "-m", "10", "--header-table-size=0"])
+            .arg(format!("http://{proxy}/hello"))
+            .output()
+            .expect("run h2load")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("200 succeeded, 0 failed, 0 errored"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("status codes: 200 2xx"), "{text}");
+}
