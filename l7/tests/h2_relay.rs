@@ -1,7 +1,11 @@
-//! HTTP/2 streams through the proxy with the `h2` crate on both ends (and curl): bodies larger
-//! than every flow-control window and trailers both ways, a denied stream beside an allowed
-//! one, resets crossing the proxy with their reason, back-pressure that holds a fast upstream
-//! back while the client does not read, and 502 when the upstream is down.
+//! HTTP/2 streams through the proxy's relay with the `h2` crate on both ends (and curl,
+//! h2load, a raw client): bodies larger than every flow-control window and trailers both
+//! ways, a denied stream beside an allowed one, resets crossing the proxy with their reason,
+//! back-pressure that holds a fast upstream back while the client does not read, 502 when
+//! the upstream is down or not HTTP/2, CONNECT, the upstream's stream limit, a client's
+//! window change mid-stream, responses using the upstream's dynamic table, informational
+//! responses, GOAWAY from the upstream, a client without a header table, and client
+//! protocol errors.
 
 mod common;
 
@@ -102,6 +106,16 @@ async fn backend_stream(req: Request<RecvStream>, mut respond: h2::server::SendR
             }
             tx.send_trailers(t).unwrap();
         }
+        "/early" => {
+            let mut hints = Response::new(());
+            *hints.status_mut() = StatusCode::from_u16(103).unwrap();
+            hints
+                .headers_mut()
+                .insert("link", HeaderValue::from_static("</s.css>; rel=preload"));
+            respond.send_informational(hints).unwrap();
+            let mut tx = respond.send_response(Response::new(()), false).unwrap();
+            tx.send_data(Bytes::from_static(b"hello"), true).unwrap();
+        }
         "/hello" => {
             let mut tx = respond.send_response(Response::new(()), false).unwrap();
             tx.send_data(Bytes::from_static(b"hello"), true).unwrap();
@@ -163,6 +177,7 @@ fn policy() -> HttpPolicy {
             r("POST", "/watch"),
             r("POST", "/watch-raw"),
             r("GET", "/hello"),
+            r("GET", "/early"),
             r("GET", "/reset-mid-body"),
             r("GET", "/flood"),
         ],
@@ -296,6 +311,17 @@ async fn resets_cross_the_proxy_with_their_reason() {
         .unwrap();
     let mut body = resp.await.unwrap().into_body();
     assert_eq!(read_all(&mut body).await.unwrap(), b"hello");
+
+    // An informational response (103) goes through ahead of the final one.
+    let mut send = send.ready().await.unwrap();
+    let (resp, _) = send
+        .send_request(request(Method::GET, "/early"), true)
+        .unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    assert_eq!(read_all(&mut body).await.unwrap(), b"hello");
+    assert_eq!(h.events.stats().http.snapshot().allowed, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
