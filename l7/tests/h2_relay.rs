@@ -117,8 +117,10 @@ async fn backend_stream(req: Request<RecvStream>, mut respond: h2::server::SendR
             tx.send_data(Bytes::from_static(b"hello"), true).unwrap();
         }
         "/hello" => {
-            let mut tx = respond.send_response(Response::new(()), false).unwrap();
-            tx.send_data(Bytes::from_static(b"hello"), true).unwrap();
+            // (The client may have reset the stream meanwhile.)
+            if let Ok(mut tx) = respond.send_response(Response::new(()), false) {
+                let _ = tx.send_data(Bytes::from_static(b"hello"), true);
+            }
         }
         "/reset-mid-body" => {
             let mut tx = respond.send_response(Response::new(()), false).unwrap();
@@ -960,4 +962,38 @@ async fn nghttp2_with_no_header_table_gets_every_response() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("status codes: 200 2xx"), "{text}");
+}
+
+/// A client that opens streams and resets them at once (the rapid-reset attack): past the
+/// burst the proxy allows, the connection ends with ENHANCE_YOUR_CALM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_resets_end_the_connection() {
+    let h = Harness::new();
+    let proxy = start_http_proxy(&h, start_backend().await, policy(), |_| {}).await;
+    let mut c = RawClient::connect(proxy).await;
+    let block = get_block("/hello", &[]);
+    let mut id = 1;
+    let goaway = loop {
+        assert!(id < 2 * 2000, "no GOAWAY after {} resets", id / 2);
+        // Ten streams opened and cancelled at a time.
+        for _ in 0..10 {
+            c.send(1, 0x5, id, &block).await;
+            c.send(RST_STREAM, 0, id, &8u32.to_be_bytes()).await;
+            id += 2;
+        }
+        // What the proxy said meanwhile (answers to streams it got to first, a GOAWAY).
+        let mut found = None;
+        while let Ok(Some(f)) = tokio::time::timeout(Duration::from_millis(1), c.next()).await {
+            if f.0 == GOAWAY {
+                found = Some(f.3);
+                break;
+            }
+        }
+        if let Some(g) = found {
+            break g;
+        }
+    };
+    assert_eq!(code(&goaway, 4), 0xb);
+    // At least the burst went by first.
+    assert!(id / 2 > 1000, "GOAWAY after only {} streams", id / 2);
 }

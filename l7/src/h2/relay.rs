@@ -55,6 +55,12 @@ const MAX_BLOCK: usize = 64 * 1024;
 /// How often a stream the upstream refused (REFUSED_STREAM before anything of it was
 /// processed) is sent again.
 const MAX_RETRIES: u8 = 3;
+/// Client resets of open streams allowed at once, and how many more a second (a token bucket,
+/// nghttp2's defaults): against the rapid-reset attack (CVE-2023-44487), where a client opens
+/// and cancels streams at once so each costs the upstream work without counting against the
+/// stream limit.
+const RESET_BURST: f64 = 1000.0;
+const RESET_RATE: f64 = 33.0;
 /// How long input is still read after a GOAWAY for an error (see [`Relay::linger`]).
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Stream ids we may use upstream (31 bits, odd).
@@ -468,6 +474,9 @@ struct Relay<IO> {
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Streams we reset for the client's protocol errors.
     error_resets: usize,
+    /// Tokens for the client's resets of open streams (see [`RESET_BURST`]), as of when.
+    reset_tokens: f64,
+    reset_at: std::time::Instant,
     want_dispatch: bool,
     scratch: Vec<u8>,
 }
@@ -490,6 +499,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             closing: false,
             linger: None,
             error_resets: 0,
+            reset_tokens: RESET_BURST,
+            reset_at: std::time::Instant::now(),
             want_dispatch: false,
             scratch: Vec::new(),
         }
@@ -657,6 +668,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             Frame::Reset { stream, code } => {
                 self.check_client_id(stream)?;
                 if self.streams.contains_key(&stream) {
+                    self.take_reset_token()?;
                     self.reset_stream(stream, None, Some(code));
                 }
                 Ok(())
@@ -719,6 +731,22 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             Frame::StreamError { stream, code } => self.client_stream_error(stream, code),
             Frame::Skip => Ok(()),
         }
+    }
+
+    /// Counts a client's reset of an open stream against the bucket.
+    fn take_reset_token(&mut self) -> Result<(), ConnError> {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.reset_at).as_secs_f64() * RESET_RATE;
+        self.reset_tokens = (self.reset_tokens + refill).min(RESET_BURST);
+        self.reset_at = now;
+        if self.reset_tokens < 1.0 {
+            return Err(frame::conn_error(
+                frame::ENHANCE_YOUR_CALM,
+                "too many streams reset",
+            ));
+        }
+        self.reset_tokens -= 1.0;
+        Ok(())
     }
 
     /// A frame other than HEADERS and PRIORITY on a client stream id: the client's, and not
