@@ -916,7 +916,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip_hop_by_hop_present(headers, hop_by_hop_bits(headers))
 }
 
-/// [`strip_hop_by_hop`] with the headers' [`hop_by_hop_bits`] known.
+/// `strip_hop_by_hop` with the headers' [`hop_by_hop_bits`] known.
 fn strip_hop_by_hop_present(headers: &mut HeaderMap, present: u16) {
     if present & HOP_ANY == 0 {
         return;

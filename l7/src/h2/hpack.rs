@@ -1,13 +1,13 @@
-//! HPACK (RFC 7541): a full decoder with its dynamic table, a scan that tells a header block
-//! that decodes the same in any context (so it can be forwarded as it came), and a
-//! context-free encoder (static-table references and literals never added to the peer's
-//! dynamic table).
+//! HPACK (RFC 7541): a full decoder with its dynamic table, a transcoder that forwards a
+//! peer's header block so that it decodes the same in any context, and a context-free
+//! encoder (static-table references and literals never added to the peer's dynamic table).
 //!
-//! Why forwarding as it came matters: a response block from a server like nginx is mostly
-//! Huffman-coded literals that are never indexed; decoding those values into a header map
-//! and encoding them again was a quarter of the relay's cost per request. A block without a
-//! dynamic-table reference or insertion does not depend on either side's table, so the
-//! relay checks it (names, values, what the message rules need) and copies it.
+//! Why transcode rather than decode and encode again: a response block from a server like
+//! nginx is Huffman-coded literals (nginx marks them for indexing but never refers to them);
+//! decoding those values into a header map and encoding them again was a quarter of the
+//! relay's cost per request with the `h2` crate. The transcoder checks each field as it goes
+//! and copies each representation with its strings as they came, changing only how a field
+//! uses the table, so nothing the relay forwards depends on a table.
 
 use std::collections::VecDeque;
 
@@ -207,17 +207,6 @@ impl Entry {
     }
 }
 
-/// How [`Decoder::decode`] goes through a block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
-    /// Every field, the dynamic table kept up to date.
-    Full,
-    /// Only while the block is context-free: stops (returning `None`) at the first
-    /// dynamic-table reference or insertion, before changing the table other than by a
-    /// leading size update.
-    Scan,
-}
-
 /// One side's HPACK decoder.
 pub(crate) struct Decoder {
     /// Newest first (index 62).
@@ -288,60 +277,49 @@ impl Decoder {
         }
     }
 
-    /// Decodes `block`, handing each field to `field` (a name and value the caller checks, and
-    /// whether it was sent never-indexed: RFC 7541 §7.1.3 has intermediaries keep that).
-    /// Returns where the fields start (after leading dynamic table size updates), or `None`
-    /// in [`Mode::Scan`] when the block is not context-free.
+    /// Decodes `block`, handing each field to `field` (a name and value, and whether it was
+    /// sent never-indexed).
     pub(crate) fn decode(
         &mut self,
         block: &[u8],
-        mode: Mode,
         mut field: impl FnMut(&[u8], &[u8], bool),
-    ) -> Result<Option<usize>, HpackError> {
+    ) -> Result<(), HpackError> {
+        self.walk(block, None, |n, v, never| {
+            field(n, v, never);
+            true
+        })
+    }
+
+    /// Decodes `block` (the dynamic table kept as the peer's encoder has it) and appends to
+    /// `out` the fields `keep` keeps, encoded so that they decode the same in any context:
+    /// a representation that does not use the table is copied as it came (Huffman-coded
+    /// strings included, so they are decoded only to be checked); one that adds to the table
+    /// is copied as a literal without indexing, its strings as they came; one that refers to
+    /// the table becomes a plain literal. Size updates are dropped. Never-indexed fields stay
+    /// never indexed (RFC 7541 §7.1.3).
+    pub(crate) fn transcode(
+        &mut self,
+        block: &[u8],
+        out: &mut Vec<u8>,
+        keep: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), HpackError> {
+        let mut keep = keep;
+        self.walk(block, Some(out), |n, v, _| keep(n, v))
+    }
+
+    fn walk(
+        &mut self,
+        block: &[u8],
+        mut out: Option<&mut Vec<u8>>,
+        mut field: impl FnMut(&[u8], &[u8], bool) -> bool,
+    ) -> Result<(), HpackError> {
         let mut pos = 0;
-        let mut start = 0;
         let mut fields = false;
         while pos < block.len() {
+            let start = pos;
             let b = block[pos];
-            if b & 0x80 != 0 {
-                let index = int(block, &mut pos, 7)?;
-                if index > 61 && mode == Mode::Scan {
-                    return Ok(None);
-                }
-                let (n, v) = self.get(index)?;
-                field(n, v, false);
-            } else if b & 0x40 != 0 {
-                if mode == Mode::Scan {
-                    return Ok(None);
-                }
-                let index = int(block, &mut pos, 6)?;
-                let name_buf = &mut self.name_buf;
-                let value_buf = &mut self.value_buf;
-                let entry = {
-                    let name: &[u8] = if index == 0 {
-                        string(block, &mut pos, name_buf)?
-                    } else {
-                        match index {
-                            1..=61 => STATIC[index - 1].0,
-                            _ => self
-                                .entries
-                                .get(index - 62)
-                                .map(|e| e.name())
-                                .ok_or(HpackError::Index(index))?,
-                        }
-                    };
-                    let value = string(block, &mut pos, value_buf)?;
-                    let mut data = Vec::with_capacity(name.len() + value.len());
-                    data.extend_from_slice(name);
-                    data.extend_from_slice(value);
-                    Entry {
-                        data: data.into_boxed_slice(),
-                        name_len: name.len(),
-                    }
-                };
-                field(entry.name(), entry.value(), false);
-                self.insert(entry);
-            } else if b & 0x20 != 0 {
+            if b & 0x20 != 0 && b & 0xc0 == 0 {
+                // A dynamic table size update (001xxxxx), only before the fields.
                 if fields {
                     return Err(HpackError::SizeUpdate);
                 }
@@ -351,33 +329,76 @@ impl Decoder {
                 }
                 self.max = size;
                 self.evict_to(size);
-                start = pos;
                 continue;
-            } else {
-                // Without indexing (0000) or never indexed (0001).
-                let never = b & 0x10 != 0;
-                let index = int(block, &mut pos, 4)?;
-                if index > 61 && mode == Mode::Scan {
-                    return Ok(None);
-                }
-                let name: &[u8] = if index == 0 {
-                    string(block, &mut pos, &mut self.name_buf)?
-                } else {
-                    match index {
-                        1..=61 => STATIC[index - 1].0,
-                        _ => self
-                            .entries
-                            .get(index - 62)
-                            .map(|e| e.name())
-                            .ok_or(HpackError::Index(index))?,
-                    }
-                };
-                let value = string(block, &mut pos, &mut self.value_buf)?;
-                field(name, value, never);
             }
             fields = true;
+            if b & 0x80 != 0 {
+                let index = int(block, &mut pos, 7)?;
+                let (n, v) = self.get(index)?;
+                if field(n, v, false) {
+                    if let Some(out) = out.as_deref_mut() {
+                        if index <= 61 {
+                            out.extend_from_slice(&block[start..pos]);
+                        } else {
+                            put_field(out, n, v, false);
+                        }
+                    }
+                }
+                continue;
+            }
+            // Literals: with incremental indexing (01), never indexed (0001), without
+            // indexing (0000).
+            let indexing = b & 0x40 != 0;
+            let never = !indexing && b & 0x10 != 0;
+            let index = int(block, &mut pos, if indexing { 6 } else { 4 })?;
+            let name_at = pos;
+            let name_buf = &mut self.name_buf;
+            let value_buf = &mut self.value_buf;
+            let name: &[u8] = match index {
+                0 => string(block, &mut pos, name_buf)?,
+                1..=61 => STATIC[index - 1].0,
+                _ => self
+                    .entries
+                    .get(index - 62)
+                    .map(|e| e.name())
+                    .ok_or(HpackError::Index(index))?,
+            };
+            let value_at = pos;
+            let value = string(block, &mut pos, value_buf)?;
+            if field(name, value, never) {
+                if let Some(out) = out.as_deref_mut() {
+                    let flags = if never { 0x10 } else { 0 };
+                    match index {
+                        // The representation as it came.
+                        0..=61 if !indexing => out.extend_from_slice(&block[start..pos]),
+                        0 => {
+                            out.push(flags);
+                            out.extend_from_slice(&block[name_at..pos]);
+                        }
+                        1..=61 => {
+                            put_int(out, index, 4, flags);
+                            out.extend_from_slice(&block[value_at..pos]);
+                        }
+                        _ => {
+                            out.push(flags);
+                            put_str(out, name);
+                            out.extend_from_slice(&block[value_at..pos]);
+                        }
+                    }
+                }
+            }
+            if indexing {
+                let mut data = Vec::with_capacity(name.len() + value.len());
+                data.extend_from_slice(name);
+                data.extend_from_slice(value);
+                let name_len = name.len();
+                self.insert(Entry {
+                    data: data.into_boxed_slice(),
+                    name_len,
+                });
+            }
         }
-        Ok(Some(start))
+        Ok(())
     }
 }
 
@@ -494,7 +515,7 @@ mod tests {
 
     fn decode_all(d: &mut Decoder, block: &[u8]) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        d.decode(block, Mode::Full, |n, v, _| {
+        d.decode(block, |n, v, _| {
             out.push((
                 String::from_utf8(n.to_vec()).unwrap(),
                 String::from_utf8(v.to_vec()).unwrap(),
@@ -735,49 +756,37 @@ mod tests {
         assert_eq!(d.table().len(), 1);
         // To 0 and back: the table empties.
         assert_eq!(
-            d.decode(&[0x20, 0x3f, 0xe1, 0x1f, 0x82], Mode::Full, |_, _, _| {}),
-            Ok(Some(4))
+            d.decode(&[0x20, 0x3f, 0xe1, 0x1f, 0x82], |_, _, _| {}),
+            Ok(())
         );
         assert!(d.table().is_empty());
         assert_eq!(d.max, 4096);
         // After a field, or above what we allow.
         assert_eq!(
-            d.decode(&[0x82, 0x20], Mode::Full, |_, _, _| {}),
+            d.decode(&[0x82, 0x20], |_, _, _| {}),
             Err(HpackError::SizeUpdate)
         );
         let mut over = Vec::new();
         put_size_update(&mut over, 4097);
-        assert_eq!(
-            d.decode(&over, Mode::Full, |_, _, _| {}),
-            Err(HpackError::SizeUpdate)
-        );
+        assert_eq!(d.decode(&over, |_, _, _| {}), Err(HpackError::SizeUpdate));
     }
 
     #[test]
     fn bad_indexes_and_truncation() {
         let mut d = Decoder::default();
+        assert_eq!(d.decode(&[0x80], |_, _, _| {}), Err(HpackError::Index(0)));
+        assert_eq!(d.decode(&[0xbe], |_, _, _| {}), Err(HpackError::Index(62)));
         assert_eq!(
-            d.decode(&[0x80], Mode::Full, |_, _, _| {}),
-            Err(HpackError::Index(0))
-        );
-        assert_eq!(
-            d.decode(&[0xbe], Mode::Full, |_, _, _| {}),
+            d.decode(&[0x0f, 0x2f, 0x01, b'a'], |_, _, _| {}),
             Err(HpackError::Index(62))
         );
         assert_eq!(
-            d.decode(&[0x0f, 0x2f, 0x01, b'a'], Mode::Full, |_, _, _| {}),
-            Err(HpackError::Index(62))
-        );
-        assert_eq!(
-            d.decode(&[0x00, 0x05, b'a'], Mode::Full, |_, _, _| {}),
+            d.decode(&[0x00, 0x05, b'a'], |_, _, _| {}),
             Err(HpackError::Truncated)
         );
+        assert_eq!(d.decode(&[0x04], |_, _, _| {}), Err(HpackError::Truncated));
         assert_eq!(
-            d.decode(&[0x04], Mode::Full, |_, _, _| {}),
-            Err(HpackError::Truncated)
-        );
-        assert_eq!(
-            d.decode(&[0x04, 0x81, 0xff], Mode::Full, |_, _, _| {}),
+            d.decode(&[0x04, 0x81, 0xff], |_, _, _| {}),
             Err(HpackError::Huffman(HuffmanError::Padding))
         );
         // An entry bigger than the table empties it and is not added.
@@ -786,16 +795,29 @@ mod tests {
         put_str(&mut block, b"a");
         put_str(&mut block, &[b'v'; 40]);
         let mut n = 0;
-        d.decode(&block, Mode::Full, |_, _, _| n += 1).unwrap();
+        d.decode(&block, |_, _, _| n += 1).unwrap();
         assert_eq!(n, 1);
         assert!(d.table().is_empty());
     }
 
+    /// The fields of `block` as a decoder with an empty table reads them, which must leave
+    /// the table empty (the block is context-free).
+    fn context_free(block: &[u8]) -> Vec<(Vec<u8>, Vec<u8>, bool)> {
+        let mut d = Decoder::default();
+        let mut got = Vec::new();
+        d.decode(block, |n, v, never| {
+            got.push((n.to_vec(), v.to_vec(), never))
+        })
+        .unwrap();
+        assert!(d.table().is_empty(), "the block adds to the table");
+        got
+    }
+
     #[test]
-    fn scan_tells_context_free_blocks() {
+    fn transcoding_copies_what_needs_no_table_and_rewrites_the_rest() {
         let mut d = Decoder::default();
         // Static index, literal without indexing (indexed name and new name), never indexed
-        // with a Huffman value: context-free, all fields seen.
+        // with a Huffman value: copied as they came.
         let mut block = vec![0x88, 0x0f, 0x27];
         put_str(&mut block, b"nginx");
         block.push(0x00);
@@ -807,10 +829,13 @@ mod tests {
         put_int(&mut block, enc.len(), 7, 0x80);
         block.extend_from_slice(&enc);
         let mut seen = Vec::new();
-        let r = d.decode(&block, Mode::Scan, |n, v, _| {
-            seen.push((n.to_vec(), v.to_vec()))
-        });
-        assert_eq!(r, Ok(Some(0)));
+        let mut out = Vec::new();
+        d.transcode(&block, &mut out, |n, v| {
+            seen.push((n.to_vec(), v.to_vec()));
+            true
+        })
+        .unwrap();
+        assert_eq!(out, block);
         assert_eq!(
             seen,
             [
@@ -820,30 +845,62 @@ mod tests {
                 (b"b".to_vec(), b"abcd".to_vec()),
             ]
         );
-        // A leading size update is applied and skipped.
+        assert!(context_free(&out)[3].2, "never indexed stays so");
+        // A leading size update is applied and dropped; a field left out is not there.
         let mut with_update = vec![0x3f, 0xe1, 0x0f];
         with_update.extend_from_slice(&block);
-        assert_eq!(
-            d.decode(&with_update, Mode::Scan, |_, _, _| {}),
-            Ok(Some(3))
-        );
-        // Incremental indexing, a dynamic reference, a dynamic name: not context-free, and
-        // the table untouched by the scan.
+        let mut out = Vec::new();
+        d.transcode(&with_update, &mut out, |n, _| n != b"x-a")
+            .unwrap();
+        assert_eq!(out.len(), block.len() - 7);
+        assert_eq!(context_free(&out).len(), 3);
+        // Incremental indexing (a new name, a static name with a Huffman value): the table
+        // learns them, the output is without indexing with the strings as they came.
         let mut indexing = vec![0x88, 0x40];
         put_str(&mut indexing, b"x-a");
         put_str(&mut indexing, b"1");
-        assert_eq!(d.decode(&indexing, Mode::Scan, |_, _, _| {}), Ok(None));
-        assert!(d.table().is_empty());
-        decode_all(&mut d, &indexing);
-        assert_eq!(d.table().len(), 1);
-        assert_eq!(d.decode(&[0x88, 0xbe], Mode::Scan, |_, _, _| {}), Ok(None));
+        indexing.push(0x40 | 54);
+        put_int(&mut indexing, enc.len(), 7, 0x80);
+        indexing.extend_from_slice(&enc);
+        let mut out = Vec::new();
+        d.transcode(&indexing, &mut out, |_, _| true).unwrap();
+        let mut want = vec![0x88, 0x00];
+        put_str(&mut want, b"x-a");
+        put_str(&mut want, b"1");
+        want.extend_from_slice(&[0x0f, 0x27]);
+        put_int(&mut want, enc.len(), 7, 0x80);
+        want.extend_from_slice(&enc);
+        assert_eq!(out, want);
         assert_eq!(
-            d.decode(&[0x0f, 0x2f, 0x00], Mode::Scan, |_, _, _| {}),
-            Ok(None)
+            d.table(),
+            [
+                (b"server".to_vec(), b"abcd".to_vec()),
+                (b"x-a".to_vec(), b"1".to_vec())
+            ]
         );
+        // References to the table (a field, a name) become plain literals.
+        let mut refs = vec![0x88, 0xbe, 0x1f, 0x30];
+        put_str(&mut refs, b"2");
+        let mut out = Vec::new();
+        d.transcode(&refs, &mut out, |_, _| true).unwrap();
+        let fields: Vec<_> = context_free(&out)
+            .into_iter()
+            .map(|(n, v, never)| {
+                (
+                    String::from_utf8(n).unwrap(),
+                    String::from_utf8(v).unwrap(),
+                    never,
+                )
+            })
+            .collect();
+        let f = |n: &str, v: &str, never| (n.to_string(), v.to_string(), never);
         assert_eq!(
-            decode_all(&mut d, &[0x0f, 0x2f, 0x01, b'2']),
-            pairs(&[("x-a", "2")])
+            fields,
+            [
+                f(":status", "200", false),
+                f("server", "abcd", false),
+                f("x-a", "2", true)
+            ]
         );
     }
 
@@ -863,17 +920,14 @@ mod tests {
         for (n, v) in fields {
             put_field(&mut block, n, v, false);
         }
-        let mut d = Decoder::default();
-        let mut got = Vec::new();
-        let r = d.decode(&block, Mode::Scan, |n, v, _| {
-            got.push((n.to_vec(), v.to_vec()))
-        });
-        assert_eq!(r, Ok(Some(1)));
+        let got: Vec<_> = context_free(&block)
+            .into_iter()
+            .map(|(n, v, _)| (n, v))
+            .collect();
         let want: Vec<_> = fields
             .iter()
             .map(|(n, v)| (n.to_vec(), v.to_vec()))
             .collect();
         assert_eq!(got, want);
-        assert!(d.table().is_empty());
     }
 }

@@ -12,10 +12,11 @@
 //! does not read holds the sender back. Trailers follow the data; END_STREAM and resets cross
 //! to the other side.
 //!
-//! Header blocks: requests are decoded whole (the rules need the head as a request);
-//! response blocks that do not touch the upstream's dynamic table are checked field by field
-//! and forwarded as they came, other ones decoded and encoded again without indexing, so
-//! nothing we send the client depends on a table.
+//! Header blocks: requests are decoded whole (the rules need the head as a request) and
+//! encoded again for the upstream without indexing; response blocks (and trailers both ways)
+//! are transcoded: each field checked as it goes by, each representation copied with its
+//! strings as they came, only its use of the dynamic table changed (see
+//! [`Decoder::transcode`]), so nothing we send the client depends on a table.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
@@ -32,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::frame::{self, settings, ConnError, Frame, Reader};
-use super::hpack::{self, put_field, Decoder, Mode};
+use super::hpack::{self, put_field, Decoder};
 use super::{
     date_now, CLIENT_CONN_WINDOW, CLIENT_STREAM_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE,
     MAX_LOCAL_ERROR_RESET_STREAMS, SERVER_CONN_WINDOW, SERVER_MAX_CONCURRENT_STREAMS,
@@ -857,7 +858,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             // A closed stream: its block still changes the decoder's table.
             self.cside
                 .decoder
-                .decode(block, Mode::Full, |_, _, _| {})
+                .decode(block, |_, _, _| {})
                 .map_err(compression_error)?;
             return Ok(());
         }
@@ -865,7 +866,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
         let mut head = RequestHead::default();
         self.cside
             .decoder
-            .decode(block, Mode::Full, |n, v, never| head.field(n, v, never))
+            .decode(block, |n, v, never| head.field(n, v, never))
             .map_err(compression_error)?;
         if self.streams.len() >= SERVER_MAX_CONCURRENT_STREAMS as usize {
             frame::put_reset(&mut self.client.wbuf, stream, frame::REFUSED_STREAM);
@@ -1538,7 +1539,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             self.ups[i]
                 .side
                 .decoder
-                .decode(block, Mode::Full, |_, _, _| {})
+                .decode(block, |_, _, _| {})
                 .map_err(compression_error)?;
             return Ok(());
         };
@@ -1798,30 +1799,19 @@ fn compression_error(e: hpack::HpackError) -> ConnError {
     frame::conn_error(frame::COMPRESSION_ERROR, "header block cannot be decoded")
 }
 
-/// Decodes a peer's header block and appends what to forward to `out`: the block as it came
-/// when it is context-free and nothing in it is to be dropped, else each field encoded
-/// again (dropping hop-by-hop fields). `check` sees every field.
+/// Decodes a peer's header block and appends what to forward to `out` (see
+/// [`Decoder::transcode`]), without the hop-by-hop fields an HTTP/2 message may carry; `check`
+/// sees every field.
 fn relay_block(
     decoder: &mut Decoder,
     block: &[u8],
     check: &mut FieldCheck,
     out: &mut Vec<u8>,
 ) -> Result<(), hpack::HpackError> {
-    let context_free = decoder.decode(block, Mode::Scan, |n, v, _| check.field(n, v))?;
-    if let Some(start) = context_free {
-        if !check.strip || check.error.is_some() {
-            out.extend_from_slice(&block[start..]);
-            return Ok(());
-        }
-    }
-    *check = FieldCheck::new(check.trailers);
-    decoder.decode(block, Mode::Full, |n, v, never| {
+    decoder.transcode(block, out, |n, v| {
         check.field(n, v);
-        if !is_dropped(n) {
-            put_field(out, n, v, never);
-        }
-    })?;
-    Ok(())
+        !is_dropped(n)
+    })
 }
 
 /// Hop-by-hop fields an HTTP/2 message may carry and the relay drops (the
@@ -1870,8 +1860,6 @@ struct FieldCheck {
     status: Option<u16>,
     regular: bool,
     has_date: bool,
-    /// A field to drop is there (so the block cannot go as it came).
-    strip: bool,
     size: usize,
     content_length: Option<u64>,
     error: Option<&'static str>,
@@ -1885,7 +1873,6 @@ impl FieldCheck {
             status: None,
             regular: false,
             has_date: false,
-            strip: false,
             size: 0,
             error: None,
         }
@@ -1941,7 +1928,6 @@ impl FieldCheck {
                 (Some(l), Some(before)) if l == before => {}
                 _ => self.error = Some("invalid content-length"),
             },
-            n if is_dropped(n) => self.strip = true,
             _ => {}
         }
     }
@@ -2197,16 +2183,7 @@ mod tests {
         secret.set_sensitive(true);
         req.headers_mut().insert("authorization", secret);
         let block = encode_request(&req, Some(&Scheme::HTTPS));
-        let mut d = Decoder::default();
-        let mut got = Vec::new();
-        assert_eq!(
-            d.decode(&block, Mode::Scan, |n, v, never| got.push((
-                String::from_utf8(n.to_vec()).unwrap(),
-                String::from_utf8(v.to_vec()).unwrap(),
-                never
-            ))),
-            Ok(Some(0))
-        );
+        let got = context_free(&block);
         let s = |a: &str, b: &str, n: bool| (a.to_string(), b.to_string(), n);
         assert_eq!(
             got,
@@ -2279,15 +2256,12 @@ mod tests {
             &[(":status", "200"), ("date", "x"), ("content-type", "t")],
             false,
         );
-        assert_eq!(
-            (c.status, c.has_date, c.strip, c.error),
-            (Some(200), true, false, None)
-        );
+        assert_eq!((c.status, c.has_date, c.error), (Some(200), true, None));
         let c = check(
             &[(":status", "404"), ("proxy-authenticate", "Basic")],
             false,
         );
-        assert!(c.strip && c.error.is_none() && !c.has_date);
+        assert!(c.error.is_none() && !c.has_date);
         for bad in [
             &[(":status", "20")][..],
             &[(":status", "200"), (":status", "200")],
@@ -2303,8 +2277,28 @@ mod tests {
         assert!(check(&[("grpc-status", "0")], true).error.is_none());
     }
 
+    /// The fields of `block` as a decoder with an empty table reads them, which must leave
+    /// the table empty (the block is context-free).
+    fn context_free(block: &[u8]) -> Vec<(String, String, bool)> {
+        let mut d = Decoder::default();
+        let mut got = Vec::new();
+        d.decode(block, |n, v, never| {
+            got.push((
+                String::from_utf8(n.to_vec()).unwrap(),
+                String::from_utf8(v.to_vec()).unwrap(),
+                never,
+            ))
+        })
+        .unwrap();
+        let mut out = Vec::new();
+        d.transcode(&[0xbe], &mut out, |_, _| true)
+            .expect_err("the block added to the table");
+        got
+    }
+
     #[test]
-    fn blocks_go_as_they_came_only_when_context_free_and_clean() {
+    fn blocks_go_as_they_came_when_context_free_and_without_hop_by_hop_fields() {
+        let f = |n: &str, v: &str| (n.to_string(), v.to_string(), false);
         // Context-free with a Huffman value: copied as is.
         let mut block = vec![0x88];
         block.push(0x0f);
@@ -2319,26 +2313,15 @@ mod tests {
         relay_block(&mut d, &block, &mut check, &mut out).unwrap();
         assert_eq!(out, block);
         assert_eq!(check.status, Some(200));
-        // With a field to drop: encoded again without it.
+        // With a field to drop: the rest as it came.
         let mut with_drop = block.clone();
         put_field(&mut with_drop, b"proxy-authenticate", b"Basic", false);
         let mut check = FieldCheck::new(false);
         let mut out = Vec::new();
         relay_block(&mut d, &with_drop, &mut check, &mut out).unwrap();
-        let mut fields = Vec::new();
-        Decoder::default()
-            .decode(&out, Mode::Full, |n, v, _| {
-                fields.push((n.to_vec(), v.to_vec()))
-            })
-            .unwrap();
-        assert_eq!(
-            fields,
-            [
-                (b":status".to_vec(), b"200".to_vec()),
-                (b"server".to_vec(), b"nginx".to_vec())
-            ]
-        );
-        // Incremental indexing: the table learns it, and the output is context-free.
+        assert_eq!(out, block);
+        // Incremental indexing (as nginx sends every field): the table learns it, and the
+        // output is context-free.
         let mut indexing = vec![0x88, 0x40];
         hpack::put_int(&mut indexing, 5, 7, 0);
         indexing.extend_from_slice(b"x-one");
@@ -2348,21 +2331,12 @@ mod tests {
             let mut check = FieldCheck::new(false);
             let mut out = Vec::new();
             relay_block(&mut d, &indexing, &mut check, &mut out).unwrap();
-            assert_eq!(
-                Decoder::default().decode(&out, Mode::Scan, |_, _, _| {}),
-                Ok(Some(0))
-            );
+            assert_eq!(context_free(&out), [f(":status", "200"), f("x-one", "1")]);
         }
         // A reference to what was indexed.
         let mut check = FieldCheck::new(false);
         let mut out = Vec::new();
         relay_block(&mut d, &[0x88, 0xbe], &mut check, &mut out).unwrap();
-        let mut fields = Vec::new();
-        Decoder::default()
-            .decode(&out, Mode::Scan, |n, v, _| {
-                fields.push((n.to_vec(), v.to_vec()))
-            })
-            .unwrap();
-        assert_eq!(fields[1], (b"x-one".to_vec(), b"1".to_vec()));
+        assert_eq!(context_free(&out), [f(":status", "200"), f("x-one", "1")]);
     }
 }
