@@ -99,7 +99,7 @@ Method: \`bench/l7/run.sh\` (DUR=${DUR}s per measurement, ${ROUNDS} interleaved 
 round kept), release build, everything on loopback of this 2-core machine (load generator,
 proxy and backend share the cores). Backend: nginx 1 worker returning 200 "ok". fqdnwall's
 HTTP proxy runs the non-transparent mode (\`l7/examples/l7proxy.rs\`: each connection goes to the
-least busy of one single-threaded runtime per CPU, \`l7::ConnectionWorkers\`) with 20 HTTP rules (the
+least busy of its single-threaded runtimes, one per two CPUs, \`l7::ConnectionWorkers::for_node\`) with 20 HTTP rules (the
 request matches the last); nginx reverse proxy: \`worker_processes auto\`, upstream keepalive.
 CPU per request: user+sys time of the server's processes over the requests wrk completed (less
 disturbed by other load on the machine than req/s and latency).

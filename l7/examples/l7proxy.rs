@@ -4,11 +4,12 @@
 //!   l7proxy --http LISTEN UPSTREAM [--http-rules N] [--kafka LISTEN UPSTREAM] [--kafka-topic T]
 //!           [--workers N] [--runtime workers|multi|per-thread]
 //!
-//! N (`--workers`) defaults to the number of CPUs. Each accepted HTTP connection is one task,
+//! N (`--workers`) defaults to the number of CPUs (`workers`: half of them, see below). Each accepted HTTP connection is one task,
 //! which also drives its upstream HTTP/1.1 connection. Where the tasks run:
 //! - `workers` (the default): one listener and accept loop; each connection goes to the least
 //!   busy of N threads running a single-threaded runtime each (`l7::ConnectionWorkers`;
-//!   without `--workers`, one per CPU, each pinned to its CPU, as in the agent). The accept
+//!   without `--workers`, one per two CPUs, pinned when several, as in the agent:
+//!   `ConnectionWorkers::for_node`). The accept
 //!   loops and the Kafka proxy run on a multi-thread runtime, as in the agent.
 //! - `multi`: one multi-thread Tokio runtime with N worker threads and one listener per
 //!   proxy; idle workers steal tasks from busy ones.
@@ -74,10 +75,10 @@ fn main() {
         chosen.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     match arg_after(&args, "--runtime", 1).as_deref() {
         None | Some("workers") => {
-            // As the agent: one pinned worker per CPU, unless a count is asked for.
+            // As the agent (ConnectionWorkers::for_node), unless a count is asked for.
             let pool = match chosen {
                 Some(n) => ConnectionWorkers::start(n, "l7proxy"),
-                None => ConnectionWorkers::per_cpu("l7proxy"),
+                None => ConnectionWorkers::for_node("l7proxy"),
             }
             .expect("worker threads");
             // The accept loops (and the Kafka proxy) on a multi-thread runtime, as in the agent.

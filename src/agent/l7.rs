@@ -131,14 +131,15 @@ impl L7Listeners {
             mode,
         );
         http_cfg.denied_message = self.denied_message.clone();
-        // HTTP connections are served by one single-threaded runtime per CPU, each taking
-        // the next connection when it serves the fewest: a connection and its upstream stay
-        // on one thread (no cross-thread wake-ups per request), and the load spreads evenly
-        // even though the datapath steers every flow to one listening socket.
+        // HTTP connections are served by single-threaded runtimes (one per two CPUs, see
+        // ConnectionWorkers::for_node), each taking the next connection when it serves the
+        // fewest: a connection and its upstream stay on one thread (no cross-thread
+        // wake-ups per request), and the load spreads evenly even though the datapath
+        // steers every flow to one listening socket.
         let http_spawn = if self.http.is_empty() {
             Spawn::Here
         } else {
-            match ConnectionWorkers::per_cpu("fqdnwall-http") {
+            match ConnectionWorkers::for_node("fqdnwall-http") {
                 Ok(w) => Spawn::Workers(Arc::new(w)),
                 Err(e) => {
                     tracing::warn!(error = %e, "HTTP proxy: no worker threads; serving on the main runtime");
