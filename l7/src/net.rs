@@ -191,13 +191,14 @@ impl ConnectionWorkers {
     /// Why not one per CPU: a worker wakes once for whatever its connections have ready, so
     /// the fewer workers the connections are spread over, the more each wake-up carries, and
     /// wake-ups are most of what the kernel spends on a proxied request. On two cores shared
-    /// with the load generator and the backend (bench/RESULTS.md), one worker against two
-    /// pinned ones measured HTTP/2 (h2load -c16 -m16) 1.06× against 0.79× of direct's
-    /// requests per second (medians of five interleaved rounds), and HTTP/1.1 (wrk -c32) the
-    /// same requests per second with p99 0.67× against 0.56× nginx's. Why pinned when there
-    /// are several: a worker serves every connection it was given, so when two workers share
-    /// a core all of one worker's connections wait, which is what the p99 of a loaded proxy
-    /// is made of (two unpinned workers measured p99 0.76–2.69× nginx's, pinned 0.37–0.92×).
+    /// with the load generator and the backend (bench/RESULTS.md, medians of five interleaved
+    /// rounds), one worker against two pinned ones measured HTTP/2 (h2load -c16 -m16) 1.04×
+    /// against 0.82× of direct's requests per second, and HTTP/1.1 (wrk -c32) 1.10× against
+    /// 1.06× nginx's requests per second with p99 0.63× against 0.47× nginx's. Why pinned
+    /// when there are several: a worker serves every connection it was given, so when two
+    /// workers share a core all of one worker's connections wait, which is what the p99 of a
+    /// loaded proxy is made of (two unpinned workers measured p99 0.76–2.69× nginx's, pinned
+    /// 0.37–0.92×).
     pub fn for_node(name: &str) -> io::Result<ConnectionWorkers> {
         let cpus = allowed_cpus().filter(|c| !c.is_empty());
         let count = cpus.as_ref().map_or_else(
