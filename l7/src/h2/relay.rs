@@ -367,6 +367,47 @@ impl Pipe {
         }
     }
 
+    /// Writes what waits in `buf` to `out` as DATA on `stream`, as far as the receiver's
+    /// stream window, its connection window (`side`) and its frame size allow, then the
+    /// trailers or an empty END_STREAM once all is through and the sender ended. Returns
+    /// the octets passed on and whether the stream is now ended towards the receiver.
+    fn drain(&mut self, out: &mut Vec<u8>, side: &mut Side, stream: u32) -> (usize, bool) {
+        let mut passed = 0;
+        let mut ended = false;
+        while !self.buf.is_empty() {
+            let n = (self.buf.len() as i64)
+                .min(self.send_window)
+                .min(side.send_window)
+                .min(side.peer_max_frame as i64);
+            if n <= 0 {
+                break;
+            }
+            let n = n as usize;
+            let last = n == self.buf.len() && self.end && self.trailers.is_none();
+            frame::put_head(
+                out,
+                n,
+                frame::DATA,
+                if last { frame::END_STREAM } else { 0 },
+                stream,
+            );
+            out.extend_from_slice(&self.buf[..n]);
+            self.buf.advance(n);
+            self.send_window -= n as i64;
+            side.send_window -= n as i64;
+            passed += n;
+            ended = last;
+        }
+        if self.buf.is_empty() && !ended && self.end {
+            match self.trailers.take() {
+                Some(t) => side.put_block(out, stream, &t, true),
+                None => frame::put_data(out, stream, &[], true, side.peer_max_frame),
+            }
+            ended = true;
+        }
+        (passed, ended)
+    }
+
     /// Counts `n` octets the sender sent on the stream as passed on; gives the stream window
     /// back once half of it is used, while the sender may still send.
     fn credit(&mut self, out: &mut Vec<u8>, stream: u32, n: usize, window: u32) {
@@ -1019,40 +1060,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
         if s.c_send_closed {
             return;
         }
-        let out = &mut self.client.wbuf;
-        let side = &mut self.cside;
-        let mut passed = 0;
-        while !s.resp.buf.is_empty() {
-            let n = (s.resp.buf.len() as i64)
-                .min(s.resp.send_window)
-                .min(side.send_window)
-                .min(side.peer_max_frame as i64);
-            if n <= 0 {
-                break;
-            }
-            let n = n as usize;
-            let last = n == s.resp.buf.len() && s.resp.end && s.resp.trailers.is_none();
-            frame::put_head(
-                out,
-                n,
-                frame::DATA,
-                if last { frame::END_STREAM } else { 0 },
-                stream,
-            );
-            out.extend_from_slice(&s.resp.buf[..n]);
-            s.resp.buf.advance(n);
-            s.resp.send_window -= n as i64;
-            side.send_window -= n as i64;
-            passed += n;
-            if last {
-                s.c_send_closed = true;
-            }
-        }
-        if s.resp.buf.is_empty() && !s.c_send_closed && s.resp.end {
-            match s.resp.trailers.take() {
-                Some(t) => side.put_block(out, stream, &t, true),
-                None => frame::put_data(out, stream, &[], true, side.peer_max_frame),
-            }
+        let (passed, ended) = s.resp.drain(&mut self.client.wbuf, &mut self.cside, stream);
+        if ended {
             s.c_send_closed = true;
         }
         if passed > 0 {
@@ -1738,40 +1747,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
         let Some(u) = self.ups.iter_mut().find(|u| u.gen == gen) else {
             return;
         };
-        let out = &mut u.io.wbuf;
-        let side = &mut u.side;
-        let mut passed = 0;
-        while !s.req.buf.is_empty() {
-            let n = (s.req.buf.len() as i64)
-                .min(s.req.send_window)
-                .min(side.send_window)
-                .min(side.peer_max_frame as i64);
-            if n <= 0 {
-                break;
-            }
-            let n = n as usize;
-            let last = n == s.req.buf.len() && s.req.end && s.req.trailers.is_none();
-            frame::put_head(
-                out,
-                n,
-                frame::DATA,
-                if last { frame::END_STREAM } else { 0 },
-                id,
-            );
-            out.extend_from_slice(&s.req.buf[..n]);
-            s.req.buf.advance(n);
-            s.req.send_window -= n as i64;
-            side.send_window -= n as i64;
-            passed += n;
-            if last {
-                s.u_send_closed = true;
-            }
-        }
-        if s.req.buf.is_empty() && !s.u_send_closed && s.req.end {
-            match s.req.trailers.take() {
-                Some(t) => side.put_block(out, id, &t, true),
-                None => frame::put_data(out, id, &[], true, side.peer_max_frame),
-            }
+        let (passed, ended) = s.req.drain(&mut u.io.wbuf, &mut u.side, id);
+        if ended {
             s.u_send_closed = true;
             s.body_sent = true;
         }
