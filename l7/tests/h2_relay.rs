@@ -188,6 +188,18 @@ fn policy() -> HttpPolicy {
     .unwrap()
 }
 
+/// Every GET allowed, whatever its path.
+fn any_get() -> HttpPolicy {
+    HttpPolicy::compile(
+        &[HttpRule {
+            method: Some("GET".into()),
+            ..Default::default()
+        }],
+        &SecretDir::new("/nonexistent"),
+    )
+    .unwrap()
+}
+
 /// An HTTP/2 client connection to `addr` (flow-control windows at the protocol's default,
 /// 64 KiB, far below the proxy's).
 async fn client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
@@ -464,15 +476,7 @@ async fn streams_beyond_the_upstream_stream_limit_wait_for_a_slot() {
     })
     .await;
     let h = Harness::new();
-    let policy = HttpPolicy::compile(
-        &[HttpRule {
-            method: Some("GET".into()),
-            ..Default::default()
-        }],
-        &SecretDir::new("/nonexistent"),
-    )
-    .unwrap();
-    let proxy = start_http_proxy(&h, backend, policy, |_| {}).await;
+    let proxy = start_http_proxy(&h, backend, any_get(), |_| {}).await;
     let send = client(proxy).await;
     let calls = (0..20).map(|i| {
         let send = send.clone();
@@ -594,15 +598,7 @@ async fn responses_using_the_upstream_dynamic_table_arrive_intact() {
         format!("{}-{}", n % 5, "v".repeat(900))
     }
     let h = Harness::new();
-    let policy = HttpPolicy::compile(
-        &[HttpRule {
-            method: Some("GET".into()),
-            ..Default::default()
-        }],
-        &SecretDir::new("/nonexistent"),
-    )
-    .unwrap();
-    let proxy = start_http_proxy(&h, backend, policy, |_| {}).await;
+    let proxy = start_http_proxy(&h, backend, any_get(), |_| {}).await;
     let send = client(proxy).await;
     let one = |n: usize| {
         let send = send.clone();
@@ -668,15 +664,7 @@ async fn after_an_upstream_goaway_the_next_stream_opens_a_new_connection() {
     })
     .await;
     let h = Harness::new();
-    let any_get = HttpPolicy::compile(
-        &[HttpRule {
-            method: Some("GET".into()),
-            ..Default::default()
-        }],
-        &SecretDir::new("/nonexistent"),
-    )
-    .unwrap();
-    let proxy = start_http_proxy(&h, backend, any_get, |_| {}).await;
+    let proxy = start_http_proxy(&h, backend, any_get(), |_| {}).await;
     let send = client(proxy).await;
     let get = |path: &'static str, after: u64| {
         let send = send.clone();

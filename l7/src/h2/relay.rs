@@ -367,6 +367,21 @@ impl Pipe {
         }
     }
 
+    /// Takes a DATA frame's payload `data` (`flow`: the octets it counts against flow
+    /// control, padding included): kept to be passed on when `keep`, else dropped. Returns
+    /// what counts as passed on at once (padding, or all of it when dropped).
+    fn accept(&mut self, data: &[u8], flow: usize, end: bool, keep: bool) -> usize {
+        if end {
+            self.end = true;
+        }
+        if keep {
+            self.buf.extend_from_slice(data);
+            flow - data.len()
+        } else {
+            flow
+        }
+    }
+
     /// Writes what waits in `buf` to `out` as DATA on `stream`, as far as the receiver's
     /// stream window, its connection window (`side`) and its frame size allow, then the
     /// trailers or an empty END_STREAM once all is through and the sender ended. Returns
@@ -859,13 +874,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             return self.client_stream_error(stream, frame::PROTOCOL_ERROR);
         }
         let keep = !matches!(s.link, Link::Local | Link::Done) && !s.u_send_closed;
-        let passed = if keep { flow - data.len() } else { flow };
-        if keep {
-            s.req.buf.extend_from_slice(data);
-        }
+        let passed = s.req.accept(data, flow, end, keep);
         if end {
             s.c_recv_closed = true;
-            s.req.end = true;
         }
         s.req.credit(
             &mut self.client.wbuf,
@@ -1519,14 +1530,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             );
             return Ok(());
         }
-        let keep = !s.c_send_closed;
-        let passed = if keep { flow - data.len() } else { flow };
-        if keep {
-            s.resp.buf.extend_from_slice(data);
-        }
+        let passed = s.resp.accept(data, flow, end, !s.c_send_closed);
         if end {
             s.u_recv_closed = true;
-            s.resp.end = true;
         }
         s.resp
             .credit(&mut u.io.wbuf, id, passed, u.side.stream_window);
