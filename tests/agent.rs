@@ -814,3 +814,180 @@ fn cname_chain_targets_are_selectable_by_their_own_names() {
     );
     assert_eq!(a.stop().code(), Some(0));
 }
+
+const PERSIST_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: frontend-persist
+spec:
+  endpointSelector:
+    matchLabels: {app: frontend}
+  egress:
+    - toCIDR: ["127.0.0.157/32"]
+      toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules:
+            dns:
+              - matchPattern: "*.example.test"
+    - toFQDNs:
+        - matchName: www.example.test
+        - matchName: api.example.test
+      toPorts:
+        - ports: [{port: "443", protocol: TCP}]
+"#;
+
+/// Learned names reach the journal within a second and survive a `kill -9` (no clean stop,
+/// no final save); a restart folds the journal into a new snapshot, and names learned after
+/// that compaction survive the next `kill -9` too.
+#[test]
+fn learned_names_survive_kill_9_through_the_journal_and_a_compaction() {
+    let Some(ub) = upstream_on("127.0.0.157") else {
+        return;
+    };
+    let d = tempdir();
+    let cfg = config(d.path(), ub.addr);
+    write(d.path(), "policies/frontend.yaml", PERSIST_POLICY);
+    let sock = d.path().join("api.sock");
+    let journal = d.path().join("state/fqdn-cache.journal");
+    let snapshot = d.path().join("state/fqdn-cache.json");
+    let journal_len = || std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
+    let header = 8;
+
+    let a = Agent::start(&["--config", &cfg], &sock);
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "443"),
+        (1, "denied".into())
+    );
+    let r = dig(&a.dns, "127.0.0.2", "www.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    eventually(Duration::from_secs(5), "the journal's flush", || {
+        (journal_len() > header).then_some(())
+    });
+    assert!(
+        !snapshot.exists(),
+        "only the journal is written while it is small"
+    );
+    let status = a.stop_with("KILL");
+    assert!(!status.success(), "killed: {status:?}");
+
+    // Allowed before any new query: restored from the journal alone.
+    let mut a = Agent::start(&["--config", &cfg], &sock);
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "443"),
+        (0, "allowed".into()),
+        "restored from the journal"
+    );
+    // The restored journal is folded into a new snapshot, and a new journal begins.
+    a.wait_log(
+        "learned names compacted into a new snapshot",
+        Duration::from_secs(10),
+    );
+    let text = std::fs::read_to_string(&snapshot).unwrap();
+    assert!(text.contains("\"www.example.test.\""), "{text}");
+    assert_eq!(journal_len(), header, "a new journal after the compaction");
+
+    // Learned after the compaction: in the new journal only.
+    let r = dig(&a.dns, "127.0.0.2", "api.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    eventually(Duration::from_secs(5), "the journal's flush", || {
+        (journal_len() > header).then_some(())
+    });
+    let status = a.stop_with("KILL");
+    assert!(!status.success(), "killed: {status:?}");
+
+    let a = Agent::start(&["--config", &cfg], &sock);
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "443"),
+        (0, "allowed".into()),
+        "from the snapshot"
+    );
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.11", "443"),
+        (0, "allowed".into()),
+        "from the journal after the compaction"
+    );
+    let rows = a.json(&["fqdn", "cache", "list", "--endpoint", "frontend"]);
+    let mut names: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["api.example.test.", "www.example.test."]);
+    assert_eq!(a.stop().code(), Some(0));
+    drop(ub);
+}
+
+/// A journal whose middle is damaged restores the batches before the damage, says where it
+/// stopped (file and byte offset), sets the file aside, and the agent serves on.
+#[test]
+fn a_damaged_journal_restores_its_good_prefix_and_is_set_aside() {
+    let Some(ub) = upstream_on("127.0.0.158") else {
+        return;
+    };
+    let d = tempdir();
+    let text = config(d.path(), ub.addr);
+    write(
+        d.path(),
+        "policies/frontend.yaml",
+        &PERSIST_POLICY.replace("127.0.0.157", "127.0.0.158"),
+    );
+    let sock = d.path().join("api.sock");
+    let journal = d.path().join("state/fqdn-cache.journal");
+    let journal_len = || std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
+
+    let a = Agent::start(&["--config", &text], &sock);
+    let r = dig(&a.dns, "127.0.0.2", "www.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    eventually(Duration::from_secs(5), "the first batch", || {
+        (journal_len() > 8).then_some(())
+    });
+    let first = journal_len();
+    let r = dig(&a.dns, "127.0.0.2", "api.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    eventually(Duration::from_secs(5), "the second batch", || {
+        (journal_len() > first).then_some(())
+    });
+    assert!(!a.stop_with("KILL").success());
+
+    // A flipped byte in the second batch's payload (past its 8-byte frame header).
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let at = first as usize + 12;
+    bytes[at] ^= 0xff;
+    // Something after it, so the damage is not the file's torn end.
+    bytes.extend_from_slice(&[0u8; 16]);
+    std::fs::write(&journal, &bytes).unwrap();
+
+    let mut a = Agent::start(&["--config", &text], &sock);
+    let line = a.wait_log("fqdn-cache.journal", Duration::from_secs(5));
+    assert!(
+        line.contains(&format!("corrupt at byte {first}")) && line.contains("set aside"),
+        "{line}"
+    );
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "443"),
+        (0, "allowed".into()),
+        "the batch before the damage"
+    );
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.11", "443"),
+        (1, "denied".into()),
+        "the damaged batch"
+    );
+    let aside: Vec<String> = std::fs::read_dir(d.path().join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("fqdn-cache.journal.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    // Serving on: learning again works and is journaled.
+    let r = dig(&a.dns, "127.0.0.2", "api.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.11", "443"),
+        (0, "allowed".into())
+    );
+    assert_eq!(a.stop().code(), Some(0));
+    drop(ub);
+}

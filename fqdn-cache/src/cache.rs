@@ -33,7 +33,10 @@ use policy::labels::{Label, LabelSet, SOURCE_FQDN};
 use policy::model::FqdnSelector;
 
 use crate::index::PatternIndex;
-use crate::persist::{EndpointSnapshot, IpSnapshot, NameSnapshot, Snapshot, ZombieSnapshot};
+use crate::journal::{BatchEncoder, EntryState};
+use crate::persist::{
+    EndpointSnapshot, IpSnapshot, NameSnapshot, Snapshot, SnapshotChunk, ZombieSnapshot,
+};
 use crate::time::Timestamp;
 
 /// An endpoint, by the numeric id the policy engine gives it.
@@ -361,6 +364,10 @@ struct Manager {
     set_ids: [HashMap<Box<[SelId]>, SetId>; 2],
     last_set: SetId,
     pinned: HashMap<SelId, [SetId; 2]>,
+    /// With the change log on: names freed since the log was last taken, by their old id.
+    /// Their ids are not handed out again until the changes naming them are encoded
+    /// ([`FqdnCache::release_changes`]), so a logged id always means the same name.
+    parked: Option<HashMap<NameId, DnsName>>,
 }
 
 /// What one operation touched; turned into [`Changes`] at its end.
@@ -372,6 +379,63 @@ struct Tx {
     maybe_free_names: Vec<NameId>,
 }
 
+/// Changes to the learned state since the log was last taken: for each (endpoint, name, IP)
+/// that changed, its state after the last change. What the journal appends each second, so
+/// persisting costs what changed, not what is cached. Expiry is not logged (restore drops
+/// expired lookups by their time anyway); a lifetime that ends in a zombie is.
+#[derive(Debug, Default)]
+struct ChangeLog {
+    /// Key → position in `entries`: a hot name refreshed a thousand times a second is one
+    /// entry, rewritten in place.
+    index: HashMap<(EndpointId, NameId, IpAddr), u32>,
+    entries: Vec<(EndpointId, NameId, IpAddr, EntryState)>,
+}
+
+impl ChangeLog {
+    fn mark(log: &mut Option<ChangeLog>, ep: EndpointId, nid: NameId, ip: IpAddr, st: EntryState) {
+        let Some(log) = log else {
+            return;
+        };
+        match log.index.entry((ep, nid, ip)) {
+            hashbrown::hash_map::Entry::Occupied(e) => log.entries[*e.get() as usize].3 = st,
+            hashbrown::hash_map::Entry::Vacant(v) => {
+                v.insert(u32::try_from(log.entries.len()).expect("fewer than 2^32 changes"));
+                log.entries.push((ep, nid, ip, st));
+            }
+        }
+    }
+}
+
+/// Changes taken out of the cache by [`FqdnCache::take_changes`], to be encoded in bounded
+/// steps ([`FqdnCache::encode_changes`]) and then released ([`FqdnCache::release_changes`]).
+#[derive(Debug, Default)]
+pub struct PendingChanges {
+    entries: Vec<(EndpointId, NameId, IpAddr, EntryState)>,
+    next: usize,
+    /// Names freed while these changes were logged.
+    parked: HashMap<NameId, DnsName>,
+    /// Kept only to be freed by whoever drops this (outside the caller's lock).
+    _index: HashMap<(EndpointId, NameId, IpAddr), u32>,
+}
+
+impl PendingChanges {
+    /// (endpoint, name, IP) keys that changed.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Where [`FqdnCache::snapshot_chunk`] goes on from.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotCursor {
+    next_name: usize,
+    done: bool,
+}
+
 /// The FQDN cache and name manager. See the crate documentation for the flow.
 #[derive(Debug, Default)]
 pub struct FqdnCache {
@@ -379,6 +443,8 @@ pub struct FqdnCache {
     store: Store,
     mgr: Manager,
     generation: u64,
+    /// `None` until [`FqdnCache::enable_change_log`]: a cache nobody persists logs nothing.
+    log: Option<ChangeLog>,
 }
 
 impl Manager {
@@ -489,7 +555,12 @@ impl Manager {
         }
         let state = self.names[nid as usize].take().expect("live name");
         self.release_sel_list(state.sels);
-        self.free_names.push(nid);
+        match &mut self.parked {
+            Some(parked) => {
+                parked.insert(nid, state.name);
+            }
+            None => self.free_names.push(nid),
+        }
     }
 
     /// The names an IP is held under.
@@ -716,7 +787,7 @@ impl Store {
         now: Timestamp,
         recheck: u32,
         conns: &dyn ConnectionSource,
-    ) {
+    ) -> bool {
         if conns.is_alive(ep, ip) {
             // The hold passes from the lookup to the zombie.
             let zombie = zombies.entry(ip).or_insert_with(|| {
@@ -728,8 +799,10 @@ impl Store {
                 }
             });
             zombie.names.push((nid, ended));
+            true
         } else {
             mgr.release(nid, ip, tx);
+            false
         }
     }
 }
@@ -824,6 +897,7 @@ impl FqdnCache {
             zombie_checks,
         } = &mut self.store;
         let mgr = &mut self.mgr;
+        let log = &mut self.log;
         let EndpointState { groups, zombies } = endpoints.entry(ep).or_default();
         let slot = groups.entry(nid).or_default();
         let old_deadline = deadline_of(slot);
@@ -850,7 +924,14 @@ impl FqdnCache {
                 continue;
             }
             match find(group, ip) {
-                Some(i) => group[i].1 = group[i].1.max(exp),
+                Some(i) => {
+                    // A refresh that moves nothing (an upstream cache counting its TTL
+                    // down) is not a change to persist.
+                    if exp > group[i].1 {
+                        group[i].1 = exp;
+                        ChangeLog::mark(log, ep, nid, ip, EntryState::Lookup { expires: exp });
+                    }
+                }
                 None => fresh.push((ip, exp)),
             }
         }
@@ -858,6 +939,7 @@ impl FqdnCache {
         group.reserve_exact(fresh.len());
         for (ip, exp) in fresh {
             group.push((ip, exp));
+            ChangeLog::mark(log, ep, nid, ip, EntryState::Lookup { expires: exp });
             // Re-learned under a name it is a zombie for: the zombie's hold becomes the
             // lookup's. Otherwise a new hold.
             let mut transferred = false;
@@ -888,7 +970,7 @@ impl FqdnCache {
                 (Reverse(*exp), pos.is_none(), pos.unwrap_or(usize::MAX))
             });
             for (ip, _) in group.split_off(max) {
-                Store::end_lifetime(
+                let zombie = Store::end_lifetime(
                     zombies,
                     zombie_checks,
                     mgr,
@@ -899,6 +981,12 @@ impl FqdnCache {
                     recheck,
                     conns,
                 );
+                let st = if zombie {
+                    EntryState::Zombie { expired: now }
+                } else {
+                    EntryState::Removed
+                };
+                ChangeLog::mark(log, ep, nid, ip, st);
             }
         }
 
@@ -941,6 +1029,7 @@ impl FqdnCache {
             zombie_checks,
         } = &mut self.store;
         let mgr = &mut self.mgr;
+        let log = &mut self.log;
         while let Some(&(deadline, ep, nid)) = expiry.first() {
             if deadline > now {
                 break;
@@ -959,7 +1048,7 @@ impl FqdnCache {
                 let (ip, exp) = group[i];
                 if exp <= now {
                     group.swap_remove(i);
-                    Store::end_lifetime(
+                    let zombie = Store::end_lifetime(
                         zombies,
                         zombie_checks,
                         mgr,
@@ -970,6 +1059,10 @@ impl FqdnCache {
                         recheck,
                         conns,
                     );
+                    // A plain expiry needs no record (restore drops it by its time).
+                    if zombie {
+                        ChangeLog::mark(log, ep, nid, ip, EntryState::Zombie { expired: exp });
+                    }
                 } else {
                     i += 1;
                 }
@@ -997,6 +1090,7 @@ impl FqdnCache {
             } else {
                 let zombie = zombies.remove(&ip).expect("indexed zombie");
                 for (nid, _) in zombie.names {
+                    ChangeLog::mark(log, ep, nid, ip, EntryState::Removed);
                     mgr.release(nid, ip, &mut tx);
                 }
             }
@@ -1012,6 +1106,7 @@ impl FqdnCache {
         conns: &dyn ConnectionSource,
     ) -> Changes {
         let mut tx = Tx::default();
+        let log = &mut self.log;
         for (&ep, state) in self.store.endpoints.iter_mut() {
             if endpoint.is_some_and(|e| e != ep) {
                 continue;
@@ -1024,6 +1119,7 @@ impl FqdnCache {
                 }
                 zombie_checks.remove(&(zombie.check_at, ep, ip));
                 for &(nid, _) in &zombie.names {
+                    ChangeLog::mark(log, ep, nid, ip, EntryState::Removed);
                     mgr.release(nid, ip, &mut tx);
                 }
                 false
@@ -1145,6 +1241,7 @@ impl FqdnCache {
             expiry,
             zombie_checks,
         } = &mut self.store;
+        let log = &mut self.log;
         let mut changed = false;
         for (&ep, state) in endpoints.iter_mut() {
             if endpoint.is_some_and(|e| e != ep) {
@@ -1164,6 +1261,7 @@ impl FqdnCache {
                     expiry.remove(&(d, ep, nid));
                 }
                 for &(ip, _) in group.iter() {
+                    ChangeLog::mark(log, ep, nid, ip, EntryState::Removed);
                     mgr.release(nid, ip, &mut tx);
                 }
                 changed = true;
@@ -1171,6 +1269,7 @@ impl FqdnCache {
             state.zombies.retain(|&ip, zombie| {
                 zombie.names.retain(|&(nid, _)| {
                     if wanted(mgr, nid) {
+                        ChangeLog::mark(log, ep, nid, ip, EntryState::Removed);
                         mgr.release(nid, ip, &mut tx);
                         changed = true;
                         false
@@ -1367,6 +1466,138 @@ impl FqdnCache {
         Snapshot::new(endpoints)
     }
 
+    /// Starts logging changes for the journal (the agent does, once restored). From then
+    /// on the log must be taken ([`FqdnCache::take_changes`]) regularly: it holds one entry
+    /// per (endpoint, name, IP) changed since it was last taken.
+    pub fn enable_change_log(&mut self) {
+        if self.log.is_none() {
+            self.log = Some(ChangeLog::default());
+            self.mgr.parked = Some(HashMap::new());
+        }
+    }
+
+    /// Takes the changes logged so far, leaving an empty log. Constant time, whatever was
+    /// logged: the entries are encoded afterwards, in steps.
+    pub fn take_changes(&mut self) -> PendingChanges {
+        let Some(log) = &mut self.log else {
+            return PendingChanges::default();
+        };
+        // The next log starts with room for as many changes as this one held: growing it
+        // from nothing would rehash it, under the caller's lock, in the middle of a learn.
+        let room = log.entries.len();
+        let ChangeLog { index, entries } = std::mem::replace(
+            log,
+            ChangeLog {
+                index: HashMap::with_capacity(room),
+                entries: Vec::with_capacity(room),
+            },
+        );
+        PendingChanges {
+            entries,
+            next: 0,
+            parked: self
+                .mgr
+                .parked
+                .as_mut()
+                .map(std::mem::take)
+                .unwrap_or_default(),
+            _index: index,
+        }
+    }
+
+    /// Encodes up to `max` more of the taken changes into `out`. Returns true once all are.
+    /// Cost: O(`max`) — the caller's lock need not be held for long.
+    pub fn encode_changes(
+        &self,
+        pending: &mut PendingChanges,
+        max: usize,
+        out: &mut BatchEncoder,
+    ) -> bool {
+        let end = pending.entries.len().min(pending.next.saturating_add(max));
+        for &(ep, nid, ip, st) in &pending.entries[pending.next..end] {
+            // The id still names the same name: ids freed since the change was logged are
+            // parked (in `pending` if freed before the take, in the cache's log if after).
+            let name = self.mgr.names[nid as usize]
+                .as_ref()
+                .map(|s| &s.name)
+                .or_else(|| pending.parked.get(&nid))
+                .or_else(|| self.mgr.parked.as_ref().and_then(|p| p.get(&nid)));
+            debug_assert!(name.is_some(), "a logged name id is live or parked");
+            if let Some(name) = name {
+                out.push(ep, name.as_str(), ip, st);
+            }
+        }
+        pending.next = end;
+        end == pending.entries.len()
+    }
+
+    /// Returns the ids of names freed while `pending` was logged, once its changes are
+    /// encoded (or given up on).
+    pub fn release_changes(&mut self, pending: &mut PendingChanges) {
+        self.mgr
+            .free_names
+            .extend(pending.parked.drain().map(|(nid, _)| nid));
+    }
+
+    /// One step of a snapshot taken while the cache keeps changing: copies into `out` the
+    /// lookups (those alive at `now`) of the next names, up to about `max_entries`, and
+    /// after the last name every zombie. Returns true when the snapshot is complete.
+    ///
+    /// A name learned, changed or forgotten after the step that passed it is missed or
+    /// stale: the steps are for a compaction, whose journal logs every change from before
+    /// the first step, and replaying it over the result gives the state at its end.
+    pub fn snapshot_chunk(
+        &self,
+        cursor: &mut SnapshotCursor,
+        max_entries: usize,
+        now: Timestamp,
+        out: &mut SnapshotChunk,
+    ) -> bool {
+        if cursor.done {
+            return true;
+        }
+        let names = &self.mgr.names;
+        while cursor.next_name < names.len() && out.entries() < max_entries {
+            let nid = cursor.next_name as NameId;
+            cursor.next_name += 1;
+            let Some(state) = &names[nid as usize] else {
+                continue;
+            };
+            let mut text = None;
+            for (&ep, st) in &self.store.endpoints {
+                let Some(group) = st.groups.get(&nid) else {
+                    continue;
+                };
+                let start = out.ips.len();
+                out.ips.extend(
+                    group
+                        .iter()
+                        .filter(|(_, exp)| *exp > now)
+                        .map(|&(ip, expires)| IpSnapshot { ip, expires }),
+                );
+                if out.ips.len() == start {
+                    continue;
+                }
+                let name = *text.get_or_insert_with(|| out.push_name(state.name.as_str()));
+                let ips = (start as u32, (out.ips.len() - start) as u32);
+                out.groups.push((ep, name, ips));
+            }
+        }
+        if cursor.next_name < names.len() {
+            return false;
+        }
+        for (&ep, st) in &self.store.endpoints {
+            for (&ip, zombie) in &st.zombies {
+                for &(nid, ended) in &zombie.names {
+                    let name = out.push_name(self.mgr.name(nid).name.as_str());
+                    out.zombies.push((ep, name, ip, ended));
+                }
+            }
+        }
+        cursor.done = true;
+        true
+    }
+
     /// Takes back a persisted state (before the proxy answers its first query). Entries
     /// expired at `now` are dropped; endpoints `resolve` does not know are skipped; the limit
     /// per name applies. Zombies come back as zombies to be re-checked at the first
@@ -1420,6 +1651,13 @@ impl FqdnCache {
                     continue;
                 }
                 zombie.names.push((nid, z.expired));
+                ChangeLog::mark(
+                    &mut self.log,
+                    ep,
+                    nid,
+                    z.ip,
+                    EntryState::Zombie { expired: z.expired },
+                );
                 self.mgr.hold(nid, z.ip, &mut tx);
             }
         }

@@ -13,4 +13,12 @@ pub enum Error {
     Version { found: u32, expected: u32 },
     #[error("FQDN state: {path}: {message}")]
     Invalid { path: String, message: String },
+    /// The journal ends inside a batch: the last write was cut short (a crash or a full
+    /// disk). The batches before `offset` are good.
+    #[error("FQDN journal: the batch at byte {offset} is incomplete (a write cut short); replay stops there")]
+    JournalTorn { offset: usize },
+    /// The journal holds bytes that are not what fqdnwall wrote at `offset` (a checksum
+    /// that does not match, a record that does not decode). The batches before are good.
+    #[error("FQDN journal: corrupt at byte {offset}: {message}; replay stops there")]
+    JournalCorrupt { offset: usize, message: String },
 }

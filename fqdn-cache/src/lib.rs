@@ -10,19 +10,24 @@
 //! operation returns [`Changes`] — identities to add, ipcache upserts/deletes, identities to
 //! release — that the agent applies through the policy engine and the datapath. [`FqdnCache::next_expiry`] tells
 //! the agent when to call [`FqdnCache::expire`]; IPs with open connections linger as zombies.
-//! [`Snapshot`] is the persistence format; [`SaveSchedule`] batches writes.
+//! Persistence: [`Snapshot`] is the base state file, written whole at start and at
+//! compactions ([`FqdnCache::snapshot_chunk`] + [`SnapshotWriter`], in bounded steps); the
+//! cache's change log ([`FqdnCache::take_changes`]) feeds the [`journal`] appended beside it
+//! once a second. [`journal`] describes the files and how restore combines them.
 
 pub mod cache;
 pub mod error;
 pub mod index;
+pub mod journal;
 pub mod persist;
 pub mod time;
 
 pub use cache::{
     Answer, Changes, Config, ConnectionSource, EndpointId, FqdnCache, FqdnIdentity, ListEntry,
-    NoConnections, Source, Stats,
+    NoConnections, PendingChanges, SnapshotCursor, Source, Stats,
 };
 pub use error::Error;
 pub use index::PatternIndex;
-pub use persist::{SaveSchedule, Snapshot};
+pub use journal::{apply_journal, read_journal, BatchEncoder, EntryState, JournalRecord};
+pub use persist::{SaveSchedule, Snapshot, SnapshotChunk, SnapshotWriter};
 pub use time::Timestamp;

@@ -157,6 +157,9 @@ pub struct IdentityAllocator {
     next_cluster: NumericIdentity,
     /// Index `n` of the next local identity `LOCAL_IDENTITY_FLAG | n`.
     next_local: u32,
+    /// Moves whenever what [`to_persisted`](Self::to_persisted) writes changes (an identity
+    /// created or gone), so the agent writes the file only then.
+    generation: u64,
 }
 
 impl Default for IdentityAllocator {
@@ -210,6 +213,7 @@ impl IdentityAllocator {
             remembered_ids: HashMap::new(),
             next_cluster: MIN_CLUSTER_IDENTITY,
             next_local: 1,
+            generation: 0,
         };
         for (id, _) in reserved::ALL {
             let labels = reserved_labels(id).expect("reserved identity has a name");
@@ -252,6 +256,7 @@ impl IdentityAllocator {
                 refs: 1,
             },
         );
+        self.generation += 1;
         (id, true)
     }
 
@@ -304,6 +309,7 @@ impl IdentityAllocator {
         }
         let slot = self.by_id.remove(&id).expect("slot present");
         self.by_labels.remove(&slot.identity.labels);
+        self.generation += 1;
         true
     }
 
@@ -330,6 +336,11 @@ impl IdentityAllocator {
 
     pub fn len(&self) -> usize {
         self.by_id.len()
+    }
+
+    /// Changes whenever the persisted numbering does (see [`to_persisted`](Self::to_persisted)).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn is_empty(&self) -> bool {

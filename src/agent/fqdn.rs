@@ -24,7 +24,7 @@ use axum::Json;
 use dnsproxy::{
     Decision, DnsPolicy, HoldOutcome, LearnedAnswer, Learner, QueryContext, QueryEvent, Transport,
 };
-use fqdn_cache::{Answer, ConnectionSource, SaveSchedule, Snapshot, Timestamp};
+use fqdn_cache::{Answer, ConnectionSource, Snapshot, Timestamp};
 use policy::fqdn::DnsName;
 use policy::identity::IdentityAllocator;
 use policy::mapstate::LookupVerdict;
@@ -443,15 +443,32 @@ pub async fn expiry_loop(agent: Arc<Agent>) {
 }
 
 const FQDN_STATE_FILE: &str = "fqdn-cache.json";
-/// Learned state is written at most this often (writes are batched).
+const FQDN_JOURNAL_FILE: &str = "fqdn-cache.journal";
+/// Changes are appended to the journal this often (writes are batched).
 const SAVE_INTERVAL_MS: u64 = 1000;
+/// Changes encoded per hold of the state lock: the proxy's answers wait on that lock, so a
+/// burst of changes is taken in steps of bounded length rather than all at once.
+const ENCODE_STEP: usize = 4096;
+/// Entries a compaction copies per hold of the state lock (see `ENCODE_STEP`).
+const SNAPSHOT_STEP: usize = 4096;
+/// The journal is folded into a new snapshot once it is larger than both the snapshot and
+/// this. Larger than the snapshot: then restoring reads at most twice the snapshot's bytes,
+/// the directory holds at most about three times them (old, new, journal), and compaction
+/// writes no more bytes than the journal took, so disk writes stay within twice the change
+/// volume. The floor keeps a small cache from being rewritten every few seconds.
+const COMPACT_MIN_BYTES: u64 = 1 << 20;
 
 pub fn state_file(dir: &Path) -> PathBuf {
     dir.join(FQDN_STATE_FILE)
 }
 
+pub fn journal_file(dir: &Path) -> PathBuf {
+    dir.join(FQDN_JOURNAL_FILE)
+}
+
 /// Writes `bytes` to `path` atomically: a reader (or a restart after a crash) sees the old
-/// file or the new one, never half of one.
+/// file or the new one, never half of one. The data is synced before the rename, so after a
+/// power loss the name never points at a file whose data did not reach the disk.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
@@ -461,6 +478,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
+}
+
+/// Syncs a directory, making the renames in it durable (and ordered: one synced before the
+/// next is made cannot be lost while the next survives).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Moves an unreadable state file out of the way so it can be inspected, and says so.
@@ -476,84 +499,376 @@ pub fn set_aside(path: &Path, why: &str) {
     }
 }
 
-/// Restores learned state from the state directory (before the proxy answers anything).
+/// The journal's damaged part is set aside (the whole file, renamed) and the good prefix
+/// becomes the journal again, so later batches are appended where a replay will find them.
+fn set_journal_aside(path: &Path, bytes: &[u8], valid_len: usize, why: &fqdn_cache::Error) {
+    let aside = path.with_extension(format!("journal.corrupt-{}", now().as_unix_millis() / 1000));
+    if let Err(e) = std::fs::rename(path, &aside) {
+        tracing::error!("{}: {why}; cannot set it aside: {e}", path.display());
+    } else {
+        tracing::warn!(
+            "{}: {why}; the batches before byte {valid_len} are restored, the file is set aside as {}",
+            path.display(),
+            aside.display()
+        );
+    }
+    let mut good = bytes[..valid_len].to_vec();
+    if good.len() < fqdn_cache::journal::JOURNAL_HEADER.len() {
+        good = fqdn_cache::journal::JOURNAL_HEADER.to_vec();
+    }
+    if let Err(e) = write_atomic(path, &good) {
+        tracing::error!("cannot write {}: {e}", path.display());
+    }
+}
+
+/// Restores learned state from the state directory (before the proxy answers anything): the
+/// snapshot, then the journal replayed over it, expired entries dropped. Then starts the
+/// cache's change log, which the save loop appends to the journal.
 pub fn restore(agent: &Arc<Agent>) {
-    let path = state_file(&agent.lock().cfg.state_dir);
-    let bytes = match std::fs::read(&path) {
+    let dir = agent.lock().cfg.state_dir.clone();
+    let snapshot = read_snapshot(&state_file(&dir)).unwrap_or_else(|| Snapshot::new(Vec::new()));
+    let path = journal_file(&dir);
+    let (records, batches) = match std::fs::read(&path) {
+        Ok(bytes) => {
+            let read = fqdn_cache::read_journal(&bytes);
+            if let Some(problem) = &read.problem {
+                set_journal_aside(&path, &bytes, read.valid_len, problem);
+            }
+            (read.records, read.batches)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), 0),
+        Err(e) => {
+            tracing::error!("cannot read {}: {e}; restoring without it", path.display());
+            (Vec::new(), 0)
+        }
+    };
+    let t = now();
+    let snapshot = fqdn_cache::apply_journal(snapshot, &records, t);
+    let mut st = agent.lock();
+    if !snapshot.endpoints.is_empty() {
+        let names: Vec<(String, u16)> = st
+            .engine
+            .endpoints()
+            .map(|e| (e.name.clone(), e.id))
+            .collect();
+        let fc = st.fqdn.restore(
+            &snapshot,
+            |n| names.iter().find(|(name, _)| name == n).map(|(_, id)| *id),
+            t,
+        );
+        let changes = st.apply_fqdn_changes(fc);
+        agent.submit(&st, &changes);
+        let stats = st.fqdn.stats();
+        tracing::info!(
+            names = stats.names,
+            ips = stats.ips,
+            journal_batches = batches,
+            file = %state_file(&dir).display(),
+            "learned names restored"
+        );
+    }
+    st.fqdn.enable_change_log();
+}
+
+/// The snapshot file, or `None` when there is none or it is set aside as unreadable.
+fn read_snapshot(path: &Path) -> Option<Snapshot> {
+    let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
             tracing::error!(
                 "cannot read {}: {e}; starting without learned names",
                 path.display()
             );
-            return;
+            return None;
         }
     };
-    let snapshot = match Snapshot::decode(&bytes) {
-        Ok(s) => s,
+    match Snapshot::decode(&bytes) {
+        Ok(s) => Some(s),
         Err(e) => {
-            set_aside(&path, &e.to_string());
-            return;
+            set_aside(path, &e.to_string());
+            None
         }
-    };
-    let mut st = agent.lock();
-    let names: Vec<(String, u16)> = st
-        .engine
-        .endpoints()
-        .map(|e| (e.name.clone(), e.id))
-        .collect();
-    let fc = st.fqdn.restore(
-        &snapshot,
-        |n| names.iter().find(|(name, _)| name == n).map(|(_, id)| *id),
-        now(),
-    );
-    let changes = st.apply_fqdn_changes(fc);
-    agent.submit(&st, &changes);
-    let stats = st.fqdn.stats();
-    tracing::info!(
-        names = stats.names,
-        ips = stats.ips,
-        file = %path.display(),
-        "learned names restored"
-    );
-}
-
-/// Saves learned state when it changed, at most once per second.
-pub async fn save_loop(agent: Arc<Agent>) {
-    let mut schedule = SaveSchedule::new(SAVE_INTERVAL_MS, agent.lock().fqdn.generation());
-    loop {
-        tokio::time::sleep(Duration::from_millis(SAVE_INTERVAL_MS)).await;
-        save_if_due(&agent, &mut schedule);
     }
 }
 
-pub fn save_if_due(agent: &Agent, schedule: &mut SaveSchedule) {
-    let (snap, generation, path) = {
-        let st = agent.lock();
-        let generation = st.fqdn.generation();
-        match schedule.due(generation) {
-            Some(t) if t <= now() => {}
-            _ => return,
+/// The journal being appended to, and the compaction under way, if any.
+struct Persistence {
+    dir: PathBuf,
+    /// Open for appending; `None` after a write failed and could not be undone (the next
+    /// compaction starts a new journal).
+    journal: Option<std::fs::File>,
+    /// Bytes of the journal that are good: where the next batch goes.
+    journal_len: u64,
+    snapshot_len: u64,
+    compaction: Option<Compaction>,
+    /// A batch was lost (a write failed): the next compaction must run soon, since only a
+    /// full snapshot brings the files back in line with the cache.
+    resync: bool,
+    /// The identity allocator's generation last written.
+    identities_saved: Option<u64>,
+}
+
+struct Compaction {
+    /// Journal length when the snapshot steps began: everything after it goes on into the
+    /// new journal.
+    from: u64,
+    tmp: PathBuf,
+    task: tokio::task::JoinHandle<std::io::Result<(u64, usize)>>,
+}
+
+impl Persistence {
+    /// Opens (or starts) the journal in `dir`.
+    fn open(dir: &Path) -> Persistence {
+        let path = journal_file(dir);
+        let header = fqdn_cache::journal::JOURNAL_HEADER;
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len < header.len() as u64 {
+            // None yet (a first start, or state from before journals): a new one.
+            if let Err(e) = write_atomic(&path, header) {
+                tracing::error!("cannot create {}: {e}", path.display());
+            }
         }
-        let names: Vec<(u16, String)> = st
+        let journal = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| tracing::error!("cannot open {} for appending: {e}", path.display()))
+            .ok();
+        let journal_len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        Persistence {
+            dir: dir.to_path_buf(),
+            resync: journal.is_none(),
+            journal,
+            journal_len,
+            snapshot_len: std::fs::metadata(state_file(dir))
+                .map(|m| m.len())
+                .unwrap_or(0),
+            compaction: None,
+            identities_saved: None,
+        }
+    }
+
+    /// Appends one framed batch and syncs it. On failure the journal is cut back to its
+    /// last good batch (so nothing is ever appended after a torn one).
+    fn append(&mut self, batch: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let Some(f) = &mut self.journal else {
+            return Err(std::io::Error::other("the journal is not open"));
+        };
+        // One write per batch, then fdatasync: a batch flushed here survives a power loss,
+        // not only a killed process. One sync a second costs a few milliseconds of a
+        // background thread's time; without it a crash of the machine could lose the page
+        // cache's last seconds and leave the last batch torn (which replay drops).
+        match f.write_all(batch).and_then(|()| f.sync_data()) {
+            Ok(()) => {
+                self.journal_len += batch.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                if f.set_len(self.journal_len).is_err() {
+                    self.journal = None;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Appends what changed in the cache since the last call to the journal: the change log is
+/// taken in constant time and encoded in steps of `ENCODE_STEP` under the state lock; the
+/// framing, the write and the sync happen with the lock released.
+fn flush_changes(agent: &Agent, p: &mut Persistence) {
+    let (mut pending, endpoints) = {
+        let mut st = agent.lock();
+        let mut pending = st.fqdn.take_changes();
+        if pending.is_empty() {
+            st.fqdn.release_changes(&mut pending);
+            return;
+        }
+        let endpoints: Vec<(u16, String)> = st
             .engine
             .endpoints()
             .map(|e| (e.id, e.name.clone()))
             .collect();
-        let snap = st
-            .fqdn
-            .snapshot(|id| names.iter().find(|(i, _)| *i == id).map(|(_, n)| n.clone()));
-        (snap, generation, state_file(&st.cfg.state_dir))
+        (pending, endpoints)
     };
-    // Encoded with the lock released: the proxy's answers wait on that lock.
-    let bytes = snap.encode();
-    match write_atomic(&path, &bytes) {
-        Ok(()) => schedule.saved(generation, now()),
-        Err(e) => tracing::error!("cannot save learned names to {}: {e}", path.display()),
+    let mut batch =
+        fqdn_cache::BatchEncoder::new(endpoints.iter().map(|(id, n)| (*id, n.as_str())));
+    loop {
+        let done = agent
+            .lock()
+            .fqdn
+            .encode_changes(&mut pending, ENCODE_STEP, &mut batch);
+        if done {
+            break;
+        }
     }
-    // Learned names allocate identities: keep their numbers stable across restarts too.
-    save_identities(agent);
+    agent.lock().fqdn.release_changes(&mut pending);
+    drop(pending);
+    if batch.is_empty() {
+        return;
+    }
+    let records = batch.records();
+    if let Err(e) = p.append(&batch.finish()) {
+        tracing::error!(
+            records,
+            "cannot append learned names to {}: {e}; a new snapshot will be written",
+            journal_file(&p.dir).display()
+        );
+        p.resync = true;
+    }
+}
+
+/// Starts a compaction when the journal has outgrown the snapshot (or a batch was lost):
+/// the cache is copied in steps of `SNAPSHOT_STEP` entries, each under the state lock, and
+/// written to a temporary file by a blocking thread while the journal keeps taking batches.
+fn maybe_compact(agent: &Arc<Agent>, p: &mut Persistence) {
+    let header = fqdn_cache::journal::JOURNAL_HEADER.len() as u64;
+    let grown = p.journal_len.saturating_sub(header);
+    if p.compaction.is_some() || !(p.resync || grown > p.snapshot_len.max(COMPACT_MIN_BYTES)) {
+        return;
+    }
+    p.resync = false;
+    let tmp = state_file(&p.dir).with_extension("json.tmp");
+    let endpoints: Vec<(u16, String)> = agent
+        .lock()
+        .engine
+        .endpoints()
+        .map(|e| (e.id, e.name.clone()))
+        .collect();
+    let a = agent.clone();
+    let path = tmp.clone();
+    let task = tokio::task::spawn_blocking(move || write_snapshot_in_steps(&a, &path, &endpoints));
+    p.compaction = Some(Compaction {
+        from: p.journal_len,
+        tmp,
+        task,
+    });
+}
+
+/// Writes the cache as a snapshot to `path` (synced), in steps; returns its size and the
+/// entries written.
+fn write_snapshot_in_steps(
+    agent: &Agent,
+    path: &Path,
+    endpoints: &[(u16, String)],
+) -> std::io::Result<(u64, usize)> {
+    let file = std::fs::File::create(path)?;
+    let mut w = fqdn_cache::SnapshotWriter::new(
+        std::io::BufWriter::with_capacity(1 << 16, file),
+        endpoints.iter().map(|(id, n)| (*id, n.as_str())),
+    )?;
+    let mut cursor = fqdn_cache::SnapshotCursor::default();
+    let mut chunk = fqdn_cache::SnapshotChunk::default();
+    loop {
+        chunk.clear();
+        let done = agent
+            .lock()
+            .fqdn
+            .snapshot_chunk(&mut cursor, SNAPSHOT_STEP, now(), &mut chunk);
+        w.write_chunk(&chunk)?;
+        if done {
+            break;
+        }
+    }
+    let entries = w.entries();
+    let file = w.finish()?.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok((file.metadata()?.len(), entries))
+}
+
+/// Once the snapshot steps are written: the new snapshot replaces the old (rename, then the
+/// directory synced), then the journal is replaced by one holding only the batches appended
+/// since the steps began. A crash between the two leaves the new snapshot with the whole old
+/// journal, which replays to the same state.
+async fn finish_compaction(p: &mut Persistence) {
+    let Some(c) = p.compaction.take_if(|c| c.task.is_finished()) else {
+        return;
+    };
+    let written = match c.task.await {
+        Ok(Ok(w)) => w,
+        Ok(Err(e)) => {
+            tracing::error!("cannot write a new snapshot to {}: {e}", c.tmp.display());
+            let _ = std::fs::remove_file(&c.tmp);
+            p.resync = true;
+            return;
+        }
+        Err(e) => {
+            tracing::error!("writing a new snapshot failed: {e}");
+            let _ = std::fs::remove_file(&c.tmp);
+            p.resync = true;
+            return;
+        }
+    };
+    let snapshot = state_file(&p.dir);
+    if let Err(e) = std::fs::rename(&c.tmp, &snapshot).and_then(|()| sync_dir(&p.dir)) {
+        tracing::error!("cannot replace {}: {e}", snapshot.display());
+        let _ = std::fs::remove_file(&c.tmp);
+        p.resync = true;
+        return;
+    }
+    p.snapshot_len = written.0;
+    let journal = journal_file(&p.dir);
+    let tail = (|| -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::open(&journal)?;
+        f.seek(std::io::SeekFrom::Start(c.from))?;
+        let mut tail = fqdn_cache::journal::JOURNAL_HEADER.to_vec();
+        f.take(p.journal_len - c.from).read_to_end(&mut tail)?;
+        Ok(tail)
+    })();
+    let replaced = tail.and_then(|bytes| {
+        write_atomic(&journal, &bytes)?;
+        sync_dir(&p.dir)?;
+        Ok(bytes.len() as u64)
+    });
+    match replaced {
+        Ok(len) => {
+            p.journal = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&journal)
+                .map_err(|e| {
+                    tracing::error!("cannot open {} for appending: {e}", journal.display())
+                })
+                .ok();
+            p.journal_len = len;
+            if p.journal.is_none() {
+                p.resync = true;
+            }
+            tracing::info!(
+                entries = written.1,
+                bytes = written.0,
+                file = %snapshot.display(),
+                "learned names compacted into a new snapshot"
+            );
+        }
+        Err(e) => {
+            // The old journal stays: with the new snapshot it restores the same state.
+            tracing::error!("cannot start a new journal {}: {e}", journal.display());
+        }
+    }
+}
+
+/// Appends learned-state changes to the journal once a second, compacts it into a new
+/// snapshot when it has grown, and rewrites the identities file when identities changed.
+pub async fn save_loop(agent: Arc<Agent>) {
+    let dir = agent.lock().cfg.state_dir.clone();
+    let mut p = Persistence::open(&dir);
+    // A journal restored with batches in it is folded into the snapshot at once: each run
+    // starts from a snapshot holding everything restored, and the journal the next start
+    // replays holds only what this run changed.
+    let header = fqdn_cache::journal::JOURNAL_HEADER.len() as u64;
+    if p.journal_len > header {
+        p.resync = true;
+    }
+    loop {
+        flush_changes(&agent, &mut p);
+        finish_compaction(&mut p).await;
+        maybe_compact(&agent, &mut p);
+        // Learned names allocate identities: keep their numbers stable across restarts too.
+        save_identities_if_changed(&agent, &mut p.identities_saved);
+        tokio::time::sleep(Duration::from_millis(SAVE_INTERVAL_MS)).await;
+    }
 }
 
 const IDENTITIES_FILE: &str = "identities.json";
@@ -582,23 +897,36 @@ pub fn restore_identities(state_dir: &Path) -> IdentityAllocator {
     }
 }
 
-pub fn save_identities(agent: &Agent) {
-    let (text, path) = {
+/// Writes the identities file when the allocations changed since `saved` (serialized under
+/// the state lock, so only then: it is proportional to the identities in use).
+fn save_identities_if_changed(agent: &Agent, saved: &mut Option<u64>) {
+    let (text, path, generation) = {
         let st = agent.lock();
+        let generation = st.engine.identities().generation();
+        if *saved == Some(generation) {
+            return;
+        }
         (
             st.engine.identities().to_persisted(),
             st.cfg.state_dir.join(IDENTITIES_FILE),
+            generation,
         )
     };
-    if let Err(e) = write_atomic(&path, text.as_bytes()) {
-        tracing::error!("cannot save identities to {}: {e}", path.display());
+    match write_atomic(&path, text.as_bytes()) {
+        Ok(()) => *saved = Some(generation),
+        Err(e) => tracing::error!("cannot save identities to {}: {e}", path.display()),
     }
 }
 
-/// Saves unconditionally (clean stop).
+pub fn save_identities(agent: &Agent) {
+    save_identities_if_changed(agent, &mut None);
+}
+
+/// Appends what changed since the last batch (clean stop; the save loop is stopped).
 pub fn save_now(agent: &Agent) {
-    let mut schedule = SaveSchedule::new(0, u64::MAX);
-    save_if_due(agent, &mut schedule);
+    let dir = agent.lock().cfg.state_dir.clone();
+    let mut p = Persistence::open(&dir);
+    flush_changes(agent, &mut p);
 }
 
 /// `fqdn cache` filters: endpoint id and name, and the name as given.
