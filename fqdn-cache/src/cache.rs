@@ -368,6 +368,10 @@ struct Manager {
     /// Their ids are not handed out again until the changes naming them are encoded
     /// ([`FqdnCache::release_changes`]), so a logged id always means the same name.
     parked: Option<HashMap<NameId, DnsName>>,
+    /// The parked names by their text: a name freed and learned again before the log is
+    /// taken gets its old id back, so within one batch a key has one id (and the log one
+    /// entry for it).
+    parked_names: HashMap<DnsName, NameId>,
 }
 
 /// What one operation touched; turned into [`Changes`] at its end.
@@ -379,53 +383,65 @@ struct Tx {
     maybe_free_names: Vec<NameId>,
 }
 
-/// Changes to the learned state since the log was last taken: for each (endpoint, name, IP)
-/// that changed, its state after the last change. What the journal appends each second, so
-/// persisting costs what changed, not what is cached. Expiry is not logged (restore drops
-/// expired lookups by their time anyway); a lifetime that ends in a zombie is.
+/// Changes to the learned state since the log was last taken, for the journal: what it
+/// appends each second, so persisting costs what changed, not what is cached.
+///
+/// Two parts: the (endpoint, name) pairs whose lookups were learned or moved later — the
+/// batch records their lookups as they are when encoded, so a hot name refreshed a thousand
+/// times a second costs one set insert per answer into a small table and one record per IP
+/// per batch — and the (endpoint, name, IP) keys that left the lookups since (evicted,
+/// cleaned, ended as a zombie, a zombie gone), with their last such state. A batch holds the
+/// latter first: a key that left and was learned again (perhaps with an earlier expiry) is
+/// replayed as removed, then as the lookup it is now. Within one batch a name keeps one id
+/// (see `Manager::parked_names`), so each key is one entry. A plain expiry is not logged:
+/// restore drops an expired lookup by its time anyway.
 #[derive(Debug, Default)]
 struct ChangeLog {
-    /// Key → position in `entries`: a hot name refreshed a thousand times a second is one
-    /// entry, rewritten in place.
-    index: HashMap<(EndpointId, NameId, IpAddr), u32>,
-    entries: Vec<(EndpointId, NameId, IpAddr, EntryState)>,
+    groups: HashSet<(EndpointId, NameId)>,
+    ends: HashMap<(EndpointId, NameId, IpAddr), EntryState>,
 }
 
 impl ChangeLog {
-    fn mark(log: &mut Option<ChangeLog>, ep: EndpointId, nid: NameId, ip: IpAddr, st: EntryState) {
-        let Some(log) = log else {
-            return;
-        };
-        match log.index.entry((ep, nid, ip)) {
-            hashbrown::hash_map::Entry::Occupied(e) => log.entries[*e.get() as usize].3 = st,
-            hashbrown::hash_map::Entry::Vacant(v) => {
-                v.insert(u32::try_from(log.entries.len()).expect("fewer than 2^32 changes"));
-                log.entries.push((ep, nid, ip, st));
-            }
+    /// (endpoint, name)'s lookups changed.
+    fn touch(log: &mut Option<ChangeLog>, ep: EndpointId, nid: NameId) {
+        if let Some(log) = log {
+            log.groups.insert((ep, nid));
+        }
+    }
+
+    /// (endpoint, name, IP) left the lookups, to `st` (a zombie or removed).
+    fn end(log: &mut Option<ChangeLog>, ep: EndpointId, nid: NameId, ip: IpAddr, st: EntryState) {
+        if let Some(log) = log {
+            log.ends.insert((ep, nid, ip), st);
         }
     }
 }
+
+/// The most room a new change log keeps from the last one (entries).
+const MAX_LOG_ROOM: usize = 1 << 16;
 
 /// Changes taken out of the cache by [`FqdnCache::take_changes`], to be encoded in bounded
 /// steps ([`FqdnCache::encode_changes`]) and then released ([`FqdnCache::release_changes`]).
 #[derive(Debug, Default)]
 pub struct PendingChanges {
-    entries: Vec<(EndpointId, NameId, IpAddr, EntryState)>,
-    next: usize,
+    groups: hashbrown::hash_set::IntoIter<(EndpointId, NameId)>,
+    ends: hashbrown::hash_map::IntoIter<(EndpointId, NameId, IpAddr), EntryState>,
+    len: usize,
     /// Names freed while these changes were logged.
     parked: HashMap<NameId, DnsName>,
     /// Kept only to be freed by whoever drops this (outside the caller's lock).
-    _index: HashMap<(EndpointId, NameId, IpAddr), u32>,
+    _parked_names: HashMap<DnsName, NameId>,
 }
 
 impl PendingChanges {
-    /// (endpoint, name, IP) keys that changed.
+    /// Changes taken: (endpoint, name) pairs whose lookups changed, plus (endpoint, name,
+    /// IP) keys that left the lookups.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 }
 
@@ -480,7 +496,12 @@ impl Manager {
                 let matching = self.index.matches(name);
                 let sels = self.acquire_sel_list(&matching);
                 let state = NameState { sels, ..state };
-                let nid = match self.free_names.pop() {
+                let revived = if self.parked_names.is_empty() {
+                    None
+                } else {
+                    self.parked_names.remove(name)
+                };
+                let nid = match revived.or_else(|| self.free_names.pop()) {
                     Some(nid) => {
                         self.names[nid as usize] = Some(state);
                         nid
@@ -557,6 +578,7 @@ impl Manager {
         self.release_sel_list(state.sels);
         match &mut self.parked {
             Some(parked) => {
+                self.parked_names.insert(state.name.clone(), nid);
                 parked.insert(nid, state.name);
             }
             None => self.free_names.push(nid),
@@ -919,6 +941,7 @@ impl FqdnCache {
             None => ips.iter().position(|(i, _)| *i == ip),
         };
         let mut fresh: Vec<(IpAddr, Timestamp)> = Vec::new();
+        let mut moved = false;
         for &(ip, exp) in entries {
             if exp <= now {
                 continue;
@@ -929,7 +952,7 @@ impl FqdnCache {
                     // down) is not a change to persist.
                     if exp > group[i].1 {
                         group[i].1 = exp;
-                        ChangeLog::mark(log, ep, nid, ip, EntryState::Lookup { expires: exp });
+                        moved = true;
                     }
                 }
                 None => fresh.push((ip, exp)),
@@ -939,7 +962,7 @@ impl FqdnCache {
         group.reserve_exact(fresh.len());
         for (ip, exp) in fresh {
             group.push((ip, exp));
-            ChangeLog::mark(log, ep, nid, ip, EntryState::Lookup { expires: exp });
+            moved = true;
             // Re-learned under a name it is a zombie for: the zombie's hold becomes the
             // lookup's. Otherwise a new hold.
             let mut transferred = false;
@@ -986,10 +1009,13 @@ impl FqdnCache {
                 } else {
                     EntryState::Removed
                 };
-                ChangeLog::mark(log, ep, nid, ip, st);
+                ChangeLog::end(log, ep, nid, ip, st);
             }
         }
 
+        if moved {
+            ChangeLog::touch(log, ep, nid);
+        }
         // The indexed key is at most `old_deadline` (see the module comment): a deadline that
         // moved later needs nothing, an earlier one (a new IP of shorter lifetime, a new
         // group) a key of its own; the older key, when it comes up, files the true deadline.
@@ -1061,7 +1087,7 @@ impl FqdnCache {
                     );
                     // A plain expiry needs no record (restore drops it by its time).
                     if zombie {
-                        ChangeLog::mark(log, ep, nid, ip, EntryState::Zombie { expired: exp });
+                        ChangeLog::end(log, ep, nid, ip, EntryState::Zombie { expired: exp });
                     }
                 } else {
                     i += 1;
@@ -1090,7 +1116,7 @@ impl FqdnCache {
             } else {
                 let zombie = zombies.remove(&ip).expect("indexed zombie");
                 for (nid, _) in zombie.names {
-                    ChangeLog::mark(log, ep, nid, ip, EntryState::Removed);
+                    ChangeLog::end(log, ep, nid, ip, EntryState::Removed);
                     mgr.release(nid, ip, &mut tx);
                 }
             }
@@ -1119,7 +1145,7 @@ impl FqdnCache {
                 }
                 zombie_checks.remove(&(zombie.check_at, ep, ip));
                 for &(nid, _) in &zombie.names {
-                    ChangeLog::mark(log, ep, nid, ip, EntryState::Removed);
+                    ChangeLog::end(log, ep, nid, ip, EntryState::Removed);
                     mgr.release(nid, ip, &mut tx);
                 }
                 false
@@ -1261,7 +1287,7 @@ impl FqdnCache {
                     expiry.remove(&(d, ep, nid));
                 }
                 for &(ip, _) in group.iter() {
-                    ChangeLog::mark(log, ep, nid, ip, EntryState::Removed);
+                    ChangeLog::end(log, ep, nid, ip, EntryState::Removed);
                     mgr.release(nid, ip, &mut tx);
                 }
                 changed = true;
@@ -1269,7 +1295,7 @@ impl FqdnCache {
             state.zombies.retain(|&ip, zombie| {
                 zombie.names.retain(|&(nid, _)| {
                     if wanted(mgr, nid) {
-                        ChangeLog::mark(log, ep, nid, ip, EntryState::Removed);
+                        ChangeLog::end(log, ep, nid, ip, EntryState::Removed);
                         mgr.release(nid, ip, &mut tx);
                         changed = true;
                         false
@@ -1482,53 +1508,88 @@ impl FqdnCache {
         let Some(log) = &mut self.log else {
             return PendingChanges::default();
         };
-        // The next log starts with room for as many changes as this one held: growing it
-        // from nothing would rehash it, under the caller's lock, in the middle of a learn.
-        let room = log.entries.len();
-        let ChangeLog { index, entries } = std::mem::replace(
+        // The next log starts with room for as many changes as this one held (up to a
+        // second's worth under heavy load): growing it from nothing would rehash it, under
+        // the caller's lock, in the middle of a learn. Capped, because a one-off burst (a
+        // restore, a clean of everything) must not leave a huge sparse table behind.
+        let ChangeLog { groups, ends } = std::mem::replace(
             log,
             ChangeLog {
-                index: HashMap::with_capacity(room),
-                entries: Vec::with_capacity(room),
+                groups: HashSet::with_capacity(log.groups.len().min(MAX_LOG_ROOM)),
+                ends: HashMap::with_capacity(log.ends.len().min(MAX_LOG_ROOM)),
             },
         );
         PendingChanges {
-            entries,
-            next: 0,
+            len: groups.len() + ends.len(),
+            groups: groups.into_iter(),
+            ends: ends.into_iter(),
             parked: self
                 .mgr
                 .parked
                 .as_mut()
                 .map(std::mem::take)
                 .unwrap_or_default(),
-            _index: index,
+            _parked_names: std::mem::take(&mut self.mgr.parked_names),
         }
     }
 
-    /// Encodes up to `max` more of the taken changes into `out`. Returns true once all are.
-    /// Cost: O(`max`) — the caller's lock need not be held for long.
+    /// Encodes about `max` more records of the taken changes into `out` (a changed
+    /// (endpoint, name) gives one record per lookup it holds now). Returns true once all are
+    /// encoded. Cost: O(`max`) — the caller's lock need not be held for long.
     pub fn encode_changes(
         &self,
         pending: &mut PendingChanges,
         max: usize,
         out: &mut BatchEncoder,
     ) -> bool {
-        let end = pending.entries.len().min(pending.next.saturating_add(max));
-        for &(ep, nid, ip, st) in &pending.entries[pending.next..end] {
-            // The id still names the same name: ids freed since the change was logged are
-            // parked (in `pending` if freed before the take, in the cache's log if after).
-            let name = self.mgr.names[nid as usize]
+        // The id still names the same name: ids freed since the change was logged are
+        // parked (in `pending` if freed before the take, in the cache's log if after).
+        let name_of = |parked: &HashMap<NameId, DnsName>, nid: NameId| -> Option<String> {
+            self.mgr.names[nid as usize]
                 .as_ref()
                 .map(|s| &s.name)
-                .or_else(|| pending.parked.get(&nid))
-                .or_else(|| self.mgr.parked.as_ref().and_then(|p| p.get(&nid)));
+                .or_else(|| parked.get(&nid))
+                .or_else(|| self.mgr.parked.as_ref().and_then(|p| p.get(&nid)))
+                .map(|n| n.as_str().to_string())
+        };
+        let mut budget = max;
+        // Keys that left the lookups first, then the changed groups' lookups as they are
+        // now: a key in both (left, then learned again) is replayed as removed, then as the
+        // lookup it is, whatever its expiry was before.
+        while budget > 0 {
+            let Some(((ep, nid, ip), st)) = pending.ends.next() else {
+                break;
+            };
+            budget -= 1;
+            let name = name_of(&pending.parked, nid);
             debug_assert!(name.is_some(), "a logged name id is live or parked");
             if let Some(name) = name {
-                out.push(ep, name.as_str(), ip, st);
+                out.push(ep, &name, ip, st);
             }
         }
-        pending.next = end;
-        end == pending.entries.len()
+        while budget > 0 {
+            let Some((ep, nid)) = pending.groups.next() else {
+                break;
+            };
+            budget -= 1;
+            // Gone since (expired, cleaned: the latter is in `ends`): nothing to record.
+            let Some(state) = &self.mgr.names[nid as usize] else {
+                continue;
+            };
+            let Some(group) = self
+                .store
+                .endpoints
+                .get(&ep)
+                .and_then(|s| s.groups.get(&nid))
+            else {
+                continue;
+            };
+            for &(ip, expires) in group.iter() {
+                out.push(ep, state.name.as_str(), ip, EntryState::Lookup { expires });
+            }
+            budget = budget.saturating_sub(group.len());
+        }
+        pending.groups.len() == 0 && pending.ends.len() == 0
     }
 
     /// Returns the ids of names freed while `pending` was logged, once its changes are
@@ -1651,7 +1712,7 @@ impl FqdnCache {
                     continue;
                 }
                 zombie.names.push((nid, z.expired));
-                ChangeLog::mark(
+                ChangeLog::end(
                     &mut self.log,
                     ep,
                     nid,
