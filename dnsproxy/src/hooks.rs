@@ -67,7 +67,7 @@ pub struct QueryContext {
 }
 
 /// What an allowed, successful (NOERROR) response teaches.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LearnedAnswer {
     /// The CNAME chain after the question name (the context's `qname`): every target, in
     /// order; empty for a direct answer. The cache files `ips` under the question name and

@@ -23,12 +23,20 @@ pub(crate) const MAX_CHAIN: usize = 16;
 /// Learned IPs up to which duplicates are found by a scan rather than a set.
 pub(crate) const DEDUP_SCAN: usize = 16;
 
-/// A client query the proxy can judge and forward.
+/// A client query the proxy can judge and forward: its name (moved into the query's
+/// context for the policy and the learner) and the rest.
 #[derive(Debug)]
 pub(crate) struct ClientQuery {
+    pub qname: DnsName,
+    pub meta: QueryMeta,
+}
+
+/// What the proxy keeps of a client query besides its name: the question answers must
+/// carry, and what an answer of the proxy's own echoes.
+#[derive(Debug)]
+pub(crate) struct QueryMeta {
     pub id: u16,
     pub question: Question,
-    pub qname: DnsName,
     /// Read by the fast path (a plain name): its answers may be read by the fast path too.
     pub plain: bool,
     head: Head,
@@ -55,9 +63,21 @@ struct Head {
     rd: bool,
     cd: bool,
     /// The question's bytes as the client sent them (case kept: some clients check it).
-    question: Option<Vec<u8>>,
+    question: Echo,
     /// (DO bit) when the query carried an OPT record: the answer carries one too (RFC 6891).
     edns_do: Option<bool>,
+}
+
+/// The question an answer of the proxy's own echoes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Echo {
+    /// None (no single readable question).
+    None,
+    /// These bytes.
+    Bytes(Vec<u8>),
+    /// The query's [`Question`], which the fast path keeps as the client wrote it: its
+    /// name's wire form, type and class are the question's bytes (no copy of them kept).
+    Question,
 }
 
 fn read_u16(b: &[u8], at: usize) -> u16 {
@@ -126,17 +146,19 @@ fn parse_query(bytes: &[u8], fast: bool) -> Result<ClientQuery, Rejection> {
     if fast && op_code == OpCode::Query && qdcount == 1 {
         if let Some(fast) = fast_query(bytes) {
             return Ok(ClientQuery {
-                id,
-                question: fast.question,
                 qname: fast.qname,
-                plain: true,
-                head: Head {
+                meta: QueryMeta {
                     id,
-                    op_code,
-                    rd,
-                    cd,
-                    question: Some(bytes[HEADER_LEN..fast.question_end].to_vec()),
-                    edns_do: fast.edns_do,
+                    question: fast.question,
+                    plain: true,
+                    head: Head {
+                        id,
+                        op_code,
+                        rd,
+                        cd,
+                        question: Echo::Question,
+                        edns_do: fast.edns_do,
+                    },
                 },
             });
         }
@@ -151,11 +173,14 @@ fn parse_query(bytes: &[u8], fast: bool) -> Result<ClientQuery, Rejection> {
         op_code,
         rd,
         cd,
-        question: if qdcount == 1 { first_question } else { None },
+        question: match first_question {
+            Some(q) if qdcount == 1 => Echo::Bytes(q),
+            _ => Echo::None,
+        },
         edns_do: None,
     };
     let answer = |head: &Head, rcode: ResponseCode, reason: String| Rejection::Answer {
-        response: build_answer(head, rcode),
+        response: build_answer(head, None, rcode),
         rcode,
         reason,
     };
@@ -189,39 +214,48 @@ fn parse_query(bytes: &[u8], fast: bool) -> Result<ClientQuery, Rejection> {
     head.edns_do = msg.edns.as_ref().map(|e| e.flags().dnssec_ok);
     let qname = DnsName::new(&query.name().to_ascii());
     Ok(ClientQuery {
-        id,
-        question: Question::from_query(&query),
         qname,
-        plain: false,
-        head,
+        meta: QueryMeta {
+            id,
+            question: Question::from_query(&query),
+            plain: false,
+            head,
+        },
     })
 }
 
-impl ClientQuery {
+impl QueryMeta {
     /// The answer to a query the policy denied: `rcode`, question echoed, no records.
     pub(crate) fn reject(&self, rcode: ResponseCode) -> Vec<u8> {
-        build_answer(&self.head, rcode)
+        build_answer(&self.head, Some(&self.question), rcode)
     }
 
     /// SERVFAIL for this query (the proxy or the upstream failed).
     pub(crate) fn servfail(&self) -> Vec<u8> {
-        build_answer(&self.head, ResponseCode::ServFail)
+        build_answer(&self.head, Some(&self.question), ResponseCode::ServFail)
     }
 }
 
 /// Builds a bodiless answer by hand: header, the client's question bytes verbatim, and an OPT
 /// record when the query had one. RA mirrors RD: the proxy fronts recursive resolvers, so
 /// recursion is available exactly to those who asked for it.
-fn build_answer(head: &Head, rcode: ResponseCode) -> Vec<u8> {
-    let question = head.question.as_deref().unwrap_or(&[]);
-    let mut v = Vec::with_capacity(HEADER_LEN + question.len() + 11);
+fn build_answer(head: &Head, question: Option<&Question>, rcode: ResponseCode) -> Vec<u8> {
+    let (name, type_class): (&[u8], Option<[u8; 4]>) = match (&head.question, question) {
+        (Echo::Bytes(b), _) => (b, None),
+        (Echo::Question, Some(q)) => (q.wire_name(), Some(q.type_class())),
+        (Echo::None, _) | (Echo::Question, None) => (&[], None),
+    };
+    let type_class = type_class.as_ref().map_or(&[][..], |t| &t[..]);
+    let echoed = !name.is_empty();
+    let mut v = Vec::with_capacity(HEADER_LEN + name.len() + type_class.len() + 11);
     v.extend_from_slice(&head.id.to_be_bytes());
     v.push(0x80 | (u8::from(head.op_code) << 3) | u8::from(head.rd));
     v.push((u8::from(head.rd) << 7) | (u8::from(head.cd) << 4) | (rcode.low() & 0x0f));
-    v.extend_from_slice(&u16::from(head.question.is_some()).to_be_bytes());
+    v.extend_from_slice(&u16::from(echoed).to_be_bytes());
     v.extend_from_slice(&[0, 0, 0, 0]); // no answer, no authority
     v.extend_from_slice(&u16::from(head.edns_do.is_some()).to_be_bytes());
-    v.extend_from_slice(question);
+    v.extend_from_slice(name);
+    v.extend_from_slice(type_class);
     if let Some(dnssec_ok) = head.edns_do {
         v.push(0); // root name
         v.extend_from_slice(&41u16.to_be_bytes()); // OPT
@@ -393,9 +427,9 @@ mod tests {
         let mut bytes = query_bytes(7, "www.example.com.", RecordType::A);
         bytes[13..16].copy_from_slice(b"WwW"); // mixed case on the wire (0x20 clients)
         let q = parse_client_query(&bytes).unwrap();
-        assert_eq!(q.id, 7);
+        assert_eq!(q.meta.id, 7);
         assert_eq!(q.qname.as_str(), "www.example.com.");
-        let refused_bytes = q.reject(ResponseCode::Refused);
+        let refused_bytes = q.meta.reject(ResponseCode::Refused);
         assert_eq!(
             refused_bytes[12..],
             bytes[12..],
@@ -419,7 +453,7 @@ mod tests {
         e.set_dnssec_ok(true);
         m.set_edns(e);
         let q = parse_client_query(&m.to_vec().unwrap()).unwrap();
-        let nx = Message::from_vec(&q.reject(ResponseCode::NXDomain)).unwrap();
+        let nx = Message::from_vec(&q.meta.reject(ResponseCode::NXDomain)).unwrap();
         assert_eq!(nx.response_code, ResponseCode::NXDomain);
         let edns = nx.edns.expect("OPT echoed");
         assert!(edns.flags().dnssec_ok);
@@ -803,7 +837,7 @@ mod tests {
         fn check_client_bytes(bytes: &[u8]) -> Result<(), TestCaseError> {
             match parse_client_query(bytes) {
                 Ok(q) => {
-                    let r = q.reject(ResponseCode::Refused);
+                    let r = q.meta.reject(ResponseCode::Refused);
                     prop_assert!(Message::from_vec(&r).is_ok());
                     prop_assert_eq!(&r[0..2], &bytes[0..2]);
                 }
@@ -873,10 +907,15 @@ mod tests {
         fn same_parse(b: &[u8]) -> Result<(), TestCaseError> {
             match (parse_query(b, true), parse_query(b, false)) {
                 (Ok(f), Ok(s)) => {
-                    prop_assert_eq!(f.id, s.id);
-                    prop_assert_eq!(&f.question, &s.question);
+                    prop_assert_eq!(f.meta.id, s.meta.id);
+                    prop_assert_eq!(&f.meta.question, &s.meta.question);
                     prop_assert_eq!(&f.qname, &s.qname);
-                    prop_assert_eq!(&f.head, &s.head);
+                    // The proxy's own answers, byte for byte: the question echoed as sent.
+                    prop_assert_eq!(
+                        f.meta.reject(ResponseCode::Refused),
+                        s.meta.reject(ResponseCode::Refused)
+                    );
+                    prop_assert_eq!(f.meta.servfail(), s.meta.servfail());
                 }
                 (Err(f), Err(s)) => prop_assert_eq!(f, s),
                 (f, s) => prop_assert!(false, "fast {:?}, hickory {:?}", f, s),
@@ -997,9 +1036,17 @@ mod tests {
         /// Whenever the fast path claims an answer, hickory parses it and learns the same.
         fn same_learning(b: &[u8], qname: &str, min_ttl: u32) -> Result<bool, TestCaseError> {
             let learn = b.len() >= HEADER_LEN && header_rcode(b) == 0;
-            let Some(fast) = fast_answer(b, &DnsName::new(qname), min_ttl, learn) else {
+            // What an earlier answer left in the reused scratch must not leak into this one.
+            let mut out = LearnedAnswer {
+                chain: vec![DnsName::new("earlier.test.")],
+                ips: vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9))],
+                ttl: 7,
+            };
+            let Some(teaches) = fast_answer(b, &DnsName::new(qname), min_ttl, learn, &mut out)
+            else {
                 return Ok(false);
             };
+            let fast = teaches.then_some(out);
             let msg = Message::from_vec(b);
             prop_assert!(msg.is_ok(), "claimed, but hickory says {:?}", msg.err());
             let slow = if learn {
@@ -1023,7 +1070,7 @@ mod tests {
             ) {
                 same_parse(&q)?;
                 let parsed = parse_query(&q, true).unwrap();
-                prop_assert_eq!(parsed.plain, plain(&n), "the fast path takes plain names");
+                prop_assert_eq!(parsed.meta.plain, plain(&n), "the fast path takes plain names");
                 let mut b = q.clone();
                 for (i, v) in flips {
                     let i = i.index(b.len());

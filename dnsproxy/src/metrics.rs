@@ -114,7 +114,11 @@ impl Counter {
     /// Adds `n` (wrapping) to this thread's slot. A slot only this thread writes needs no
     /// read-modify-write: a load and a store (no bus lock; readers still see whole values).
     fn add(&self, n: u64, order: Ordering) {
-        let (slot, exclusive) = COUNTER_SLOT.with(|s| *s);
+        self.add_in(COUNTER_SLOT.with(|s| *s), n, order);
+    }
+
+    /// [`Counter::add`] with the thread's slot looked up already (several counts at once).
+    fn add_in(&self, (slot, exclusive): (usize, bool), n: u64, order: Ordering) {
         let slot = &self.slots[slot].0;
         if exclusive {
             slot.store(slot.load(Relaxed).wrapping_add(n), order_for_store(order));
@@ -158,11 +162,16 @@ impl Histogram {
     }
 
     pub fn observe(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        // In 64 bits (as_micros divides 128-bit numbers): saturates after 584,000 years.
+        let us = d
+            .as_secs()
+            .saturating_mul(1_000_000)
+            .saturating_add(u64::from(d.subsec_micros()));
         let i = self.bounds_us.partition_point(|&b| b < us);
-        self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
-        self.count.fetch_add(1, Relaxed);
+        let slot = COUNTER_SLOT.with(|s| *s);
+        self.buckets[i].add_in(slot, 1, Relaxed);
+        self.sum_us.add_in(slot, us, Relaxed);
+        self.count.add_in(slot, 1, Relaxed);
     }
 
     pub fn snapshot(&self) -> HistogramSnapshot {

@@ -8,7 +8,7 @@ use std::mem::{size_of, MaybeUninit};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
-use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 
 fn setsockopt_int(
     fd: RawFd,
@@ -230,14 +230,42 @@ pub(crate) fn udp_reply_from(from: SocketAddr) -> io::Result<std::net::UdpSocket
 }
 
 fn storage_to_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
-    let mut st = SockAddrStorage::zeroed();
-    // SAFETY: the kernel filled `storage` with `len` bytes of a socket address; the view is of
-    // the same type.
-    let sa = unsafe {
-        *st.view_as::<libc::sockaddr_storage>() = *storage;
-        SockAddr::new(st, len)
-    };
-    sa.as_socket()
+    let len = (len as usize).min(size_of::<libc::sockaddr_storage>());
+    // SAFETY: `storage` is valid for reads of its size, `len` is at most that.
+    unsafe { raw_to_addr((storage as *const libc::sockaddr_storage).cast(), len) }
+}
+
+/// The IPv4 or IPv6 socket address in the `len` bytes at `raw` (a sockaddr the kernel wrote,
+/// not necessarily aligned); `None` for another family or too few bytes. Read field by field
+/// in place: this runs for every datagram received (source, original destination), where
+/// going through a copied `sockaddr_storage` cost more than the rest of the receive.
+///
+/// # Safety
+/// `raw` must be valid for reads of `len` bytes.
+unsafe fn raw_to_addr(raw: *const u8, len: usize) -> Option<SocketAddr> {
+    if len < size_of::<libc::sa_family_t>() {
+        return None;
+    }
+    let family = std::ptr::read_unaligned(raw.cast::<libc::sa_family_t>());
+    match libc::c_int::from(family) {
+        libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
+            let a = std::ptr::read_unaligned(raw.cast::<libc::sockaddr_in>());
+            Some(SocketAddr::V4(std::net::SocketAddrV4::new(
+                std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
+            let a = std::ptr::read_unaligned(raw.cast::<libc::sockaddr_in6>());
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
 }
 
 /// The IP_ORIGDSTADDR / IPV6_ORIGDSTADDR control message of a received datagram, if any.
@@ -254,10 +282,7 @@ fn original_dst(msg: &libc::msghdr) -> Option<SocketAddr> {
             if is_v4 || is_v6 {
                 let data = libc::CMSG_DATA(cmsg);
                 let len = h.cmsg_len as usize - (data as usize - cmsg as usize);
-                let mut storage: libc::sockaddr_storage = std::mem::zeroed();
-                let len = len.min(size_of::<libc::sockaddr_storage>());
-                std::ptr::copy_nonoverlapping(data, &mut storage as *mut _ as *mut u8, len);
-                dst = storage_to_addr(&storage, len as libc::socklen_t);
+                dst = raw_to_addr(data, len);
             }
             cmsg = libc::CMSG_NXTHDR(msg, cmsg);
         }
@@ -398,6 +423,13 @@ impl RecvBatch {
         }
     }
 
+    /// The bytes of datagram `i` of the last [`RecvBatch::recv`], to change in place.
+    pub(crate) fn bytes_mut(&mut self, i: usize) -> &mut [u8] {
+        let (len, ..) = self.lens[i];
+        let start = i * self.size;
+        &mut self.bufs[start..start + len.min(self.size)]
+    }
+
     /// Datagram `i` of the last [`RecvBatch::recv`].
     pub(crate) fn get(&self, i: usize) -> Datagram<'_> {
         let (len, flags, namelen) = self.lens[i];
@@ -457,6 +489,38 @@ pub(crate) fn recv_error(fd: RawFd, buf: &mut [u8]) -> io::Result<(SocketAddr, u
     Ok((addr, n as usize, errno))
 }
 
+/// Writes `to` as the kernel reads socket addresses into `out` (room for either family):
+/// the length written.
+fn write_sockaddr(to: SocketAddr, out: &mut MaybeUninit<libc::sockaddr_in6>) -> libc::socklen_t {
+    match to {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: a sockaddr_in is smaller than a sockaddr_in6 and no more aligned.
+            unsafe { out.as_mut_ptr().cast::<libc::sockaddr_in>().write(sin) };
+            size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            out.write(libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            });
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
 /// Sends `count` datagrams, the `i`th being `datagram(i)` (to its address, or on a connected
 /// socket to its peer when `None`), with as few sendmmsg calls as it takes, without blocking.
 /// Returns how many were sent, from the first: fewer than all when the socket's buffer filled
@@ -469,7 +533,7 @@ pub(crate) fn send_batch<'a>(
 ) -> (usize, Option<io::Error>) {
     // Everything on the stack, and only the headers in use are written: this runs once per
     // batch of replies or forwarded queries, often for a single datagram.
-    let mut addrs = [const { MaybeUninit::<SockAddr>::uninit() }; BATCH_MAX];
+    let mut addrs = [const { MaybeUninit::<libc::sockaddr_in6>::uninit() }; BATCH_MAX];
     let mut iovs = [const { MaybeUninit::<libc::iovec>::uninit() }; BATCH_MAX];
     let mut hdrs = [const { MaybeUninit::<libc::mmsghdr>::uninit() }; BATCH_MAX];
     let mut sent = 0;
@@ -485,9 +549,8 @@ pub(crate) fn send_batch<'a>(
             // set below.
             let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
             if let Some(to) = to {
-                let a = addrs[i].write(SockAddr::from(to));
-                h.msg_name = a.as_ptr() as *mut libc::c_void;
-                h.msg_namelen = a.len();
+                h.msg_namelen = write_sockaddr(to, &mut addrs[i]);
+                h.msg_name = addrs[i].as_mut_ptr().cast();
             }
             h.msg_iov = iov;
             h.msg_iovlen = 1;

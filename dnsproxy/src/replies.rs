@@ -5,6 +5,7 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
@@ -17,7 +18,11 @@ use crate::net;
 #[derive(Default)]
 struct ReplyBatch {
     open: bool,
-    queued: Vec<(Arc<UdpSocket>, SocketAddr, Vec<u8>)>,
+    /// Listener, client and where the reply is in `bytes`.
+    queued: Vec<(Arc<UdpSocket>, SocketAddr, Range<usize>)>,
+    /// The replies' bytes, one after the other (copied in: a reply costs no allocation of
+    /// its own; both vectors are kept between batches).
+    bytes: Vec<u8>,
 }
 
 thread_local! {
@@ -45,18 +50,23 @@ impl Drop for Open {
         if self.outer {
             return;
         }
-        let queued = REPLIES.with(|r| {
+        let (queued, bytes) = REPLIES.with(|r| {
             let mut r = r.borrow_mut();
             r.open = false;
-            std::mem::take(&mut r.queued)
+            if r.queued.is_empty() {
+                return (Vec::new(), Vec::new());
+            }
+            (std::mem::take(&mut r.queued), std::mem::take(&mut r.bytes))
         });
-        send_all(queued);
+        if !queued.is_empty() {
+            send_all(queued, bytes);
+        }
     }
 }
 
 /// Sends gathered replies, one sendmmsg per run of replies on the same listener. A reply the
 /// listener's buffer cannot take now waits for room (at most `net::SEND_WAIT`).
-fn send_all(mut queued: Vec<(Arc<UdpSocket>, SocketAddr, Vec<u8>)>) {
+fn send_all(mut queued: Vec<(Arc<UdpSocket>, SocketAddr, Range<usize>)>, mut bytes: Vec<u8>) {
     let mut start = 0;
     while start < queued.len() {
         let listener = queued[start].0.clone();
@@ -69,8 +79,8 @@ fn send_all(mut queued: Vec<(Arc<UdpSocket>, SocketAddr, Vec<u8>)>) {
         while from < end {
             let run = &queued[from..end];
             let (sent, err) = net::send_batch(listener.as_raw_fd(), run.len(), |i| {
-                let (_, client, bytes) = &run[i];
-                (Some(*client), &bytes[..])
+                let (_, client, range) = &run[i];
+                (Some(*client), &bytes[range.clone()])
             });
             from += sent;
             match err {
@@ -78,8 +88,8 @@ fn send_all(mut queued: Vec<(Arc<UdpSocket>, SocketAddr, Vec<u8>)>) {
                 Some(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The send buffer is full: this one waits for room (the listener is a
                     // blocking socket), then the rest go batched again.
-                    let (_, client, answer) = &queued[from];
-                    if let Err(e) = listener.send_to(answer, *client) {
+                    let (_, client, range) = &queued[from];
+                    if let Err(e) = listener.send_to(&bytes[range.clone()], *client) {
                         debug!(%client, error = %e, "UDP answer not sent");
                     }
                     from += 1;
@@ -92,30 +102,32 @@ fn send_all(mut queued: Vec<(Arc<UdpSocket>, SocketAddr, Vec<u8>)>) {
         }
         start = end;
     }
-    // Keep the allocation for the next batch.
+    // Keep the allocations for the next batch.
     queued.clear();
+    bytes.clear();
     REPLIES.with(|r| {
         let mut r = r.borrow_mut();
         if r.queued.capacity() < queued.capacity() && r.queued.is_empty() {
             r.queued = queued;
         }
+        if r.bytes.capacity() < bytes.capacity() && r.bytes.is_empty() {
+            r.bytes = bytes;
+        }
     });
 }
 
-/// Queues `answer` for `client` on `listener` when a batch is open; otherwise hands it back
-/// to be sent at once.
-pub(crate) fn queue(
-    listener: &Arc<UdpSocket>,
-    client: SocketAddr,
-    answer: Vec<u8>,
-) -> Option<Vec<u8>> {
+/// Queues a copy of `answer` for `client` on `listener` when a batch is open (true);
+/// otherwise (false) it is the caller's to send at once.
+pub(crate) fn queue(listener: &Arc<UdpSocket>, client: SocketAddr, answer: &[u8]) -> bool {
     REPLIES.with(|r| {
         let mut r = r.borrow_mut();
-        if r.open {
-            r.queued.push((listener.clone(), client, answer));
-            None
-        } else {
-            Some(answer)
+        if !r.open {
+            return false;
         }
+        let start = r.bytes.len();
+        r.bytes.extend_from_slice(answer);
+        let end = r.bytes.len();
+        r.queued.push((listener.clone(), client, start..end));
+        true
     })
 }

@@ -1,5 +1,7 @@
 //! The listeners and the per-query pipeline: judge → decide → forward → learn → hold → answer.
 
+use std::borrow::Cow;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -20,10 +22,11 @@ use tracing::{debug, info, warn};
 
 use crate::config::{ProxyConfig, RejectCode};
 use crate::hooks::{
-    Decision, DnsPolicy, HoldOutcome, Learner, OriginalDst, QueryContext, QueryEvent, Transport,
+    Decision, DnsPolicy, HoldOutcome, LearnedAnswer, Learner, OriginalDst, QueryContext,
+    QueryEvent, Transport,
 };
 use crate::message::{
-    extract_learning, header_rcode, parse_client_query, set_id, ClientQuery, Rejection,
+    extract_learning, header_rcode, parse_client_query, set_id, ClientQuery, QueryMeta, Rejection,
 };
 use crate::metrics::{ProxyMetrics, Verdict};
 use crate::upstream::{tcp_exchange, UdpPool, UpstreamError, Waiting};
@@ -307,15 +310,15 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
 
     /// First step of every query: judge the bytes, find the server, ask the policy. Either the
     /// query is finished here (an answer of the proxy's own, or a drop) or it is to be
-    /// forwarded.
+    /// forwarded (the caller forwards `bytes`).
     fn judge(
         &self,
-        bytes: Vec<u8>,
+        bytes: &[u8],
         client: SocketAddr,
         received_on: SocketAddr,
         transport: Transport,
     ) -> Judged {
-        let q = match parse_client_query(&bytes) {
+        let ClientQuery { qname, meta } = match parse_client_query(bytes) {
             Ok(q) => q,
             Err(Rejection::Drop(reason)) => {
                 self.metrics.malformed_dropped.fetch_add(1, Relaxed);
@@ -337,161 +340,177 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             self.metrics
                 .count_query(Verdict::Invalid, Some(u16::from(ResponseCode::ServFail)));
             warn!(%client, "query sent to the proxy itself and no upstream configured");
-            return Judged::Done(Some(q.servfail()));
+            return Judged::Done(Some(meta.servfail()));
         };
-        let decision = self.policy.check(client, server, transport, &q.qname);
+        let decision = self.policy.check(client, server, transport, &qname);
         let endpoint_id = match decision {
             Decision::Allow { endpoint_id } => endpoint_id,
-            Decision::Deny { .. } | Decision::UnknownEndpoint => {
-                let rcode = match self.config.reject_code {
-                    RejectCode::Refused => ResponseCode::Refused,
-                    RejectCode::NameError => ResponseCode::NXDomain,
-                };
-                let verdict = if decision == Decision::UnknownEndpoint {
-                    Verdict::UnknownEndpoint
-                } else {
-                    Verdict::Denied
-                };
-                self.metrics.count_query(verdict, Some(u16::from(rcode)));
-                let fwd = Forward {
-                    q,
-                    client,
-                    server,
-                    transport,
-                    decision,
-                    endpoint_id: 0,
-                };
-                self.observe(&fwd, Some(rcode.into()), None, Duration::ZERO);
-                return Judged::Done(Some(fwd.q.reject(rcode)));
-            }
+            Decision::Deny { .. } | Decision::UnknownEndpoint => 0,
         };
-        Judged::Forward(
-            Forward {
-                q,
+        let fwd = Forward {
+            ctx: QueryContext {
+                endpoint_id,
                 client,
                 server,
                 transport,
-                decision,
-                endpoint_id,
+                qname,
+                qtype: meta.question.qtype,
             },
-            bytes,
-        )
+            meta,
+            decision,
+        };
+        if let Decision::Allow { .. } = decision {
+            return Judged::Forward(fwd);
+        }
+        let rcode = match self.config.reject_code {
+            RejectCode::Refused => ResponseCode::Refused,
+            RejectCode::NameError => ResponseCode::NXDomain,
+        };
+        let verdict = if decision == Decision::UnknownEndpoint {
+            Verdict::UnknownEndpoint
+        } else {
+            Verdict::Denied
+        };
+        self.metrics.count_query(verdict, Some(u16::from(rcode)));
+        self.observe(&fwd, Some(rcode.into()), None, Duration::ZERO);
+        Judged::Done(Some(fwd.meta.reject(rcode)))
     }
 
-    /// Second step: what came back from upstream. A failure or an answer that teaches nothing
-    /// is finished here; an answer that teaches IPs comes back with the learner's future, to
-    /// be released when it resolves (or `responseMaxDelay` passes).
+    /// Second step: what came back from upstream (lent in the receive buffer). A failure or
+    /// an answer that teaches nothing is finished here, the answer sent from where it lies;
+    /// an answer that teaches IPs comes back (copied) with the learner's future, to be
+    /// released when it resolves (or `responseMaxDelay` passes).
     /// `at`: when the pool finished with the query (the answer's receipt): the hold time
     /// counts from there.
-    fn on_answer(
+    fn on_answer<'a>(
         &self,
         fwd: Forward,
-        result: Result<Vec<u8>, UpstreamError>,
+        result: Result<&'a mut [u8], UpstreamError>,
         at: Instant,
-    ) -> Answered {
+    ) -> Answered<'a> {
         let answer = match result {
             Ok(a) => a,
             Err(UpstreamError::Timeout) => {
                 self.metrics.upstream_timeouts.fetch_add(1, Relaxed);
                 self.metrics.count_query(Verdict::Allowed, None);
-                debug!(client = %fwd.client, server = %fwd.server, qname = %fwd.q.qname, "upstream timeout, no reply");
+                debug!(client = %fwd.ctx.client, server = %fwd.ctx.server, qname = %fwd.ctx.qname, "upstream timeout, no reply");
                 self.observe(&fwd, None, None, Duration::ZERO);
                 return Answered::Done(None);
             }
             Err(UpstreamError::Failed(why)) => {
-                return Answered::Done(Some(self.upstream_failed(&fwd, &why)))
+                return Answered::Done(Some(Cow::Owned(self.upstream_failed(&fwd, &why))))
             }
         };
         // Every answer is read whole before it reaches a client: a malformed one is a
-        // failure of the upstream, answered SERVFAIL. The common answers are read in place;
-        // the rest, and every doubtful one, by hickory.
-        let rcode = header_rcode(&answer);
+        // failure of the upstream, answered SERVFAIL. The common answers are read in place
+        // (into the thread's scratch answer, no allocation); the rest, and every doubtful
+        // one, by hickory.
+        let rcode = header_rcode(answer);
         let min_ttl = self.config.min_ttl;
-        let fast = fwd
-            .q
-            .plain
-            .then(|| fast_answer(&answer, &fwd.q.qname, min_ttl, rcode == 0))
-            .flatten();
-        let learned = match fast {
-            Some(learned) => learned,
-            None => match Message::from_vec(&answer) {
-                Ok(msg) if rcode == 0 => extract_learning(&msg, &fwd.q.question.name(), min_ttl),
-                Ok(_) => None,
+        let mut learned = LEARNED.take();
+        let fast = if fwd.meta.plain {
+            fast_answer(answer, &fwd.ctx.qname, min_ttl, rcode == 0, &mut learned)
+        } else {
+            None
+        };
+        let teaches = match fast {
+            Some(teaches) => teaches,
+            None => match Message::from_vec(answer) {
+                Ok(msg) if rcode == 0 => {
+                    match extract_learning(&msg, &fwd.meta.question.name(), min_ttl) {
+                        Some(l) => {
+                            learned = l;
+                            true
+                        }
+                        None => false,
+                    }
+                }
+                Ok(_) => false,
                 Err(e) => {
                     let why = format!("malformed answer: {e}");
-                    return Answered::Done(Some(self.upstream_failed(&fwd, &why)));
+                    return Answered::Done(Some(Cow::Owned(self.upstream_failed(&fwd, &why))));
                 }
             },
         };
-        let Some(learned) = learned else {
-            return Answered::Done(Some(self.release(fwd, answer, rcode, None, None)));
-        };
-        let ctx = QueryContext {
-            endpoint_id: fwd.endpoint_id,
-            client: fwd.client,
-            server: fwd.server,
-            transport: fwd.transport,
-            qname: fwd.q.qname.clone(),
-            qtype: fwd.q.question.qtype,
-        };
+        if !teaches {
+            LEARNED.set(learned);
+            let reply = self.release(&fwd, answer, rcode, None, None);
+            return Answered::Done(Some(Cow::Borrowed(reply)));
+        }
         // The hold counts from the answer's receipt: reading it and the learner's call (a
         // datapath may do its work inside it) are part of it.
-        let since = at;
-        let mut confirm = self.learner.learn(&ctx, &learned);
-        let held = Held {
-            fwd,
-            answer,
-            rcode,
-            learned,
-            since,
-        };
+        let mut confirm = self.learner.learn(&fwd.ctx, &learned);
         // Usually the datapath has confirmed already (the IPs were known, or the update is
         // synchronous): look once, in place, before keeping the future anywhere.
         let mut cx = Context::from_waker(Waker::noop());
         if let Poll::Ready(outcome) = Pin::new(&mut confirm).poll(&mut cx) {
-            return Answered::Done(Some(self.release_held(held, Some(outcome))));
+            let waited = self.hold_done(&fwd, &learned, at, Some(outcome));
+            let reply = self.release(&fwd, answer, rcode, Some(&learned), Some(waited));
+            LEARNED.set(learned);
+            return Answered::Done(Some(Cow::Borrowed(reply)));
         }
+        let held = Held {
+            fwd,
+            answer: answer.to_vec(),
+            rcode,
+            learned,
+            since: at,
+        };
         Answered::Hold(held, Box::pin(confirm))
+    }
+
+    /// The end of a hold that began at `since`: `outcome` is the learner's word, `None` when
+    /// `responseMaxDelay` passed first. Counted and logged; returns how long it was.
+    fn hold_done(
+        &self,
+        fwd: &Forward,
+        learned: &LearnedAnswer,
+        since: Instant,
+        outcome: Option<HoldOutcome>,
+    ) -> Duration {
+        let waited = since.elapsed();
+        self.metrics.hold_time.observe(waited);
+        match outcome {
+            Some(HoldOutcome::Enforceable) => {}
+            Some(HoldOutcome::Failed(why)) => {
+                self.metrics.hold_failures.fetch_add(1, Relaxed);
+                warn!(client = %fwd.ctx.client, qname = %fwd.ctx.qname, ips = ?learned.ips, why, "datapath could not take the learned IPs; response released");
+            }
+            None => {
+                self.metrics.hold_timeouts.fetch_add(1, Relaxed);
+                warn!(client = %fwd.ctx.client, qname = %fwd.ctx.qname, ips = ?learned.ips, max_delay = ?self.config.response_max_delay, "datapath did not confirm in time; response released");
+            }
+        }
+        waited
     }
 
     /// Last step of a held answer: `outcome` is the learner's word, `None` when
     /// `responseMaxDelay` passed first.
     fn release_held(&self, held: Held, outcome: Option<HoldOutcome>) -> Vec<u8> {
-        let waited = held.since.elapsed();
-        self.metrics.hold_time.observe(waited);
         let Held {
             fwd,
-            answer,
+            mut answer,
             rcode,
             learned,
-            ..
+            since,
         } = held;
-        match outcome {
-            Some(HoldOutcome::Enforceable) => {}
-            Some(HoldOutcome::Failed(why)) => {
-                self.metrics.hold_failures.fetch_add(1, Relaxed);
-                warn!(client = %fwd.client, qname = %fwd.q.qname, ips = ?learned.ips, why, "datapath could not take the learned IPs; response released");
-            }
-            None => {
-                self.metrics.hold_timeouts.fetch_add(1, Relaxed);
-                warn!(client = %fwd.client, qname = %fwd.q.qname, ips = ?learned.ips, max_delay = ?self.config.response_max_delay, "datapath did not confirm in time; response released");
-            }
-        }
-        self.release(fwd, answer, rcode, Some(learned), Some(waited))
+        let waited = self.hold_done(&fwd, &learned, since, outcome);
+        self.release(&fwd, &mut answer, rcode, Some(&learned), Some(waited));
+        answer
     }
 
     /// The client's ID back in, counted, observed.
-    fn release(
+    fn release<'a>(
         &self,
-        fwd: Forward,
-        mut answer: Vec<u8>,
+        fwd: &Forward,
+        answer: &'a mut [u8],
         rcode: u16,
-        learned: Option<crate::LearnedAnswer>,
+        learned: Option<&LearnedAnswer>,
         held: Option<Duration>,
-    ) -> Vec<u8> {
-        set_id(&mut answer, fwd.q.id);
+    ) -> &'a [u8] {
+        set_id(answer, fwd.meta.id);
         self.metrics.count_query(Verdict::Allowed, Some(rcode));
-        self.observe(&fwd, Some(rcode), learned, held.unwrap_or_default());
+        self.observe(fwd, Some(rcode), learned, held.unwrap_or_default());
         answer
     }
 
@@ -502,22 +521,23 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         client: SocketAddr,
         received_on: SocketAddr,
     ) -> Option<Vec<u8>> {
-        let (fwd, query) = match self.judge(bytes, client, received_on, Transport::Tcp) {
+        let fwd = match self.judge(&bytes, client, received_on, Transport::Tcp) {
             Judged::Done(reply) => return reply,
-            Judged::Forward(fwd, query) => (fwd, query),
+            Judged::Forward(fwd) => fwd,
         };
         let (timeout, mark) = (self.config.forward_timeout, self.config.upstream_mark);
-        let result = tcp_exchange(
-            fwd.server,
-            &fwd.q.question,
-            query,
+        let mut result = tcp_exchange(
+            fwd.ctx.server,
+            &fwd.meta.question,
+            bytes,
             timeout,
             mark,
             &self.metrics,
         )
         .await;
+        let result = result.as_deref_mut().map_err(|e| e.clone());
         match self.on_answer(fwd, result, Instant::now()) {
-            Answered::Done(reply) => reply,
+            Answered::Done(reply) => reply.map(Cow::into_owned),
             Answered::Hold(held, confirm) => {
                 let outcome = tokio::time::timeout(self.config.response_max_delay, confirm)
                     .await
@@ -530,18 +550,18 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
     fn udp_answered(
         self: Arc<Self>,
         fwd: Forward,
-        result: Result<Vec<u8>, UpstreamError>,
+        result: Result<&mut [u8], UpstreamError>,
         at: Instant,
         reply_to: UdpReply,
     ) {
         match self.on_answer(fwd, result, at) {
-            Answered::Done(Some(reply)) => reply_to.send(reply),
+            Answered::Done(Some(reply)) => reply_to.send(&reply),
             Answered::Done(None) => {}
             Answered::Hold(held, confirm) => {
                 let max_delay = self.config.response_max_delay;
                 tokio::spawn(async move {
                     let outcome = tokio::time::timeout(max_delay, confirm).await.ok();
-                    reply_to.send(self.release_held(held, outcome));
+                    reply_to.send(&self.release_held(held, outcome));
                 });
             }
         }
@@ -551,38 +571,46 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         self.metrics.upstream_failures.fetch_add(1, Relaxed);
         self.metrics
             .count_query(Verdict::Allowed, Some(u16::from(ResponseCode::ServFail)));
-        warn!(client = %fwd.client, server = %fwd.server, qname = %fwd.q.qname, why, "upstream failed, answering SERVFAIL");
+        warn!(client = %fwd.ctx.client, server = %fwd.ctx.server, qname = %fwd.ctx.qname, why, "upstream failed, answering SERVFAIL");
         self.observe(
             fwd,
             Some(u16::from(ResponseCode::ServFail)),
             None,
             Duration::ZERO,
         );
-        fwd.q.servfail()
+        fwd.meta.servfail()
     }
 
     fn observe(
         &self,
         fwd: &Forward,
         rcode: Option<u16>,
-        learned: Option<crate::LearnedAnswer>,
+        learned: Option<&LearnedAnswer>,
         hold: Duration,
     ) {
         if !self.learner.observing() {
             return;
         }
         self.learner.observe(&QueryEvent {
-            client: fwd.client,
-            server: fwd.server,
-            transport: fwd.transport,
-            qname: fwd.q.qname.clone(),
-            qtype: fwd.q.question.qtype,
+            client: fwd.ctx.client,
+            server: fwd.ctx.server,
+            transport: fwd.ctx.transport,
+            qname: fwd.ctx.qname.clone(),
+            qtype: fwd.ctx.qtype,
             decision: fwd.decision,
             rcode,
-            learned,
+            learned: learned.cloned(),
             hold,
         });
     }
+}
+
+thread_local! {
+    /// The answer the fast path reads into, kept between answers: its vectors are reused
+    /// unless the answer is held (then it goes with it and a new one starts empty).
+    static LEARNED: Cell<LearnedAnswer> = const {
+        Cell::new(LearnedAnswer { chain: Vec::new(), ips: Vec::new(), ttl: 0 })
+    };
 }
 
 /// A UDP query at the upstream pool: its continuation is [`Shared::udp_answered`].
@@ -594,10 +622,10 @@ struct UdpWaiting<P, L> {
 
 impl<P: DnsPolicy, L: Learner> Waiting for UdpWaiting<P, L> {
     fn question(&self) -> &Question {
-        &self.fwd.q.question
+        &self.fwd.meta.question
     }
 
-    fn done(self: Box<Self>, result: Result<Vec<u8>, UpstreamError>, at: Instant) {
+    fn done(self: Box<Self>, result: Result<&mut [u8], UpstreamError>, at: Instant) {
         let UdpWaiting {
             shared,
             fwd,
@@ -607,14 +635,12 @@ impl<P: DnsPolicy, L: Learner> Waiting for UdpWaiting<P, L> {
     }
 }
 
-/// A query on its way: who asked whom what, and what the policy said.
+/// A query on its way: who asked whom what (the learner's context, which owns the name),
+/// what the policy said, and what answers must match and echo.
 struct Forward {
-    q: ClientQuery,
-    client: SocketAddr,
-    server: SocketAddr,
-    transport: Transport,
+    meta: QueryMeta,
+    ctx: QueryContext,
     decision: Decision,
-    endpoint_id: crate::EndpointId,
 }
 
 // Built and moved once per query: boxing the large variant would only add an allocation.
@@ -622,15 +648,16 @@ struct Forward {
 enum Judged {
     /// Finished: this answer (or none) goes to the client.
     Done(Option<Vec<u8>>),
-    /// To be forwarded, with the client's message.
-    Forward(Forward, Vec<u8>),
+    /// To be forwarded (the client's message as it came).
+    Forward(Forward),
 }
 
 type Confirmation = Pin<Box<dyn Future<Output = HoldOutcome> + Send>>;
 
 #[allow(clippy::large_enum_variant)] // as for Judged
-enum Answered {
-    Done(Option<Vec<u8>>),
+enum Answered<'a> {
+    /// The reply: the upstream's answer in place (ID restored), or one of the proxy's own.
+    Done(Option<Cow<'a, [u8]>>),
     /// Released when the confirmation resolves (bounded by responseMaxDelay); it was not
     /// ready when first asked.
     Hold(Held, Confirmation),
@@ -640,7 +667,7 @@ struct Held {
     fwd: Forward,
     answer: Vec<u8>,
     rcode: u16,
-    learned: crate::LearnedAnswer,
+    learned: LearnedAnswer,
     since: Instant,
 }
 
@@ -682,23 +709,19 @@ impl ReplySockets {
 }
 
 impl UdpReply {
-    fn send(&self, answer: Vec<u8>) {
-        let client = self.client;
-        if self.from.is_none() {
-            let Some(answer) = replies::queue(&self.listener, client, answer) else {
-                return;
-            };
-            return self.send_now(answer);
+    fn send(&self, answer: &[u8]) {
+        if self.from.is_none() && replies::queue(&self.listener, self.client, answer) {
+            return;
         }
         self.send_now(answer)
     }
 
-    fn send_now(&self, answer: Vec<u8>) {
+    fn send_now(&self, answer: &[u8]) {
         let client = self.client;
         let sent = match &self.from {
             // The client asked another server: the answer must come from that address.
             Some((from, sockets)) => {
-                let sent = sockets.get(*from).and_then(|s| s.send_to(&answer, client));
+                let sent = sockets.get(*from).and_then(|s| s.send_to(answer, client));
                 if sent
                     .as_ref()
                     .is_err_and(|e| e.kind() != io::ErrorKind::WouldBlock)
@@ -708,7 +731,7 @@ impl UdpReply {
                 sent
             }
             // A blocking socket: a full buffer is waited on, at most net::SEND_WAIT.
-            None => self.listener.send_to(&answer, client),
+            None => self.listener.send_to(answer, client),
         };
         if let Err(e) = sent {
             debug!(%client, error = %e, "UDP answer not sent");
@@ -846,16 +869,14 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
                 .then(|| (received_on, replies.clone())),
             client,
         };
-        let bytes = d.bytes.to_vec();
-        let (fwd, query) = match self.judge(bytes, client, received_on, Transport::Udp) {
-            Judged::Done(Some(reply)) => return reply_to.send(reply),
+        let fwd = match self.judge(d.bytes, client, received_on, Transport::Udp) {
+            Judged::Done(Some(reply)) => return reply_to.send(&reply),
             Judged::Done(None) => return,
-            Judged::Forward(fwd, query) => (fwd, query),
+            Judged::Forward(fwd) => fwd,
         };
-        let server = fwd.server;
         pool.send(
-            server,
-            query,
+            fwd.ctx.server,
+            d.bytes,
             received,
             self.config.forward_timeout,
             Box::new(UdpWaiting {

@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
@@ -55,8 +56,9 @@ pub(crate) enum UpstreamError {
 /// allocation per query holds both.
 pub(crate) trait Waiting: Send + 'static {
     fn question(&self) -> &Question;
-    /// `at`: when the outcome was known (an answer's receipt, the timeout's sweep).
-    fn done(self: Box<Self>, result: Result<Vec<u8>, UpstreamError>, at: Instant);
+    /// `at`: when the outcome was known (an answer's receipt, the timeout's sweep). The
+    /// answer is lent in the receive buffer: whatever must outlive the call is copied.
+    fn done(self: Box<Self>, result: Result<&mut [u8], UpstreamError>, at: Instant);
 }
 
 /// Largest UDP answer read (the largest UDP payload): nothing an upstream sends is cut.
@@ -84,8 +86,11 @@ struct Slot {
 #[derive(Default)]
 struct SlotState {
     pending: HashMap<u16, Pending, BuildHasherDefault<IdHasher>>,
-    /// Queries to send at the next [`UdpPool::flush`]: ID, server and bytes.
-    outbox: Vec<(u16, SocketAddr, Vec<u8>)>,
+    /// Queries to send at the next [`UdpPool::flush`]: ID, server and where in `out_bytes`.
+    outbox: Vec<(u16, SocketAddr, Range<usize>)>,
+    /// The queued queries' bytes, one after the other (copied in, so a query costs no
+    /// allocation of its own; the buffer is kept between batches).
+    out_bytes: Vec<u8>,
 }
 
 /// The pending table's hasher. Its keys are IDs the proxy drew at random itself, so no one
@@ -227,14 +232,14 @@ impl UdpPool {
         }
     }
 
-    /// Queues `query` (a client's message; its ID is replaced by a free random one) for
-    /// `server`, to go at the next [`UdpPool::flush`], and arranges for `waiting` to be done
-    /// exactly once: with the matching answer (ID as sent; the caller restores the client's),
-    /// with `Timeout` once `timeout` passed, or with `Failed`.
+    /// Queues a copy of `query` (a client's message; its ID is replaced by a free random
+    /// one) for `server`, to go at the next [`UdpPool::flush`], and arranges for `waiting` to
+    /// be done exactly once: with the matching answer (ID as sent; the caller restores the
+    /// client's), with `Timeout` once `timeout` passed, or with `Failed`.
     pub(crate) fn send(
         &self,
         server: SocketAddr,
-        mut query: Vec<u8>,
+        query: &[u8],
         now: Instant,
         timeout: Duration,
         waiting: Box<dyn Waiting>,
@@ -281,47 +286,56 @@ impl UdpPool {
             deadline: now + timeout,
             waiting,
         });
-        set_id(&mut query, id);
-        state.outbox.push((id, server, query));
+        let start = state.out_bytes.len();
+        state.out_bytes.extend_from_slice(query);
+        let end = state.out_bytes.len();
+        set_id(&mut state.out_bytes[start..end], id);
+        state.outbox.push((id, server, start..end));
     }
 
     /// Sends the queries [`UdpPool::send`] queued: one sendmmsg per socket. Call once the
     /// batch of client datagrams that produced them has been worked through.
     pub(crate) fn flush(&self) {
         for slot in &self.all {
-            let mut queued = {
+            let (mut queued, mut bytes) = {
                 let mut state = slot.state.lock().expect("slot lock");
                 if state.outbox.is_empty() {
                     continue;
                 }
-                std::mem::take(&mut state.outbox)
+                (
+                    std::mem::take(&mut state.outbox),
+                    std::mem::take(&mut state.out_bytes),
+                )
             };
-            flush_slot(slot, &queued);
-            // The emptied vector goes back for the next batch (no allocation per flush).
+            flush_slot(slot, &queued, &bytes);
+            // The emptied vectors go back for the next batch (no allocation per flush).
             queued.clear();
+            bytes.clear();
             let mut state = slot.state.lock().expect("slot lock");
             if state.outbox.is_empty() {
                 std::mem::swap(&mut state.outbox, &mut queued);
+                std::mem::swap(&mut state.out_bytes, &mut bytes);
             }
         }
     }
 }
 
-fn flush_slot(slot: &Slot, queued: &[(u16, SocketAddr, Vec<u8>)]) {
+fn flush_slot(slot: &Slot, queued: &[(u16, SocketAddr, Range<usize>)], bytes: &[u8]) {
     let fd = slot.socket.as_raw_fd();
     let mut from = 0;
     while from < queued.len() {
         let rest = &queued[from..];
         let (sent, err) = net::send_batch(fd, rest.len(), |i| {
-            let (_, server, bytes) = &rest[i];
-            ((!slot.connected).then_some(*server), &bytes[..])
+            let (_, server, range) = &rest[i];
+            ((!slot.connected).then_some(*server), &bytes[range.clone()])
         });
         from += sent;
         match err {
             None => {}
             Some(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // The send buffer is full: wait for room (at most net::SEND_WAIT).
-                let (id, server, query) = &queued[from];
+                let (id, server, range) = &queued[from];
+                let query = &bytes[range.clone()];
                 let sent = if slot.connected {
                     slot.socket.send(query)
                 } else {
@@ -338,7 +352,7 @@ fn flush_slot(slot: &Slot, queued: &[(u16, SocketAddr, Vec<u8>)]) {
                 from += 1;
             }
             Some(e) => {
-                let (id, server, _) = queued[from];
+                let (id, server, _) = queued[from].clone();
                 if let Some(p) = slot.take(id) {
                     p.waiting.done(
                         Err(UpstreamError::Failed(format!("send to {server}: {e}"))),
@@ -433,7 +447,9 @@ fn receive_thread(slot: &Slot, metrics: &ProxyMetrics, stopping: &AtomicBool) {
             for i in 0..got {
                 let d = batch.get(i);
                 match d.src {
-                    Some(from) if !d.truncated => deliver(slot, metrics, d.bytes, from, received),
+                    Some(from) if !d.truncated => {
+                        deliver(slot, metrics, batch.bytes_mut(i), from, received)
+                    }
                     _ => {
                         metrics.upstream_mismatches.fetch_add(1, Relaxed);
                     }
@@ -464,7 +480,7 @@ fn is_icmp_report(errno: i32) -> bool {
 fn deliver(
     slot: &Slot,
     metrics: &ProxyMetrics,
-    answer: &[u8],
+    answer: &mut [u8],
     from: SocketAddr,
     received: Instant,
 ) {
@@ -473,22 +489,25 @@ fn deliver(
         return;
     };
     let mut state = slot.state.lock().expect("slot lock");
-    let matches = state
-        .pending
-        .get(&id)
-        .is_some_and(|p| p.server == from && p.waiting.question().asked_in(answer));
-    if !matches {
-        drop(state);
-        metrics.upstream_mismatches.fetch_add(1, Relaxed);
-        debug!(%from, id, "upstream answer matches no outstanding query");
-        return;
-    }
-    let p = state.pending.remove(&id).expect("checked above");
+    // One lookup finds, checks and takes the query.
+    let p = match state.pending.entry(id) {
+        Entry::Occupied(p)
+            if p.get().server == from && p.get().waiting.question().asked_in(answer) =>
+        {
+            p.remove()
+        }
+        _ => {
+            drop(state);
+            metrics.upstream_mismatches.fetch_add(1, Relaxed);
+            debug!(%from, id, "upstream answer matches no outstanding query");
+            return;
+        }
+    };
     drop(state);
     metrics
         .upstream_latency
         .observe(received.saturating_duration_since(p.sent_at));
-    p.waiting.done(Ok(answer.to_vec()), received);
+    p.waiting.done(Ok(answer), received);
 }
 
 fn drain_errors(slot: &Slot, buf: &mut [u8]) {

@@ -67,18 +67,29 @@ fn push_plain_label(label: &[u8], out: &mut Vec<u8>) -> bool {
     if label.first() == Some(&b'-') {
         return false;
     }
-    let start = out.len();
+    // Folded into the spare capacity in one pass (no capacity check per byte); the length
+    // moves only once the whole label proved plain.
     out.reserve(label.len() + 1);
-    for &c in label {
-        let folded = PLAIN[usize::from(c)];
-        if folded == 0 {
-            out.truncate(start);
-            return false;
-        }
-        out.push(folded);
+    let spare = &mut out.spare_capacity_mut()[..label.len() + 1];
+    if !fold_plain(label, &mut spare[..label.len()]) {
+        return false;
     }
-    out.push(b'.');
+    spare[label.len()].write(b'.');
+    // SAFETY: the label's bytes and the dot were written just above.
+    unsafe { out.set_len(out.len() + label.len() + 1) };
     true
+}
+
+/// Writes `label` folded (see [`PLAIN`]) into `out` (as long as it); false when a byte is
+/// not plain (then `out` holds garbage to ignore).
+fn fold_plain(label: &[u8], out: &mut [std::mem::MaybeUninit<u8>]) -> bool {
+    let mut all = true;
+    for (o, &c) in out.iter_mut().zip(label) {
+        let folded = PLAIN[usize::from(c)];
+        all &= folded != 0;
+        o.write(folded);
+    }
+    all
 }
 
 /// Walks the name at `pos` by hickory's rules (labels of 1–63 bytes, pointers only to bytes
@@ -148,14 +159,25 @@ fn check_plain_name(msg: &[u8], pos: usize) -> Option<(usize, bool)> {
     Some((end, labels == 0))
 }
 
-/// A question as the proxy matches answers to it: the name's wire form in lower case
-/// (uncompressed), type and class.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A question as the proxy matches answers to it: the name's wire form (uncompressed; as the
+/// client wrote it on the fast path, lower case from hickory), type and class. Names compare
+/// case-insensitively, as DNS compares them.
+#[derive(Debug, Clone)]
 pub(crate) struct Question {
     name: Box<[u8]>,
     pub qtype: u16,
     pub qclass: u16,
 }
+
+impl PartialEq for Question {
+    fn eq(&self, other: &Question) -> bool {
+        self.qtype == other.qtype
+            && self.qclass == other.qclass
+            && self.name.eq_ignore_ascii_case(&other.name)
+    }
+}
+
+impl Eq for Question {}
 
 impl Question {
     /// From hickory's reading of a question (the slow path).
@@ -172,9 +194,23 @@ impl Question {
         }
     }
 
-    /// The name as hickory's, for the slow path of learning.
+    /// The name as hickory's (lower case), for the slow path of learning.
     pub(crate) fn name(&self) -> Name {
-        Name::read(&mut BinDecoder::new(&self.name)).expect("built from a valid name")
+        Name::read(&mut BinDecoder::new(&self.name))
+            .expect("built from a valid name")
+            .to_lowercase()
+    }
+
+    /// The name's wire form.
+    pub(crate) fn wire_name(&self) -> &[u8] {
+        &self.name
+    }
+
+    /// Type and class as on the wire.
+    pub(crate) fn type_class(&self) -> [u8; 4] {
+        let [t0, t1] = self.qtype.to_be_bytes();
+        let [c0, c1] = self.qclass.to_be_bytes();
+        [t0, t1, c0, c1]
     }
 
     /// Whether the question of `msg` (one question, at the header's end) is this one: name
@@ -212,8 +248,6 @@ fn valid_plain_wire(wire: &[u8]) -> bool {
 pub(crate) struct FastQuery {
     pub qname: DnsName,
     pub question: Question,
-    /// Where the question ends (its bytes are `HEADER_LEN..question_end`).
-    pub question_end: usize,
     /// The DO bit when the query carried an OPT record.
     pub edns_do: Option<bool>,
 }
@@ -228,13 +262,14 @@ pub(crate) fn fast_query(bytes: &[u8]) -> Option<FastQuery> {
     if additional > 1 {
         return None;
     }
-    let mut text = String::with_capacity(64);
-    let name_end = read_plain_name(bytes, HEADER_LEN, &mut text)?;
-    // Uncompressed (a question's name has nothing before it to point to but the header)
-    // and not the root.
-    if text == "." || !valid_plain_wire(&bytes[HEADER_LEN..name_end]) {
+    // Uncompressed (a question's name has nothing before it to point to but the header),
+    // not the root, and no longer than the fast path reads names.
+    let name_end = plain_name_end(bytes, HEADER_LEN)?;
+    let wire = &bytes[HEADER_LEN..name_end];
+    if wire.len() == 1 || wire.len() - 1 > FAST_NAME_MAX {
         return None;
     }
+    let text = plain_text(wire)?;
     let qtype = u16_at(bytes, name_end)?;
     let qclass = u16_at(bytes, name_end + 2)?;
     let question_end = name_end + 4;
@@ -255,20 +290,34 @@ pub(crate) fn fast_query(bytes: &[u8]) -> Option<FastQuery> {
     if at != bytes.len() {
         return None;
     }
-    let wire: Box<[u8]> = bytes[HEADER_LEN..name_end]
-        .iter()
-        .map(u8::to_ascii_lowercase)
-        .collect();
     Some(FastQuery {
         qname: DnsName::from_normal(text),
         question: Question {
-            name: wire,
+            name: wire.into(),
             qtype,
             qclass,
         },
-        question_end,
         edns_do,
     })
+}
+
+/// The normal text of `wire`, a valid uncompressed name other than the root (see
+/// [`plain_name_end`]), when every label is plain: one allocation of the exact size.
+fn plain_text(wire: &[u8]) -> Option<String> {
+    let mut text = Vec::with_capacity(wire.len() - 1);
+    let mut at = 0;
+    loop {
+        let len = usize::from(wire[at]);
+        if len == 0 {
+            break;
+        }
+        if !push_plain_label(&wire[at + 1..at + 1 + len], &mut text) {
+            return None;
+        }
+        at += 1 + len;
+    }
+    // SAFETY: only bytes of the PLAIN table (ASCII letters, digits, `-`, `_`) and `.`.
+    Some(unsafe { String::from_utf8_unchecked(text) })
 }
 
 /// One record of an answer section the fast path read.
@@ -287,14 +336,16 @@ struct Rec {
 
 /// Reads an upstream's response whose question the pool matched already: validates every
 /// record as hickory would and, with `learn` (a NOERROR answer), computes what it teaches
-/// about `qname` exactly as `message::extract_learning` does. `Some(None)`: valid, teaches
-/// nothing. `None`: not for the fast path.
+/// about `qname` exactly as `message::extract_learning` does, into `out` (its vectors are
+/// cleared and reused). `Some(true)`: valid and `out` holds what it teaches; `Some(false)`:
+/// valid, teaches nothing. `None`: not for the fast path.
 pub(crate) fn fast_answer(
     bytes: &[u8],
     qname: &DnsName,
     min_ttl: u32,
     learn: bool,
-) -> Option<Option<LearnedAnswer>> {
+    out: &mut LearnedAnswer,
+) -> Option<bool> {
     if bytes.len() < HEADER_LEN || bytes[2] & 0x80 == 0 || (bytes[2] >> 3) & 0x0f != 0 {
         return None;
     }
@@ -312,11 +363,8 @@ pub(crate) fn fast_answer(
         let (mut arena, mut recs) = scratch.take();
         arena.clear();
         recs.clear();
-        let result = read_records(bytes, at, counts, &mut arena, &mut recs).map(|()| {
-            learn
-                .then(|| learning(&arena, &recs, qname, min_ttl))
-                .flatten()
-        });
+        let result = read_records(bytes, at, counts, &mut arena, &mut recs)
+            .map(|()| learn && learning(&arena, &recs, qname, min_ttl, out));
         scratch.set((arena, recs));
         result
     })
@@ -418,8 +466,14 @@ fn walk_rdata_name(bytes: &[u8], at: usize, arena: &mut String) -> Option<usize>
 }
 
 /// `message::extract_learning` over the records read in place (no SVCB here: those answers
-/// take the slow path).
-fn learning(arena: &str, recs: &[Rec], qname: &DnsName, min_ttl: u32) -> Option<LearnedAnswer> {
+/// take the slow path), into `out`; false when the answer teaches no IP.
+fn learning(
+    arena: &str,
+    recs: &[Rec],
+    qname: &DnsName,
+    min_ttl: u32,
+    out: &mut LearnedAnswer,
+) -> bool {
     let text = |r: &std::ops::Range<usize>| &arena[r.clone()];
     // The chain is at most MAX_CHAIN names: on the stack.
     let mut names = [""; MAX_CHAIN];
@@ -446,7 +500,8 @@ fn learning(arena: &str, recs: &[Rec], qname: &DnsName, min_ttl: u32) -> Option<
         break;
     }
     let chain = &names[..len];
-    let mut ips: Vec<IpAddr> = Vec::with_capacity(recs.len().min(DEDUP_SCAN));
+    let ips = &mut out.ips;
+    ips.clear();
     let mut seen: Option<std::collections::HashSet<IpAddr>> = None;
     for r in recs {
         let ip = match r.data {
@@ -472,15 +527,15 @@ fn learning(arena: &str, recs: &[Rec], qname: &DnsName, min_ttl: u32) -> Option<
             ips.push(ip);
         }
     }
+    out.chain.clear();
     if ips.is_empty() {
-        return None;
+        return false;
     }
-    Some(LearnedAnswer {
-        chain: chain[1..]
+    out.chain.extend(
+        chain[1..]
             .iter()
-            .map(|n| DnsName::from_normal((*n).to_owned()))
-            .collect(),
-        ips,
-        ttl: ttl.max(min_ttl),
-    })
+            .map(|n| DnsName::from_normal((*n).to_owned())),
+    );
+    out.ttl = ttl.max(min_ttl);
+    true
 }

@@ -87,17 +87,21 @@ fn labels(normal_form: &str) -> Vec<&str> {
 const STACK_LABELS: usize = 16;
 
 /// [`labels`] into `out` when there are at most [`STACK_LABELS`]: how many. `None`: more.
+/// A byte scan for the dots (a `.` is never part of a longer UTF-8 sequence): names are a
+/// few dozen bytes, where `str::split`'s searcher costs more than the scan.
 fn split_labels<'a>(normal_form: &'a str, out: &mut [&'a str; STACK_LABELS]) -> Option<usize> {
+    let text = normal_form.strip_suffix('.').unwrap_or(normal_form);
     let mut n = 0;
-    for label in normal_form
-        .strip_suffix('.')
-        .unwrap_or(normal_form)
-        .split('.')
-    {
-        *out.get_mut(n)? = label;
-        n += 1;
+    let mut start = 0;
+    for (i, &b) in text.as_bytes().iter().enumerate() {
+        if b == b'.' {
+            *out.get_mut(n)? = &text[start..i];
+            n += 1;
+            start = i + 1;
+        }
     }
-    Some(n)
+    *out.get_mut(n)? = &text[start..];
+    Some(n + 1)
 }
 
 impl PatternIndex {
@@ -255,7 +259,11 @@ impl PatternIndex {
         if found(&self.match_all) {
             return true;
         }
-        if let Some(ids) = self.exact.get(text) {
+        // Not even hashed when there are no exact names (common: policies of patterns).
+        if let Some(ids) = (!self.exact.is_empty())
+            .then(|| self.exact.get(text))
+            .flatten()
+        {
             if found(ids) {
                 return true;
             }
