@@ -54,7 +54,7 @@ const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
 /// The Date header value for now (the text made once a second per thread).
-fn date_now() -> HeaderValue {
+pub(super) fn date_now() -> HeaderValue {
     thread_local! {
         static LAST: std::cell::RefCell<(u64, HeaderValue)> =
             const { std::cell::RefCell::new((u64::MAX, HeaderValue::from_static(""))) };

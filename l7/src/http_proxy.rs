@@ -3,23 +3,32 @@
 //!
 //! A connection's first bytes tell the protocol: the HTTP/2 preface (prior knowledge, as gRPC
 //! clients and `curl --http2-prior-knowledge` send it) goes to `h2_relay`, anything else is
-//! HTTP/1.x served by hyper. Each downstream connection gets its own upstream connection to
-//! the original destination (HTTP/1.1 for HTTP/1.1, HTTP/2 for HTTP/2), opened on first use
-//! and reopened if the upstream closed it. HTTP/1.1 requests on a connection are served in
-//! order (hyper reads the next one only after the previous response is written), so
-//! pipelined requests stay in order and a denied request in between is answered in its
-//! place. Bodies stream in both directions; nothing is buffered whole.
+//! HTTP/1.x and goes to `h1_relay`. Each is a relay of our own: one task per client
+//! connection owning the client socket and the connection's upstream connection to the
+//! original destination (HTTP/1.1 for HTTP/1.x, HTTP/2 for HTTP/2), opened on first use and
+//! reopened if the upstream closed it.
 //!
-//! Cost per request matters here (the proxy sits in the path of every request it judges), so:
-//! the HTTP/1.1 upstream side is no connection task of its own but driven by the request's
-//! handler and the response body as the client side polls them (`http1_upstream`: no
-//! hand-over between tasks or state machines for a request, its response and each part of
-//! the body); HTTP/2 is relayed frame by frame by a relay of our own, one task owning the
-//! client connection and its upstream connection (`h2_relay`: no task, channel or header map
-//! per stream beyond the request's, response headers forwarded as they came when they can
-//! be); the request is judged on borrowed views of its head, and the strings of an event are
-//! built only while a `monitor` client listens; hop-by-hop headers are found in one pass over
-//! the names; responses need no boxed body.
+//! HTTP/1.x (`h1_relay`): requests on a connection are served one after the other, so
+//! pipelined requests are answered in order and a denied one is answered in its place. A
+//! request head is parsed by httparse into views of the bytes as they came, judged on them,
+//! and forwarded as those bytes less the hop-by-hop fields (and those the Connection field
+//! names), with the header actions applied and an absolute-form target made origin-form; the
+//! response head likewise (hop-by-hop fields left out). Bodies are relayed by their framing
+//! (content-length, chunked chunk by chunk with trailers, until the upstream closes; none for
+//! HEAD, 204, 304 and 1xx) through buffers of the connection's own that hold one read, so
+//! nothing is buffered whole. The framing rules are held strictly (both Content-Length and
+//! Transfer-Encoding, differing lengths, a last coding other than chunked, obs-fold, bare CR:
+//! 400 and close): a relay that frames a body differently from its upstream lets requests be
+//! smuggled past the rules. An upgrade (WebSocket and the like) or CONNECT that the rules and
+//! `allow_upgrades` allow is handed, with the bytes read so far, to hyper's server, which
+//! switches protocols and copies the bytes both ways; for that one exchange only.
+//!
+//! Why relays of our own: the proxy sits in the path of every request it judges, and with
+//! hyper's HTTP/1.1 server most of its cost per request was hyper's (its dispatcher, a header
+//! map built for each request and response, URI objects, the hand-over of each request and
+//! body between state machines: 19.5k instructions per request relayed to nginx,
+//! `bench/l7/instructions.sh`; see `h1_relay` for the figures now); HTTP/2 on the `h2` crate
+//! cost 3.5 times what its relay costs now (see `h2_relay`). The strings of an event are built only while a `monitor` client listens.
 //!
 //! Denied: 403 with the configured message; a gRPC call (content-type `application/grpc*`)
 //! gets HTTP 200 with `grpc-status: 7` (PERMISSION_DENIED) in a trailers-only response, so
@@ -30,7 +39,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -47,21 +56,19 @@ use tokio::net::TcpListener;
 
 use crate::error::L7Error;
 use crate::events::{EventSink, L7Event, L7EventKind, L7Protocol, L7Verdict, ProtocolStats};
-use crate::http1_upstream::{
-    self, BodyError, ClientError, IdleSlot, Outgoing, Upstream, UpstreamBody,
-};
 use crate::http_rules::{HeaderAction, HttpDecision, HttpPolicy, HttpRequestView};
 use crate::net::{self, ConnectionWorkers, ProxyMode};
 use crate::policy::{FlowKey, L7PolicySource, Redirect};
 
+#[path = "h1_relay.rs"]
+mod h1_relay;
 #[path = "h2_relay.rs"]
 mod h2_relay;
 
-/// The body of an answer to the client: the upstream's, streamed through (read from the
-/// HTTP/1.1 upstream connection as it is polled, or hyper's for upgrades), or one
-/// the proxy made (403, 502). An enum rather than a boxed body: no allocation per response.
+/// The body of an answer to the client through hyper's server (an upgrade) or the HTTP/2
+/// relay: the upstream's, streamed through, or one the proxy made (403, 502). An enum rather
+/// than a boxed body: no allocation per response.
 enum BodyKind {
-    H1(UpstreamBody),
     Upstream(Incoming),
     Local(Option<Bytes>),
 }
@@ -84,22 +91,20 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = hyper::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.get_mut().kind {
-            BodyKind::H1(b) => Pin::new(b).poll_frame(cx),
-            BodyKind::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            BodyKind::Upstream(b) => Pin::new(b).poll_frame(cx),
             BodyKind::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            BodyKind::H1(b) => b.is_end_stream(),
             BodyKind::Upstream(b) => b.is_end_stream(),
             BodyKind::Local(b) => b.is_none(),
         }
@@ -107,7 +112,6 @@ impl http_body::Body for Body {
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            BodyKind::H1(b) => b.size_hint(),
             BodyKind::Upstream(b) => b.size_hint(),
             BodyKind::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
@@ -169,39 +173,52 @@ async fn head_timeout(activity: &Activity, timeout: Duration) {
 /// The connection preface of an HTTP/2 client (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// The client's connection with the bytes read to tell HTTP/1.x from HTTP/2 put back in front.
+/// How much the first read of a connection may take: the buffer it reads into becomes the
+/// HTTP/1.x relay's read buffer.
+const FIRST_READ: usize = 16 * 1024;
+
+/// The client's connection with the bytes read so far put back in front (those read to tell
+/// HTTP/1.x from HTTP/2, or those of an upgrade request handed to hyper's server).
 struct Rewound<IO> {
-    head: [u8; 24],
+    head: Vec<u8>,
     /// `head[pos..len]` is still to be read.
-    pos: u8,
-    len: u8,
+    pos: usize,
+    len: usize,
     io: IO,
+}
+
+impl<IO> Rewound<IO> {
+    fn from_parts(head: Vec<u8>, pos: usize, len: usize, io: IO) -> Rewound<IO> {
+        Rewound { head, pos, len, io }
+    }
+
+    /// The buffer (with `head[pos..len]` unread) and the connection.
+    fn into_parts(self) -> (Vec<u8>, usize, usize, IO) {
+        (self.head, self.pos, self.len, self.io)
+    }
 }
 
 impl<IO: AsyncRead + Unpin> Rewound<IO> {
     /// Reads until the bytes are the HTTP/2 preface or cannot be: whether they are, and the
-    /// connection to read on (nothing to read when it ended before the first byte).
+    /// connection to read on (nothing to read when it ended before the first byte). The first
+    /// read takes what the client sent (most often a whole request).
     async fn sniff(mut io: IO) -> std::io::Result<(bool, Rewound<IO>)> {
         use tokio::io::AsyncReadExt;
-        let mut head = [0u8; 24];
+        let mut head = vec![0u8; FIRST_READ];
         let mut len = 0;
-        while len < head.len() {
+        while len < H2_PREFACE.len() {
             let n = io.read(&mut head[len..]).await?;
             if n == 0 {
                 break;
             }
             len += n;
-            if head[..len] != H2_PREFACE[..len] {
+            let seen = len.min(H2_PREFACE.len());
+            if head[..seen] != H2_PREFACE[..seen] {
                 break;
             }
         }
-        let rewound = Rewound {
-            head,
-            pos: 0,
-            len: len as u8,
-            io,
-        };
-        Ok((len == head.len() && head == *H2_PREFACE, rewound))
+        let is_h2 = len >= H2_PREFACE.len() && head[..H2_PREFACE.len()] == *H2_PREFACE;
+        Ok((is_h2, Rewound::from_parts(head, 0, len, io)))
     }
 }
 
@@ -213,10 +230,13 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Rewound<IO> {
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         if this.pos < this.len {
-            let rest = &this.head[this.pos as usize..this.len as usize];
+            let rest = &this.head[this.pos..this.len];
             let n = rest.len().min(buf.remaining());
             buf.put_slice(&rest[..n]);
-            this.pos += n as u8;
+            this.pos += n;
+            if this.pos == this.len {
+                this.head = Vec::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
@@ -428,46 +448,61 @@ impl HttpProxyService {
             shared: self.shared.clone(),
             src,
             dst,
-            h1: IdleSlot::default(),
         });
         if is_h2 {
             // No head timeout: an HTTP/2 connection may stay open between requests.
             return h2_relay::serve(conn, io).await;
         }
-        let activity = Arc::new(Activity::default());
-        let svc = {
-            let activity = activity.clone();
-            hyper::service::service_fn(move |req| {
-                let conn = conn.clone();
-                let exchange = activity.start();
-                async move {
-                    let mut resp = conn.handle(req).await;
-                    resp.body_mut()._done = Some(exchange);
-                    Ok::<_, Infallible>(resp)
-                }
-            })
-        };
-        // No timer: hyper would arm a header read timeout for every request; `head_timeout`
-        // below keeps one per connection.
-        let server = server1::Builder::new()
-            .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades();
-        let result = tokio::select! {
-            r = server => r,
-            () = head_timeout(&activity, timeout) => {
-                tracing::debug!(%src, "http proxy: no request head within the timeout");
-                return;
+        if let Some(io) = h1_relay::serve(conn.clone(), io).await {
+            serve_hyper(conn, io).await;
+        }
+    }
+}
+
+/// Serves an HTTP/1.x connection with hyper's server, from an allowed upgrade request (WebSocket
+/// and the like, CONNECT) on: the switch and what follows it. Only this exchange: the
+/// connection closes after it when there was no switch (the client opens another).
+async fn serve_hyper<IO>(conn: Arc<Conn>, io: Rewound<IO>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let src = conn.src;
+    let timeout = conn.shared.cfg.header_read_timeout;
+    let stats = conn.shared.clone();
+    let activity = Arc::new(Activity::default());
+    let svc = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req| {
+            let conn = conn.clone();
+            let exchange = activity.start();
+            async move {
+                let mut resp = conn.handle(req).await;
+                resp.body_mut()._done = Some(exchange);
+                Ok::<_, Infallible>(resp)
             }
-        };
-        if let Err(e) = result {
-            let malformed = e.is_parse() || e.is_parse_too_large();
-            if malformed {
-                // hyper has answered 400 (or 431/414) before closing.
-                ProtocolStats::bump(&self.stats().malformed);
-                tracing::debug!(%src, error = %e, "http proxy: malformed request");
-            } else {
-                tracing::debug!(%src, error = %e, "http proxy: connection ended with an error");
-            }
+        })
+    };
+    // No timer: hyper would arm a header read timeout for every request; `head_timeout`
+    // below keeps one per connection.
+    let server = server1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    let result = tokio::select! {
+        r = server => r,
+        () = head_timeout(&activity, timeout) => {
+            tracing::debug!(%src, "http proxy: no request head within the timeout");
+            return;
+        }
+    };
+    if let Err(e) = result {
+        let malformed = e.is_parse() || e.is_parse_too_large();
+        if malformed {
+            // hyper has answered 400 (or 431/414) before closing.
+            ProtocolStats::bump(&stats.events.stats().http.malformed);
+            tracing::debug!(%src, error = %e, "http proxy: malformed request");
+        } else {
+            tracing::debug!(%src, error = %e, "http proxy: connection ended with an error");
         }
     }
 }
@@ -477,15 +512,11 @@ fn is_self(dst: SocketAddr, local: SocketAddr) -> bool {
         || (local.ip().is_unspecified() && dst.port() == local.port() && dst.ip().is_loopback())
 }
 
-/// One downstream connection and its upstream connections.
+/// One downstream connection (its upstream connection is its relay's).
 struct Conn {
     shared: Arc<Shared>,
     src: SocketAddr,
     dst: SocketAddr,
-    /// The HTTP/1.1 upstream connection between two requests (a request takes it out while
-    /// it uses it, its response body puts it back when complete: HTTP/1.1 requests of one
-    /// connection are handled one after the other).
-    h1: IdleSlot,
 }
 
 /// What the event needs to know about a request (built only while someone listens).
@@ -527,7 +558,6 @@ struct Allowed {
     action_notes: Vec<String>,
     /// The [`hop_by_hop_bits`] of the request's headers (header actions applied).
     hop: u16,
-    wants_upgrade: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -540,27 +570,27 @@ enum UpstreamError {
     Handshake(SocketAddr, hyper::Error),
     #[error("upstream request: {0}")]
     Request(hyper::Error),
-    #[error("upstream request: {0}")]
-    H1(ClientError),
+    #[error("writing to the upstream: {0}")]
+    H1Write(std::io::Error),
+    #[error("reading from the upstream: {0}")]
+    H1Read(std::io::Error),
+    #[error("the upstream closed the connection {0}")]
+    H1Closed(&'static str),
+    #[error("malformed response from the upstream: {0}")]
+    H1Malformed(&'static str),
     #[error("upstream http/2: {0}")]
     H2(h2_relay::H2Failure),
 }
 
 impl Conn {
-    /// An HTTP/1.x request: judged, then forwarded or answered.
+    /// An HTTP/1.x request served by hyper's server (an upgrade): judged, then forwarded or
+    /// answered.
     async fn handle(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let allowed = match self.judge(&mut req, false) {
             Judged::Denied(resp) => return resp,
             Judged::Allowed(a) => a,
         };
-        // The rarer kind boxed: the future of a request lives in the connection's state and
-        // is moved there for every request, so its size is the plain HTTP/1.1 one's.
-        let result = if allowed.wants_upgrade {
-            Box::pin(self.forward_upgrade(req)).await
-        } else {
-            self.forward_h1(req, allowed.hop).await
-        };
-        match result {
+        match self.forward_upgrade(req).await {
             Ok(resp) => {
                 self.allowed(allowed, resp.status().as_u16());
                 resp
@@ -643,7 +673,6 @@ impl Conn {
             seen,
             action_notes,
             hop,
-            wants_upgrade,
         })
     }
 
@@ -739,41 +768,6 @@ impl Conn {
             }
         });
         Ok(sender)
-    }
-
-    /// `hop`: the [`hop_by_hop_bits`] of the request's headers.
-    async fn forward_h1(
-        &self,
-        mut req: Request<Incoming>,
-        hop: u16,
-    ) -> Result<Response<Body>, UpstreamError> {
-        to_origin_form(&mut req);
-        strip_hop_by_hop_present(req.headers_mut(), hop);
-        let idle = self
-            .h1
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .filter(|up| up.is_usable());
-        let (mut up, reused) = match idle {
-            Some(up) => (up, true),
-            None => (Upstream::new(self.connect_boxed().await?), false),
-        };
-        let mut out = Outgoing::new(req, up.head_buffer());
-        let resp = match http1_upstream::send(up, &mut out, &self.h1).await {
-            Ok(r) => r,
-            // A kept-alive upstream connection the server closed meanwhile: once more on a
-            // new one, when that is safe.
-            Err(e) if reused && e.retry => {
-                let up = Upstream::new(self.connect_boxed().await?);
-                http1_upstream::send(up, &mut out, &self.h1)
-                    .await
-                    .map_err(|e| UpstreamError::H1(e.error))?
-            }
-            Err(e) => return Err(UpstreamError::H1(e.error)),
-        };
-        // (Its hop-by-hop headers were left out as it was read.)
-        Ok(resp.map(|b| Body::of(BodyKind::H1(b))))
     }
 
     /// An allowed upgrade: a connection of its own upstream, then bytes copied both ways.

@@ -42,6 +42,30 @@ pub struct HttpRequestView<'a> {
     pub headers: &'a HeaderMap,
 }
 
+/// The header fields of a request as the matcher reads them: a [`HeaderMap`], or fields
+/// borrowed from the bytes of a request head as they were parsed (names in any case), so a
+/// request can be judged without building a map.
+pub trait RequestHeaders {
+    /// Calls `each` with the values of the fields named `name`, in order, until it returns
+    /// `true`; whether one did.
+    fn any_value(&self, name: &HeaderName, each: &mut dyn FnMut(&[u8]) -> bool) -> bool;
+
+    /// Whether a field named `name` is present.
+    fn contains(&self, name: &HeaderName) -> bool {
+        self.any_value(name, &mut |_| true)
+    }
+}
+
+impl RequestHeaders for HeaderMap {
+    fn any_value(&self, name: &HeaderName, each: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        self.get_all(name).iter().any(|v| each(v.as_bytes()))
+    }
+
+    fn contains(&self, name: &HeaderName) -> bool {
+        self.contains_key(name)
+    }
+}
+
 /// A header change to apply to an allowed request (from a `headerMatches` mismatch action).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeaderAction {
@@ -537,6 +561,18 @@ impl HttpPolicy {
     /// Decides one request. The first rule (in policy order) that matches decides which header
     /// actions apply.
     pub fn check(&self, req: &HttpRequestView<'_>) -> HttpDecision {
+        self.check_parts(req.method, req.path, req.host, req.headers)
+    }
+
+    /// [`HttpPolicy::check`] on the parts of a request: its method, target (path and query),
+    /// authority and header fields however they are held.
+    pub fn check_parts<H: RequestHeaders + ?Sized>(
+        &self,
+        method: &str,
+        path: &str,
+        host: &str,
+        headers: &H,
+    ) -> HttpDecision {
         let Some(rules) = &self.rules else {
             return HttpDecision::Allowed {
                 rule: None,
@@ -558,21 +594,21 @@ impl HttpPolicy {
         running.copy_from_slice(&self.all);
         // Methods and hosts first: most often string compares that leave few rules to run
         // path regexes for.
-        self.method.filter(req.method, running, scratch);
-        self.host.filter(req.host, running, scratch);
-        self.path.filter(req.path, running, scratch);
+        self.method.filter(method, running, scratch);
+        self.host.filter(host, running, scratch);
+        self.path.filter(path, running, scratch);
         'rules: for i in rules_in(running) {
             let r = &rules[i];
             for (name, value) in &r.headers {
-                if !header_holds(req.headers, name, value.as_ref()) {
+                if !header_holds(headers, name, value.as_ref()) {
                     continue 'rules;
                 }
             }
             let mut actions = Vec::new();
             for hm in &r.header_matches {
                 let holds = match &hm.expected {
-                    Expected::Present => req.headers.contains_key(&hm.name),
-                    Expected::Value(v) => header_holds(req.headers, &hm.name, Some(v)),
+                    Expected::Present => headers.contains(&hm.name),
+                    Expected::Value(v) => header_holds(headers, &hm.name, Some(v)),
                     Expected::Unavailable => false,
                 };
                 if holds {
@@ -622,27 +658,29 @@ impl HttpPolicy {
 
 /// `value: None`: the header is present. `Some(v)`: one of its values is `v`, or all its values
 /// joined with `,` are (how Envoy sees a repeated header).
-fn header_holds(headers: &HeaderMap, name: &HeaderName, value: Option<&HeaderValue>) -> bool {
+fn header_holds<H: RequestHeaders + ?Sized>(
+    headers: &H,
+    name: &HeaderName,
+    value: Option<&HeaderValue>,
+) -> bool {
     let Some(want) = value else {
-        return headers.contains_key(name);
+        return headers.contains(name);
     };
-    let mut all = headers.get_all(name).iter().peekable();
-    if all.peek().is_none() {
-        return false;
-    }
+    let want = want.as_bytes();
     let mut joined: Vec<u8> = Vec::new();
     let mut count = 0;
-    for v in all {
+    let one = headers.any_value(name, &mut |v| {
         if v == want {
             return true;
         }
         if count > 0 {
             joined.push(b',');
         }
-        joined.extend_from_slice(v.as_bytes());
+        joined.extend_from_slice(v);
         count += 1;
-    }
-    count > 1 && joined == want.as_bytes()
+        false
+    });
+    one || (count > 1 && joined == want)
 }
 
 fn header_name(rule: usize, field: &'static str, name: &str) -> Result<HeaderName, L7Error> {

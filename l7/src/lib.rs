@@ -16,7 +16,6 @@
 
 pub mod error;
 pub mod events;
-mod http1_upstream;
 pub mod http_proxy;
 pub mod http_rules;
 pub mod kafka_codec;
@@ -29,7 +28,7 @@ pub mod secret;
 pub use error::L7Error;
 pub use events::{EventSink, L7Event, L7EventKind, L7Protocol, L7Stats, L7Verdict};
 pub use http_proxy::{HttpProxy, HttpProxyConfig, HttpProxyService};
-pub use http_rules::{HeaderAction, HttpDecision, HttpPolicy, HttpRequestView};
+pub use http_rules::{HeaderAction, HttpDecision, HttpPolicy, HttpRequestView, RequestHeaders};
 pub use kafka_proxy::{KafkaProxy, KafkaProxyConfig, KafkaProxyService};
 pub use kafka_rules::{KafkaDecision, KafkaPolicy, KafkaRequestView};
 pub use net::{ConnectionWorkers, ProxyMode};

@@ -1,6 +1,7 @@
-//! The HTTP proxy's request path on arbitrary bytes: hyper's parser, the request view, the
-//! rule matcher and the denial/forwarding decision. Allowed requests go to a closed port
-//! (502), so nothing leaves the process.
+//! The HTTP proxy's request path on arbitrary bytes: the HTTP/1.x relay's head parser and
+//! framing checks, chunked body decoding, the rule matcher on the borrowed head and the
+//! denial/forwarding decision (and hyper's server for an upgrade). Allowed requests go to a
+//! closed port (502), so nothing leaves the process.
 #![no_main]
 
 use std::net::SocketAddr;
