@@ -62,12 +62,6 @@ pub(super) struct Fields<'b> {
     pub hidden: u128,
 }
 
-impl Fields<'_> {
-    pub fn dropped(&self, i: usize) -> bool {
-        self.drop & (1 << i) != 0
-    }
-}
-
 impl RequestHeaders for Fields<'_> {
     fn any_value(&self, name: &HeaderName, each: &mut dyn FnMut(&[u8]) -> bool) -> bool {
         let name = name.as_str().as_bytes();
@@ -135,9 +129,12 @@ impl RequestHead<'_> {
     }
 }
 
-/// Whether two names are equal, ignoring ASCII case.
+/// Whether `name` (a field name or Connection option) is `lower` (lowercase letters, digits
+/// and `-`) in any case. Setting the 0x20 bit makes an upper-case letter lower case and maps
+/// no other byte such a name or option can hold (no CR) onto one of those, so one OR and a
+/// compare per byte are exact.
 fn is(name: &[u8], lower: &[u8]) -> bool {
-    name.len() == lower.len() && name.eq_ignore_ascii_case(lower)
+    name.len() == lower.len() && name.iter().zip(lower).all(|(a, b)| a | 0x20 == *b)
 }
 
 /// The field names of one connection (RFC 9110 §7.6.1, and the pre-standard ones still seen).
@@ -224,7 +221,11 @@ impl<'b> Named<'b> {
             return;
         }
         for (i, f) in list.iter().enumerate() {
-            if self.0.iter().any(|t| is(f.name.as_bytes(), t)) {
+            if self
+                .0
+                .iter()
+                .any(|t| f.name.as_bytes().eq_ignore_ascii_case(t))
+            {
                 *drop |= 1 << i;
             }
         }
@@ -287,10 +288,8 @@ pub(super) fn parse_request<'b>(
             6 if is(name, b"expect") => {
                 expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
             }
-            12 if is(name, b"content-type") => {
-                if grpc.is_none() {
-                    grpc = Some(as_text(value).is_some_and(|v| v.starts_with("application/grpc")));
-                }
+            12 if grpc.is_none() && is(name, b"content-type") => {
+                grpc = Some(as_text(value).is_some_and(|v| v.starts_with("application/grpc")));
             }
             14 if is(name, b"content-length") => {
                 if length.is_some() || value.contains(&b',') {
@@ -496,6 +495,44 @@ pub(super) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends the fields of `list` (parsed from `head`, a whole head) not in `drop`, one line
+/// each: runs of kept fields whose lines end in CRLF are copied as they came, others written
+/// as `name: value`.
+pub(super) fn push_fields(
+    out: &mut Vec<u8>,
+    head: &[u8],
+    list: &[httparse::Header<'_>],
+    drop: u128,
+) {
+    let base = head.as_ptr() as usize;
+    let start_of = |f: &httparse::Header<'_>| f.name.as_ptr() as usize - base;
+    // Where the last field's line ends: before the empty line.
+    let fields_end = if head.ends_with(b"\r\n\r\n") {
+        head.len() - 2
+    } else {
+        0
+    };
+    let mut run: Option<usize> = None;
+    for (i, f) in list.iter().enumerate() {
+        let start = start_of(f);
+        let end = list.get(i + 1).map_or(fields_end, start_of);
+        let crlf = end >= start + 2 && &head[end - 2..end] == b"\r\n";
+        if drop & (1 << i) != 0 || !crlf {
+            if let Some(from) = run.take() {
+                out.extend_from_slice(&head[from..start]);
+            }
+            if drop & (1 << i) == 0 {
+                push_field(out, f.name.as_bytes(), f.value);
+            }
+        } else if run.is_none() {
+            run = Some(start);
+        }
+    }
+    if let Some(from) = run {
+        out.extend_from_slice(&head[from..fields_end]);
+    }
+}
+
 pub(super) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
@@ -645,11 +682,7 @@ pub(super) fn parse_response(
 
     out.reserve(len + 64);
     push_status(out, client.http10, code, resp.reason.unwrap_or(""));
-    for (i, f) in list.iter().enumerate() {
-        if drop & (1 << i) == 0 {
-            push_field(out, f.name.as_bytes(), f.value);
-        }
-    }
+    push_fields(out, &buf[..len], list, drop);
     if length_rewrite {
         if let Some(n) = length {
             out.extend_from_slice(b"content-length: ");
@@ -827,9 +860,10 @@ pub(super) fn decode_chunked(
 mod tests {
     use super::*;
 
-    fn request(
-        text: &[u8],
-    ) -> Result<Option<(String, String, BodyLen, bool, Vec<String>)>, HeadError> {
+    /// Path, host, body framing, keep-alive and the names of the fields forwarded.
+    type Summary = (String, String, BodyLen, bool, Vec<String>);
+
+    fn request(text: &[u8]) -> Result<Option<Summary>, HeadError> {
         let mut slots = slots();
         let Some(h) = parse_request(text, &mut slots)? else {
             return Ok(None);
@@ -839,7 +873,7 @@ mod tests {
             .list
             .iter()
             .enumerate()
-            .filter(|(i, _)| !h.fields.dropped(*i))
+            .filter(|(i, _)| h.fields.drop & (1 << i) == 0)
             .map(|(_, f)| f.name.to_ascii_lowercase())
             .collect();
         Ok(Some((

@@ -23,8 +23,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::head::{
-    self, push_decimal, push_field, push_hex, BodyLen, ChunkOut, Chunked, ClientSide, HeadError,
-    RequestHead, RespLen, Response, ResponseHead, ToClient, Upgrade,
+    self, push_decimal, push_field, push_fields, push_hex, BodyLen, ChunkOut, Chunked, ClientSide,
+    HeadError, RequestHead, RespLen, Response, ResponseHead, ToClient, Upgrade,
 };
 use crate::events::{L7Verdict, ProtocolStats};
 use crate::http_proxy::{
@@ -353,7 +353,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             tracing::info!(src = %conn.src, dst = %conn.dst, actions = ?action_notes, "http headerMatches mismatch");
         }
         self.to_up.clear();
-        write_request_head(&req, &actions, &mut self.to_up);
+        write_request_head(self.inbox.bytes(), &req, &actions, &mut self.to_up);
         Some(Plan::Forward(Exchange {
             allowed: Allowed {
                 redirect,
@@ -839,7 +839,12 @@ fn write_denied(conn: &Conn, grpc: bool, http10: bool, keep_alive: bool, out: &m
 
 /// The head the upstream gets: origin-form, always HTTP/1.1, the fields as they came less the
 /// hop-by-hop ones (`te: trailers` kept), header actions applied.
-fn write_request_head(req: &RequestHead<'_>, actions: &[HeaderAction], out: &mut Vec<u8>) {
+fn write_request_head(
+    raw: &[u8],
+    req: &RequestHead<'_>,
+    actions: &[HeaderAction],
+    out: &mut Vec<u8>,
+) {
     out.reserve(req.len + 64);
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
@@ -861,14 +866,24 @@ fn write_request_head(req: &RequestHead<'_>, actions: &[HeaderAction], out: &mut
             _ => false,
         })
     };
-    let mut host_left = false;
-    for (i, f) in req.fields.list.iter().enumerate() {
-        if req.fields.dropped(i) || (!actions.is_empty() && removed(f.name)) {
-            continue;
+    let mut drop = req.fields.drop;
+    if !actions.is_empty() {
+        for (i, f) in req.fields.list.iter().enumerate() {
+            if removed(f.name) {
+                drop |= 1 << i;
+            }
         }
-        host_left |= f.name.eq_ignore_ascii_case("host");
-        push_field(out, f.name.as_bytes(), f.value);
     }
+    let mut host_left = false;
+    if req.authority.is_some() {
+        host_left = req
+            .fields
+            .list
+            .iter()
+            .enumerate()
+            .any(|(i, f)| drop & (1 << i) == 0 && f.name.eq_ignore_ascii_case("host"));
+    }
+    push_fields(out, &raw[..req.len], req.fields.list, drop);
     if req.te_trailers {
         out.extend_from_slice(b"te: trailers\r\n");
     }
@@ -916,7 +931,7 @@ mod tests {
         let mut slots = head::slots();
         let req = head::parse_request(text, &mut slots).unwrap().unwrap();
         let mut out = Vec::new();
-        write_request_head(&req, actions, &mut out);
+        write_request_head(text, &req, actions, &mut out);
         String::from_utf8(out).unwrap()
     }
 
@@ -950,6 +965,21 @@ mod tests {
                 &[]
             ),
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn lines_go_as_they_came_only_when_they_end_in_crlf() {
+        assert_eq!(
+            upstream_head(b"GET /a HTTP/1.1\nHost: h\nX-A:  1 \r\nX-B: 2\n\n", &[]),
+            "GET /a HTTP/1.1\r\nHost: h\r\nX-A:  1 \r\nX-B: 2\r\n\r\n"
+        );
+        assert_eq!(
+            upstream_head(
+                b"GET /a HTTP/1.1\r\nHost: h\r\nX-A:\t1\r\nX-B: 2\r\n\n",
+                &[]
+            ),
+            "GET /a HTTP/1.1\r\nHost: h\r\nX-A:\t1\r\nX-B: 2\r\n\r\n"
         );
     }
 
