@@ -163,6 +163,13 @@ impl BatchEncoder {
         self.records += 1;
     }
 
+    /// Makes room for about `records` more, so that adding them (under the caller's lock)
+    /// does not grow the buffer: growing copies all of it.
+    pub fn reserve(&mut self, records: usize) {
+        // A record is 1 + 2 + 2 + name + 1 + 4..16 + 8 bytes: ~48 for a typical name.
+        self.payload.reserve(records.saturating_mul(48));
+    }
+
     /// Records added so far.
     pub fn records(&self) -> usize {
         self.records
@@ -381,7 +388,8 @@ pub fn apply_journal(snapshot: Snapshot, records: &[JournalRecord], now: Timesta
         return snapshot;
     }
     // Endpoint → name → IP → state, for the touched pairs only.
-    type Touched<'r> = HashMap<&'r str, HashMap<&'r str, BTreeMap<IpAddr, Held>>>;
+    type Names<'r> = HashMap<&'r str, BTreeMap<IpAddr, Held>>;
+    type Touched<'r> = HashMap<&'r str, Names<'r>>;
     let mut touched: Touched<'_> = HashMap::new();
     for r in records {
         touched
@@ -448,8 +456,7 @@ pub fn apply_journal(snapshot: Snapshot, records: &[JournalRecord], now: Timesta
         }
     }
     // The rebuilt pairs, one snapshot entry per endpoint, in a stable order.
-    let mut rebuilt: Vec<(&str, HashMap<&str, BTreeMap<IpAddr, Held>>)> =
-        touched.into_iter().collect();
+    let mut rebuilt: Vec<(&str, Names<'_>)> = touched.into_iter().collect();
     rebuilt.sort_by(|a, b| a.0.cmp(b.0));
     for (endpoint, names) in rebuilt {
         let mut names: Vec<(&str, BTreeMap<IpAddr, Held>)> = names.into_iter().collect();

@@ -151,6 +151,9 @@ impl SaveSchedule {
     }
 }
 
+/// A range (start, length) in one of a [`SnapshotChunk`]'s buffers.
+type Span = (u32, u32);
+
 /// One step of a snapshot taken in bounded steps ([`crate::FqdnCache::snapshot_chunk`]):
 /// plain copies of names, IPs and times, made while the caller holds its lock, formatted
 /// by [`SnapshotWriter::write_chunk`] after it is released.
@@ -159,10 +162,10 @@ pub struct SnapshotChunk {
     /// The names' text, one after the other.
     pub(crate) text: String,
     /// (endpoint, name's range in `text`, range in `ips`), in the order taken.
-    pub(crate) groups: Vec<(EndpointId, (u32, u32), (u32, u32))>,
+    pub(crate) groups: Vec<(EndpointId, Span, Span)>,
     pub(crate) ips: Vec<IpSnapshot>,
     /// (endpoint, name's range in `text`, IP, end of its lookup lifetime).
-    pub(crate) zombies: Vec<(EndpointId, (u32, u32), IpAddr, Timestamp)>,
+    pub(crate) zombies: Vec<(EndpointId, Span, IpAddr, Timestamp)>,
 }
 
 impl SnapshotChunk {
@@ -179,13 +182,13 @@ impl SnapshotChunk {
         self.ips.len() + self.zombies.len()
     }
 
-    pub(crate) fn push_name(&mut self, name: &str) -> (u32, u32) {
+    pub(crate) fn push_name(&mut self, name: &str) -> Span {
         let start = u32::try_from(self.text.len()).expect("a chunk's text is under 4 GiB");
         self.text.push_str(name);
         (start, name.len() as u32)
     }
 
-    fn name(&self, (start, len): (u32, u32)) -> &str {
+    fn name(&self, (start, len): Span) -> &str {
         &self.text[start as usize..(start + len) as usize]
     }
 }
