@@ -24,6 +24,11 @@
 #                   policy, learning into an in-memory table) instead of the fqdnwall binary
 #   --rounds N      interleaved rounds per measurement, the median is reported (default 3)
 #   --out FILE      append the results as a Markdown section to FILE (e.g. bench/RESULTS.md)
+#   --cpu-wake-latency US
+#                   hold a CPU wake-up latency bound of US microseconds (PM QoS,
+#                   /dev/cpu_dma_latency; root) for the whole run, so every target is measured
+#                   with idle CPUs that wake within it, and give the generated fqdnwall config
+#                   `dns.cpuWakeLatency: USus` (fqdnwall's own way of taking that bound under load)
 #
 # Client and servers share this machine's cores, so every figure is relative: compare the rows
 # of one run, never runs on different machines.
@@ -37,6 +42,7 @@ DURATION=10
 RATE=20000
 ROUNDS=3
 OUT=""
+WAKE_US=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --fqdnwall) FW_BIN=$2; shift 2 ;;
@@ -46,7 +52,8 @@ while [ $# -gt 0 ]; do
     --rate) RATE=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    --cpu-wake-latency) WAKE_US=$2; shift 2 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -75,6 +82,17 @@ need dnsdist dnsdist
 need dnsmasq dnsmasq
 need dig bind9-dnsutils
 export PATH="$PATH:/usr/sbin"
+
+if [ -n "$WAKE_US" ]; then
+  case "$WAKE_US" in *[!0-9]*|'') echo "run.sh: --cpu-wake-latency takes microseconds, e.g. 0" >&2; exit 2 ;; esac
+  # The bound holds while fd 9 stays open, i.e. for this script's life. The kernel takes it as
+  # a native-endian 32-bit integer (little-endian on x86).
+  exec 9>/dev/cpu_dma_latency
+  printf "$(printf '\\x%02x\\x%02x\\x%02x\\x%02x' $((WAKE_US & 255)) $(((WAKE_US >> 8) & 255)) \
+    $(((WAKE_US >> 16) & 255)) $(((WAKE_US >> 24) & 255)))" >&9
+fi
+WAKE_NOTE=""
+[ -n "$WAKE_US" ] && WAKE_NOTE=" CPU wake-up latency bound of ${WAKE_US} µs held for the whole run (\`--cpu-wake-latency ${WAKE_US}\`: PM QoS, idle CPUs poll instead of halting), for every target alike; fqdnwall's config has \`dns.cpuWakeLatency: ${WAKE_US}us\`."
 
 WORK=$(mktemp -d /tmp/fqdnwall-dnsbench.XXXXXX)
 PIDS=()
@@ -171,7 +189,8 @@ dns:
   listen: ["$FW"]
   upstreams: ["$UP"]
   transparent: false
-  responseMaxDelay: 100ms
+  responseMaxDelay: 100ms${WAKE_US:+
+  cpuWakeLatency: ${WAKE_US}us}
 endpoints:
   - name: bench
     namespace: default
@@ -320,11 +339,11 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0 && a != "-" && b != "-") pr
 added() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "-" && b != "-") printf "%+d", a - b; else print "-" }'; }
 
 REPORT=$(
-  echo "### DNS forwarding: $FW_LABEL vs dnsdist vs dnsmasq vs direct ($(date -u +%Y-%m-%dT%H:%MZ))"
+  echo "### DNS forwarding: $FW_LABEL vs dnsdist vs dnsmasq vs direct$( [ -n "$WAKE_US" ] && echo ", CPU wake-up bound ${WAKE_US} µs") ($(date -u +%Y-%m-%dT%H:%MZ))"
   echo
   echo "Method: \`bench/dns/run.sh$( [ "$EXAMPLE" = 1 ] && echo ' --example')\`; upstream unbound $(unbound -V | awk 'NR==1{print $2}') (1 thread, authoritative zone of 1,000 A names + 100 CNAMEs); $(wc -l < "$WORK/queries.txt") distinct A queries, looped;"
   echo "dnsperf $(dnsperf -h 2>&1 | awk '/^Version/{print $2}'), client $CLIENT; throughput: 4 clients, 100 outstanding, ${DURATION} s; latency: fixed ${RATE} q/s for ${DURATION} s, per-query latencies from \`dnsperf -v\`; targets interleaved, median of ${ROUNDS} rounds."
-  echo "dnsdist $(dnsdist --version | awk 'NR==1{print $2}') (no packet cache), dnsmasq $(dnsmasq --version | awk 'NR==1{print $3}') (cache-size=0, dns-forward-max=10000); floor relay: \`dnsproxy/examples/floor_relay.rs\`, one thread blocking in recv on each of its two sockets, nothing parsed. $(nproc) cores shared by client and servers; load average at the end: $LOAD."
+  echo "dnsdist $(dnsdist --version | awk 'NR==1{print $2}') (no packet cache), dnsmasq $(dnsmasq --version | awk 'NR==1{print $3}') (cache-size=0, dns-forward-max=10000); floor relay: \`dnsproxy/examples/floor_relay.rs\`, one thread blocking in recv on each of its two sockets, nothing parsed. $(nproc) cores shared by client and servers; load average at the end: $LOAD.$WAKE_NOTE"
   echo "Forwarder CPU per query: user+system CPU time of the forwarder's process (all threads) during the throughput runs, divided by the queries completed: the figure least disturbed by other load on the machine."
   echo
   echo "| target | q/s (max) | vs dnsdist | forwarder CPU per query (µs) | avg latency (ms) at max | p50 at ${RATE} q/s (µs) | p99 (µs) | p50 added vs direct (µs) | lost (max / rate) |"

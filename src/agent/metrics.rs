@@ -12,6 +12,9 @@ pub struct Metrics {
     pub policy_reloads_ok: AtomicU64,
     pub policy_reloads_failed: AtomicU64,
     pub datapath_errors: AtomicU64,
+    /// 1 while a `dns.cpuWakeLatency` bound is held (see `wake`), else 0.
+    pub cpu_wake_engaged: AtomicU64,
+    pub cpu_wake_engagements: AtomicU64,
 }
 
 /// Builds one exposition document.

@@ -132,6 +132,18 @@ pub fn render(a: &Agent) -> String {
         "Changes the datapath could not take.",
         load(&a.metrics.datapath_errors),
     );
+    e.single(
+        "fqdnwall_dns_cpu_wake_bound_held",
+        "gauge",
+        "1 while the dns.cpuWakeLatency bound is held (the proxy is busy), else 0.",
+        load(&a.metrics.cpu_wake_engaged),
+    );
+    e.single(
+        "fqdnwall_dns_cpu_wake_bound_engagements_total",
+        "counter",
+        "Times the dns.cpuWakeLatency bound was taken.",
+        load(&a.metrics.cpu_wake_engagements),
+    );
     if let Some(p) = a.proxy_metrics.get() {
         e.header(
             "fqdnwall_dns_queries_total",

@@ -15,6 +15,7 @@ pub mod metrics_http;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod wake;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

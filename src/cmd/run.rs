@@ -18,7 +18,7 @@ use crate::agent::datapath::{Datapath, MemoryDatapath};
 use crate::agent::fqdn::{self, AgentDns};
 use crate::agent::l7::L7Listeners;
 use crate::agent::state::AgentState;
-use crate::agent::{metrics_http, reload, server, Agent};
+use crate::agent::{metrics_http, reload, server, wake, Agent};
 use crate::cli::Global;
 use crate::config::{Config, ConfigError, DatapathMode, RejectCode, SYSTEM_CONFIG};
 
@@ -259,6 +259,7 @@ pub async fn agent_main(
     let api_socket = cfg.api_socket.clone();
     let metrics_listen = cfg.metrics.listen;
     let pc = proxy_config(&cfg, datapath.name(), &marks);
+    let cpu_wake_latency = cfg.dns.cpu_wake_latency;
     let (state, changes) = AgentState::new(cfg, identities, ports);
     let agent = Agent::new(state, datapath);
     let target = {
@@ -356,6 +357,9 @@ pub async fn agent_main(
         tokio::spawn(fqdn::expiry_loop(agent.clone())),
         tokio::spawn(fqdn::save_loop(agent.clone())),
     ]);
+    if let Some(bound) = cpu_wake_latency {
+        tasks.push(tokio::spawn(wake::wake_loop(agent.clone(), bound)));
+    }
 
     if opts.banner {
         print_banner(&agent, &api_socket, proxy.udp_addrs(), &pc.upstreams);

@@ -73,6 +73,9 @@ pub struct DnsConfig {
     pub max_ips_per_hostname: usize,
     pub response_max_delay: Duration,
     pub forward_timeout: Duration,
+    /// `cpuWakeLatency`: the CPU wake-up latency bound held while the proxy is busy
+    /// (`agent::wake`); `None` = off.
+    pub cpu_wake_latency: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -163,6 +166,7 @@ const DNS_FIELDS: &[&str] = &[
     "maxIPsPerHostname",
     "responseMaxDelay",
     "forwardTimeout",
+    "cpuWakeLatency",
 ];
 const ENDPOINT_FIELDS: &[&str] = &[
     "id",
@@ -336,6 +340,7 @@ impl DnsConfig {
             max_ips_per_hostname: 1000,
             response_max_delay: Duration::from_millis(100),
             forward_timeout: Duration::from_secs(10),
+            cpu_wake_latency: None,
         }
     }
 }
@@ -967,6 +972,21 @@ fn decode_dns(
             }
         }
     }
+    if let Some(x) = f.get("cpuWakeLatency") {
+        if matches!(&x.value, policy::yaml::Value::Str(s) if s == "off") {
+            dns.cpu_wake_latency = None;
+        } else if let Some(v) = d.duration(x, "dns.cpuWakeLatency") {
+            if v > Duration::from_secs(1) {
+                d.error(
+                    x.span,
+                    "dns.cpuWakeLatency",
+                    "a wake-up latency bound longer than 1s bounds nothing; use `off` or e.g. `0us`",
+                );
+            } else {
+                dns.cpu_wake_latency = Some(v);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1083,6 +1103,27 @@ mod tests {
     }
 
     #[test]
+    fn cpu_wake_latency_is_off_a_duration_or_an_error() {
+        assert_eq!(
+            parse("datapath: none\n").unwrap().dns.cpu_wake_latency,
+            None
+        );
+        let c = parse("dns:\n  cpuWakeLatency: 0us\n").unwrap();
+        assert_eq!(c.dns.cpu_wake_latency, Some(Duration::ZERO));
+        let c = parse("dns:\n  cpuWakeLatency: 20us\n").unwrap();
+        assert_eq!(c.dns.cpu_wake_latency, Some(Duration::from_micros(20)));
+        let c = parse("dns:\n  cpuWakeLatency: \"off\"\n").unwrap();
+        assert_eq!(c.dns.cpu_wake_latency, None);
+        let c = parse("dns:\n  cpuWakeLatency: off\n").unwrap();
+        assert_eq!(c.dns.cpu_wake_latency, None);
+        assert_eq!(
+            errors("dns:\n  cpuWakeLatency: 2s\n"),
+            vec!["/etc/fw/config.yaml:2:19: dns.cpuWakeLatency: a wake-up latency bound longer than 1s bounds nothing; use `off` or e.g. `0us`"]
+        );
+        assert_eq!(errors("dns:\n  cpuWakeLatency: true\n").len(), 1);
+    }
+
+    #[test]
     fn unknown_keys_and_wrong_types() {
         let e = errors(
             "dns:\n  servers: [\"1.1.1.1\"]\n  transparent: 1\nendpoints:\n  - name: web\n    namespace: 7\n    ips: [\"10.0.0.9\"]\nhost: []\n",
@@ -1090,7 +1131,7 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                "/etc/fw/config.yaml:2:3: dns.servers: unknown field `servers`; expected one of: listen, upstreams, transparent, rejectResponseCode, minTTL, maxIPsPerHostname, responseMaxDelay, forwardTimeout",
+                "/etc/fw/config.yaml:2:3: dns.servers: unknown field `servers`; expected one of: listen, upstreams, transparent, rejectResponseCode, minTTL, maxIPsPerHostname, responseMaxDelay, forwardTimeout, cpuWakeLatency",
                 "/etc/fw/config.yaml:3:16: dns.transparent: expected true or false, found an integer",
                 "/etc/fw/config.yaml:6:16: endpoints[0].namespace: expected a string, found an integer (write it in quotes: \"7\")",
                 "/etc/fw/config.yaml:8:7: host: expected a map, found a list",
