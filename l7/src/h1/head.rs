@@ -159,6 +159,12 @@ fn is_protected(name: &[u8]) -> bool {
     is(name, b"content-length") || is(name, b"transfer-encoding")
 }
 
+/// The bits of fields 0, 1, 2, ... (shifted along: shifting a u128 by a variable costs
+/// several steps).
+fn bits() -> impl Iterator<Item = u128> {
+    std::iter::successors(Some(1u128), |b| Some(b << 1))
+}
+
 /// Items of a comma-separated field value, trimmed, empty ones skipped.
 fn items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
@@ -220,13 +226,13 @@ impl<'b> Named<'b> {
         if self.0.is_empty() {
             return;
         }
-        for (i, f) in list.iter().enumerate() {
+        for (f, bit) in list.iter().zip(bits()) {
             if self
                 .0
                 .iter()
                 .any(|t| f.name.as_bytes().eq_ignore_ascii_case(t))
             {
-                *drop |= 1 << i;
+                *drop |= bit;
             }
         }
     }
@@ -276,9 +282,8 @@ pub(super) fn parse_request<'b>(
     let mut h2c_fields = 0u128;
     let mut expect_continue = false;
     let mut grpc = None;
-    for (i, f) in list.iter().enumerate() {
+    for (f, bit) in list.iter().zip(bits()) {
         let name = f.name.as_bytes();
-        let bit = 1u128 << i;
         let value = f.value;
         match name.len() {
             4 if is(name, b"host") => {
@@ -513,15 +518,16 @@ pub(super) fn push_fields(
         0
     };
     let mut run: Option<usize> = None;
-    for (i, f) in list.iter().enumerate() {
+    for (i, (f, bit)) in list.iter().zip(bits()).enumerate() {
         let start = start_of(f);
         let end = list.get(i + 1).map_or(fields_end, start_of);
-        let crlf = end >= start + 2 && &head[end - 2..end] == b"\r\n";
-        if drop & (1 << i) != 0 || !crlf {
+        let crlf = end >= start + 2 && head[end - 2] == b'\r' && head[end - 1] == b'\n';
+        let dropped = drop & bit != 0;
+        if dropped || !crlf {
             if let Some(from) = run.take() {
                 out.extend_from_slice(&head[from..start]);
             }
-            if drop & (1 << i) == 0 {
+            if !dropped {
                 push_field(out, f.name.as_bytes(), f.value);
             }
         } else if run.is_none() {
@@ -603,9 +609,8 @@ pub(super) fn parse_response(
     let mut length: Option<u64> = None;
     let mut length_fields = 0u128;
     let mut length_rewrite = false;
-    for (i, f) in list.iter().enumerate() {
+    for (f, bit) in list.iter().zip(bits()) {
         let name = f.name.as_bytes();
-        let bit = 1u128 << i;
         match name.len() {
             14 if is(name, b"content-length") => {
                 if length.is_some() || f.value.contains(&b',') {

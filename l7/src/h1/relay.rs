@@ -15,9 +15,12 @@
 //! and the like, CONNECT) the rules and the configuration allow is handed with the bytes
 //! read so far to hyper's server (`serve_hyper`), which handles the switch.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -28,8 +31,8 @@ use super::head::{
 };
 use crate::events::{L7Verdict, ProtocolStats};
 use crate::http_proxy::{
-    describe_action, grpc_percent_encode, h2_relay, head_timeout, Activity, Allowed, Conn, Rewound,
-    Seen, UpstreamError,
+    describe_action, grpc_percent_encode, h2_relay, Activity, Allowed, Conn, Rewound, Seen,
+    UpstreamError,
 };
 use crate::http_rules::{HeaderAction, HttpDecision};
 use crate::policy::FlowKey;
@@ -114,7 +117,7 @@ impl Upstream {
     /// Whether an idle connection can take a request: the server has neither closed it nor
     /// sent anything unasked. Costs no system call while the socket has nothing to read.
     fn is_usable(&self) -> bool {
-        use std::task::{Context, Poll, Waker};
+        use std::task::Waker;
         if !self.inbox.is_empty() {
             return false;
         }
@@ -203,13 +206,20 @@ where
         to_client: Vec::new(),
     };
     let activity = Activity::default();
-    let end = tokio::select! {
-        biased;
-        end = relay.run(&activity) => end,
-        () = head_timeout(&activity, timeout) => {
-            tracing::debug!(%src, "http proxy: no request head within the timeout");
-            End::Closed
-        }
+    let end = {
+        let mut run = std::pin::pin!(relay.run(&activity));
+        let mut timer = HeadTimer::new(timeout);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(end) = run.as_mut().poll(cx) {
+                return Poll::Ready(end);
+            }
+            if timer.expired(cx, &activity) {
+                tracing::debug!(%src, "http proxy: no request head within the timeout");
+                return Poll::Ready(End::Closed);
+            }
+            Poll::Pending
+        })
+        .await
     };
     match end {
         End::Closed => None,
@@ -217,6 +227,60 @@ where
             let rest = relay.inbox.bytes().to_vec();
             let len = rest.len();
             Some(Rewound::from_parts(rest, 0, len, relay.io))
+        }
+    }
+}
+
+/// The head timeout of `head_timeout` (idle or sending a head for `timeout`, checked a
+/// quarter of it at a time), with its timer looked at only when it has gone off: the relay
+/// wakes several times per request, and polling a sleep each time cost more than the check.
+struct HeadTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    tick: std::time::Duration,
+    armed: bool,
+    seen: u64,
+    idle_ticks: u32,
+}
+
+impl HeadTimer {
+    const TICKS: u32 = 4;
+
+    fn new(timeout: std::time::Duration) -> HeadTimer {
+        let tick = (timeout / Self::TICKS).max(std::time::Duration::from_millis(1));
+        HeadTimer {
+            sleep: Box::pin(tokio::time::sleep(tick)),
+            tick,
+            armed: false,
+            seen: 0,
+            idle_ticks: 0,
+        }
+    }
+
+    /// Whether the connection has been idle, or in a head, for the timeout.
+    fn expired(&mut self, cx: &mut Context<'_>, activity: &Activity) -> bool {
+        if self.armed && !self.sleep.is_elapsed() {
+            return false;
+        }
+        loop {
+            if self.armed {
+                let now = activity.changes.load(Ordering::Relaxed);
+                if now != self.seen || activity.under_way.load(Ordering::Relaxed) > 0 {
+                    self.seen = now;
+                    self.idle_ticks = 0;
+                } else {
+                    // Idle since at most one tick before the first idle tick.
+                    self.idle_ticks += 1;
+                    if self.idle_ticks > Self::TICKS {
+                        return true;
+                    }
+                }
+                let next = tokio::time::Instant::now() + self.tick;
+                self.sleep.as_mut().reset(next);
+            }
+            self.armed = true;
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
         }
     }
 }
