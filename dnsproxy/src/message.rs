@@ -1083,6 +1083,39 @@ mod tests {
                 same_parse(&b)?;
             }
 
+            /// An answer's question is the query's exactly when hickory reads the same
+            /// question there (name in any case), on answers cut and mutated too.
+            #[test]
+            fn answers_are_matched_as_hickory_matches_them(
+                (_, q) in query(),
+                upper in prop::collection::vec(any::<prop::sample::Index>(), 0..4),
+                flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let asked = parse_query(&q, true).unwrap().meta.question;
+                let hickory = |b: &[u8]| {
+                    let mut dec = BinDecoder::new(b);
+                    b.len() >= HEADER_LEN
+                        && read_u16(b, 4) == 1
+                        && dec.read_slice(HEADER_LEN).is_ok()
+                        && Query::read(&mut dec).is_ok_and(|x| Question::from_query(&x) == asked)
+                };
+                let mut b = q.clone();
+                b[2] |= 0x80;
+                for i in upper {
+                    let i = i.index(b.len());
+                    b[i] = b[i].to_ascii_uppercase();
+                }
+                prop_assert!(asked.asked_in(&b), "the question itself, in any case");
+                for (i, v) in flips {
+                    let i = i.index(b.len());
+                    b[i] ^= v;
+                }
+                prop_assert_eq!(asked.asked_in(&b), hickory(&b));
+                b.truncate(cut.index(b.len() + 1));
+                prop_assert_eq!(asked.asked_in(&b), hickory(&b));
+            }
+
             #[test]
             fn answers_learn_the_same(c in answer_case()) {
                 let b = answer_bytes(&c);

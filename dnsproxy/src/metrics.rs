@@ -167,7 +167,12 @@ impl Histogram {
             .as_secs()
             .saturating_mul(1_000_000)
             .saturating_add(u64::from(d.subsec_micros()));
-        let i = self.bounds_us.partition_point(|&b| b < us);
+        // From the small end: the proxy's times fall in the first few buckets.
+        let i = self
+            .bounds_us
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(self.bounds_us.len());
         let slot = COUNTER_SLOT.with(|s| *s);
         self.buckets[i].add_in(slot, 1, Relaxed);
         self.sum_us.add_in(slot, us, Relaxed);

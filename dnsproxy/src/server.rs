@@ -548,7 +548,7 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
     }
 
     fn udp_answered(
-        self: Arc<Self>,
+        self: &Arc<Self>,
         fwd: Forward,
         result: Result<&mut [u8], UpstreamError>,
         at: Instant,
@@ -559,9 +559,10 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             Answered::Done(None) => {}
             Answered::Hold(held, confirm) => {
                 let max_delay = self.config.response_max_delay;
+                let shared = self.clone();
                 tokio::spawn(async move {
                     let outcome = tokio::time::timeout(max_delay, confirm).await.ok();
-                    reply_to.send(&self.release_held(held, outcome));
+                    reply_to.send(&shared.release_held(held, outcome));
                 });
             }
         }
@@ -615,23 +616,25 @@ thread_local! {
 
 /// A UDP query at the upstream pool: its continuation is [`Shared::udp_answered`].
 struct UdpWaiting<P, L> {
-    shared: Arc<Shared<P, L>>,
     fwd: Forward,
     reply_to: UdpReply,
+    _shared: std::marker::PhantomData<fn() -> Shared<P, L>>,
 }
 
 impl<P: DnsPolicy, L: Learner> Waiting for UdpWaiting<P, L> {
+    type Context = Arc<Shared<P, L>>;
+
     fn question(&self) -> &Question {
         &self.fwd.meta.question
     }
 
-    fn done(self: Box<Self>, result: Result<&mut [u8], UpstreamError>, at: Instant) {
-        let UdpWaiting {
-            shared,
-            fwd,
-            reply_to,
-        } = *self;
-        shared.udp_answered(fwd, result, at, reply_to);
+    fn done(
+        self,
+        shared: &Arc<Shared<P, L>>,
+        result: Result<&mut [u8], UpstreamError>,
+        at: Instant,
+    ) {
+        shared.udp_answered(self.fwd, result, at, self.reply_to);
     }
 }
 
@@ -771,6 +774,7 @@ fn run_shard<P: DnsPolicy, L: Learner>(
         shared.metrics.clone(),
         rt.handle(),
         &format!("dns-up-{index}"),
+        shared.clone(),
     ) {
         Ok(p) => Arc::new(p),
         Err(e) => {
@@ -805,7 +809,7 @@ fn run_shard<P: DnsPolicy, L: Learner>(
 fn serve_udp<P: DnsPolicy, L: Learner>(
     shared: &Arc<Shared<P, L>>,
     socket: &Arc<std::net::UdpSocket>,
-    pool: &UdpPool,
+    pool: &UdpPool<UdpWaiting<P, L>>,
     replies: &Arc<ReplySockets>,
     stopping: &AtomicBool,
 ) {
@@ -849,7 +853,7 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         received: Instant,
         local: SocketAddr,
         listener: &Arc<std::net::UdpSocket>,
-        pool: &UdpPool,
+        pool: &UdpPool<UdpWaiting<P, L>>,
         replies: &Arc<ReplySockets>,
     ) {
         let Some(client) = d.src else {
@@ -879,11 +883,11 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             d.bytes,
             received,
             self.config.forward_timeout,
-            Box::new(UdpWaiting {
-                shared: self.clone(),
+            UdpWaiting {
                 fwd,
                 reply_to,
-            }),
+                _shared: std::marker::PhantomData,
+            },
         );
     }
 }

@@ -52,13 +52,15 @@ pub(crate) enum UpstreamError {
 }
 
 /// A query waiting for its answer: the question an answer must carry to be its answer, and
-/// what to do with the outcome (the answer with the ID as sent, or why there is none). One
-/// allocation per query holds both.
+/// what to do with the outcome (the answer with the ID as sent, or why there is none). Kept
+/// in the pending table itself (no allocation per query); what every query's continuation
+/// needs besides is the pool's `Context`, held once.
 pub(crate) trait Waiting: Send + 'static {
+    type Context: Clone + Send + Sync + 'static;
     fn question(&self) -> &Question;
     /// `at`: when the outcome was known (an answer's receipt, the timeout's sweep). The
     /// answer is lent in the receive buffer: whatever must outlive the call is copied.
-    fn done(self: Box<Self>, result: Result<&mut [u8], UpstreamError>, at: Instant);
+    fn done(self, ctx: &Self::Context, result: Result<&mut [u8], UpstreamError>, at: Instant);
 }
 
 /// Largest UDP answer read (the largest UDP payload): nothing an upstream sends is cut.
@@ -66,31 +68,40 @@ const MAX_UDP_ANSWER: usize = 65535;
 /// How often queries past their deadline are looked for (the timeout's precision).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 
-struct Pending {
+struct Pending<W> {
     server: SocketAddr,
     sent_at: Instant,
     deadline: Instant,
-    waiting: Box<dyn Waiting>,
+    waiting: W,
 }
 
 /// One socket of the pool with the queries outstanding on it, keyed by the ID sent.
-struct Slot {
+struct Slot<W> {
     /// Blocking: its receive thread waits in recvmmsg.
     socket: std::net::UdpSocket,
     /// Whether `socket` is connected to its server (then queries go without an address).
     connected: bool,
     /// One lock for both tables: a query takes it once to be filed and queued.
-    state: Mutex<SlotState>,
+    state: Mutex<SlotState<W>>,
 }
 
-#[derive(Default)]
-struct SlotState {
-    pending: HashMap<u16, Pending, BuildHasherDefault<IdHasher>>,
+struct SlotState<W> {
+    pending: HashMap<u16, Pending<W>, BuildHasherDefault<IdHasher>>,
     /// Queries to send at the next [`UdpPool::flush`]: ID, server and where in `out_bytes`.
     outbox: Vec<(u16, SocketAddr, Range<usize>)>,
     /// The queued queries' bytes, one after the other (copied in, so a query costs no
     /// allocation of its own; the buffer is kept between batches).
     out_bytes: Vec<u8>,
+}
+
+impl<W> Default for SlotState<W> {
+    fn default() -> Self {
+        SlotState {
+            pending: HashMap::default(),
+            outbox: Vec::new(),
+            out_bytes: Vec::new(),
+        }
+    }
 }
 
 /// The pending table's hasher. Its keys are IDs the proxy drew at random itself, so no one
@@ -116,15 +127,15 @@ impl Hasher for IdHasher {
     }
 }
 
-impl Slot {
-    fn take(&self, id: u16) -> Option<Pending> {
+impl<W> Slot<W> {
+    fn take(&self, id: u16) -> Option<Pending<W>> {
         self.state.lock().expect("slot lock").pending.remove(&id)
     }
 }
 
 /// UDP sockets of one address family.
-struct Family {
-    slots: Vec<Arc<Slot>>,
+struct Family<W> {
+    slots: Vec<Arc<Slot<W>>>,
 }
 
 /// The UDP side of the upstream client. Each shard of the proxy owns one, on its own
@@ -133,30 +144,32 @@ struct Family {
 /// The configured upstreams get sockets connected to them: the kernel then drops datagrams
 /// from anyone else and skips a route lookup per send. Other servers (original destinations
 /// in transparent mode) share the unconnected sockets.
-pub(crate) struct UdpPool {
+pub(crate) struct UdpPool<W: Waiting> {
     /// Every socket, for [`UdpPool::flush`].
-    all: Vec<Arc<Slot>>,
+    all: Vec<Arc<Slot<W>>>,
     /// Per configured upstream (a handful: a scan beats hashing the address).
-    connected: Vec<(SocketAddr, Family)>,
-    v4: Option<Family>,
-    v6: Option<Family>,
+    connected: Vec<(SocketAddr, Family<W>)>,
+    v4: Option<Family<W>>,
+    v6: Option<Family<W>>,
+    /// Handed to every continuation.
+    ctx: W::Context,
     /// The sweeper, on the runtime that started the pool.
     sweeper: tokio::task::JoinHandle<()>,
     /// Tells the receive threads to end (see [`UdpPool::stop`]).
     stopping: Arc<AtomicBool>,
 }
 
-impl Drop for UdpPool {
+impl<W: Waiting> Drop for UdpPool<W> {
     fn drop(&mut self) {
         self.stop();
     }
 }
 
-impl UdpPool {
+impl<W: Waiting> UdpPool<W> {
     /// Opens `sockets_per_family` UDP sockets per address family (IPv6 best effort: a machine
     /// without IPv6 gets an IPv4-only client), starts a receive thread per socket (named
     /// `name`; it runs continuations inside `runtime`, so they may spawn tasks on it) and
-    /// the sweeper on `runtime`.
+    /// the sweeper on `runtime`. Every continuation is handed `ctx`.
     pub(crate) fn start(
         sockets_per_family: usize,
         upstreams: &[SocketAddr],
@@ -164,10 +177,11 @@ impl UdpPool {
         metrics: Arc<ProxyMetrics>,
         runtime: &tokio::runtime::Handle,
         name: &str,
-    ) -> io::Result<UdpPool> {
+        ctx: W::Context,
+    ) -> io::Result<UdpPool<W>> {
         let stopping = Arc::new(AtomicBool::new(false));
         let mut all = Vec::new();
-        let mut family = |ipv6: bool, peer: Option<SocketAddr>| -> io::Result<Family> {
+        let mut family = |ipv6: bool, peer: Option<SocketAddr>| -> io::Result<Family<W>> {
             let mut slots = Vec::new();
             for _ in 0..sockets_per_family {
                 let socket = net::udp_upstream(ipv6, mark)?;
@@ -184,7 +198,7 @@ impl UdpPool {
             }
             Ok(Family { slots })
         };
-        let mut connected: Vec<(SocketAddr, Family)> = Vec::new();
+        let mut connected: Vec<(SocketAddr, Family<W>)> = Vec::new();
         for &u in upstreams {
             if !connected.iter().any(|(a, _)| *a == u) {
                 connected.push((u, family(u.is_ipv6(), Some(u))?));
@@ -201,21 +215,22 @@ impl UdpPool {
         // The pool exists before its threads do: a thread that fails to start stops the
         // ones started (dropping the pool).
         let pool = UdpPool {
-            sweeper: runtime.spawn(sweep_loop(all.clone())),
+            sweeper: runtime.spawn(sweep_loop(all.clone(), ctx.clone())),
             all,
             connected,
             v4: Some(v4),
             v6,
+            ctx,
             stopping,
         };
         for (i, slot) in pool.all.iter().enumerate() {
-            let (slot, metrics) = (slot.clone(), metrics.clone());
+            let (slot, metrics, ctx) = (slot.clone(), metrics.clone(), pool.ctx.clone());
             let (runtime, stopping) = (runtime.clone(), pool.stopping.clone());
             std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
                     let _on = runtime.enter();
-                    receive_thread(&slot, &metrics, &stopping)
+                    receive_thread(&slot, &ctx, &metrics, &stopping)
                 })?;
         }
         Ok(pool)
@@ -242,7 +257,7 @@ impl UdpPool {
         query: &[u8],
         now: Instant,
         timeout: Duration,
-        waiting: Box<dyn Waiting>,
+        waiting: W,
     ) {
         let connected = self
             .connected
@@ -256,6 +271,7 @@ impl UdpPool {
         };
         let Some(family) = family else {
             waiting.done(
+                &self.ctx,
                 Err(UpstreamError::Failed(format!("no socket for {server}"))),
                 now,
             );
@@ -268,6 +284,7 @@ impl UdpPool {
         if state.pending.len() >= usize::from(u16::MAX) {
             drop(state);
             waiting.done(
+                &self.ctx,
                 Err(UpstreamError::Failed("every query ID is in use".into())),
                 now,
             );
@@ -307,7 +324,7 @@ impl UdpPool {
                     std::mem::take(&mut state.out_bytes),
                 )
             };
-            flush_slot(slot, &queued, &bytes);
+            flush_slot(slot, &self.ctx, &queued, &bytes);
             // The emptied vectors go back for the next batch (no allocation per flush).
             queued.clear();
             bytes.clear();
@@ -320,7 +337,12 @@ impl UdpPool {
     }
 }
 
-fn flush_slot(slot: &Slot, queued: &[(u16, SocketAddr, Range<usize>)], bytes: &[u8]) {
+fn flush_slot<W: Waiting>(
+    slot: &Slot<W>,
+    ctx: &W::Context,
+    queued: &[(u16, SocketAddr, Range<usize>)],
+    bytes: &[u8],
+) {
     let fd = slot.socket.as_raw_fd();
     let mut from = 0;
     while from < queued.len() {
@@ -344,6 +366,7 @@ fn flush_slot(slot: &Slot, queued: &[(u16, SocketAddr, Range<usize>)], bytes: &[
                 if let Err(e) = sent {
                     if let Some(p) = slot.take(*id) {
                         p.waiting.done(
+                            ctx,
                             Err(UpstreamError::Failed(format!("send to {server}: {e}"))),
                             Instant::now(),
                         );
@@ -355,6 +378,7 @@ fn flush_slot(slot: &Slot, queued: &[(u16, SocketAddr, Range<usize>)], bytes: &[
                 let (id, server, _) = queued[from].clone();
                 if let Some(p) = slot.take(id) {
                     p.waiting.done(
+                        ctx,
                         Err(UpstreamError::Failed(format!("send to {server}: {e}"))),
                         Instant::now(),
                     );
@@ -422,7 +446,12 @@ pub(crate) async fn tcp_exchange(
 
 /// Reads answers and ICMP errors of one pooled socket and hands each to the query it belongs
 /// to, until `stopping`.
-fn receive_thread(slot: &Slot, metrics: &ProxyMetrics, stopping: &AtomicBool) {
+fn receive_thread<W: Waiting>(
+    slot: &Slot<W>,
+    ctx: &W::Context,
+    metrics: &ProxyMetrics,
+    stopping: &AtomicBool,
+) {
     let fd = slot.socket.as_raw_fd();
     let mut batch = net::RecvBatch::new(MAX_UDP_ANSWER);
     let mut errors = vec![0u8; MAX_UDP_ANSWER];
@@ -432,7 +461,7 @@ fn receive_thread(slot: &Slot, metrics: &ProxyMetrics, stopping: &AtomicBool) {
             Err(e) => {
                 // The pending socket error of an ICMP report: its details are in the error
                 // queue. Anything else is logged, and the next call waits again.
-                replies::batch(|| drain_errors(slot, &mut errors));
+                replies::batch(|| drain_errors(slot, ctx, &mut errors));
                 if e.raw_os_error().is_none_or(|c| !is_icmp_report(c)) {
                     debug!(error = %e, "upstream socket receive failed");
                     // Not a report: do not spin on a socket that keeps failing.
@@ -448,7 +477,7 @@ fn receive_thread(slot: &Slot, metrics: &ProxyMetrics, stopping: &AtomicBool) {
                 let d = batch.get(i);
                 match d.src {
                     Some(from) if !d.truncated => {
-                        deliver(slot, metrics, batch.bytes_mut(i), from, received)
+                        deliver(slot, ctx, metrics, batch.bytes_mut(i), from, received)
                     }
                     _ => {
                         metrics.upstream_mismatches.fetch_add(1, Relaxed);
@@ -477,8 +506,9 @@ fn is_icmp_report(errno: i32) -> bool {
 }
 
 /// `received`: when the batch holding `answer` was read.
-fn deliver(
-    slot: &Slot,
+fn deliver<W: Waiting>(
+    slot: &Slot<W>,
+    ctx: &W::Context,
     metrics: &ProxyMetrics,
     answer: &mut [u8],
     from: SocketAddr,
@@ -507,10 +537,10 @@ fn deliver(
     metrics
         .upstream_latency
         .observe(received.saturating_duration_since(p.sent_at));
-    p.waiting.done(Ok(answer), received);
+    p.waiting.done(ctx, Ok(answer), received);
 }
 
-fn drain_errors(slot: &Slot, buf: &mut [u8]) {
+fn drain_errors<W: Waiting>(slot: &Slot<W>, ctx: &W::Context, buf: &mut [u8]) {
     let fd = slot.socket.as_raw_fd();
     loop {
         match net::recv_error(fd, buf) {
@@ -525,6 +555,7 @@ fn drain_errors(slot: &Slot, buf: &mut [u8]) {
                     drop(state);
                     let err = io::Error::from_raw_os_error(errno);
                     p.waiting.done(
+                        ctx,
                         Err(UpstreamError::Failed(format!("{dst}: {err}"))),
                         Instant::now(),
                     );
@@ -540,14 +571,14 @@ fn drain_errors(slot: &Slot, buf: &mut [u8]) {
 }
 
 /// Runs the continuations of queries whose deadline passed with `Timeout`.
-async fn sweep_loop(slots: Vec<Arc<Slot>>) {
+async fn sweep_loop<W: Waiting>(slots: Vec<Arc<Slot<W>>>, ctx: W::Context) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let now = Instant::now();
         for slot in &slots {
-            let expired: Vec<Pending> = {
+            let expired: Vec<Pending<W>> = {
                 let mut state = slot.state.lock().expect("slot lock");
                 let pending = &mut state.pending;
                 let ids: Vec<u16> = pending
@@ -558,7 +589,7 @@ async fn sweep_loop(slots: Vec<Arc<Slot>>) {
                 ids.iter().filter_map(|id| pending.remove(id)).collect()
             };
             for p in expired {
-                p.waiting.done(Err(UpstreamError::Timeout), now);
+                p.waiting.done(&ctx, Err(UpstreamError::Timeout), now);
             }
         }
     }

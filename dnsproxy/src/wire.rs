@@ -164,16 +164,55 @@ fn check_plain_name(msg: &[u8], pos: usize) -> Option<(usize, bool)> {
 /// case-insensitively, as DNS compares them.
 #[derive(Debug, Clone)]
 pub(crate) struct Question {
-    name: Box<[u8]>,
+    name: WireName,
     pub qtype: u16,
     pub qclass: u16,
+}
+
+/// Wire-form names up to this long are kept inline (nearly all are: the longest label is 63).
+const INLINE_NAME: usize = 62;
+
+/// A name's wire form, inline when short so that a query costs no allocation for it.
+#[derive(Clone)]
+enum WireName {
+    Inline { len: u8, bytes: [u8; INLINE_NAME] },
+    Boxed(Box<[u8]>),
+}
+
+impl WireName {
+    fn new(wire: &[u8]) -> WireName {
+        match u8::try_from(wire.len()) {
+            Ok(len) if wire.len() <= INLINE_NAME => {
+                let mut bytes = [0; INLINE_NAME];
+                bytes[..wire.len()].copy_from_slice(wire);
+                WireName::Inline { len, bytes }
+            }
+            _ => WireName::Boxed(wire.into()),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            WireName::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            WireName::Boxed(b) => b,
+        }
+    }
+}
+
+impl std::fmt::Debug for WireName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_slice())
+    }
 }
 
 impl PartialEq for Question {
     fn eq(&self, other: &Question) -> bool {
         self.qtype == other.qtype
             && self.qclass == other.qclass
-            && self.name.eq_ignore_ascii_case(&other.name)
+            && self
+                .name
+                .as_slice()
+                .eq_ignore_ascii_case(other.name.as_slice())
     }
 }
 
@@ -188,7 +227,7 @@ impl Question {
             .to_bytes()
             .expect("a decoded name encodes");
         Question {
-            name: name.into_boxed_slice(),
+            name: WireName::new(&name),
             qtype: u16::from(q.query_type()),
             qclass: u16::from(q.query_class()),
         }
@@ -196,14 +235,14 @@ impl Question {
 
     /// The name as hickory's (lower case), for the slow path of learning.
     pub(crate) fn name(&self) -> Name {
-        Name::read(&mut BinDecoder::new(&self.name))
+        Name::read(&mut BinDecoder::new(self.name.as_slice()))
             .expect("built from a valid name")
             .to_lowercase()
     }
 
     /// The name's wire form.
     pub(crate) fn wire_name(&self) -> &[u8] {
-        &self.name
+        self.name.as_slice()
     }
 
     /// Type and class as on the wire.
@@ -220,9 +259,12 @@ impl Question {
             return false;
         }
         // Answers echo the question uncompressed: compare in place.
-        let n = self.name.len();
+        let name = self.name.as_slice();
+        let n = name.len();
         if let Some(wire) = msg.get(HEADER_LEN..HEADER_LEN + n) {
-            if wire.eq_ignore_ascii_case(&self.name) && valid_plain_wire(wire) {
+            // The same bytes but for the letters' case: the same labels, so as valid an
+            // uncompressed name as this one (built from a valid name) is.
+            if wire.eq_ignore_ascii_case(name) {
                 let at = HEADER_LEN + n;
                 return u16_at(msg, at) == Some(self.qtype)
                     && u16_at(msg, at + 2) == Some(self.qclass);
@@ -235,12 +277,6 @@ impl Question {
         }
         Query::read(&mut dec).is_ok_and(|q| Question::from_query(&q) == *self)
     }
-}
-
-/// Whether `wire` is exactly one uncompressed name (labels of 1–63 bytes ending with the root
-/// label at its last byte), so an in-place comparison compared names.
-fn valid_plain_wire(wire: &[u8]) -> bool {
-    plain_name_end(wire, 0) == Some(wire.len())
 }
 
 /// A query read by the fast path.
@@ -293,7 +329,7 @@ pub(crate) fn fast_query(bytes: &[u8]) -> Option<FastQuery> {
     Some(FastQuery {
         qname: DnsName::from_normal(text),
         question: Question {
-            name: wire.into(),
+            name: WireName::new(wire),
             qtype,
             qclass,
         },

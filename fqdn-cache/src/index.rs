@@ -83,27 +83,6 @@ fn labels(normal_form: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Labels [`split_labels`] splits into a caller's array.
-const STACK_LABELS: usize = 16;
-
-/// [`labels`] into `out` when there are at most [`STACK_LABELS`]: how many. `None`: more.
-/// A byte scan for the dots (a `.` is never part of a longer UTF-8 sequence): names are a
-/// few dozen bytes, where `str::split`'s searcher costs more than the scan.
-fn split_labels<'a>(normal_form: &'a str, out: &mut [&'a str; STACK_LABELS]) -> Option<usize> {
-    let text = normal_form.strip_suffix('.').unwrap_or(normal_form);
-    let mut n = 0;
-    let mut start = 0;
-    for (i, &b) in text.as_bytes().iter().enumerate() {
-        if b == b'.' {
-            *out.get_mut(n)? = &text[start..i];
-            n += 1;
-            start = i + 1;
-        }
-    }
-    *out.get_mut(n)? = &text[start..];
-    Some(n + 1)
-}
-
 impl PatternIndex {
     /// Builds the index. Ids need not be distinct from the caller's point of view, but each
     /// `(id, selector)` pair is reported once per match.
@@ -268,45 +247,36 @@ impl PatternIndex {
                 return true;
             }
         }
-        // Most names have a handful of labels: those are split on the stack.
-        let mut on_stack = [""; STACK_LABELS];
-        let on_heap: Vec<&str>;
-        let labels: &[&str] = match split_labels(text, &mut on_stack) {
-            Some(n) => &on_stack[..n],
-            None => {
-                on_heap = labels(text);
-                &on_heap
-            }
-        };
-        // labels[..rem] can all be steps of a leading `**.` iff rem <= first_bad; worked out
-        // the first time a `**.` pattern is met (most walks meet none).
-        let mut first_bad: Option<usize> = None;
+        // The labels are taken from the right as the walk goes down the trie: `rest` holds
+        // the labels not walked yet (`None` once all are). A walk stops after a label or
+        // two, so the name is never split whole; counts are made only when a pattern asks.
+        let mut rest = Some(text.strip_suffix('.').unwrap_or(text));
+        let mut label_count: Option<usize> = None;
         let mut node = &self.root;
-        let mut rem = labels.len();
         loop {
-            if rem == 1
-                && !node.one_label.is_empty()
-                && star_matches(labels[0])
+            // `*.S`: exactly one label left (a `*` never matches a dot).
+            if !node.one_label.is_empty()
+                && rest.is_some_and(star_matches)
                 && found(&node.one_label)
             {
                 return true;
             }
-            if rem >= 1 && !node.many_labels.is_empty() {
-                let first_bad = *first_bad.get_or_insert_with(|| {
-                    labels
-                        .iter()
-                        .position(|l| !double_star_step_matches(l))
-                        .unwrap_or(labels.len())
-                });
-                if rem <= first_bad && found(&node.many_labels) {
-                    return true;
-                }
+            // `**.S`: one or more labels left, each a step of `**.`.
+            if !node.many_labels.is_empty()
+                && rest.is_some_and(|r| r.split('.').all(double_star_step_matches))
+                && found(&node.many_labels)
+            {
+                return true;
             }
             for other in &node.other {
+                let labels = *label_count.get_or_insert_with(|| {
+                    1 + text.bytes().filter(|&b| b == b'.').count()
+                        - usize::from(text.ends_with('.'))
+                });
                 let count_fits = if other.leading_double_star {
-                    labels.len() >= other.labels
+                    labels >= other.labels
                 } else {
-                    labels.len() == other.labels
+                    labels == other.labels
                 };
                 if count_fits
                     && text.starts_with(&*other.prefix)
@@ -317,14 +287,22 @@ impl PatternIndex {
                     return true;
                 }
             }
-            if rem == 0 {
+            let Some(left) = rest else {
                 return false;
-            }
-            match node.children.get(labels[rem - 1]) {
-                Some(child) => {
-                    node = child;
-                    rem -= 1;
+            };
+            // A byte scan: a `.` is never part of a longer UTF-8 sequence.
+            let label = match left.bytes().rposition(|b| b == b'.') {
+                Some(dot) => {
+                    rest = Some(&left[..dot]);
+                    &left[dot + 1..]
                 }
+                None => {
+                    rest = None;
+                    left
+                }
+            };
+            match node.children.get(label) {
+                Some(child) => node = child,
                 None => return false,
             }
         }
