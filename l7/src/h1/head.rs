@@ -173,13 +173,12 @@ fn items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|t| !t.is_empty())
 }
 
-/// Text of a field value as `HeaderValue::to_str` would give it.
+/// Text of a field value as `HeaderValue::to_str` would give it: httparse lets a value hold
+/// only HTAB, SP, visible ASCII and bytes from 0x80, so the value is text when it is ASCII.
 fn as_text(value: &[u8]) -> Option<&str> {
-    if value
-        .iter()
-        .all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
-    {
-        std::str::from_utf8(value).ok()
+    if value.is_ascii() {
+        // SAFETY: ASCII is UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(value) })
     } else {
         None
     }
