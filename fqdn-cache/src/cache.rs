@@ -501,6 +501,10 @@ impl Manager {
                 } else {
                     self.parked_names.remove(name)
                 };
+                if let (Some(nid), Some(parked)) = (revived, &mut self.parked) {
+                    // Live again: not to be handed out when the log's changes are released.
+                    parked.remove(&nid);
+                }
                 let nid = match revived.or_else(|| self.free_names.pop()) {
                     Some(nid) => {
                         self.names[nid as usize] = Some(state);
@@ -976,7 +980,11 @@ impl FqdnCache {
                     }
                 }
             }
-            if !transferred {
+            if transferred {
+                // No longer a zombie: recorded as a removal, which its group's record (the
+                // lookup, unless that too ends unrecorded by expiring) follows in the batch.
+                ChangeLog::end(log, ep, nid, ip, EntryState::Removed);
+            } else {
                 mgr.hold(nid, ip, tx);
             }
         }

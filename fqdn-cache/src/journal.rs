@@ -21,9 +21,13 @@
 //! ```
 //!
 //! Times are Unix milliseconds. Endpoints are named as in the snapshot (their configured
-//! name, not their number); each batch carries its own small endpoint table. A record is
-//! the state of one (endpoint, name, IP) after the changes it sums up: the cache coalesces
-//! every change to that key between two batches into one record.
+//! name, not their number); each batch carries its own small endpoint table. A batch sums up
+//! a second of changes, coalesced per (endpoint, name, IP): first the keys that left the
+//! lookups (evicted, cleaned, ended as zombies, zombies gone, zombies learned again), each
+//! with its last such state; then, for every (endpoint, name) learned or refreshed, its
+//! lookups as they are when the batch is written. So a key appears at most twice — removed,
+//! then the lookup it is again — however often it changed. A lookup that simply expires is
+//! not recorded: replay drops it by its time.
 //!
 //! # Torn and corrupt batches
 //!

@@ -366,3 +366,146 @@ fn expired_entries_are_not_restored() {
     assert!(!s.contains("short"), "{s}");
     assert!(s.contains("journal-long.example.com."), "{s}");
 }
+
+mod random {
+    //! Random learning, cleaning, expiry and zombies, with ticks (journal batches) and a
+    //! compaction (snapshot steps) interleaved: whenever it is checked, the snapshot plus
+    //! the journal restore exactly what the cache holds.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Learn {
+            ep: EndpointId,
+            name: u8,
+            ips: Vec<u8>,
+            ttl: u32,
+            open: bool,
+        },
+        Clean {
+            ep: Option<EndpointId>,
+            name: Option<u8>,
+        },
+        /// The clock moves on and lifetimes end (IPs with an open connection: zombies).
+        Expire {
+            secs: u64,
+            open: Vec<u8>,
+        },
+        Tick,
+        SnapshotStep,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (1u16..=2, 0u8..6, proptest::collection::vec(0u8..6, 1..4), prop_oneof![Just(1u32), Just(5), Just(60)], any::<bool>())
+                .prop_map(|(ep, name, ips, ttl, open)| Op::Learn { ep, name, ips, ttl, open }),
+            1 => (proptest::option::of(1u16..=2), proptest::option::of(0u8..6))
+                .prop_map(|(ep, name)| Op::Clean { ep, name }),
+            2 => (0u64..4, proptest::collection::vec(0u8..6, 0..3))
+                .prop_map(|(secs, open)| Op::Expire { secs, open }),
+            2 => Just(Op::Tick),
+            3 => Just(Op::SnapshotStep),
+        ]
+    }
+
+    fn a(i: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, i])
+    }
+    fn n(i: u8) -> String {
+        format!("n{i}.example.com")
+    }
+
+    /// The live contents as a restore at `now` would have them: lookups expired by the
+    /// clock but not yet by `expire` are left out.
+    fn alive(c: &FqdnCache, now: Timestamp) -> Vec<String> {
+        c.list(None, None)
+            .into_iter()
+            .filter(|e| e.source.as_str() == "zombie" || e.expires > now)
+            .map(|e| {
+                format!(
+                    "{} {} {:?} {} {}",
+                    e.endpoint,
+                    e.name,
+                    e.ips,
+                    e.expires,
+                    e.source.as_str()
+                )
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn snapshot_plus_journal_is_the_cache(ops in proptest::collection::vec(op(), 1..60)) {
+            let config = Config { min_ttl: 0, max_ips_per_hostname: 2, zombie_recheck_secs: 5 };
+            let mut c = logged(config);
+            let mut now = t(0);
+            let mut snapshot = empty_snapshot();
+            let mut journal = JOURNAL_HEADER.to_vec();
+            // Every batch ever appended, never cut by a compaction.
+            let mut full = JOURNAL_HEADER.to_vec();
+            // A compaction under way: its writer, cursor, and the journal length it began at.
+            let mut compaction: Option<(SnapshotWriter<Vec<u8>>, SnapshotCursor, usize)> = None;
+            for op in ops {
+                match op {
+                    Op::Learn { ep, name, ips, ttl, open } => {
+                        let ips: Vec<String> = ips.iter().map(|i| a(*i).to_string()).collect();
+                        let ips: Vec<&str> = ips.iter().map(|s| s.as_str()).collect();
+                        learn_with(&mut c, ep, &n(name), &ips, ttl, now, &move |_: EndpointId, _: IpAddr| open);
+                    }
+                    Op::Clean { ep, name } => {
+                        let sel = name.map(|i| FqdnSelector::MatchName(DnsName::new(&n(i))));
+                        c.clean(ep, sel.as_ref());
+                    }
+                    Op::Expire { secs, open } => {
+                        now = now.add_secs(secs as u32);
+                        let open: HashSet<(EndpointId, IpAddr)> =
+                            open.iter().flat_map(|i| [(1, a(*i)), (2, a(*i))]).collect();
+                        c.expire(now, &open);
+                    }
+                    Op::Tick => {
+                        // Encoded in steps of one record, the cache changing in between.
+                        let batch = drain_with(&mut c, 1, |c| {
+                            learn(c, 1, "between.example.com", &["198.51.100.1"], 60, now);
+                        });
+                        let batch = batch.unwrap_or_default();
+                        journal.extend(&batch);
+                        full.extend(batch);
+                    }
+                    Op::SnapshotStep => {
+                        let (mut w, mut cursor, from) = compaction.take().unwrap_or_else(|| {
+                            (SnapshotWriter::new(Vec::new(), ENDPOINTS).unwrap(), SnapshotCursor::default(), journal.len())
+                        });
+                        let mut chunk = SnapshotChunk::default();
+                        let done = c.snapshot_chunk(&mut cursor, 2, now, &mut chunk);
+                        w.write_chunk(&chunk).unwrap();
+                        if done {
+                            snapshot = w.finish().unwrap();
+                            let mut tail = JOURNAL_HEADER.to_vec();
+                            tail.extend_from_slice(&journal[from..]);
+                            journal = tail;
+                        } else {
+                            compaction = Some((w, cursor, from));
+                        }
+                    }
+                }
+            }
+            // A last tick, then restore at the cache's clock.
+            let batch = drain(&mut c).unwrap_or_default();
+            journal.extend(&batch);
+            full.extend(batch);
+            let live = alive(&c, now);
+            let r = restored(&snapshot, &journal, now, config);
+            prop_assert_eq!(contents(&r), live.clone());
+            // A crash between the snapshot's rename and the journal's: the new snapshot with
+            // every batch before it too.
+            let r = restored(&snapshot, &full, now, config);
+            prop_assert_eq!(contents(&r), live.clone());
+            // The first (empty) base with every batch.
+            let r = restored(&empty_snapshot(), &full, now, config);
+            prop_assert_eq!(contents(&r), live);
+        }
+    }
+}
