@@ -491,6 +491,26 @@ mod tests {
     }
 
     #[test]
+    fn generation_moves_exactly_when_the_persisted_numbering_does() {
+        let mut a = IdentityAllocator::new();
+        let g0 = a.generation();
+        let (id, _) = a.allocate(ls(&["k8s:app=web"]));
+        let g1 = a.generation();
+        assert_ne!(g1, g0, "a new identity");
+        a.allocate(ls(&["k8s:app=web"]));
+        a.allocate(ls(&["reserved:world"]));
+        assert_eq!(
+            a.generation(),
+            g1,
+            "more users, or a reserved identity: nothing to write"
+        );
+        assert!(!a.release(id));
+        assert_eq!(a.generation(), g1, "a user fewer");
+        assert!(a.release(id));
+        assert_ne!(a.generation(), g1, "gone");
+    }
+
+    #[test]
     fn host_with_node_labels_is_the_host() {
         let mut a = IdentityAllocator::new();
         let (id, new) = a.allocate(ls(&["reserved:host", "k8s:node-role=worker"]));
