@@ -418,8 +418,8 @@ impl HttpProxyService {
     }
 
     /// Serves one client connection whose requests go to `dst`. The returned future also
-    /// drives the connection's HTTP/1.1 upstream connection, so a request and its response
-    /// stay on one task.
+    /// drives the connection's upstream connection, so a request and its response stay on
+    /// one task.
     pub async fn serve<IO>(&self, io: IO, src: SocketAddr, dst: SocketAddr)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -770,7 +770,9 @@ impl Conn {
         Ok(sender)
     }
 
-    /// An allowed upgrade: a connection of its own upstream, then bytes copied both ways.
+    /// An allowed upgrade: a connection of its own upstream, then bytes copied both ways
+    /// (a request that is no upgrade after all, because the rules changed meanwhile, is
+    /// simply answered on it).
     async fn forward_upgrade(
         &self,
         mut req: Request<Incoming>,
