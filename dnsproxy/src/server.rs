@@ -384,7 +384,7 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
     /// counts from there.
     fn on_answer<'a>(
         &self,
-        fwd: Forward,
+        fwd: &Forward,
         result: Result<&'a mut [u8], UpstreamError>,
         at: Instant,
     ) -> Answered<'a> {
@@ -394,11 +394,11 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
                 self.metrics.upstream_timeouts.fetch_add(1, Relaxed);
                 self.metrics.count_query(Verdict::Allowed, None);
                 debug!(client = %fwd.ctx.client, server = %fwd.ctx.server, qname = %fwd.ctx.qname, "upstream timeout, no reply");
-                self.observe(&fwd, None, None, Duration::ZERO);
+                self.observe(fwd, None, None, Duration::ZERO);
                 return Answered::Done(None);
             }
             Err(UpstreamError::Failed(why)) => {
-                return Answered::Done(Some(Cow::Owned(self.upstream_failed(&fwd, &why))))
+                return Answered::Done(Some(Cow::Owned(self.upstream_failed(fwd, &why))))
             }
         };
         // Every answer is read whole before it reaches a client: a malformed one is a
@@ -428,13 +428,13 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
                 Ok(_) => false,
                 Err(e) => {
                     let why = format!("malformed answer: {e}");
-                    return Answered::Done(Some(Cow::Owned(self.upstream_failed(&fwd, &why))));
+                    return Answered::Done(Some(Cow::Owned(self.upstream_failed(fwd, &why))));
                 }
             },
         };
         if !teaches {
             LEARNED.set(learned);
-            let reply = self.release(&fwd, answer, rcode, None, None);
+            let reply = self.release(fwd, answer, rcode, None, None);
             return Answered::Done(Some(Cow::Borrowed(reply)));
         }
         // The hold counts from the answer's receipt: reading it and the learner's call (a
@@ -444,13 +444,12 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         // synchronous): look once, in place, before keeping the future anywhere.
         let mut cx = Context::from_waker(Waker::noop());
         if let Poll::Ready(outcome) = Pin::new(&mut confirm).poll(&mut cx) {
-            let waited = self.hold_done(&fwd, &learned, at, Some(outcome));
-            let reply = self.release(&fwd, answer, rcode, Some(&learned), Some(waited));
+            let waited = self.hold_done(fwd, &learned, at, Some(outcome));
+            let reply = self.release(fwd, answer, rcode, Some(&learned), Some(waited));
             LEARNED.set(learned);
             return Answered::Done(Some(Cow::Borrowed(reply)));
         }
-        let held = Held {
-            fwd,
+        let held = HeldAnswer {
             answer: answer.to_vec(),
             rcode,
             learned,
@@ -486,16 +485,20 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
 
     /// Last step of a held answer: `outcome` is the learner's word, `None` when
     /// `responseMaxDelay` passed first.
-    fn release_held(&self, held: Held, outcome: Option<HoldOutcome>) -> Vec<u8> {
-        let Held {
-            fwd,
+    fn release_held(
+        &self,
+        fwd: &Forward,
+        held: HeldAnswer,
+        outcome: Option<HoldOutcome>,
+    ) -> Vec<u8> {
+        let HeldAnswer {
             mut answer,
             rcode,
             learned,
             since,
         } = held;
-        let waited = self.hold_done(&fwd, &learned, since, outcome);
-        self.release(&fwd, &mut answer, rcode, Some(&learned), Some(waited));
+        let waited = self.hold_done(fwd, &learned, since, outcome);
+        self.release(fwd, &mut answer, rcode, Some(&learned), Some(waited));
         answer
     }
 
@@ -536,33 +539,34 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
         )
         .await;
         let result = result.as_deref_mut().map_err(|e| e.clone());
-        match self.on_answer(fwd, result, Instant::now()) {
+        match self.on_answer(&fwd, result, Instant::now()) {
             Answered::Done(reply) => reply.map(Cow::into_owned),
             Answered::Hold(held, confirm) => {
                 let outcome = tokio::time::timeout(self.config.response_max_delay, confirm)
                     .await
                     .ok();
-                Some(self.release_held(held, outcome))
+                Some(self.release_held(&fwd, held, outcome))
             }
         }
     }
 
     fn udp_answered(
         self: &Arc<Self>,
-        fwd: Forward,
+        waiting: UdpWaiting<P, L>,
         result: Result<&mut [u8], UpstreamError>,
         at: Instant,
-        reply_to: UdpReply,
     ) {
-        match self.on_answer(fwd, result, at) {
-            Answered::Done(Some(reply)) => reply_to.send(&reply),
+        let client = waiting.fwd.ctx.client;
+        match self.on_answer(&waiting.fwd, result, at) {
+            Answered::Done(Some(reply)) => waiting.reply_to.send(client, &reply),
             Answered::Done(None) => {}
             Answered::Hold(held, confirm) => {
                 let max_delay = self.config.response_max_delay;
                 let shared = self.clone();
                 tokio::spawn(async move {
                     let outcome = tokio::time::timeout(max_delay, confirm).await.ok();
-                    reply_to.send(&shared.release_held(held, outcome));
+                    let reply = shared.release_held(&waiting.fwd, held, outcome);
+                    waiting.reply_to.send(client, &reply);
                 });
             }
         }
@@ -634,7 +638,7 @@ impl<P: DnsPolicy, L: Learner> Waiting for UdpWaiting<P, L> {
         result: Result<&mut [u8], UpstreamError>,
         at: Instant,
     ) {
-        shared.udp_answered(self.fwd, result, at, self.reply_to);
+        shared.udp_answered(self, result, at);
     }
 }
 
@@ -663,23 +667,22 @@ enum Answered<'a> {
     Done(Option<Cow<'a, [u8]>>),
     /// Released when the confirmation resolves (bounded by responseMaxDelay); it was not
     /// ready when first asked.
-    Hold(Held, Confirmation),
+    Hold(HeldAnswer, Confirmation),
 }
 
-struct Held {
-    fwd: Forward,
+/// An answer kept until the datapath confirms (its query's [`Forward`] stays with the caller).
+struct HeldAnswer {
     answer: Vec<u8>,
     rcode: u16,
     learned: LearnedAnswer,
     since: Instant,
 }
 
-/// Where a UDP answer goes: to `client`, from the listener, or in transparent mode from the
+/// Where a UDP answer to a client goes: from the listener, or in transparent mode from the
 /// address the client sent to (`from`).
 struct UdpReply {
     listener: Arc<std::net::UdpSocket>,
     from: Option<(SocketAddr, Arc<ReplySockets>)>,
-    client: SocketAddr,
 }
 
 /// Transparent mode: sockets bound (IP_TRANSPARENT) to the original destinations answers
@@ -712,15 +715,14 @@ impl ReplySockets {
 }
 
 impl UdpReply {
-    fn send(&self, answer: &[u8]) {
-        if self.from.is_none() && replies::queue(&self.listener, self.client, answer) {
+    fn send(&self, client: SocketAddr, answer: &[u8]) {
+        if self.from.is_none() && replies::queue(&self.listener, client, answer) {
             return;
         }
-        self.send_now(answer)
+        self.send_now(client, answer)
     }
 
-    fn send_now(&self, answer: &[u8]) {
-        let client = self.client;
+    fn send_now(&self, client: SocketAddr, answer: &[u8]) {
         let sent = match &self.from {
             // The client asked another server: the answer must come from that address.
             Some((from, sockets)) => {
@@ -871,10 +873,9 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             listener: listener.clone(),
             from: (self.config.transparent && !self.is_own(received_on))
                 .then(|| (received_on, replies.clone())),
-            client,
         };
         let fwd = match self.judge(d.bytes, client, received_on, Transport::Udp) {
-            Judged::Done(Some(reply)) => return reply_to.send(&reply),
+            Judged::Done(Some(reply)) => return reply_to.send(client, &reply),
             Judged::Done(None) => return,
             Judged::Forward(fwd) => fwd,
         };

@@ -12,6 +12,7 @@
 //! property tests there hold the two paths to the same results.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
 
 use hickory_proto::op::Query;
 use hickory_proto::rr::Name;
@@ -389,22 +390,72 @@ pub(crate) fn fast_answer(
         return None;
     }
     let counts = [u16_at(bytes, 6)?, u16_at(bytes, 8)?, u16_at(bytes, 10)?];
-    let at = walk_name(bytes, HEADER_LEN, |_| true)? + 4;
-    if at > bytes.len() {
-        return None;
-    }
     SCRATCH.with(|scratch| {
         // Taken, not borrowed: a panic inside leaves the thread an empty scratch, not a
         // poisoned one.
         let (mut arena, mut recs) = scratch.take();
         arena.clear();
         recs.clear();
-        let result = read_records(bytes, at, counts, &mut arena, &mut recs)
-            .map(|()| learn && learning(&arena, &recs, qname, min_ttl, out));
+        let result = read_question(bytes, qname, &mut arena).and_then(|(at, question)| {
+            read_records(bytes, at, counts, question, &mut arena, &mut recs)
+                .map(|()| learn && learning(&arena, &recs, qname, min_ttl, out))
+        });
         scratch.set((arena, recs));
         result
     })
 }
+
+/// Reads the question of an answer: where its records start, and, when the name is `qname`
+/// (as it is in every answer the pool matched to its query), the name's text in `arena`:
+/// answer records nearly always name their owner by a pointer to the question, and the text
+/// is then copied rather than read again.
+fn read_question(
+    bytes: &[u8],
+    qname: &DnsName,
+    arena: &mut String,
+) -> Option<(usize, Option<Range<usize>>)> {
+    let (end, text) = match question_named(bytes, qname.as_str()) {
+        Some(end) => {
+            arena.push_str(qname.as_str());
+            (end, Some(0..arena.len()))
+        }
+        None => (walk_name(bytes, HEADER_LEN, |_| true)?, None),
+    };
+    (end + 4 <= bytes.len()).then_some((end + 4, text))
+}
+
+/// The end of the name at the question's place when it is `text` (normal form) in wire form,
+/// uncompressed, in any case, and every label is plain, within the fast path's length: then
+/// [`read_plain_name`] would read `text` there. `None` otherwise (the name may still be
+/// readable: the caller reads it the long way).
+fn question_named(bytes: &[u8], text: &str) -> Option<usize> {
+    let text = text.as_bytes();
+    if text.len() < 2 || text.len() > FAST_NAME_MAX {
+        return None; // the root, or longer than the fast path reads
+    }
+    // In wire form each label's length byte stands where the text has the dot before it
+    // (and the root label where the text has its last dot), so text byte `j` lines up with
+    // wire byte `j + 1`: one pass compares both.
+    let wire = bytes.get(HEADER_LEN..HEADER_LEN + text.len() + 1)?;
+    let mut start = 0;
+    for (j, &c) in text.iter().enumerate() {
+        if c == b'.' {
+            let len = j - start;
+            if len == 0 || len > 63 || usize::from(wire[start]) != len || text[start] == b'-' {
+                return None;
+            }
+            start = j + 1;
+        } else if c == 0 || PLAIN[usize::from(wire[j + 1])] != c {
+            // PLAIN folds the wire byte: equal to the text's byte only when both are plain
+            // and the same but for case.
+            return None;
+        }
+    }
+    (start == text.len() && wire[text.len()] == 0).then_some(HEADER_LEN + text.len() + 1)
+}
+
+/// A compression pointer to the question's name (right after the header).
+const POINTER_TO_QUESTION: [u8; 2] = [0xc0, HEADER_LEN as u8];
 
 thread_local! {
     /// [`fast_answer`]'s working space, kept between answers: names read and records.
@@ -419,6 +470,7 @@ fn read_records(
     bytes: &[u8],
     mut at: usize,
     counts: [u16; 3],
+    question: Option<Range<usize>>,
     arena: &mut String,
     recs: &mut Vec<Rec>,
 ) -> Option<()> {
@@ -428,7 +480,15 @@ fn read_records(
             // Only answer-section owners are read; the others are checked alike.
             let owner_start = arena.len();
             let (fixed, root) = if section == 0 {
-                (read_plain_name(bytes, at, arena)?, false)
+                match &question {
+                    // What reading the pointer would read: the question's name, which ends
+                    // before this record (the walk's limits are the same).
+                    Some(q) if bytes.get(at..at + 2) == Some(&POINTER_TO_QUESTION[..]) => {
+                        arena.extend_from_within(q.clone());
+                        (at + 2, false)
+                    }
+                    _ => (read_plain_name(bytes, at, arena)?, false),
+                }
             } else {
                 check_plain_name(bytes, at)?
             };

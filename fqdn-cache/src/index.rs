@@ -60,6 +60,24 @@ struct Node {
     other: Vec<OtherPattern>,
 }
 
+/// Children up to which a node is scanned rather than hashed into.
+const SCAN_CHILDREN: usize = 4;
+
+impl Node {
+    /// The child for `label`. Near the root a trie node has a handful of children (the
+    /// top-level domains): comparing those costs less than hashing the label.
+    fn child(&self, label: &str) -> Option<&Node> {
+        if self.children.len() <= SCAN_CHILDREN {
+            self.children
+                .iter()
+                .find(|(k, _)| &***k == label)
+                .map(|(_, n)| n)
+        } else {
+            self.children.get(label)
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct OtherPattern {
     id: u32,
@@ -301,7 +319,7 @@ impl PatternIndex {
                     left
                 }
             };
-            match node.children.get(label) {
+            match node.child(label) {
                 Some(child) => node = child,
                 None => return false,
             }
