@@ -458,7 +458,6 @@ pub struct FqdnCache {
     config: Config,
     store: Store,
     mgr: Manager,
-    generation: u64,
     /// `None` until [`FqdnCache::enable_change_log`]: a cache nobody persists logs nothing.
     log: Option<ChangeLog>,
 }
@@ -845,13 +844,6 @@ impl FqdnCache {
         &self.config
     }
 
-    /// Counts every change to the learned state (learn, clean, eviction, restore; not
-    /// expiry, which restore redoes anyway). The agent saves when it differs from the value
-    /// at its last save (see [`crate::SaveSchedule`]).
-    pub fn generation(&self) -> u64 {
-        self.generation
-    }
-
     fn recheck_secs(&self) -> u32 {
         self.config.zombie_recheck_secs.max(1)
     }
@@ -901,7 +893,6 @@ impl FqdnCache {
             let nid = self.mgr.intern(name, &mut tx);
             self.file(answer.endpoint, nid, &entries, now, conns, &mut tx);
         }
-        self.generation += 1;
         self.mgr.finish(tx)
     }
 
@@ -1276,7 +1267,6 @@ impl FqdnCache {
             zombie_checks,
         } = &mut self.store;
         let log = &mut self.log;
-        let mut changed = false;
         for (&ep, state) in endpoints.iter_mut() {
             if endpoint.is_some_and(|e| e != ep) {
                 continue;
@@ -1298,14 +1288,12 @@ impl FqdnCache {
                     ChangeLog::end(log, ep, nid, ip, EntryState::Removed);
                     mgr.release(nid, ip, &mut tx);
                 }
-                changed = true;
             }
             state.zombies.retain(|&ip, zombie| {
                 zombie.names.retain(|&(nid, _)| {
                     if wanted(mgr, nid) {
                         ChangeLog::end(log, ep, nid, ip, EntryState::Removed);
                         mgr.release(nid, ip, &mut tx);
-                        changed = true;
                         false
                     } else {
                         true
@@ -1318,9 +1306,6 @@ impl FqdnCache {
                     true
                 }
             });
-        }
-        if changed {
-            self.generation += 1;
         }
         self.mgr.finish(tx)
     }
@@ -1730,7 +1715,6 @@ impl FqdnCache {
                 self.mgr.hold(nid, z.ip, &mut tx);
             }
         }
-        self.generation += 1;
         self.mgr.finish(tx)
     }
 }

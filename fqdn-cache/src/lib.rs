@@ -29,5 +29,5 @@ pub use cache::{
 pub use error::Error;
 pub use index::PatternIndex;
 pub use journal::{apply_journal, read_journal, BatchEncoder, EntryState, JournalRecord};
-pub use persist::{SaveSchedule, Snapshot, SnapshotChunk, SnapshotWriter};
+pub use persist::{Snapshot, SnapshotChunk, SnapshotWriter};
 pub use time::Timestamp;

@@ -114,43 +114,6 @@ impl Snapshot {
     }
 }
 
-/// Batches writes: the state is saved at most once per `min_interval_ms`, and only when it
-/// changed ([`crate::FqdnCache::generation`] moved) since the last save.
-#[derive(Debug, Clone)]
-pub struct SaveSchedule {
-    min_interval_ms: u64,
-    saved_generation: u64,
-    last_save: Option<Timestamp>,
-}
-
-impl SaveSchedule {
-    /// `generation` is the cache's generation right after restore (nothing to save yet).
-    pub fn new(min_interval_ms: u64, generation: u64) -> SaveSchedule {
-        SaveSchedule {
-            min_interval_ms,
-            saved_generation: generation,
-            last_save: None,
-        }
-    }
-
-    /// When the next write is due: `None` when nothing changed since the last one.
-    pub fn due(&self, generation: u64) -> Option<Timestamp> {
-        if generation == self.saved_generation {
-            return None;
-        }
-        Some(match self.last_save {
-            Some(t) => t.add_millis(self.min_interval_ms),
-            None => Timestamp::from_unix_millis(0),
-        })
-    }
-
-    /// Records a successful write of the state at `generation`.
-    pub fn saved(&mut self, generation: u64, now: Timestamp) {
-        self.saved_generation = generation;
-        self.last_save = Some(now);
-    }
-}
-
 /// A range (start, length) in one of a [`SnapshotChunk`]'s buffers.
 type Span = (u32, u32);
 

@@ -478,11 +478,9 @@ fn clean_forgets_by_endpoint_and_name() {
     learn(&mut c, 1, "a.example.com", &[], &["192.0.2.1"], 60, t(0));
     learn(&mut c, 1, "b.example.org", &[], &["192.0.2.2"], 60, t(0));
     learn(&mut c, 2, "a.example.com", &[], &["192.0.2.3"], 60, t(0));
-    let g = c.generation();
 
     let ch = c.clean(Some(1), Some(&pat("*.example.com")));
     assert_eq!(ch.ipcache_deletes, vec![net("192.0.2.1")]);
-    assert!(c.generation() > g);
     assert_eq!(c.stats().entries, 2);
     let ch = c.clean(None, None);
     let mut d = ch.ipcache_deletes.clone();
@@ -491,9 +489,7 @@ fn clean_forgets_by_endpoint_and_name() {
     assert_eq!(c.next_expiry(), None);
     assert_eq!(c.stats().names, 0);
     // Nothing left: cleaning again changes nothing.
-    let g = c.generation();
     assert!(c.clean(None, None).is_empty());
-    assert_eq!(c.generation(), g);
 }
 
 #[test]

@@ -6,8 +6,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
 
 use fqdn_cache::{
-    Answer, Config, EndpointId, Error, FqdnCache, NoConnections, SaveSchedule, Snapshot, Source,
-    Timestamp,
+    Answer, Config, EndpointId, Error, FqdnCache, NoConnections, Snapshot, Source, Timestamp,
 };
 use policy::fqdn::{DnsName, FqdnPattern};
 use policy::model::FqdnSelector;
@@ -158,24 +157,4 @@ fn corrupt_input_is_an_error_naming_the_place() {
     let empty = FqdnCache::default().snapshot(key).encode();
     assert_eq!(empty, b"{\"version\":1,\"endpoints\":[]}");
     assert!(Snapshot::decode(&empty).unwrap().endpoints.is_empty());
-}
-
-#[test]
-fn save_schedule_batches_writes() {
-    let mut c = FqdnCache::new(Config::default());
-    let mut s = SaveSchedule::new(1000, c.generation());
-    assert_eq!(s.due(c.generation()), None);
-    learn(&mut c, 1, "a.example.com", &["192.0.2.1"], 60, t(0));
-    // Never saved: due at once.
-    assert_eq!(s.due(c.generation()), Some(Timestamp::from_unix_millis(0)));
-    s.saved(c.generation(), t(0));
-    assert_eq!(s.due(c.generation()), None);
-    learn(&mut c, 1, "b.example.com", &["192.0.2.2"], 60, t(0));
-    learn(&mut c, 1, "c.example.com", &["192.0.2.3"], 60, t(0));
-    assert_eq!(s.due(c.generation()), Some(t(1)));
-    // Expiry alone does not call for a write (restore drops expired entries anyway).
-    let g = c.generation();
-    s.saved(g, t(1));
-    c.expire(t(60), &NoConnections);
-    assert_eq!(s.due(c.generation()), None);
 }
