@@ -10,8 +10,8 @@ use std::net::IpAddr;
 use fqdn_cache::journal::JOURNAL_HEADER;
 use fqdn_cache::{
     apply_journal, read_journal, Answer, BatchEncoder, Config, ConnectionSource, EndpointId,
-    EntryState, FqdnCache, NoConnections, Snapshot, SnapshotChunk, SnapshotCursor, SnapshotWriter,
-    Timestamp,
+    EntryState, FqdnCache, ListEntry, NoConnections, Snapshot, SnapshotChunk, SnapshotCursor,
+    SnapshotWriter, Timestamp,
 };
 use policy::fqdn::{DnsName, FqdnPattern};
 use policy::model::FqdnSelector;
@@ -121,19 +121,19 @@ fn restored(snapshot: &[u8], journal: &[u8], now: Timestamp, config: Config) -> 
 
 /// What `fqdn cache list` shows, as comparable text.
 fn contents(c: &FqdnCache) -> Vec<String> {
-    c.list(None, None)
-        .into_iter()
-        .map(|e| {
-            format!(
-                "{} {} {:?} {} {}",
-                e.endpoint,
-                e.name,
-                e.ips,
-                e.expires,
-                e.source.as_str()
-            )
-        })
-        .collect()
+    c.list(None, None).iter().map(row).collect()
+}
+
+/// One entry of `fqdn cache list` as comparable text.
+fn row(e: &ListEntry) -> String {
+    format!(
+        "{} {} {:?} {} {}",
+        e.endpoint,
+        e.name,
+        e.ips,
+        e.expires,
+        e.source.as_str()
+    )
 }
 
 fn empty_snapshot() -> Vec<u8> {
@@ -420,18 +420,9 @@ mod random {
     /// clock but not yet by `expire` are left out.
     fn alive(c: &FqdnCache, now: Timestamp) -> Vec<String> {
         c.list(None, None)
-            .into_iter()
+            .iter()
             .filter(|e| e.source.as_str() == "zombie" || e.expires > now)
-            .map(|e| {
-                format!(
-                    "{} {} {:?} {} {}",
-                    e.endpoint,
-                    e.name,
-                    e.ips,
-                    e.expires,
-                    e.source.as_str()
-                )
-            })
+            .map(row)
             .collect()
     }
 

@@ -856,6 +856,13 @@ fn push_local(
     out.extend_from_slice(b"content-length: ");
     push_decimal(out, body.len() as u64);
     out.extend_from_slice(b"\r\n");
+    push_date_and_close(out, http10, keep_alive);
+    out.extend_from_slice(body);
+}
+
+/// The end of a head the proxy writes itself: `date`, `connection` when the version's
+/// default is not what happens next, and the blank line.
+fn push_date_and_close(out: &mut Vec<u8>, http10: bool, keep_alive: bool) {
     push_field(out, b"date", h2_relay::date_now().as_bytes());
     if http10 && keep_alive {
         out.extend_from_slice(b"connection: keep-alive\r\n");
@@ -863,7 +870,6 @@ fn push_local(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
 }
 
 /// 403 with the configured message; for gRPC a trailers-only PERMISSION_DENIED (HTTP 200,
@@ -891,13 +897,7 @@ fn write_denied(conn: &Conn, grpc: bool, http10: bool, keep_alive: bool, out: &m
     let message = grpc_percent_encode(&shared.cfg.denied_message);
     push_field(out, b"grpc-message", message.as_bytes());
     out.extend_from_slice(b"content-length: 0\r\n");
-    push_field(out, b"date", h2_relay::date_now().as_bytes());
-    if http10 && keep_alive {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
-    } else if !http10 && !keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    push_date_and_close(out, http10, keep_alive);
     200
 }
 
