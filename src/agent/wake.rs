@@ -126,12 +126,20 @@ fn hold(bound: Duration) -> std::io::Result<File> {
 }
 
 /// Samples the proxy's query count every [`TICK`] and holds the bound while it is busy.
-/// Failing to open the PM QoS file (no root, no such file) is logged once and ends the loop:
-/// the proxy serves as before.
+/// Failing to open the PM QoS file (no root, no such file) is logged once, at start or at the
+/// first busy second, and ends the loop: the proxy serves as before.
 pub async fn wake_loop(agent: Arc<Agent>, bound: Duration) {
     let Some(metrics) = agent.proxy_metrics.get().cloned() else {
         return;
     };
+    // Said at start, not at the first busy second: opening the file alone asks for no bound
+    // (the kernel's default) until a value is written.
+    if let Err(e) = std::fs::OpenOptions::new().write(true).open(PM_QOS) {
+        tracing::warn!(
+            "dns.cpuWakeLatency: cannot hold a wake-up latency bound through {PM_QOS}: {e}; CPUs idle as the system decides"
+        );
+        return;
+    }
     let mut governor = Governor::new(MIN_QPS);
     let mut held: Option<File> = None;
     let start = std::time::Instant::now();
