@@ -557,3 +557,35 @@ async fn close_delimited_answer_is_chunked_to_the_client() {
         "the connection went on"
     );
 }
+
+/// An allowed request with a body whose upstream cannot be reached: its 502 closes the
+/// connection, and its body (unread) is never taken for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_does_not_read_the_body_as_a_request() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let h = Harness::new();
+    let policy = HttpPolicy::compile(
+        &[HttpRule {
+            path: Some("/[^d].*".into()),
+            ..Default::default()
+        }],
+        &SecretDir::new("/nonexistent"),
+    )
+    .unwrap();
+    let proxy = start_http_proxy(&h, dead, policy, |_| {}).await;
+    let inner = b"GET /denied HTTP/1.1\r\nHost: b\r\n\r\n";
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let mut req = format!(
+        "POST /echo HTTP/1.1\r\nHost: b\r\nContent-Length: {}\r\n\r\n",
+        inner.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(inner);
+    s.write_all(&req).await.unwrap();
+    let text = until_closed(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+}

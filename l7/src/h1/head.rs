@@ -154,9 +154,10 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
 }
 
 /// A Connection option that must not take a field with it: the framing fields (a relay
-/// that dropped Content-Length but sent the body would smuggle it as the next request).
+/// that dropped Content-Length but sent the body would smuggle it as the next request), and
+/// Host (the rules judged it: without it the upstream would pick a virtual host unjudged).
 fn is_protected(name: &[u8]) -> bool {
-    is(name, b"content-length") || is(name, b"transfer-encoding")
+    is(name, b"content-length") || is(name, b"transfer-encoding") || is(name, b"host")
 }
 
 /// The bits of fields 0, 1, 2, ... (shifted along: shifting a u128 by a variable costs
@@ -970,6 +971,16 @@ mod tests {
                 .unwrap()
                 .unwrap();
         assert_eq!(body, BodyLen::Length(4));
+    }
+
+    #[test]
+    fn connection_cannot_take_the_host_the_rules_judged() {
+        let (_, host, _, _, kept) =
+            request(b"GET / HTTP/1.1\r\nHost: allowed\r\nConnection: host, x-a\r\nX-A: 1\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(host, "allowed");
+        assert_eq!(kept, ["host"]);
     }
 
     #[test]

@@ -536,7 +536,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             Some(up) => up,
             None => match self.conn.connect_boxed().await {
                 Ok(io) => Upstream::new(io),
-                Err(e) => return self.upstream_failed(ex, &e, false).await,
+                Err(e) => {
+                    // The body is still to come: not to be read as the next request.
+                    let body_left = ex.body != BodyLen::None;
+                    return self.upstream_failed(ex, &e, body_left).await;
+                }
             },
         };
         if ex.expect_continue
