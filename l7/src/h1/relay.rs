@@ -905,6 +905,11 @@ fn write_denied(conn: &Conn, grpc: bool, http10: bool, keep_alive: bool, out: &m
     200
 }
 
+/// Whether a field named `name` says how a request body is framed.
+fn frames_the_body(name: &str) -> bool {
+    name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("transfer-encoding")
+}
+
 /// The head the upstream gets: origin-form, always HTTP/1.1, the fields as they came less the
 /// hop-by-hop ones (`te: trailers` kept), header actions applied.
 fn write_request_head(
@@ -925,14 +930,17 @@ fn write_request_head(
         out.extend_from_slice(req.target.as_bytes());
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    // DELETE and REPLACE take out every field of their name as it came.
+    // DELETE and REPLACE take out every field of their name as it came. The framing fields
+    // are left as they came: the body goes on framed as the head said, and an upstream told
+    // otherwise would take (part of) it for a request nobody judged.
     let removed = |name: &str| {
-        actions.iter().any(|a| match a {
-            HeaderAction::Delete { name: n } | HeaderAction::Replace { name: n, .. } => {
-                n.as_str().len() == name.len() && n.as_str().eq_ignore_ascii_case(name)
-            }
-            _ => false,
-        })
+        !frames_the_body(name)
+            && actions.iter().any(|a| match a {
+                HeaderAction::Delete { name: n } | HeaderAction::Replace { name: n, .. } => {
+                    n.as_str().len() == name.len() && n.as_str().eq_ignore_ascii_case(name)
+                }
+                _ => false,
+            })
     };
     let mut drop = req.fields.drop;
     if !actions.is_empty() {
@@ -980,6 +988,9 @@ fn write_request_head(
             }
         }
         for (name, value) in added {
+            if frames_the_body(name.as_str()) {
+                continue;
+            }
             host_left |= name == http::header::HOST;
             push_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
@@ -1048,6 +1059,36 @@ mod tests {
                 &[]
             ),
             "GET /a HTTP/1.1\r\nHost: h\r\nX-A:\t1\r\nX-B: 2\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn header_actions_leave_the_body_framing_alone() {
+        let name = |n: &'static str| HeaderName::from_static(n);
+        let value = |v: &'static str| HeaderValue::from_static(v);
+        let actions = [
+            HeaderAction::Delete {
+                name: name("content-length"),
+            },
+            HeaderAction::Replace {
+                name: name("transfer-encoding"),
+                value: value("identity"),
+            },
+            HeaderAction::Add {
+                name: name("content-length"),
+                value: value("0"),
+            },
+        ];
+        assert_eq!(
+            upstream_head(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n", &actions),
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
+        );
+        assert_eq!(
+            upstream_head(
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                &actions
+            ),
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
         );
     }
 
