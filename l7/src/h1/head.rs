@@ -96,7 +96,7 @@ pub(super) struct RequestHead<'b> {
     pub path_needs_slash: bool,
     pub http10: bool,
     pub fields: Fields<'b>,
-    /// The Host field, when it is text (visible ASCII, spaces, tabs).
+    /// The Host field (refused unless it is text: visible ASCII, spaces, tabs).
     pub host: Option<&'b str>,
     pub body: BodyLen,
     /// Whether the client keeps the connection open after this exchange.
@@ -288,7 +288,9 @@ pub(super) fn parse_request<'b>(
         match name.len() {
             4 if is(name, b"host") => {
                 hosts += 1;
-                host = as_text(value);
+                // Judged as text or not at all: the upstream must not get a Host the rules
+                // did not see (a target's authority would be judged in its place).
+                host = Some(as_text(value).ok_or(HeadError::Bad("host field not text"))?);
             }
             6 if is(name, b"expect") => {
                 expect_continue = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");

@@ -1063,6 +1063,28 @@ mod tests {
     }
 
     #[test]
+    fn the_upstream_gets_the_host_the_rules_judged() {
+        // Connection cannot take the Host field away (the target's authority would take its
+        // place).
+        assert_eq!(
+            upstream_head(
+                b"GET http://other/p HTTP/1.1\r\nHost: judged\r\nConnection: host\r\n\r\n",
+                &[]
+            ),
+            "GET /p HTTP/1.1\r\nHost: judged\r\n\r\n"
+        );
+        // A Host field that is not text cannot be judged: refused.
+        let mut slots = head::slots();
+        assert!(matches!(
+            head::parse_request(
+                b"GET http://judged/p HTTP/1.1\r\nHost: other\xff\r\n\r\n",
+                &mut slots
+            ),
+            Err(HeadError::Bad(_))
+        ));
+    }
+
+    #[test]
     fn header_actions_leave_the_body_framing_alone() {
         let name = |n: &'static str| HeaderName::from_static(n);
         let value = |v: &'static str| HeaderValue::from_static(v);
