@@ -589,3 +589,16 @@ async fn unreachable_upstream_does_not_read_the_body_as_a_request() {
     assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
     assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
 }
+
+/// An absolute-form target without a path (`http://host?query`) is judged as the origin-form
+/// target the upstream gets (`/?query`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_without_path_is_judged_as_forwarded() {
+    let b = bed().await;
+    let mut s = TcpStream::connect(b.proxy).await.unwrap();
+    s.write_all(b"GET http://b?q=1 HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let got = responses(&mut s, 1).await;
+    assert_eq!(got[0], ("HTTP/1.1 200 OK".into(), "/?q=1".into()));
+}

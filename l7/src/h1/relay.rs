@@ -360,17 +360,25 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
             src: conn.src,
             dst: conn.dst,
         };
+        // The path as the upstream gets it (`http://h?q` goes as `/?q`).
+        let slashed;
+        let path = if req.path_needs_slash {
+            slashed = format!("/{}", req.path);
+            slashed.as_str()
+        } else {
+            req.path
+        };
         let redirect = shared.policy.http(&flow);
         let decision = match &redirect {
             None => HttpDecision::Denied,
             Some(r) => r
                 .policy
-                .check_parts(req.method, req.path, req.host(), &req.fields),
+                .check_parts(req.method, path, req.host(), &req.fields),
         };
         let seen = shared.events.has_subscribers().then(|| Seen {
             version: if req.http10 { "HTTP/1.0" } else { "HTTP/1.1" },
             method: req.method.to_string(),
-            path: req.path.to_string(),
+            path: path.to_string(),
             host: req.host().to_string(),
         });
         let actions = match decision {
