@@ -991,3 +991,65 @@ fn a_damaged_journal_restores_its_good_prefix_and_is_set_aside() {
     assert_eq!(a.stop().code(), Some(0));
     drop(ub);
 }
+
+/// A journal that could not be created at start (here: its temporary file's name is taken
+/// by a directory) is created once the obstacle is gone: the next change's compaction
+/// starts it, and later changes are journaled again (not a full snapshot every second).
+#[test]
+fn a_journal_that_could_not_be_created_is_started_by_the_next_compaction() {
+    let Some(ub) = upstream_on("127.0.0.159") else {
+        return;
+    };
+    let d = tempdir();
+    let cfg = config(d.path(), ub.addr);
+    write(
+        d.path(),
+        "policies/frontend.yaml",
+        &PERSIST_POLICY.replace("127.0.0.157", "127.0.0.159"),
+    );
+    let sock = d.path().join("api.sock");
+    let journal = d.path().join("state/fqdn-cache.journal");
+    let snapshot = d.path().join("state/fqdn-cache.json");
+    let obstacle = d.path().join("state/fqdn-cache.tmp");
+    std::fs::create_dir_all(&obstacle).unwrap();
+    let journal_len = || std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
+
+    let mut a = Agent::start(&["--config", &cfg], &sock);
+    a.wait_log("cannot create", Duration::from_secs(5));
+    let r = dig(&a.dns, "127.0.0.2", "www.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    // The change cannot be journaled: a new snapshot holds it instead.
+    eventually(Duration::from_secs(10), "a snapshot with the name", || {
+        std::fs::read_to_string(&snapshot)
+            .is_ok_and(|t| t.contains("\"www.example.test.\""))
+            .then_some(())
+    });
+    assert!(!journal.exists());
+
+    std::fs::remove_dir(&obstacle).unwrap();
+    let r = dig(&a.dns, "127.0.0.2", "api.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    eventually(Duration::from_secs(10), "the journal started", || {
+        (journal_len() >= 8).then_some(())
+    });
+    // From now on changes go to the journal.
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = dig(&a.dns, "127.0.0.2", "www.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    eventually(Duration::from_secs(10), "a journaled batch", || {
+        (journal_len() > 8).then_some(())
+    });
+    assert!(!a.stop_with("KILL").success());
+
+    let a = Agent::start(&["--config", &cfg], &sock);
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "443"),
+        (0, "allowed".into())
+    );
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.11", "443"),
+        (0, "allowed".into())
+    );
+    assert_eq!(a.stop().code(), Some(0));
+    drop(ub);
+}

@@ -815,9 +815,15 @@ async fn finish_compaction(p: &mut Persistence) {
     let journal = journal_file(&p.dir);
     let tail = (|| -> std::io::Result<Vec<u8>> {
         use std::io::{Read, Seek};
+        let mut tail = fqdn_cache::journal::JOURNAL_HEADER.to_vec();
+        if p.journal_len <= c.from {
+            // Nothing appended since the steps began: the new journal is empty, whatever
+            // became of the old file (one that could not be created or opened must not
+            // keep the next journal from starting).
+            return Ok(tail);
+        }
         let mut f = std::fs::File::open(&journal)?;
         f.seek(std::io::SeekFrom::Start(c.from))?;
-        let mut tail = fqdn_cache::journal::JOURNAL_HEADER.to_vec();
         f.take(p.journal_len - c.from).read_to_end(&mut tail)?;
         Ok(tail)
     })();
