@@ -602,3 +602,25 @@ async fn absolute_form_without_path_is_judged_as_forwarded() {
     let got = responses(&mut s, 1).await;
     assert_eq!(got[0], ("HTTP/1.1 200 OK".into(), "/?q=1".into()));
 }
+
+/// A head that comes a few bytes at a time, split anywhere (within its final empty line too),
+/// is served once it is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_arriving_in_pieces_are_served() {
+    let b = bed().await;
+    let text = b"GET /piece HTTP/1.1\r\nHost: b\r\n\r\n";
+    for size in [1, 2, 3] {
+        let mut s = TcpStream::connect(b.proxy).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        for piece in text.chunks(size) {
+            s.write_all(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        let got = responses(&mut s, 1).await;
+        assert_eq!(
+            got[0],
+            ("HTTP/1.1 200 OK".into(), "/piece".into()),
+            "{size}"
+        );
+    }
+}

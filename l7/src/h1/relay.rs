@@ -285,6 +285,14 @@ impl HeadTimer {
     }
 }
 
+/// Whether `bytes` may hold the end of a head: the empty line after its last field ends is
+/// `\n\n` or `\n\r\n` (any other `\n\r` is a bare CR, refused once parsed).
+fn head_may_end(bytes: &[u8]) -> bool {
+    bytes
+        .windows(2)
+        .any(|w| w[0] == b'\n' && matches!(w[1], b'\n' | b'\r'))
+}
+
 fn started(activity: &Activity) {
     activity.changes.fetch_add(1, Ordering::Relaxed);
     activity.under_way.fetch_add(1, Ordering::Relaxed);
@@ -298,12 +306,22 @@ fn ended(activity: &Activity) {
 impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
     async fn run(&mut self, activity: &Activity) -> End {
         loop {
+            // How much of an incomplete head was parsed: it is parsed again only once what
+            // came since may end it (a head sent a byte at a time would otherwise be parsed
+            // whole after each byte: quadratic work for the client's linear).
+            let mut looked = 0usize;
             let plan = loop {
-                if !self.inbox.is_empty() {
+                let bytes = self.inbox.bytes();
+                if !bytes.is_empty()
+                    && (looked == 0
+                        || bytes.len() >= head::MAX_HEAD
+                        || head_may_end(&bytes[looked.saturating_sub(2)..]))
+                {
                     if let Some(plan) = self.plan() {
                         break plan;
                     }
                 }
+                looked = self.inbox.bytes().len();
                 match self.inbox.fill(&mut self.io).await {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(_) => {}
@@ -1068,6 +1086,22 @@ mod tests {
             ),
             "GET /a HTTP/1.1\r\nHost: h\r\nX-A:\t1\r\nX-B: 2\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn a_head_may_end_only_at_an_empty_line() {
+        assert!(head_may_end(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"));
+        assert!(head_may_end(b"\n\r"));
+        assert!(head_may_end(b"a\n\n"));
+        assert!(!head_may_end(b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1"));
+        assert!(!head_may_end(b"\r\n"));
+        assert!(!head_may_end(b"\n"));
+        // Split anywhere, the part from two bytes before the split on shows the end.
+        let text = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n";
+        for split in 1..text.len() {
+            let ends = head_may_end(&text[split.saturating_sub(2)..]);
+            assert!(ends, "{split}");
+        }
     }
 
     #[test]
