@@ -624,3 +624,29 @@ async fn heads_arriving_in_pieces_are_served() {
         );
     }
 }
+
+/// A denied request whose body never comes whole does not hold its connection open: the
+/// skipping of its body counts as idle for the head timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_denied_body_times_out() {
+    let backend = start_backend(Arc::new(Seen::default()), Arc::new(AtomicUsize::new(0))).await;
+    let h = Harness::new();
+    let policy = HttpPolicy::compile(
+        &[HttpRule {
+            path: Some("/[^d].*".into()),
+            ..Default::default()
+        }],
+        &SecretDir::new("/nonexistent"),
+    )
+    .unwrap();
+    let proxy = start_http_proxy(&h, backend, policy, |c| {
+        c.header_read_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(b"POST /denied HTTP/1.1\r\nHost: b\r\nContent-Length: 100\r\n\r\nonly some")
+        .await
+        .unwrap();
+    let text = until_closed(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 403 "), "{text}");
+}

@@ -334,10 +334,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Relay<IO> {
                 }
                 Plan::HandOver => return End::HandOver,
                 Plan::Denied { body, close, len } => {
-                    started(activity);
+                    // Not under way: skipping the body of a request already answered counts
+                    // as idle, so a body that never comes whole does not hold the connection
+                    // past the head timeout.
+                    activity.changes.fetch_add(1, Ordering::Relaxed);
                     self.inbox.take(len);
                     let next = self.denied(body, close).await;
-                    ended(activity);
+                    activity.changes.fetch_add(1, Ordering::Relaxed);
                     next
                 }
                 Plan::Forward(ex) => {
