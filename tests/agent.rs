@@ -1053,3 +1053,39 @@ fn a_journal_that_could_not_be_created_is_started_by_the_next_compaction() {
     assert_eq!(a.stop().code(), Some(0));
     drop(ub);
 }
+
+/// A clean stop whose last batch cannot be journaled (the journal could not be created)
+/// writes a new snapshot instead: what was learned since the last one is not lost.
+#[test]
+fn a_clean_stop_that_cannot_journal_writes_a_snapshot() {
+    let Some(ub) = upstream_on("127.0.0.160") else {
+        return;
+    };
+    let d = tempdir();
+    let cfg = config(d.path(), ub.addr);
+    write(
+        d.path(),
+        "policies/frontend.yaml",
+        &PERSIST_POLICY.replace("127.0.0.157", "127.0.0.160"),
+    );
+    let sock = d.path().join("api.sock");
+    let obstacle = d.path().join("state/fqdn-cache.tmp");
+    std::fs::create_dir_all(&obstacle).unwrap();
+
+    let mut a = Agent::start(&["--config", &cfg], &sock);
+    a.wait_log("cannot create", Duration::from_secs(5));
+    // The first (empty) snapshot of the save loop is written before the name is learned.
+    a.wait_log("cannot start a new journal", Duration::from_secs(5));
+    let r = dig(&a.dns, "127.0.0.2", "www.example.test", "A", false).expect("reply");
+    assert_eq!(r.status, "NOERROR");
+    assert_eq!(a.stop().code(), Some(0));
+
+    let a = Agent::start(&["--config", &cfg], &sock);
+    assert_eq!(
+        trace_verdict(&a, "ip:192.0.2.10", "443"),
+        (0, "allowed".into()),
+        "learned just before the clean stop"
+    );
+    assert_eq!(a.stop().code(), Some(0));
+    drop(ub);
+}

@@ -937,6 +937,33 @@ pub fn save_now(agent: &Agent) {
     let dir = agent.lock().cfg.state_dir.clone();
     let mut p = Persistence::open(&dir);
     flush_changes(agent, &mut p);
+    if !p.resync {
+        return;
+    }
+    // The batch could not be journaled and no save loop follows: a new snapshot holds it
+    // (the journal left as it is replays over it to the same state, as after a crash
+    // between a compaction's two renames). Its own temporary file: a compaction the
+    // stopped loop began may still be writing the usual one.
+    let tmp = state_file(&dir).with_extension("json.stop.tmp");
+    let endpoints: Vec<(u16, String)> = agent
+        .lock()
+        .engine
+        .endpoints()
+        .map(|e| (e.id, e.name.clone()))
+        .collect();
+    let snapshot = state_file(&dir);
+    let written = write_snapshot_in_steps(agent, &tmp, &endpoints)
+        .and_then(|_| std::fs::rename(&tmp, &snapshot))
+        .and_then(|()| sync_dir(&dir));
+    match written {
+        Ok(()) => {
+            tracing::info!(file = %snapshot.display(), "learned names saved as a new snapshot")
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::error!("cannot save learned names to {}: {e}", snapshot.display());
+        }
+    }
 }
 
 /// `fqdn cache` filters: endpoint id and name, and the name as given.
