@@ -470,7 +470,8 @@ pub fn journal_file(dir: &Path) -> PathBuf {
 
 /// Writes `bytes` to `path` atomically: a reader (or a restart after a crash) sees the old
 /// file or the new one, never half of one. The data is synced before the rename, so after a
-/// power loss the name never points at a file whose data did not reach the disk.
+/// power loss the name never points at a file whose data did not reach the disk, and the
+/// directory after it, so the rename itself survives one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
@@ -479,7 +480,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    // The rename itself is durable only once the directory is synced.
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
+        _ => Ok(()),
+    }
 }
 
 /// Syncs a directory, making the renames in it durable (and ordered: one synced before the
@@ -505,8 +511,14 @@ pub fn set_aside(path: &Path, why: &str) {
 /// becomes the journal again, so later batches are appended where a replay will find them.
 fn set_journal_aside(path: &Path, bytes: &[u8], valid_len: usize, why: &fqdn_cache::Error) {
     let aside = path.with_extension(format!("journal.corrupt-{}", now().as_unix_millis() / 1000));
-    if let Err(e) = std::fs::rename(path, &aside) {
-        tracing::error!("{}: {why}; cannot set it aside: {e}", path.display());
+    // A copy first, then the good part replaces the journal atomically: a crash between the
+    // two leaves the journal as it was (restored the same way next time), never none.
+    if let Err(e) = std::fs::write(&aside, bytes) {
+        tracing::error!(
+            "{}: {why}; the batches before byte {valid_len} are restored; cannot keep a copy as {}: {e}",
+            path.display(),
+            aside.display()
+        );
     } else {
         tracing::warn!(
             "{}: {why}; the batches before byte {valid_len} are restored, the file is set aside as {}",
@@ -829,7 +841,6 @@ async fn finish_compaction(p: &mut Persistence) {
     })();
     let replaced = tail.and_then(|bytes| {
         write_atomic(&journal, &bytes)?;
-        sync_dir(&p.dir)?;
         Ok(bytes.len() as u64)
     });
     match replaced {
