@@ -836,18 +836,29 @@ spec:
         - ports: [{port: "443", protocol: TCP}]
 "#;
 
+/// The persistence tests' bed: an upstream on `ip` (a loopback address of the test's own),
+/// a config and `PERSIST_POLICY` naming it; (upstream, directory, config path, API socket).
+fn persist_bed(ip: &str) -> Option<(Unbound, tempfile::TempDir, String, std::path::PathBuf)> {
+    let ub = upstream_on(ip)?;
+    let d = tempdir();
+    let cfg = config(d.path(), ub.addr);
+    write(
+        d.path(),
+        "policies/frontend.yaml",
+        &PERSIST_POLICY.replace("127.0.0.157", ip),
+    );
+    let sock = d.path().join("api.sock");
+    Some((ub, d, cfg, sock))
+}
+
 /// Learned names reach the journal within a second and survive a `kill -9` (no clean stop,
 /// no final save); a restart folds the journal into a new snapshot, and names learned after
 /// that compaction survive the next `kill -9` too.
 #[test]
 fn learned_names_survive_kill_9_through_the_journal_and_a_compaction() {
-    let Some(ub) = upstream_on("127.0.0.157") else {
+    let Some((ub, d, cfg, sock)) = persist_bed("127.0.0.157") else {
         return;
     };
-    let d = tempdir();
-    let cfg = config(d.path(), ub.addr);
-    write(d.path(), "policies/frontend.yaml", PERSIST_POLICY);
-    let sock = d.path().join("api.sock");
     let journal = d.path().join("state/fqdn-cache.journal");
     let snapshot = d.path().join("state/fqdn-cache.json");
     let journal_len = || std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
@@ -923,17 +934,9 @@ fn learned_names_survive_kill_9_through_the_journal_and_a_compaction() {
 /// stopped (file and byte offset), sets the file aside, and the agent serves on.
 #[test]
 fn a_damaged_journal_restores_its_good_prefix_and_is_set_aside() {
-    let Some(ub) = upstream_on("127.0.0.158") else {
+    let Some((ub, d, text, sock)) = persist_bed("127.0.0.158") else {
         return;
     };
-    let d = tempdir();
-    let text = config(d.path(), ub.addr);
-    write(
-        d.path(),
-        "policies/frontend.yaml",
-        &PERSIST_POLICY.replace("127.0.0.157", "127.0.0.158"),
-    );
-    let sock = d.path().join("api.sock");
     let journal = d.path().join("state/fqdn-cache.journal");
     let journal_len = || std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
 
@@ -997,17 +1000,9 @@ fn a_damaged_journal_restores_its_good_prefix_and_is_set_aside() {
 /// starts it, and later changes are journaled again (not a full snapshot every second).
 #[test]
 fn a_journal_that_could_not_be_created_is_started_by_the_next_compaction() {
-    let Some(ub) = upstream_on("127.0.0.159") else {
+    let Some((ub, d, cfg, sock)) = persist_bed("127.0.0.159") else {
         return;
     };
-    let d = tempdir();
-    let cfg = config(d.path(), ub.addr);
-    write(
-        d.path(),
-        "policies/frontend.yaml",
-        &PERSIST_POLICY.replace("127.0.0.157", "127.0.0.159"),
-    );
-    let sock = d.path().join("api.sock");
     let journal = d.path().join("state/fqdn-cache.journal");
     let snapshot = d.path().join("state/fqdn-cache.json");
     let obstacle = d.path().join("state/fqdn-cache.tmp");
@@ -1058,17 +1053,9 @@ fn a_journal_that_could_not_be_created_is_started_by_the_next_compaction() {
 /// writes a new snapshot instead: what was learned since the last one is not lost.
 #[test]
 fn a_clean_stop_that_cannot_journal_writes_a_snapshot() {
-    let Some(ub) = upstream_on("127.0.0.160") else {
+    let Some((ub, d, cfg, sock)) = persist_bed("127.0.0.160") else {
         return;
     };
-    let d = tempdir();
-    let cfg = config(d.path(), ub.addr);
-    write(
-        d.path(),
-        "policies/frontend.yaml",
-        &PERSIST_POLICY.replace("127.0.0.157", "127.0.0.160"),
-    );
-    let sock = d.path().join("api.sock");
     let obstacle = d.path().join("state/fqdn-cache.tmp");
     std::fs::create_dir_all(&obstacle).unwrap();
 

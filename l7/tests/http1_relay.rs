@@ -169,20 +169,25 @@ struct Bed {
     h: Harness,
 }
 
-/// The proxy in front of the backend; everything allowed but paths under `/denied`.
-async fn bed() -> Bed {
-    let seen = Arc::new(Seen::default());
-    let written = Arc::new(AtomicUsize::new(0));
-    let backend = start_backend(seen.clone(), written.clone()).await;
-    let h = Harness::new();
-    let policy = HttpPolicy::compile(
+/// Everything allowed but paths under `/denied`.
+fn all_but_denied() -> HttpPolicy {
+    HttpPolicy::compile(
         &[HttpRule {
             path: Some("/[^d].*".into()),
             ..Default::default()
         }],
         &SecretDir::new("/nonexistent"),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// The proxy in front of the backend; everything allowed but paths under `/denied`.
+async fn bed() -> Bed {
+    let seen = Arc::new(Seen::default());
+    let written = Arc::new(AtomicUsize::new(0));
+    let backend = start_backend(seen.clone(), written.clone()).await;
+    let h = Harness::new();
+    let policy = all_but_denied();
     let proxy = start_http_proxy(&h, backend, policy, |_| {}).await;
     Bed {
         proxy,
@@ -567,14 +572,7 @@ async fn unreachable_upstream_does_not_read_the_body_as_a_request() {
         l.local_addr().unwrap()
     };
     let h = Harness::new();
-    let policy = HttpPolicy::compile(
-        &[HttpRule {
-            path: Some("/[^d].*".into()),
-            ..Default::default()
-        }],
-        &SecretDir::new("/nonexistent"),
-    )
-    .unwrap();
+    let policy = all_but_denied();
     let proxy = start_http_proxy(&h, dead, policy, |_| {}).await;
     let inner = b"GET /denied HTTP/1.1\r\nHost: b\r\n\r\n";
     let mut s = TcpStream::connect(proxy).await.unwrap();
@@ -631,14 +629,7 @@ async fn heads_arriving_in_pieces_are_served() {
 async fn stalled_denied_body_times_out() {
     let backend = start_backend(Arc::new(Seen::default()), Arc::new(AtomicUsize::new(0))).await;
     let h = Harness::new();
-    let policy = HttpPolicy::compile(
-        &[HttpRule {
-            path: Some("/[^d].*".into()),
-            ..Default::default()
-        }],
-        &SecretDir::new("/nonexistent"),
-    )
-    .unwrap();
+    let policy = all_but_denied();
     let proxy = start_http_proxy(&h, backend, policy, |c| {
         c.header_read_timeout = Duration::from_millis(200);
     })
