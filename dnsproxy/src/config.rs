@@ -55,6 +55,11 @@ pub struct ProxyConfig {
     /// SO_MARK on every upstream socket, so the datapath does not redirect the proxy's own
     /// queries back to it.
     pub upstream_mark: Option<u32>,
+    /// `dns.realtimePriority`: the UDP receiving threads run at this SCHED_FIFO priority
+    /// (1–99) while each uses at most a quarter of a CPU (see `priority.rs`); `None`: normal
+    /// priority. Default 1, the lowest realtime priority: above every ordinary task, below
+    /// the kernel's own realtime threads.
+    pub realtime_priority: Option<u8>,
 }
 
 impl ProxyConfig {
@@ -77,6 +82,7 @@ impl ProxyConfig {
             tcp_max_connections: 1024,
             tcp_max_inflight_per_connection: 64,
             upstream_mark: None,
+            realtime_priority: Some(1),
         }
     }
 
@@ -99,6 +105,14 @@ impl ProxyConfig {
             if v == 0 {
                 return Err(DnsProxyError::Config(format!("{name} must be at least 1")));
             }
+        }
+        if self
+            .realtime_priority
+            .is_some_and(|p| !(1..=99).contains(&p))
+        {
+            return Err(DnsProxyError::Config(
+                "realtimePriority must be 1 to 99".into(),
+            ));
         }
         if self.forward_timeout.is_zero() {
             return Err(DnsProxyError::Config(

@@ -65,6 +65,7 @@ mod hooks;
 mod message;
 mod metrics;
 mod net;
+mod priority;
 mod replies;
 mod server;
 mod upstream;

@@ -242,6 +242,11 @@ pub struct ProxyMetrics {
     pub tcp_rejected: Counter,
     /// TCP connections open now.
     pub tcp_open: Counter,
+    /// UDP receiving threads at realtime priority now (`ProxyConfig::realtime_priority`).
+    pub realtime_threads: Counter,
+    /// Times the receiving threads went back to normal priority, over their CPU or rate
+    /// budget at realtime priority.
+    pub realtime_demotions: Counter,
     /// Time from sending a query upstream to its answer.
     pub upstream_latency: Histogram,
     /// Time a response was held waiting for the datapath (only responses that taught IPs).
@@ -260,6 +265,8 @@ impl Default for ProxyMetrics {
             hold_failures: Counter::new(0),
             tcp_rejected: Counter::new(0),
             tcp_open: Counter::new(0),
+            realtime_threads: Counter::new(0),
+            realtime_demotions: Counter::new(0),
             upstream_latency: Histogram::new(),
             hold_time: Histogram::new(),
         }

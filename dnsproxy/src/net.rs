@@ -315,6 +315,8 @@ pub(crate) struct RecvBatch {
     lens: [(usize, libc::c_int, libc::socklen_t); BATCH_MAX],
     /// The destinations of the last call, read from the control messages.
     dsts: [Option<SocketAddr>; BATCH_MAX],
+    /// The receiving thread's priority, kept within its CPU budget before each block.
+    scheduling: Option<crate::priority::Scheduling>,
 }
 
 // SAFETY: the raw pointers in `iovs` and `hdrs` point only into the batch's own heap
@@ -348,6 +350,7 @@ impl RecvBatch {
             used: 0,
             lens: [(0, 0, 0); BATCH_MAX],
             dsts: [None; BATCH_MAX],
+            scheduling: None,
         };
         let bufs = batch.bufs.as_mut_ptr();
         for i in 0..BATCH_MAX {
@@ -403,6 +406,17 @@ impl RecvBatch {
         Ok(n)
     }
 
+    /// Runs the calling thread at realtime priority within the proxy's CPU budget (see
+    /// `priority.rs`), reported before each block in [`RecvBatch::recv_until`]; `None` or a
+    /// refusal leaves it at normal priority.
+    pub(crate) fn with_priority(
+        mut self,
+        realtime: Option<&std::sync::Arc<crate::priority::Realtime>>,
+    ) -> RecvBatch {
+        self.scheduling = realtime.and_then(crate::priority::Scheduling::start);
+        self
+    }
+
     /// The next batch of a receiving thread: [`RecvBatch::recv`], again when interrupted by a
     /// signal; `None` once `stopping` is set (read after every wake-up, see
     /// [`wake_receivers`]).
@@ -411,6 +425,9 @@ impl RecvBatch {
         fd: RawFd,
         stopping: &std::sync::atomic::AtomicBool,
     ) -> Option<io::Result<usize>> {
+        if let Some(s) = &mut self.scheduling {
+            s.before_block();
+        }
         loop {
             let result = self.recv(fd);
             if stopping.load(std::sync::atomic::Ordering::Relaxed) {
@@ -418,7 +435,12 @@ impl RecvBatch {
             }
             match result {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                result => return Some(result),
+                result => {
+                    if let (Some(s), Ok(n)) = (&mut self.scheduling, &result) {
+                        s.received(*n);
+                    }
+                    return Some(result);
+                }
             }
         }
     }

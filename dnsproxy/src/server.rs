@@ -29,6 +29,7 @@ use crate::message::{
     extract_learning, header_rcode, parse_client_query, set_id, ClientQuery, QueryMeta, Rejection,
 };
 use crate::metrics::{ProxyMetrics, Verdict};
+use crate::priority::Realtime;
 use crate::upstream::{tcp_exchange, UdpPool, UpstreamError, Waiting};
 use crate::wire::{fast_answer, Question};
 use crate::{net, replies, DnsProxyError};
@@ -86,6 +87,8 @@ struct Shared<P, L> {
     /// itself, not intercepted.
     own: Vec<SocketAddr>,
     next_upstream: AtomicUsize,
+    /// `realtime_priority` and the CPU budget of the UDP receiving threads.
+    realtime: Option<Arc<Realtime>>,
 }
 
 impl DnsProxy {
@@ -131,6 +134,9 @@ impl DnsProxy {
         }
         let pool_sockets = config.upstream_udp_sockets.div_ceil(shard_count).max(1);
         let tcp_limit = Arc::new(Semaphore::new(config.tcp_max_connections));
+        let realtime = config
+            .realtime_priority
+            .map(|p| Realtime::new(p, metrics.clone()));
         let shared = Arc::new(Shared {
             config,
             policy,
@@ -139,6 +145,7 @@ impl DnsProxy {
             metrics: metrics.clone(),
             own: own.clone(),
             next_upstream: AtomicUsize::new(0),
+            realtime,
         });
         let mut shards = Vec::new();
         for (i, sockets) in shard_sockets.into_iter().enumerate() {
@@ -277,6 +284,7 @@ impl<P: DnsPolicy, L: Learner> Shared<P, L> {
             metrics: self.metrics.clone(),
             own: self.own.clone(),
             next_upstream: AtomicUsize::new(self.next_upstream.load(Relaxed)),
+            realtime: self.realtime.clone(),
         }
     }
 
@@ -773,6 +781,7 @@ fn run_shard<P: DnsPolicy, L: Learner>(
         pool_sockets,
         &shared.config.upstreams,
         shared.config.upstream_mark,
+        shared.realtime.clone(),
         shared.metrics.clone(),
         rt.handle(),
         &format!("dns-up-{index}"),
@@ -823,7 +832,7 @@ fn serve_udp<P: DnsPolicy, L: Learner>(
         }
     };
     let fd = socket.as_raw_fd();
-    let mut batch = net::RecvBatch::new(MAX_UDP_QUERY);
+    let mut batch = net::RecvBatch::new(MAX_UDP_QUERY).with_priority(shared.realtime.as_ref());
     while let Some(result) = batch.recv_until(fd, stopping) {
         let got = match result {
             Ok(n) => n,

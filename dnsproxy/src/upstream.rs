@@ -39,6 +39,7 @@ use tracing::debug;
 
 use crate::message::{answer_id, set_id};
 use crate::metrics::ProxyMetrics;
+use crate::priority::Realtime;
 use crate::wire::Question;
 use crate::{net, replies};
 
@@ -174,6 +175,7 @@ impl<W: Waiting> UdpPool<W> {
         sockets_per_family: usize,
         upstreams: &[SocketAddr],
         mark: Option<u32>,
+        realtime: Option<Arc<Realtime>>,
         metrics: Arc<ProxyMetrics>,
         runtime: &tokio::runtime::Handle,
         name: &str,
@@ -226,11 +228,12 @@ impl<W: Waiting> UdpPool<W> {
         for (i, slot) in pool.all.iter().enumerate() {
             let (slot, metrics, ctx) = (slot.clone(), metrics.clone(), pool.ctx.clone());
             let (runtime, stopping) = (runtime.clone(), pool.stopping.clone());
+            let realtime = realtime.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
                     let _on = runtime.enter();
-                    receive_thread(&slot, &ctx, &metrics, &stopping)
+                    receive_thread(&slot, &ctx, &metrics, realtime.as_ref(), &stopping)
                 })?;
         }
         Ok(pool)
@@ -450,10 +453,11 @@ fn receive_thread<W: Waiting>(
     slot: &Slot<W>,
     ctx: &W::Context,
     metrics: &ProxyMetrics,
+    realtime: Option<&Arc<Realtime>>,
     stopping: &AtomicBool,
 ) {
     let fd = slot.socket.as_raw_fd();
-    let mut batch = net::RecvBatch::new(MAX_UDP_ANSWER);
+    let mut batch = net::RecvBatch::new(MAX_UDP_ANSWER).with_priority(realtime);
     let mut errors = vec![0u8; MAX_UDP_ANSWER];
     while let Some(result) = batch.recv_until(fd, stopping) {
         let got = match result {

@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
@@ -606,6 +606,86 @@ fn read_snapshot(path: &Path) -> Option<Snapshot> {
     }
 }
 
+/// A write of learned state that failed: what was being written, and the OS error.
+struct WriteFailure {
+    /// What could not be done, naming the file ("append learned names to PATH").
+    what: String,
+    error: std::io::Error,
+}
+
+impl WriteFailure {
+    fn new(what: String, error: std::io::Error) -> WriteFailure {
+        WriteFailure { what, error }
+    }
+}
+
+impl std::fmt::Display for WriteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot {}: {}", self.what, self.error)
+    }
+}
+
+/// The wait before the first retry after a failed attempt to write learned state.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts while writes keep failing.
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// When the save loop writes next while writes fail: a second after the first failed
+/// attempt, then each wait twice the last (1 s, 2 s, 4 s … at most 60 s). A state directory
+/// that cannot take writes (full, read-only, removed, failing) then costs one attempt — at
+/// worst a snapshot of every learned name — and one log line per step, not per second.
+/// Time is an argument.
+#[derive(Debug, Default)]
+struct WriteBackoff {
+    /// Attempts that failed since the files last held everything learned.
+    failed: u32,
+    /// No attempt before this; `None`: every round of the loop is one.
+    next_try: Option<Instant>,
+}
+
+impl WriteBackoff {
+    /// The wait after the `failed`-th failed attempt in a row (counted from 1).
+    fn delay(failed: u32) -> Duration {
+        let doublings = failed.saturating_sub(1).min(16);
+        BACKOFF_FIRST
+            .saturating_mul(1 << doublings)
+            .min(BACKOFF_MAX)
+    }
+
+    /// Whether a round at `now` writes (otherwise it only drops the logged changes, see
+    /// `discard_changes`).
+    fn due(&self, now: Instant) -> bool {
+        self.next_try.is_none_or(|t| now >= t)
+    }
+
+    /// Attempts that failed since the files last held everything learned.
+    fn failed_attempts(&self) -> u32 {
+        self.failed
+    }
+
+    /// An attempt at `now` failed: returns the wait before the next.
+    fn failed(&mut self, now: Instant) -> Duration {
+        self.failed = self.failed.saturating_add(1);
+        let wait = Self::delay(self.failed);
+        self.next_try = Some(now + wait);
+        wait
+    }
+
+    /// An attempt wrote all it tried, but the files do not hold everything yet (the
+    /// snapshot that will is still to be written): the next rounds write again at the usual
+    /// pace, and the failures still count, so a snapshot that fails too waits longer.
+    fn progressed(&mut self) {
+        self.next_try = None;
+    }
+
+    /// An attempt left the files holding everything learned: the attempts that failed
+    /// before it, if any.
+    fn recovered(&mut self) -> Option<u32> {
+        self.next_try = None;
+        Some(std::mem::take(&mut self.failed)).filter(|&n| n > 0)
+    }
+}
+
 /// The journal being appended to, and the compaction under way, if any.
 struct Persistence {
     dir: PathBuf,
@@ -616,8 +696,9 @@ struct Persistence {
     journal_len: u64,
     snapshot_len: u64,
     compaction: Option<Compaction>,
-    /// A batch was lost (a write failed): the next compaction must run soon, since only a
-    /// full snapshot brings the files back in line with the cache.
+    /// A batch was lost (a write failed, or changes were dropped while writes failed): the
+    /// next compaction must run soon, since only a full snapshot brings the files back in
+    /// line with the cache.
     resync: bool,
     /// The identity allocator's generation last written.
     identities_saved: Option<u64>,
@@ -632,24 +713,31 @@ struct Compaction {
 }
 
 impl Persistence {
-    /// Opens (or starts) the journal in `dir`.
-    fn open(dir: &Path) -> Persistence {
+    /// Opens (or starts) the journal in `dir`; also says why it could not.
+    fn open(dir: &Path) -> (Persistence, Option<WriteFailure>) {
         let path = journal_file(dir);
         let header = fqdn_cache::journal::JOURNAL_HEADER;
         let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let mut failure = None;
         if len < header.len() as u64 {
             // None yet (a first start, or state from before journals): a new one.
             if let Err(e) = write_atomic(&path, header) {
-                tracing::error!("cannot create {}: {e}", path.display());
+                failure = Some(WriteFailure::new(format!("create {}", path.display()), e));
             }
         }
-        let journal = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| tracing::error!("cannot open {} for appending: {e}", path.display()))
-            .ok();
+        let journal = match std::fs::OpenOptions::new().append(true).open(&path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                // A journal that could not be created cannot be opened either: the first
+                // failure is the one that says why.
+                failure.get_or_insert_with(|| {
+                    WriteFailure::new(format!("open {} for appending", path.display()), e)
+                });
+                None
+            }
+        };
         let journal_len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        Persistence {
+        let p = Persistence {
             dir: dir.to_path_buf(),
             resync: journal.is_none(),
             journal,
@@ -659,16 +747,27 @@ impl Persistence {
                 .unwrap_or(0),
             compaction: None,
             identities_saved: None,
-        }
+        };
+        (p, failure)
     }
 
     /// Appends one framed batch and syncs it. On failure the journal is cut back to its
     /// last good batch (so nothing is ever appended after a torn one).
     fn append(&mut self, batch: &[u8]) -> std::io::Result<()> {
         use std::io::Write;
+        use std::os::unix::fs::MetadataExt;
         let Some(f) = &mut self.journal else {
             return Err(std::io::Error::other("the journal is not open"));
         };
+        // A journal removed while open (its directory deleted, the file replaced) still
+        // takes writes, but they reach no file a restart reads.
+        if f.metadata()?.nlink() == 0 {
+            self.journal = None;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the file was removed or replaced while open",
+            ));
+        }
         // One write per batch, then fdatasync: a batch flushed here survives a power loss,
         // not only a killed process. One sync a second costs a few milliseconds of a
         // background thread's time; without it a crash of the machine could lose the page
@@ -690,14 +789,21 @@ impl Persistence {
 
 /// Appends what changed in the cache since the last call to the journal: the change log is
 /// taken in constant time and encoded in steps of `ENCODE_STEP` under the state lock; the
-/// framing, the write and the sync happen with the lock released.
-fn flush_changes(agent: &Agent, p: &mut Persistence) {
+/// framing, the write and the sync happen with the lock released. A batch that cannot be
+/// appended is lost to the journal: the files wait for a new snapshot (`resync`).
+fn flush_changes(agent: &Agent, p: &mut Persistence) -> Result<(), WriteFailure> {
+    if p.journal.is_none() {
+        // Nothing can be appended until a compaction starts a new journal, and its
+        // snapshot copies the cache: the changes are in it.
+        discard_changes(agent, p);
+        return Ok(());
+    }
     let (mut pending, endpoints) = {
         let mut st = agent.lock();
         let mut pending = st.fqdn.take_changes();
         if pending.is_empty() {
             st.fqdn.release_changes(&mut pending);
-            return;
+            return Ok(());
         }
         let endpoints: Vec<(u16, String)> = st
             .engine
@@ -722,17 +828,35 @@ fn flush_changes(agent: &Agent, p: &mut Persistence) {
     agent.lock().fqdn.release_changes(&mut pending);
     drop(pending);
     if batch.is_empty() {
-        return;
+        return Ok(());
     }
-    let records = batch.records();
-    if let Err(e) = p.append(&batch.finish()) {
-        tracing::error!(
-            records,
-            "cannot append learned names to {}: {e}; a new snapshot will be written",
-            journal_file(&p.dir).display()
-        );
+    p.append(&batch.finish()).map_err(|e| {
+        p.resync = true;
+        WriteFailure::new(
+            format!("append learned names to {}", journal_file(&p.dir).display()),
+            e,
+        )
+    })
+}
+
+/// Drops the changes logged since the last batch, leaving them to the next snapshot (it
+/// copies the cache, so it holds them): what the save loop does with them while writes
+/// fail. The change log is coalesced per (endpoint, name) and per (endpoint, name, IP), but
+/// its size is bounded by what changed since it was taken, not by the cache: a name freed
+/// meanwhile keeps its id and its text parked in it (`FqdnCache::take_changes`). Taken
+/// every second, it cannot grow through a long outage.
+fn discard_changes(agent: &Agent, p: &mut Persistence) {
+    let pending = {
+        let mut st = agent.lock();
+        let mut pending = st.fqdn.take_changes();
+        st.fqdn.release_changes(&mut pending);
+        pending
+    };
+    if !pending.is_empty() {
         p.resync = true;
     }
+    // Freed here, with the lock released.
+    drop(pending);
 }
 
 /// Starts a compaction when the journal has outgrown the snapshot (or a batch was lost):
@@ -796,32 +920,39 @@ fn write_snapshot_in_steps(
 /// Once the snapshot steps are written: the new snapshot replaces the old (rename, then the
 /// directory synced), then the journal is replaced by one holding only the batches appended
 /// since the steps began. A crash between the two leaves the new snapshot with the whole old
-/// journal, which replays to the same state.
-async fn finish_compaction(p: &mut Persistence) {
+/// journal, which replays to the same state. Any failure leaves the files waiting for the
+/// next compaction (`resync`).
+async fn finish_compaction(p: &mut Persistence) -> Result<(), WriteFailure> {
     let Some(c) = p.compaction.take_if(|c| c.task.is_finished()) else {
-        return;
+        return Ok(());
     };
     let written = match c.task.await {
         Ok(Ok(w)) => w,
         Ok(Err(e)) => {
-            tracing::error!("cannot write a new snapshot to {}: {e}", c.tmp.display());
             let _ = std::fs::remove_file(&c.tmp);
             p.resync = true;
-            return;
+            return Err(WriteFailure::new(
+                format!("write a new snapshot to {}", c.tmp.display()),
+                e,
+            ));
         }
         Err(e) => {
-            tracing::error!("writing a new snapshot failed: {e}");
             let _ = std::fs::remove_file(&c.tmp);
             p.resync = true;
-            return;
+            return Err(WriteFailure::new(
+                format!("write a new snapshot to {}", c.tmp.display()),
+                std::io::Error::other(e.to_string()),
+            ));
         }
     };
     let snapshot = state_file(&p.dir);
     if let Err(e) = std::fs::rename(&c.tmp, &snapshot).and_then(|()| sync_dir(&p.dir)) {
-        tracing::error!("cannot replace {}: {e}", snapshot.display());
         let _ = std::fs::remove_file(&c.tmp);
         p.resync = true;
-        return;
+        return Err(WriteFailure::new(
+            format!("replace {}", snapshot.display()),
+            e,
+        ));
     }
     p.snapshot_len = written.0;
     let journal = journal_file(&p.dir);
@@ -839,42 +970,104 @@ async fn finish_compaction(p: &mut Persistence) {
         f.take(p.journal_len - c.from).read_to_end(&mut tail)?;
         Ok(tail)
     })();
-    let replaced = tail.and_then(|bytes| {
+    let len = match tail.and_then(|bytes| {
         write_atomic(&journal, &bytes)?;
         Ok(bytes.len() as u64)
-    });
-    match replaced {
-        Ok(len) => {
-            p.journal = std::fs::OpenOptions::new()
-                .append(true)
-                .open(&journal)
-                .map_err(|e| {
-                    tracing::error!("cannot open {} for appending: {e}", journal.display())
-                })
-                .ok();
-            p.journal_len = len;
-            if p.journal.is_none() {
-                p.resync = true;
-            }
-            tracing::info!(
-                entries = written.1,
-                bytes = written.0,
-                file = %snapshot.display(),
-                "learned names compacted into a new snapshot"
-            );
-        }
+    }) {
+        Ok(len) => len,
         Err(e) => {
-            // The old journal stays: with the new snapshot it restores the same state.
-            tracing::error!("cannot start a new journal {}: {e}", journal.display());
+            // The old journal stays: with the new snapshot it restores the same state. The
+            // next compaction tries again to start the new one.
+            p.resync = true;
+            return Err(WriteFailure::new(
+                format!("start a new journal {}", journal.display()),
+                e,
+            ));
         }
+    };
+    p.journal_len = len;
+    p.journal = match std::fs::OpenOptions::new().append(true).open(&journal) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            // The handle held is the old journal's, which the rename replaced.
+            p.journal = None;
+            p.resync = true;
+            return Err(WriteFailure::new(
+                format!("open {} for appending", journal.display()),
+                e,
+            ));
+        }
+    };
+    tracing::info!(
+        entries = written.1,
+        bytes = written.0,
+        file = %snapshot.display(),
+        "learned names compacted into a new snapshot"
+    );
+    Ok(())
+}
+
+/// One round of the save loop: the batch of changes, the end of a finished compaction, the
+/// start of a new one, the identities. Stops at the first write that fails. `Ok(true)` when
+/// the files held everything learned after it (no batch lost since the last snapshot, no
+/// compaction under way).
+async fn save_round(
+    agent: &Arc<Agent>,
+    p: &mut Persistence,
+    failing: bool,
+) -> Result<bool, WriteFailure> {
+    flush_changes(agent, p)?;
+    finish_compaction(p).await?;
+    let complete = !p.resync && p.compaction.is_none();
+    maybe_compact(agent, p);
+    // Learned names allocate identities: keep their numbers stable across restarts too.
+    // While writes fail, an attempt is the snapshot that brings the files back in line, and
+    // the identities wait for it (one failure per attempt, not one for each file).
+    if complete || !failing {
+        save_identities_if_changed(agent, &mut p.identities_saved)?;
+    }
+    Ok(complete)
+}
+
+/// Counts a failed attempt, sets the wait before the next, and says so: the first failure
+/// names the file and the error; each later one (one per backoff step) how many attempts
+/// failed and when the next is.
+fn write_failed(agent: &Agent, backoff: &mut WriteBackoff, failure: &WriteFailure, now: Instant) {
+    let wait = backoff.failed(now).as_secs();
+    agent
+        .metrics
+        .state_write_failures
+        .fetch_add(1, Ordering::Relaxed);
+    agent
+        .metrics
+        .state_write_failing
+        .store(1, Ordering::Relaxed);
+    let failed = backoff.failed_attempts();
+    if failed == 1 {
+        tracing::error!(
+            "{failure}; learned names stay in memory and are written once the state directory \
+             takes writes again (next try in {wait}s)"
+        );
+    } else {
+        tracing::error!(
+            failed_attempts = failed,
+            "{failure}; learned state still not written, {failed} attempts failed, next try in {wait}s"
+        );
     }
 }
 
 /// Appends learned-state changes to the journal once a second, compacts it into a new
 /// snapshot when it has grown, and rewrites the identities file when identities changed.
+/// While writes fail the attempts back off (`WriteBackoff`); the rounds between them drop
+/// the logged changes, and the first attempt that can write starts a new snapshot, which
+/// holds everything learned meanwhile.
 pub async fn save_loop(agent: Arc<Agent>) {
     let dir = agent.lock().cfg.state_dir.clone();
-    let mut p = Persistence::open(&dir);
+    let (mut p, failure) = Persistence::open(&dir);
+    let mut backoff = WriteBackoff::default();
+    if let Some(f) = failure {
+        write_failed(&agent, &mut backoff, &f, Instant::now());
+    }
     // A journal restored with batches in it is folded into the snapshot at once: each run
     // starts from a snapshot holding everything restored, and the journal the next start
     // replays holds only what this run changed.
@@ -883,11 +1076,32 @@ pub async fn save_loop(agent: Arc<Agent>) {
         p.resync = true;
     }
     loop {
-        flush_changes(&agent, &mut p);
-        finish_compaction(&mut p).await;
-        maybe_compact(&agent, &mut p);
-        // Learned names allocate identities: keep their numbers stable across restarts too.
-        save_identities_if_changed(&agent, &mut p.identities_saved);
+        if backoff.due(Instant::now()) {
+            match save_round(&agent, &mut p, backoff.failed_attempts() > 0).await {
+                Ok(true) => {
+                    if let Some(failed) = backoff.recovered() {
+                        agent
+                            .metrics
+                            .state_write_failing
+                            .store(0, Ordering::Relaxed);
+                        tracing::warn!(
+                            failed_attempts = failed,
+                            dir = %p.dir.display(),
+                            "learned state written again: persistence recovered after {failed} failed attempts"
+                        );
+                    }
+                }
+                Ok(false) => backoff.progressed(),
+                Err(f) => {
+                    write_failed(&agent, &mut backoff, &f, Instant::now());
+                    // Written again once the files are back in line: it may be gone
+                    // with its directory.
+                    p.identities_saved = None;
+                }
+            }
+        } else {
+            discard_changes(&agent, &mut p);
+        }
         tokio::time::sleep(Duration::from_millis(SAVE_INTERVAL_MS)).await;
     }
 }
@@ -920,12 +1134,12 @@ pub fn restore_identities(state_dir: &Path) -> IdentityAllocator {
 
 /// Writes the identities file when the allocations changed since `saved` (serialized under
 /// the state lock, so only then: it is proportional to the identities in use).
-fn save_identities_if_changed(agent: &Agent, saved: &mut Option<u64>) {
+fn save_identities_if_changed(agent: &Agent, saved: &mut Option<u64>) -> Result<(), WriteFailure> {
     let (text, path, generation) = {
         let st = agent.lock();
         let generation = st.engine.identities().generation();
         if *saved == Some(generation) {
-            return;
+            return Ok(());
         }
         (
             st.engine.identities().to_persisted(),
@@ -933,28 +1147,39 @@ fn save_identities_if_changed(agent: &Agent, saved: &mut Option<u64>) {
             generation,
         )
     };
-    match write_atomic(&path, text.as_bytes()) {
-        Ok(()) => *saved = Some(generation),
-        Err(e) => tracing::error!("cannot save identities to {}: {e}", path.display()),
-    }
+    write_atomic(&path, text.as_bytes())
+        .map_err(|e| WriteFailure::new(format!("save identities to {}", path.display()), e))?;
+    *saved = Some(generation);
+    Ok(())
 }
 
 pub fn save_identities(agent: &Agent) {
-    save_identities_if_changed(agent, &mut None);
+    if let Err(f) = save_identities_if_changed(agent, &mut None) {
+        tracing::error!("{f}");
+    }
 }
 
-/// Appends what changed since the last batch (clean stop; the save loop is stopped).
+/// Writes what changed since the last batch (clean stop; the save loop is stopped), whatever
+/// the loop's backoff: there is no later attempt. While the loop's writes were failing, or
+/// when the last batch cannot be journaled, a new snapshot is written instead.
 pub fn save_now(agent: &Agent) {
     let dir = agent.lock().cfg.state_dir.clone();
-    let mut p = Persistence::open(&dir);
-    flush_changes(agent, &mut p);
-    if !p.resync {
-        return;
+    // The loop dropped changes it could not write (`discard_changes`): only a snapshot of
+    // the cache holds them now.
+    if agent.metrics.state_write_failing.load(Ordering::Relaxed) == 0 {
+        let (mut p, failure) = Persistence::open(&dir);
+        let journaled = match failure {
+            Some(f) => Err(f),
+            None => flush_changes(agent, &mut p),
+        };
+        match journaled {
+            Ok(()) if !p.resync => return,
+            Ok(()) => {}
+            Err(f) => tracing::error!("{f}; a new snapshot will hold what was learned"),
+        }
     }
-    // The batch could not be journaled and no save loop follows: a new snapshot holds it
-    // (the journal left as it is replays over it to the same state, as after a crash
-    // between a compaction's two renames). Its own temporary file: a compaction the
-    // stopped loop began may still be writing the usual one.
+    // Its own temporary file: a compaction the stopped loop began may still be writing the
+    // usual one.
     let tmp = state_file(&dir).with_extension("json.stop.tmp");
     let endpoints: Vec<(u16, String)> = agent
         .lock()
@@ -966,14 +1191,26 @@ pub fn save_now(agent: &Agent) {
     let written = write_snapshot_in_steps(agent, &tmp, &endpoints)
         .and_then(|_| std::fs::rename(&tmp, &snapshot))
         .and_then(|()| sync_dir(&dir));
-    match written {
-        Ok(()) => {
-            tracing::info!(file = %snapshot.display(), "learned names saved as a new snapshot")
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            tracing::error!("cannot save learned names to {}: {e}", snapshot.display());
-        }
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::error!("cannot save learned names to {}: {e}", snapshot.display());
+        return;
+    }
+    tracing::info!(file = %snapshot.display(), "learned names saved as a new snapshot");
+    // The snapshot alone is the state now. The journal goes: it lacks the batches that
+    // could not be written, and replayed over the snapshot a record from before them (a
+    // removal, say) would undo what they held. (A crash before it is gone leaves that
+    // journal with the new snapshot, as a crash between a compaction's two steps does.)
+    let journal = journal_file(&dir);
+    let removed = match std::fs::remove_file(&journal) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => sync_dir(&dir),
+    };
+    if let Err(e) = removed {
+        tracing::error!(
+            "cannot remove {}, which the new snapshot replaces: {e}",
+            journal.display()
+        );
     }
 }
 
@@ -1134,5 +1371,61 @@ impl futures_core::Stream for ReceiverStream {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         self.0.poll_recv(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn write_backoff_doubles_from_one_second_up_to_a_minute() {
+        let waits: Vec<u64> = (1..=9).map(|n| WriteBackoff::delay(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(WriteBackoff::delay(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn write_backoff_spaces_attempts_while_they_fail() {
+        let t0 = Instant::now();
+        let mut b = WriteBackoff::default();
+        assert!(b.due(t0), "writes at the usual pace until something fails");
+        // Rounds once a second for two minutes; which of them attempt while all fail.
+        let mut attempts = Vec::new();
+        for s in 0..120 {
+            let now = t0 + secs(s);
+            if b.due(now) {
+                attempts.push(s);
+                b.failed(now);
+            }
+        }
+        assert_eq!(attempts, [0, 1, 3, 7, 15, 31, 63]);
+        assert_eq!(b.failed_attempts(), 7);
+        assert!(!b.due(t0 + secs(122)));
+        assert!(b.due(t0 + secs(123)), "at most a minute apart");
+    }
+
+    #[test]
+    fn write_backoff_progress_resumes_the_pace_and_keeps_the_count() {
+        let t0 = Instant::now();
+        let mut b = WriteBackoff::default();
+        assert_eq!(b.failed(t0), secs(1));
+        assert_eq!(b.failed(t0 + secs(1)), secs(2));
+        assert!(!b.due(t0 + secs(2)));
+        // The journal takes a batch again, the snapshot is under way: every round writes.
+        b.progressed();
+        assert!(b.due(t0 + secs(3)) && b.due(t0 + secs(4)));
+        // The snapshot fails: the wait goes on growing from where it was.
+        assert_eq!(b.failed(t0 + secs(4)), secs(4));
+        assert!(!b.due(t0 + secs(7)));
+        assert!(b.due(t0 + secs(8)));
+        assert_eq!(b.recovered(), Some(3));
+        assert!(b.due(t0 + secs(8)));
+        assert_eq!(b.recovered(), None, "said once");
+        assert_eq!(b.failed(t0 + secs(9)), secs(1), "a new outage starts over");
     }
 }

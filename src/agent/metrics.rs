@@ -15,6 +15,12 @@ pub struct Metrics {
     /// 1 while a `dns.cpuWakeLatency` bound is held (see `wake`), else 0.
     pub cpu_wake_engaged: AtomicU64,
     pub cpu_wake_engagements: AtomicU64,
+    /// Attempts to write learned state to `stateDir` that failed (see `fqdn::save_loop`).
+    pub state_write_failures: AtomicU64,
+    /// 1 from a failed attempt to write learned state until an attempt writes all of it
+    /// again, else 0. The clean stop reads it too: while it is 1 the files lack changes
+    /// the save loop could not write, and only a new snapshot holds them.
+    pub state_write_failing: AtomicU64,
 }
 
 /// Builds one exposition document.

@@ -133,6 +133,18 @@ pub fn render(a: &Agent) -> String {
         load(&a.metrics.datapath_errors),
     );
     e.single(
+        "fqdnwall_state_write_failures_total",
+        "counter",
+        "Attempts to write learned state to stateDir that failed.",
+        load(&a.metrics.state_write_failures),
+    );
+    e.single(
+        "fqdnwall_state_write_failing",
+        "gauge",
+        "1 from a failed attempt to write learned state until it is all written again, else 0.",
+        load(&a.metrics.state_write_failing),
+    );
+    e.single(
         "fqdnwall_dns_cpu_wake_bound_held",
         "gauge",
         "1 while the dns.cpuWakeLatency bound is held (the proxy is busy), else 0.",
@@ -193,6 +205,11 @@ pub fn render(a: &Agent) -> String {
                 "TCP connections closed at accept (limit reached).",
                 &p.tcp_rejected,
             ),
+            (
+                "fqdnwall_dns_realtime_demotions_total",
+                "Times the DNS receiving threads went to normal priority, over their CPU or rate budget (dns.realtimePriority).",
+                &p.realtime_demotions,
+            ),
         ];
         for (name, help, c) in counters {
             e.single(name, "counter", help, c.load(Ordering::Relaxed) as f64);
@@ -202,6 +219,12 @@ pub fn render(a: &Agent) -> String {
             "gauge",
             "TCP client connections open.",
             p.tcp_open.load(Ordering::Relaxed) as f64,
+        );
+        e.single(
+            "fqdnwall_dns_realtime_threads",
+            "gauge",
+            "DNS receiving threads at realtime priority now (dns.realtimePriority).",
+            p.realtime_threads.load(Ordering::Relaxed) as f64,
         );
         let h = p.upstream_latency.snapshot();
         e.histogram(

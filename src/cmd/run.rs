@@ -234,6 +234,7 @@ fn proxy_config(cfg: &Config, datapath: &str, marks: &bpf::Marks) -> ProxyConfig
     pc.min_ttl = cfg.dns.min_ttl;
     pc.response_max_delay = cfg.dns.response_max_delay;
     pc.forward_timeout = cfg.dns.forward_timeout;
+    pc.realtime_priority = cfg.dns.realtime_priority;
     pc
 }
 

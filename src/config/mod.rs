@@ -76,6 +76,9 @@ pub struct DnsConfig {
     /// `cpuWakeLatency`: the CPU wake-up latency bound held while the proxy is busy
     /// (`agent::wake`); `None` = off.
     pub cpu_wake_latency: Option<Duration>,
+    /// `realtimePriority`: the SCHED_FIFO priority of the proxy's UDP receiving threads
+    /// (`dnsproxy::ProxyConfig::realtime_priority`); `None` = off.
+    pub realtime_priority: Option<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -167,6 +170,7 @@ const DNS_FIELDS: &[&str] = &[
     "responseMaxDelay",
     "forwardTimeout",
     "cpuWakeLatency",
+    "realtimePriority",
 ];
 const ENDPOINT_FIELDS: &[&str] = &[
     "id",
@@ -341,6 +345,7 @@ impl DnsConfig {
             response_max_delay: Duration::from_millis(100),
             forward_timeout: Duration::from_secs(10),
             cpu_wake_latency: None,
+            realtime_priority: Some(1),
         }
     }
 }
@@ -987,6 +992,21 @@ fn decode_dns(
             }
         }
     }
+    if let Some(x) = f.get("realtimePriority") {
+        if matches!(&x.value, policy::yaml::Value::Str(s) if s == "off") {
+            dns.realtime_priority = None;
+        } else if let Some(v) = d.uint(x, "dns.realtimePriority", 99) {
+            if v == 0 {
+                d.error(
+                    x.span,
+                    "dns.realtimePriority",
+                    "realtime priorities are 1 to 99; use `off` for normal priority",
+                );
+            } else {
+                dns.realtime_priority = Some(v as u8);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1103,6 +1123,24 @@ mod tests {
     }
 
     #[test]
+    fn realtime_priority_is_off_1_to_99_or_an_error() {
+        assert_eq!(
+            parse("datapath: none\n").unwrap().dns.realtime_priority,
+            Some(1)
+        );
+        let c = parse("dns:\n  realtimePriority: 50\n").unwrap();
+        assert_eq!(c.dns.realtime_priority, Some(50));
+        let c = parse("dns:\n  realtimePriority: off\n").unwrap();
+        assert_eq!(c.dns.realtime_priority, None);
+        assert_eq!(
+            errors("dns:\n  realtimePriority: 0\n"),
+            vec!["/etc/fw/config.yaml:2:21: dns.realtimePriority: realtime priorities are 1 to 99; use `off` for normal priority"]
+        );
+        assert_eq!(errors("dns:\n  realtimePriority: 100\n").len(), 1);
+        assert_eq!(errors("dns:\n  realtimePriority: high\n").len(), 1);
+    }
+
+    #[test]
     fn cpu_wake_latency_is_off_a_duration_or_an_error() {
         assert_eq!(
             parse("datapath: none\n").unwrap().dns.cpu_wake_latency,
@@ -1131,7 +1169,7 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                "/etc/fw/config.yaml:2:3: dns.servers: unknown field `servers`; expected one of: listen, upstreams, transparent, rejectResponseCode, minTTL, maxIPsPerHostname, responseMaxDelay, forwardTimeout, cpuWakeLatency",
+                "/etc/fw/config.yaml:2:3: dns.servers: unknown field `servers`; expected one of: listen, upstreams, transparent, rejectResponseCode, minTTL, maxIPsPerHostname, responseMaxDelay, forwardTimeout, cpuWakeLatency, realtimePriority",
                 "/etc/fw/config.yaml:3:16: dns.transparent: expected true or false, found an integer",
                 "/etc/fw/config.yaml:6:16: endpoints[0].namespace: expected a string, found an integer (write it in quotes: \"7\")",
                 "/etc/fw/config.yaml:8:7: host: expected a map, found a list",

@@ -101,6 +101,11 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the agent runs").id()
+    }
+
     /// Starts the agent with `args` after `run` and waits for its banner.
     pub fn start(args: &[&str], socket: &Path) -> Agent {
         let mut child = Command::new(BIN)
