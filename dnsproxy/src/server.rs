@@ -30,7 +30,7 @@ use crate::message::{
 };
 use crate::metrics::{ProxyMetrics, Verdict};
 use crate::priority::Realtime;
-use crate::upstream::{tcp_exchange, UdpPool, UpstreamError, Waiting};
+use crate::upstream::{tcp_exchange, PoolThreads, UdpPool, UpstreamError, Waiting};
 use crate::wire::{fast_answer, Question};
 use crate::{net, replies, DnsProxyError};
 
@@ -781,10 +781,12 @@ fn run_shard<P: DnsPolicy, L: Learner>(
         pool_sockets,
         &shared.config.upstreams,
         shared.config.upstream_mark,
-        shared.realtime.clone(),
         shared.metrics.clone(),
-        rt.handle(),
-        &format!("dns-up-{index}"),
+        PoolThreads {
+            runtime: rt.handle(),
+            name: &format!("dns-up-{index}"),
+            realtime: shared.realtime.clone(),
+        },
         shared.clone(),
     ) {
         Ok(p) => Arc::new(p),

@@ -166,19 +166,26 @@ impl<W: Waiting> Drop for UdpPool<W> {
     }
 }
 
+/// How a pool's receive threads run.
+pub(crate) struct PoolThreads<'a> {
+    /// They run continuations inside it (so those may spawn tasks); the sweeper runs on it.
+    pub runtime: &'a tokio::runtime::Handle,
+    /// Their names: `name-<socket index>`.
+    pub name: &'a str,
+    /// Their priority (`ProxyConfig::realtime_priority`) and its budget.
+    pub realtime: Option<Arc<Realtime>>,
+}
+
 impl<W: Waiting> UdpPool<W> {
     /// Opens `sockets_per_family` UDP sockets per address family (IPv6 best effort: a machine
-    /// without IPv6 gets an IPv4-only client), starts a receive thread per socket (named
-    /// `name`; it runs continuations inside `runtime`, so they may spawn tasks on it) and
-    /// the sweeper on `runtime`. Every continuation is handed `ctx`.
+    /// without IPv6 gets an IPv4-only client), starts a receive thread per socket and the
+    /// sweeper (see [`PoolThreads`]). Every continuation is handed `ctx`.
     pub(crate) fn start(
         sockets_per_family: usize,
         upstreams: &[SocketAddr],
         mark: Option<u32>,
-        realtime: Option<Arc<Realtime>>,
         metrics: Arc<ProxyMetrics>,
-        runtime: &tokio::runtime::Handle,
-        name: &str,
+        threads: PoolThreads<'_>,
         ctx: W::Context,
     ) -> io::Result<UdpPool<W>> {
         let stopping = Arc::new(AtomicBool::new(false));
@@ -217,7 +224,7 @@ impl<W: Waiting> UdpPool<W> {
         // The pool exists before its threads do: a thread that fails to start stops the
         // ones started (dropping the pool).
         let pool = UdpPool {
-            sweeper: runtime.spawn(sweep_loop(all.clone(), ctx.clone())),
+            sweeper: threads.runtime.spawn(sweep_loop(all.clone(), ctx.clone())),
             all,
             connected,
             v4: Some(v4),
@@ -227,10 +234,10 @@ impl<W: Waiting> UdpPool<W> {
         };
         for (i, slot) in pool.all.iter().enumerate() {
             let (slot, metrics, ctx) = (slot.clone(), metrics.clone(), pool.ctx.clone());
-            let (runtime, stopping) = (runtime.clone(), pool.stopping.clone());
-            let realtime = realtime.clone();
+            let (runtime, stopping) = (threads.runtime.clone(), pool.stopping.clone());
+            let realtime = threads.realtime.clone();
             std::thread::Builder::new()
-                .name(format!("{name}-{i}"))
+                .name(format!("{}-{i}", threads.name))
                 .spawn(move || {
                     let _on = runtime.enter();
                     receive_thread(&slot, &ctx, &metrics, realtime.as_ref(), &stopping)
