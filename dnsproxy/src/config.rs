@@ -56,9 +56,9 @@ pub struct ProxyConfig {
     /// queries back to it.
     pub upstream_mark: Option<u32>,
     /// `dns.realtimePriority`: the UDP receiving threads run at this SCHED_FIFO priority
-    /// (1–99) while each uses at most a quarter of a CPU (see `priority.rs`); `None`: normal
-    /// priority. Default 1, the lowest realtime priority: above every ordinary task, below
-    /// the kernel's own realtime threads.
+    /// (1–99) while together they stay within a CPU and datagram-rate budget (see
+    /// `priority.rs`); `None`: normal priority. Default 1, the lowest realtime priority:
+    /// above every ordinary task, below the kernel's own realtime threads.
     pub realtime_priority: Option<u8>,
 }
 
@@ -120,5 +120,45 @@ impl ProxyConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ProxyConfig {
+        ProxyConfig::new(
+            vec!["127.0.0.1:0".parse().unwrap()],
+            vec!["127.0.0.1:53".parse().unwrap()],
+        )
+    }
+
+    fn error(c: &ProxyConfig) -> String {
+        c.check().expect_err("an invalid configuration").to_string()
+    }
+
+    #[test]
+    fn the_defaults_pass_and_each_bad_field_is_named() {
+        assert!(config().check().is_ok());
+        let mut c = config();
+        c.udp_sockets_per_listen = 0;
+        assert!(error(&c).contains("udpSocketsPerListen must be at least 1"));
+        let mut c = config();
+        c.forward_timeout = Duration::ZERO;
+        assert!(error(&c).contains("forwardTimeout must be longer than zero"));
+        for bad in [0, 100, 255] {
+            let mut c = config();
+            c.realtime_priority = Some(bad);
+            assert!(
+                error(&c).contains("realtimePriority must be 1 to 99"),
+                "{bad}"
+            );
+        }
+        for good in [None, Some(1), Some(99)] {
+            let mut c = config();
+            c.realtime_priority = good;
+            assert!(c.check().is_ok(), "{good:?}");
+        }
     }
 }

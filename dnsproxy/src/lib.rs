@@ -17,7 +17,8 @@
 //! Threads: UDP is served by per-core shards, each with listening sockets from SO_REUSEPORT
 //! groups and upstream sockets of its own, every socket with a thread that blocks receiving
 //! on it, and a current-thread runtime for the answers the datapath keeps waiting; TCP on the
-//! runtime that called [`DnsProxy::start`].
+//! runtime that called [`DnsProxy::start`]. The receiving threads run at realtime priority
+//! within a budget ([`ProxyConfig::realtime_priority`]).
 //!
 //! ```no_run
 //! use std::net::SocketAddr;
