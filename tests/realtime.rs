@@ -6,21 +6,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
 
 /// Every thread of `pid`: (name, scheduling policy, realtime priority), from /proc.
 fn threads(pid: u32) -> Vec<(String, u32, u32)> {
@@ -53,18 +42,6 @@ fn is_receiving_thread(name: &str) -> bool {
 const SCHED_OTHER: u32 = 0;
 const SCHED_FIFO: u32 = 1;
 
-/// A query for www.example.test A with id `id`.
-fn query(id: u16) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in ["www", "example", "test"] {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
 /// Answers to `n` queries sent one at a time, each tried up to three times (the proxy
 /// serves; an answer may be lost while the upstream works off a flood).
 fn answered(dns: SocketAddr, n: u16) -> u16 {
@@ -75,7 +52,7 @@ fn answered(dns: SocketAddr, n: u16) -> u16 {
     let mut got = 0;
     for id in 0..n {
         'tries: for _ in 0..3 {
-            s.send_to(&query(id), dns).unwrap();
+            s.send_to(&www_example_test_query(id), dns).unwrap();
             // Answers to earlier tries may come late: skip them.
             while let Ok(len) = s.recv(&mut buf) {
                 if len > 12 && buf[..2] == id.to_be_bytes() {
@@ -105,7 +82,7 @@ fn flood(dns: SocketAddr, dur: Duration) {
     while start.elapsed() < dur {
         for s in &sockets {
             for _ in 0..16 {
-                let _ = s.send(&query(id));
+                let _ = s.send(&www_example_test_query(id));
                 id = id.wrapping_add(1);
             }
             while s.recv(&mut buf).is_ok() {}
@@ -147,7 +124,7 @@ fn the_receiving_threads_run_at_realtime_priority_until_a_flood() {
     let d = tempdir();
     // The default configuration: no realtimePriority key.
     let agent = start(d.path(), ub.addr, "");
-    let metrics = agent.metrics.expect("metrics address in the banner");
+    assert!(agent.metrics.is_some(), "metrics address in the banner");
     let pid = agent.pid();
 
     let all = threads(pid);
@@ -165,7 +142,7 @@ fn the_receiving_threads_run_at_realtime_priority_until_a_flood() {
         }
     }
     assert_eq!(
-        metric(metrics, "fqdnwall_dns_realtime_threads"),
+        agent.metric("fqdnwall_dns_realtime_threads"),
         Some(receiving.len() as f64)
     );
     assert_eq!(answered(agent.dns, 20), 20, "the proxy answers");
@@ -185,17 +162,22 @@ fn the_receiving_threads_run_at_realtime_priority_until_a_flood() {
         },
     );
     assert!(
-        metric(metrics, "fqdnwall_dns_realtime_demotions_total").unwrap() >= 1.0,
+        agent
+            .metric("fqdnwall_dns_realtime_demotions_total")
+            .unwrap()
+            >= 1.0,
         "the demotion is counted"
     );
-    assert_eq!(metric(metrics, "fqdnwall_dns_realtime_threads"), Some(0.0));
+    assert_eq!(agent.metric("fqdnwall_dns_realtime_threads"), Some(0.0));
     flooder.join().unwrap();
 
-    // After it they return, and the proxy still serves.
+    // After it, with queries at an ordinary rate (the threads decide when they wake), they
+    // return, and the proxy still serves.
     eventually(
         Duration::from_secs(4),
         "the receiving threads return to realtime priority",
         || {
+            answered(agent.dns, 1);
             threads(pid)
                 .iter()
                 .filter(|t| is_receiving_thread(&t.0))
@@ -212,7 +194,7 @@ fn the_receiving_threads_run_at_realtime_priority_until_a_flood() {
         Duration::from_secs(2),
         "the gauge counts them again",
         || {
-            (metric(metrics, "fqdnwall_dns_realtime_threads") == Some(receiving.len() as f64))
+            (agent.metric("fqdnwall_dns_realtime_threads") == Some(receiving.len() as f64))
                 .then_some(())
         },
     );
@@ -227,13 +209,13 @@ fn off_leaves_every_thread_at_normal_priority() {
     let Some(ub) = Unbound::start() else { return };
     let d = tempdir();
     let agent = start(d.path(), ub.addr, "  realtimePriority: off\n");
-    let metrics = agent.metrics.expect("metrics address in the banner");
+    assert!(agent.metrics.is_some(), "metrics address in the banner");
     assert_eq!(answered(agent.dns, 5), 5, "the proxy answers");
     let all = threads(agent.pid());
     assert!(all.iter().any(|t| is_receiving_thread(&t.0)), "{all:?}");
     for (name, policy, _) in &all {
         assert_eq!(*policy, SCHED_OTHER, "{name} at normal priority");
     }
-    assert_eq!(metric(metrics, "fqdnwall_dns_realtime_threads"), Some(0.0));
+    assert_eq!(agent.metric("fqdnwall_dns_realtime_threads"), Some(0.0));
     drop(agent);
 }

@@ -5,8 +5,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::io::Read;
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,28 +17,6 @@ fn bound_in_force() -> i32 {
     let mut b = [0u8; 4];
     f.read_exact(&mut b).expect("read /dev/cpu_dma_latency");
     i32::from_ne_bytes(b)
-}
-
-fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// A query for www.example.test A with id `id`.
-fn query(id: u16) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in ["www", "example", "test"] {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
 }
 
 /// Sends `qps` queries a second to `dns` for `dur`, reading answers as they come; returns
@@ -53,7 +31,7 @@ fn load(dns: SocketAddr, qps: u32, dur: Duration) -> u32 {
     while start.elapsed() < dur {
         let due = (start.elapsed().as_secs_f64() * f64::from(qps)) as u32;
         while sent < due {
-            let _ = s.send(&query(sent as u16));
+            let _ = s.send(&www_example_test_query(sent as u16));
             sent += 1;
         }
         while s.recv(&mut buf).is_ok() {
@@ -92,16 +70,13 @@ fn the_wake_latency_bound_is_held_only_while_the_proxy_is_busy() {
     );
     let cfg = d.path().join("config.yaml").display().to_string();
     let agent = Agent::start(&["--config", &cfg], &d.path().join("api.sock"));
-    let metrics = agent.metrics.expect("metrics address in the banner");
+    assert!(agent.metrics.is_some(), "metrics address in the banner");
 
     // A trickle (well under 1,000 queries a second) takes no bound.
     let answered = load(agent.dns, 200, Duration::from_millis(1500));
     assert!(answered > 100, "the proxy answers ({answered} answers)");
     assert_eq!(bound_in_force(), before, "no bound under a trickle");
-    assert_eq!(
-        metric(metrics, "fqdnwall_dns_cpu_wake_bound_held"),
-        Some(0.0)
-    );
+    assert_eq!(agent.metric("fqdnwall_dns_cpu_wake_bound_held"), Some(0.0));
 
     // Under load the bound is held; the kernel reports it as the one in force.
     let dns = agent.dns;
@@ -111,10 +86,7 @@ fn the_wake_latency_bound_is_held_only_while_the_proxy_is_busy() {
         "the bound is held under load",
         || (bound_in_force() == 0).then_some(()),
     );
-    assert_eq!(
-        metric(metrics, "fqdnwall_dns_cpu_wake_bound_held"),
-        Some(1.0)
-    );
+    assert_eq!(agent.metric("fqdnwall_dns_cpu_wake_bound_held"), Some(1.0));
     let answered = loader.join().unwrap();
     assert!(
         answered > 6000,
@@ -125,12 +97,9 @@ fn the_wake_latency_bound_is_held_only_while_the_proxy_is_busy() {
     eventually(Duration::from_secs(4), "the bound is withdrawn", || {
         (bound_in_force() == before).then_some(())
     });
+    assert_eq!(agent.metric("fqdnwall_dns_cpu_wake_bound_held"), Some(0.0));
     assert_eq!(
-        metric(metrics, "fqdnwall_dns_cpu_wake_bound_held"),
-        Some(0.0)
-    );
-    assert_eq!(
-        metric(metrics, "fqdnwall_dns_cpu_wake_bound_engagements_total"),
+        agent.metric("fqdnwall_dns_cpu_wake_bound_engagements_total"),
         Some(1.0)
     );
     drop(agent);

@@ -206,12 +206,7 @@ impl Scheduling {
             return;
         }
         state.at_realtime = !over;
-        let priority = (!over).then_some(realtime.priority);
-        for &tid in &state.threads {
-            if let Err(e) = set_policy(tid, priority) {
-                debug!(tid, error = %e, "cannot change a DNS thread's priority");
-            }
-        }
+        // The counts first: whoever sees a thread switched sees it counted.
         let metrics = &realtime.metrics;
         if over {
             metrics
@@ -222,6 +217,12 @@ impl Scheduling {
             metrics
                 .realtime_threads
                 .fetch_add(state.threads.len() as u64, Relaxed);
+        }
+        let priority = (!over).then_some(realtime.priority);
+        for &tid in &state.threads {
+            if let Err(e) = set_policy(tid, priority) {
+                debug!(tid, error = %e, "cannot change a DNS thread's priority");
+            }
         }
     }
 }

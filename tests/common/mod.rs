@@ -106,6 +106,20 @@ impl Agent {
         self.child.as_ref().expect("the agent runs").id()
     }
 
+    /// The value of the unlabelled metric `name` on the agent's metrics listener; `None`
+    /// when it is not exported or the listener does not answer.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.metrics?).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// Starts the agent with `args` after `run` and waits for its banner.
     pub fn start(args: &[&str], socket: &Path) -> Agent {
         let mut child = Command::new(BIN)
@@ -390,6 +404,18 @@ impl Unbound {
 
 /// Writes `dir/name` (creating its directory) by writing a temporary file and renaming it,
 /// as editors and deploy tools do: the agent's policy watcher never sees half a file.
+/// A DNS query (recursion desired) for www.example.test A with id `id`, as sent on the wire.
+pub fn www_example_test_query(id: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in ["www", "example", "test"] {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
 pub fn write(dir: &Path, name: &str, text: &str) {
     let p = dir.join(name);
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
