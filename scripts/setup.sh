@@ -13,8 +13,9 @@ what="${1:-run}"
 run_packages=(gcc libc6-dev pkg-config ca-certificates iproute2 nftables)
 # The test suite: the real DNS server and client the end-to-end tests drive, network tools
 # (nstat comes with iproute2; python3 serves HTTP in the datapath tests; nftables for the
-# NAT of `lockdown`).
-test_packages=(bind9-dnsutils unbound iproute2 curl python3 nftables socat iputils-ping util-linux)
+# NAT of `lockdown`; chattr from e2fsprogs makes the state directory refuse writes in the
+# persistence tests).
+test_packages=(bind9-dnsutils unbound iproute2 curl python3 nftables socat iputils-ping util-linux e2fsprogs)
 
 case "$what" in
   run) packages=("${run_packages[@]}") ;;

@@ -420,3 +420,51 @@ fn a_state_directory_removed_while_running_is_written_again_once_it_is_back() {
     }
     assert_eq!(a.stop().code(), Some(0));
 }
+
+/// A state directory that takes no new files (here `chattr +i` on it alone) while the
+/// journal it holds still takes appends, as with exhausted inodes or a directory made
+/// read-only: the snapshot and the identities file cannot be written and their attempts back
+/// off, but the journal goes on taking the changes once a second, so a `kill -9` during the
+/// backoff loses no more than a second of them.
+#[test]
+fn names_learned_while_only_new_files_are_refused_are_journaled_and_survive_kill_9() {
+    let Some(bed) = Bed::new("127.0.0.165") else {
+        return;
+    };
+    let state = bed.state();
+    let a = bed.start();
+    learn(&a, "www.example.test");
+    eventually(Duration::from_secs(5), "the first batch", || {
+        (bed.journal_len() > 8).then_some(())
+    });
+    // Killed with a batch in the journal: the next start folds it into a new snapshot at
+    // once, which the immutable directory refuses.
+    assert!(!a.stop_with("KILL").success());
+
+    let outage = Immutable::set(std::slice::from_ref(&state));
+    let mut a = bed.start();
+    // Identities, then the snapshot, then the snapshot again: the next attempt is 4 s away.
+    let line = a.wait_log("3 attempts failed", Duration::from_secs(15));
+    assert_eq!(number_after(&line, "next try in "), 4, "{line}");
+    assert_eq!(metric(&a, "fqdnwall_state_write_failing"), 1.0);
+    let before = bed.journal_len();
+    learn(&a, "late.example.test");
+    // Within the wait: the journal takes the batch at the usual pace.
+    eventually(
+        Duration::from_secs(3),
+        "a batch journaled during the backoff",
+        || (bed.journal_len() > before).then_some(()),
+    );
+    assert!(!a.stop_with("KILL").success());
+    drop(outage);
+
+    let a = bed.start();
+    for ip in ["192.0.2.10", "192.0.2.22"] {
+        assert!(allowed(&a, ip), "{ip} restored");
+    }
+    assert_eq!(
+        learned_names(&a),
+        ["late.example.test.", "www.example.test."]
+    );
+    assert_eq!(a.stop().code(), Some(0));
+}

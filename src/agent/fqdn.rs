@@ -702,6 +702,9 @@ struct Persistence {
     resync: bool,
     /// The identity allocator's generation last written.
     identities_saved: Option<u64>,
+    /// The last append failed: until an attempt appends again, the rounds between attempts
+    /// drop the changes rather than fail once a second.
+    append_failed: bool,
 }
 
 struct Compaction {
@@ -747,6 +750,7 @@ impl Persistence {
                 .unwrap_or(0),
             compaction: None,
             identities_saved: None,
+            append_failed: false,
         };
         (p, failure)
     }
@@ -830,7 +834,9 @@ fn flush_changes(agent: &Agent, p: &mut Persistence) -> Result<(), WriteFailure>
     if batch.is_empty() {
         return Ok(());
     }
-    p.append(&batch.finish()).map_err(|e| {
+    let appended = p.append(&batch.finish());
+    p.append_failed = appended.is_err();
+    appended.map_err(|e| {
         p.resync = true;
         WriteFailure::new(
             format!("append learned names to {}", journal_file(&p.dir).display()),
@@ -840,8 +846,8 @@ fn flush_changes(agent: &Agent, p: &mut Persistence) -> Result<(), WriteFailure>
 }
 
 /// Drops the changes logged since the last batch, leaving them to the next snapshot (it
-/// copies the cache, so it holds them): what the save loop does with them while writes
-/// fail. The change log is coalesced per (endpoint, name) and per (endpoint, name, IP), but
+/// copies the cache, so it holds them): what the save loop does with them while the
+/// journal does not take them. The change log is coalesced per (endpoint, name) and per (endpoint, name, IP), but
 /// its size is bounded by what changed since it was taken, not by the cache: a name freed
 /// meanwhile keeps its id and its text parked in it (`FqdnCache::take_changes`). Taken
 /// every second, it cannot grow through a long outage.
@@ -1058,9 +1064,10 @@ fn write_failed(agent: &Agent, backoff: &mut WriteBackoff, failure: &WriteFailur
 
 /// Appends learned-state changes to the journal once a second, compacts it into a new
 /// snapshot when it has grown, and rewrites the identities file when identities changed.
-/// While writes fail the attempts back off (`WriteBackoff`); the rounds between them drop
-/// the logged changes, and the first attempt that can write starts a new snapshot, which
-/// holds everything learned meanwhile.
+/// While writes fail the attempts back off (`WriteBackoff`); the rounds between them go on
+/// appending to the journal while it takes writes (what fails is then a snapshot or the
+/// identities file, which need new files), else drop the logged changes, and the first
+/// attempt that can write starts a new snapshot, which holds everything learned meanwhile.
 pub async fn save_loop(agent: Arc<Agent>) {
     let dir = agent.lock().cfg.state_dir.clone();
     let (mut p, failure) = Persistence::open(&dir);
@@ -1098,6 +1105,12 @@ pub async fn save_loop(agent: Arc<Agent>) {
                     // with its directory.
                     p.identities_saved = None;
                 }
+            }
+        } else if p.journal.is_some() && !p.append_failed {
+            // The journal still takes batches: dropping them would lose to a crash during
+            // the wait what it could have kept.
+            if let Err(f) = flush_changes(&agent, &mut p) {
+                write_failed(&agent, &mut backoff, &f, Instant::now());
             }
         } else {
             discard_changes(&agent, &mut p);
