@@ -928,11 +928,22 @@ fn write_snapshot_in_steps(
 /// since the steps began. A crash between the two leaves the new snapshot with the whole old
 /// journal, which replays to the same state. Any failure leaves the files waiting for the
 /// next compaction (`resync`).
-async fn finish_compaction(p: &mut Persistence) -> Result<(), WriteFailure> {
-    let Some(c) = p.compaction.take_if(|c| c.task.is_finished()) else {
+fn finish_compaction(p: &mut Persistence) -> Result<(), WriteFailure> {
+    let Some(mut c) = p.compaction.take_if(|c| c.task.is_finished()) else {
         return Ok(());
     };
-    let written = match c.task.await {
+    // The task has finished, so its result is there without waiting (a round writes
+    // without awaiting anything, see `STOPPED`). Should the runtime's budget for this poll
+    // be spent, the next round takes it.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let result = match std::pin::Pin::new(&mut c.task).poll(&mut cx) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => {
+            p.compaction = Some(c);
+            return Ok(());
+        }
+    };
+    let written = match result {
         Ok(Ok(w)) => w,
         Ok(Err(e)) => {
             let _ = std::fs::remove_file(&c.tmp);
@@ -1013,17 +1024,17 @@ async fn finish_compaction(p: &mut Persistence) -> Result<(), WriteFailure> {
     Ok(())
 }
 
-/// One round of the save loop: the batch of changes, the end of a finished compaction, the
+/// An attempt of the save loop: the batch of changes, the end of a finished compaction, the
 /// start of a new one, the identities. Stops at the first write that fails. `Ok(true)` when
 /// the files held everything learned after it (no batch lost since the last snapshot, no
 /// compaction under way).
-async fn save_round(
+fn save_round(
     agent: &Arc<Agent>,
     p: &mut Persistence,
     failing: bool,
 ) -> Result<bool, WriteFailure> {
     flush_changes(agent, p)?;
-    finish_compaction(p).await?;
+    finish_compaction(p)?;
     let complete = !p.resync && p.compaction.is_none();
     maybe_compact(agent, p);
     // Learned names allocate identities: keep their numbers stable across restarts too.
@@ -1070,53 +1081,88 @@ fn write_failed(agent: &Agent, backoff: &mut WriteBackoff, failure: &WriteFailur
 /// attempt that can write starts a new snapshot, which holds everything learned meanwhile.
 pub async fn save_loop(agent: Arc<Agent>) {
     let dir = agent.lock().cfg.state_dir.clone();
-    let (mut p, failure) = Persistence::open(&dir);
-    let mut backoff = WriteBackoff::default();
-    if let Some(f) = failure {
-        write_failed(&agent, &mut backoff, &f, Instant::now());
-    }
-    // A journal restored with batches in it is folded into the snapshot at once: each run
-    // starts from a snapshot holding everything restored, and the journal the next start
-    // replays holds only what this run changed.
-    let header = fqdn_cache::journal::JOURNAL_HEADER.len() as u64;
-    if p.journal_len > header {
-        p.resync = true;
-    }
+    let (mut p, mut backoff) = {
+        let Some(_writes) = writes_open(&dir) else {
+            return;
+        };
+        let (mut p, failure) = Persistence::open(&dir);
+        let mut backoff = WriteBackoff::default();
+        if let Some(f) = failure {
+            write_failed(&agent, &mut backoff, &f, Instant::now());
+        }
+        // A journal restored with batches in it is folded into the snapshot at once: each
+        // run starts from a snapshot holding everything restored, and the journal the next
+        // start replays holds only what this run changed.
+        let header = fqdn_cache::journal::JOURNAL_HEADER.len() as u64;
+        if p.journal_len > header {
+            p.resync = true;
+        }
+        (p, backoff)
+    };
     loop {
-        if backoff.due(Instant::now()) {
-            match save_round(&agent, &mut p, backoff.failed_attempts() > 0).await {
-                Ok(true) => {
-                    if let Some(failed) = backoff.recovered() {
-                        agent
-                            .metrics
-                            .state_write_failing
-                            .store(0, Ordering::Relaxed);
-                        tracing::warn!(
-                            failed_attempts = failed,
-                            dir = %p.dir.display(),
-                            "learned state written again: persistence recovered after {failed} failed attempts"
-                        );
-                    }
-                }
-                Ok(false) => backoff.progressed(),
-                Err(f) => {
-                    write_failed(&agent, &mut backoff, &f, Instant::now());
-                    // Written again once the files are back in line: it may be gone
-                    // with its directory.
-                    p.identities_saved = None;
-                }
-            }
-        } else if p.journal.is_some() && !p.append_failed {
-            // The journal still takes batches: dropping them would lose to a crash during
-            // the wait what it could have kept.
-            if let Err(f) = flush_changes(&agent, &mut p) {
-                write_failed(&agent, &mut backoff, &f, Instant::now());
-            }
-        } else {
-            discard_changes(&agent, &mut p);
+        {
+            // No await while it is held (see `STOPPED`).
+            let Some(_writes) = writes_open(&dir) else {
+                return;
+            };
+            save_loop_round(&agent, &mut p, &mut backoff);
         }
         tokio::time::sleep(Duration::from_millis(SAVE_INTERVAL_MS)).await;
     }
+}
+
+/// One round of the save loop, once a second: an attempt when `backoff` says it is due (its
+/// outcome counted there and said in the log), else the changes to the journal if it takes
+/// them.
+fn save_loop_round(agent: &Arc<Agent>, p: &mut Persistence, backoff: &mut WriteBackoff) {
+    if backoff.due(Instant::now()) {
+        match save_round(agent, p, backoff.failed_attempts() > 0) {
+            Ok(true) => {
+                if let Some(failed) = backoff.recovered() {
+                    agent
+                        .metrics
+                        .state_write_failing
+                        .store(0, Ordering::Relaxed);
+                    tracing::warn!(
+                        failed_attempts = failed,
+                        dir = %p.dir.display(),
+                        "learned state written again: persistence recovered after {failed} failed attempts"
+                    );
+                }
+            }
+            Ok(false) => backoff.progressed(),
+            Err(f) => {
+                write_failed(agent, backoff, &f, Instant::now());
+                // Written again once the files are back in line: it may be gone with its
+                // directory.
+                p.identities_saved = None;
+            }
+        }
+    } else if p.journal.is_some() && !p.append_failed {
+        // The journal still takes batches: dropping them would lose to a crash during the
+        // wait what it could have kept.
+        if let Err(f) = flush_changes(agent, p) {
+            write_failed(agent, backoff, &f, Instant::now());
+        }
+    } else {
+        discard_changes(agent, p);
+    }
+}
+
+/// The state directories whose files a clean stop has taken over (`save_now`); its lock
+/// keeps the save loop's writes and the stop's apart. The stop aborts the loop's task, but
+/// an abort does not wait: a round already under way on another worker thread runs on to
+/// its next await, and could append a batch after the stop's, rename an older snapshot over
+/// the stop's or start the journal the stop removed again. So the loop writes only while
+/// holding this lock, with no await, and only to a directory not listed; the stop lists its
+/// directory and holds the lock while it writes. One lock per process, as there is one
+/// agent.
+static STOPPED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// The lock on writes to `dir`, unless a clean stop has taken them over.
+fn writes_open(dir: &Path) -> Option<std::sync::MutexGuard<'static, Vec<PathBuf>>> {
+    let stopped = STOPPED.lock().unwrap_or_else(|e| e.into_inner());
+    (!stopped.iter().any(|d| d == dir)).then_some(stopped)
 }
 
 const IDENTITIES_FILE: &str = "identities.json";
@@ -1177,6 +1223,10 @@ pub fn save_identities(agent: &Agent) {
 /// when the last batch cannot be journaled, a new snapshot is written instead.
 pub fn save_now(agent: &Agent) {
     let dir = agent.lock().cfg.state_dir.clone();
+    // From here on the save loop writes nothing, and a round of it still under way is over
+    // once this lock is held.
+    let mut stopped = STOPPED.lock().unwrap_or_else(|e| e.into_inner());
+    stopped.push(dir.clone());
     // The loop dropped changes it could not write (`discard_changes`): only a snapshot of
     // the cache holds them now.
     if agent.metrics.state_write_failing.load(Ordering::Relaxed) == 0 {
@@ -1393,6 +1443,49 @@ mod tests {
 
     fn secs(n: u64) -> Duration {
         Duration::from_secs(n)
+    }
+
+    /// An agent with one endpoint whose state directory is `dir`, on the in-memory datapath.
+    fn agent_in(dir: &Path) -> Arc<Agent> {
+        let text = format!(
+            "policyDir: policies\nstateDir: {}\ndatapath: none\nendpoints:\n  - name: frontend\n    labels: {{app: frontend}}\n    ips: [\"127.0.0.2\"]\n",
+            dir.display()
+        );
+        let cfg = crate::config::Config::parse(&dir.join("config.yaml"), &text, Vec::new)
+            .expect("config");
+        let ports = super::super::state::AgentState::default_proxy_ports(&cfg);
+        let (state, _) = super::super::state::AgentState::new(cfg, IdentityAllocator::new(), ports);
+        Agent::new(
+            state,
+            Arc::new(super::super::datapath::MemoryDatapath::new()),
+        )
+    }
+
+    /// At a clean stop the save loop's task is aborted, but a round already running on
+    /// another worker thread runs on to its next await, and the task may be polled again
+    /// before it is dropped: once `save_now` has taken over the files, the loop writes
+    /// nothing more (no journal recreated after the stop removed it, no older snapshot
+    /// renamed over the stop's) and ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_save_loop_writes_nothing_once_the_clean_stop_took_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = agent_in(dir.path());
+        restore(&agent);
+        // The loop's writes had been failing: the stop writes a snapshot and removes the
+        // journal.
+        agent
+            .metrics
+            .state_write_failing
+            .store(1, Ordering::Relaxed);
+        save_now(&agent);
+        assert!(state_file(dir.path()).exists());
+        assert!(!journal_file(dir.path()).exists());
+        let ended = tokio::time::timeout(Duration::from_secs(3), save_loop(agent.clone())).await;
+        assert!(ended.is_ok(), "the save loop goes on after the clean stop");
+        assert!(
+            !journal_file(dir.path()).exists(),
+            "a journal written after the clean stop"
+        );
     }
 
     #[test]
