@@ -468,3 +468,35 @@ fn names_learned_while_only_new_files_are_refused_are_journaled_and_survive_kill
     );
     assert_eq!(a.stop().code(), Some(0));
 }
+
+/// A clean stop while only new files are refused: the stop's snapshot cannot be written
+/// either, and the last changes (learned since the save loop's last round) go to the
+/// journal, which still takes them.
+#[test]
+fn a_clean_stop_while_only_new_files_are_refused_journals_the_last_changes() {
+    let Some(bed) = Bed::new("127.0.0.166") else {
+        return;
+    };
+    let state = bed.state();
+    let a = bed.start();
+    learn(&a, "www.example.test");
+    eventually(Duration::from_secs(5), "the first batch", || {
+        (bed.journal_len() > 8).then_some(())
+    });
+    assert!(!a.stop_with("KILL").success());
+
+    let outage = Immutable::set(std::slice::from_ref(&state));
+    let mut a = bed.start();
+    a.wait_log("2 attempts failed", Duration::from_secs(10));
+    learn(&a, "late.example.test");
+    assert_eq!(a.stop().code(), Some(0));
+    drop(outage);
+
+    let a = bed.start();
+    assert!(allowed(&a, "192.0.2.22"), "192.0.2.22 restored");
+    assert_eq!(
+        learned_names(&a),
+        ["late.example.test.", "www.example.test."]
+    );
+    assert_eq!(a.stop().code(), Some(0));
+}

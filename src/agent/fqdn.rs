@@ -1004,7 +1004,10 @@ fn finish_compaction(p: &mut Persistence) -> Result<(), WriteFailure> {
     };
     p.journal_len = len;
     p.journal = match std::fs::OpenOptions::new().append(true).open(&journal) {
-        Ok(f) => Some(f),
+        Ok(f) => {
+            p.append_failed = false;
+            Some(f)
+        }
         Err(e) => {
             // The handle held is the old journal's, which the rename replaced.
             p.journal = None;
@@ -1220,7 +1223,8 @@ pub fn save_identities(agent: &Agent) {
 
 /// Writes what changed since the last batch (clean stop; the save loop is stopped), whatever
 /// the loop's backoff: there is no later attempt. While the loop's writes were failing, or
-/// when the last batch cannot be journaled, a new snapshot is written instead.
+/// when the last batch cannot be journaled, a new snapshot is written instead (and should
+/// that fail too, the journal takes the last batch if it still can).
 pub fn save_now(agent: &Agent) {
     let dir = agent.lock().cfg.state_dir.clone();
     // From here on the save loop writes nothing, and a round of it still under way is over
@@ -1229,7 +1233,8 @@ pub fn save_now(agent: &Agent) {
     stopped.push(dir.clone());
     // The loop dropped changes it could not write (`discard_changes`): only a snapshot of
     // the cache holds them now.
-    if agent.metrics.state_write_failing.load(Ordering::Relaxed) == 0 {
+    let failing = agent.metrics.state_write_failing.load(Ordering::Relaxed) != 0;
+    if !failing {
         let (mut p, failure) = Persistence::open(&dir);
         let journaled = match failure {
             Some(f) => Err(f),
@@ -1257,6 +1262,14 @@ pub fn save_now(agent: &Agent) {
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         tracing::error!("cannot save learned names to {}: {e}", snapshot.display());
+        if failing {
+            // The journal may still take the changes since the loop's last round (only new
+            // files refused, as the save loop's rounds go on appending then).
+            let (mut p, failure) = Persistence::open(&dir);
+            if let Err(f) = failure.map_or_else(|| flush_changes(agent, &mut p), Err) {
+                tracing::error!("{f}");
+            }
+        }
         return;
     }
     tracing::info!(file = %snapshot.display(), "learned names saved as a new snapshot");
