@@ -500,3 +500,54 @@ fn a_clean_stop_while_only_new_files_are_refused_journals_the_last_changes() {
     );
     assert_eq!(a.stop().code(), Some(0));
 }
+
+/// A journal that cannot be replaced (immutable, here) while the directory takes a new
+/// snapshot: a name cleaned before the outage and learned again during it is in the new
+/// snapshot, and the old journal, which the new snapshot replaced, must not be replayed over
+/// it (its removal record would undo the name). The same files are left by a crash between
+/// a compaction's two replacements.
+#[test]
+fn an_old_journal_is_not_replayed_over_the_snapshot_that_replaced_it() {
+    let Some(bed) = Bed::new("127.0.0.167") else {
+        return;
+    };
+    let state = bed.state();
+    let journal = state.join("fqdn-cache.journal");
+    let mut a = bed.start();
+    check_immutable_refuses_open_writers(&state);
+    learn(&a, "www.example.test");
+    eventually(Duration::from_secs(5), "the first batch", || {
+        (bed.journal_len() > 8).then_some(())
+    });
+    let done = a.json(&[
+        "fqdn",
+        "cache",
+        "clean",
+        "--endpoint",
+        "frontend",
+        "--name",
+        "www.example.test",
+    ]);
+    assert_eq!(done["removed"], 1);
+    let before = bed.journal_len();
+    eventually(Duration::from_secs(5), "the removal journaled", || {
+        (bed.journal_len() > before).then_some(())
+    });
+
+    let outage = Immutable::set(std::slice::from_ref(&journal));
+    learn(&a, "www.example.test");
+    a.wait_log("cannot append learned names to", Duration::from_secs(5));
+    // The next attempt writes a new snapshot (the directory takes it), then cannot replace
+    // the journal.
+    let line = a.wait_log("2 attempts failed", Duration::from_secs(10));
+    assert!(line.contains("start a new journal"), "{line}");
+    let snapshot = std::fs::read_to_string(state.join("fqdn-cache.json")).unwrap();
+    assert!(snapshot.contains("\"www.example.test.\""), "{snapshot}");
+    assert!(!a.stop_with("KILL").success());
+    drop(outage);
+
+    let a = bed.start();
+    assert!(allowed(&a, "192.0.2.10"), "www learned again is restored");
+    assert_eq!(learned_names(&a), ["www.example.test."]);
+    assert_eq!(a.stop().code(), Some(0));
+}

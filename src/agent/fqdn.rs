@@ -540,9 +540,15 @@ fn set_journal_aside(path: &Path, bytes: &[u8], valid_len: usize, why: &fqdn_cac
 /// cache's change log, which the save loop appends to the journal.
 pub fn restore(agent: &Arc<Agent>) {
     let dir = agent.lock().cfg.state_dir.clone();
+    // First, while the snapshot in place is the one it names.
+    let next = restore_next_journal(&dir);
     let snapshot = read_snapshot(&state_file(&dir)).unwrap_or_else(|| Snapshot::new(Vec::new()));
     let path = journal_file(&dir);
-    let (records, batches) = match std::fs::read(&path) {
+    let journal = match next {
+        Some(bytes) => Ok(bytes),
+        None => std::fs::read(&path),
+    };
+    let (records, batches) = match journal {
         Ok(bytes) => {
             let read = fqdn_cache::read_journal(&bytes);
             if let Some(problem) = &read.problem {
@@ -925,9 +931,11 @@ fn write_snapshot_in_steps(
 
 /// Once the snapshot steps are written: the new snapshot replaces the old (rename, then the
 /// directory synced), then the journal is replaced by one holding only the batches appended
-/// since the steps began. A crash between the two leaves the new snapshot with the whole old
-/// journal, which replays to the same state. Any failure leaves the files waiting for the
-/// next compaction (`resync`).
+/// since the steps began. That journal is written beside them first (`write_next_journal`):
+/// a crash between the two replacements, or a journal that cannot be replaced, leaves the
+/// new snapshot with the old journal, which a restart must not replay (batches lost or
+/// dropped while writes failed make its records undo what the snapshot holds). Any failure
+/// leaves the files waiting for the next compaction (`resync`).
 fn finish_compaction(p: &mut Persistence) -> Result<(), WriteFailure> {
     let Some(mut c) = p.compaction.take_if(|c| c.task.is_finished()) else {
         return Ok(());
@@ -963,15 +971,6 @@ fn finish_compaction(p: &mut Persistence) -> Result<(), WriteFailure> {
         }
     };
     let snapshot = state_file(&p.dir);
-    if let Err(e) = std::fs::rename(&c.tmp, &snapshot).and_then(|()| sync_dir(&p.dir)) {
-        let _ = std::fs::remove_file(&c.tmp);
-        p.resync = true;
-        return Err(WriteFailure::new(
-            format!("replace {}", snapshot.display()),
-            e,
-        ));
-    }
-    p.snapshot_len = written.0;
     let journal = journal_file(&p.dir);
     let tail = (|| -> std::io::Result<Vec<u8>> {
         use std::io::{Read, Seek};
@@ -987,14 +986,38 @@ fn finish_compaction(p: &mut Persistence) -> Result<(), WriteFailure> {
         f.take(p.journal_len - c.from).read_to_end(&mut tail)?;
         Ok(tail)
     })();
-    let len = match tail.and_then(|bytes| {
-        write_atomic(&journal, &bytes)?;
-        Ok(bytes.len() as u64)
+    let tail = match tail.and_then(|tail| {
+        write_next_journal(&p.dir, &c.tmp, &tail)?;
+        Ok(tail)
+    }) {
+        Ok(tail) => tail,
+        Err(e) => {
+            let _ = std::fs::remove_file(&c.tmp);
+            p.resync = true;
+            return Err(WriteFailure::new(
+                format!("write {}", next_journal_file(&p.dir).display()),
+                e,
+            ));
+        }
+    };
+    if let Err(e) = std::fs::rename(&c.tmp, &snapshot) {
+        let _ = std::fs::remove_file(&c.tmp);
+        p.resync = true;
+        return Err(WriteFailure::new(
+            format!("replace {}", snapshot.display()),
+            e,
+        ));
+    }
+    p.snapshot_len = written.0;
+    // From here on the old journal is never replayed again (`restore_next_journal`): the
+    // changes go nowhere until a new journal is open.
+    let len = match sync_dir(&p.dir).and_then(|()| {
+        write_atomic(&journal, &tail)?;
+        Ok(tail.len() as u64)
     }) {
         Ok(len) => len,
         Err(e) => {
-            // The old journal stays: with the new snapshot it restores the same state. The
-            // next compaction tries again to start the new one.
+            p.journal = None;
             p.resync = true;
             return Err(WriteFailure::new(
                 format!("start a new journal {}", journal.display()),
@@ -1018,6 +1041,8 @@ fn finish_compaction(p: &mut Persistence) -> Result<(), WriteFailure> {
             ));
         }
     };
+    // Done with: the new journal is no longer the old one it names.
+    let _ = std::fs::remove_file(next_journal_file(&p.dir));
     tracing::info!(
         entries = written.1,
         bytes = written.0,
@@ -1025,6 +1050,105 @@ fn finish_compaction(p: &mut Persistence) -> Result<(), WriteFailure> {
         "learned names compacted into a new snapshot"
     );
     Ok(())
+}
+
+/// Beside the snapshot and the journal while a new snapshot replaces the old (a
+/// compaction's, a clean stop's): which file the new snapshot is, which the old journal is,
+/// and the journal that goes with the new snapshot. The two replacements cannot be one: a
+/// crash between them, or a journal that cannot be replaced, leaves the new snapshot with
+/// the old journal, whose records (those from before batches that could not be written, or
+/// were dropped while writes failed) would undo on replay what the new snapshot holds. A
+/// restart finds this file and replays the journal it holds instead
+/// (`restore_next_journal`).
+///
+/// Layout: `NEXT_JOURNAL_MAGIC`, the new snapshot's inode number (u64 LE), the old
+/// journal's (0: there was none), then the new journal's bytes.
+const NEXT_JOURNAL_FILE: &str = "fqdn-cache.journal.next";
+const NEXT_JOURNAL_MAGIC: &[u8; 8] = b"FQDNNXT1";
+
+fn next_journal_file(dir: &Path) -> PathBuf {
+    dir.join(NEXT_JOURNAL_FILE)
+}
+
+/// The inode number of `path`, if it exists. A rename keeps it: the new snapshot's file
+/// has it from its temporary name on. Two files that exist at the same time have different
+/// ones, so the old journal's cannot be the new journal's.
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// Writes (synced) the file that says the snapshot written to `snapshot_tmp` goes with the
+/// journal `journal` (framed as a journal file), not with the journal in place now.
+fn write_next_journal(dir: &Path, snapshot_tmp: &Path, journal: &[u8]) -> std::io::Result<()> {
+    let new_snapshot = inode(snapshot_tmp).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} is gone", snapshot_tmp.display()),
+        )
+    })?;
+    let old_journal = inode(&journal_file(dir)).unwrap_or(0);
+    let mut bytes = Vec::with_capacity(24 + journal.len());
+    bytes.extend_from_slice(NEXT_JOURNAL_MAGIC);
+    bytes.extend_from_slice(&new_snapshot.to_le_bytes());
+    bytes.extend_from_slice(&old_journal.to_le_bytes());
+    bytes.extend_from_slice(journal);
+    write_atomic(&next_journal_file(dir), &bytes)
+}
+
+/// At restore, before the journal is read: a replacement of the snapshot interrupted after
+/// the new snapshot took its place, while the old journal is still the journal, is finished
+/// (the journal that goes with the new snapshot replaces it), and its bytes returned: they
+/// are what restore replays. Otherwise the file is stale (the replacement did not happen, or
+/// finished) and goes.
+fn restore_next_journal(dir: &Path) -> Option<Vec<u8>> {
+    let path = next_journal_file(dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::error!("cannot read {}: {e}", path.display());
+            return None;
+        }
+    };
+    let word = |at: usize| {
+        bytes
+            .get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let (Some(new_snapshot), Some(old_journal)) = (word(8), word(16)) else {
+        set_aside(&path, "not a journal replacement record");
+        return None;
+    };
+    if !bytes.starts_with(NEXT_JOURNAL_MAGIC) {
+        set_aside(&path, "not a journal replacement record");
+        return None;
+    }
+    let journal = journal_file(dir);
+    let interrupted = inode(&state_file(dir)) == Some(new_snapshot)
+        && old_journal != 0
+        && inode(&journal) == Some(old_journal);
+    let mut next = bytes;
+    let next = next.split_off(24);
+    if interrupted {
+        if let Err(e) = write_atomic(&journal, &next) {
+            // Kept, so the next start replays it too, never the old journal.
+            tracing::error!(
+                "cannot replace {} by the journal of the snapshot in place: {e}",
+                journal.display()
+            );
+            return Some(next);
+        }
+        tracing::warn!(
+            file = %journal.display(),
+            "the journal of the snapshot in place restored from {} (the old journal was still in place)",
+            path.display()
+        );
+    }
+    if let Err(e) = std::fs::remove_file(&path).and_then(|()| sync_dir(dir)) {
+        tracing::error!("cannot remove {}: {e}", path.display());
+    }
+    interrupted.then_some(next)
 }
 
 /// An attempt of the save loop: the batch of changes, the end of a finished compaction, the
@@ -1256,8 +1380,10 @@ pub fn save_now(agent: &Agent) {
         .map(|e| (e.id, e.name.clone()))
         .collect();
     let snapshot = state_file(&dir);
+    // With an empty journal: the old one goes below.
     let written = write_snapshot_in_steps(agent, &tmp, &endpoints)
-        .and_then(|_| std::fs::rename(&tmp, &snapshot))
+        .and_then(|_| write_next_journal(&dir, &tmp, fqdn_cache::journal::JOURNAL_HEADER))
+        .and_then(|()| std::fs::rename(&tmp, &snapshot))
         .and_then(|()| sync_dir(&dir));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
@@ -1275,18 +1401,21 @@ pub fn save_now(agent: &Agent) {
     tracing::info!(file = %snapshot.display(), "learned names saved as a new snapshot");
     // The snapshot alone is the state now. The journal goes: it lacks the batches that
     // could not be written, and replayed over the snapshot a record from before them (a
-    // removal, say) would undo what they held. (A crash before it is gone leaves that
-    // journal with the new snapshot, as a crash between a compaction's two steps does.)
+    // removal, say) would undo what they held. (Until it is gone, or if it cannot go, the
+    // restart replays the empty journal of `write_next_journal` instead.)
     let journal = journal_file(&dir);
     let removed = match std::fs::remove_file(&journal) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => sync_dir(&dir),
     };
-    if let Err(e) = removed {
-        tracing::error!(
+    match removed {
+        Ok(()) => {
+            let _ = std::fs::remove_file(next_journal_file(&dir));
+        }
+        Err(e) => tracing::error!(
             "cannot remove {}, which the new snapshot replaces: {e}",
             journal.display()
-        );
+        ),
     }
 }
 
@@ -1498,6 +1627,61 @@ mod tests {
         assert!(
             !journal_file(dir.path()).exists(),
             "a journal written after the clean stop"
+        );
+    }
+
+    /// The files a crash leaves at each point of a snapshot's replacement, and what a
+    /// restart replays with the snapshot in place.
+    #[test]
+    fn a_restart_replays_the_journal_that_goes_with_the_snapshot_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let old_journal = b"FQDNJRN1 old batches".to_vec();
+        let tail = b"FQDNJRN1 batches since the steps began".to_vec();
+        std::fs::write(state_file(d), b"old snapshot").unwrap();
+        std::fs::write(journal_file(d), &old_journal).unwrap();
+        let tmp = state_file(d).with_extension("json.tmp");
+        let next = next_journal_file(d);
+
+        // Before the new snapshot is in place: the old pair stands, the record goes.
+        std::fs::write(&tmp, b"new snapshot").unwrap();
+        write_next_journal(d, &tmp, &tail).unwrap();
+        assert_eq!(restore_next_journal(d), None);
+        assert_eq!(std::fs::read(journal_file(d)).unwrap(), old_journal);
+        assert!(!next.exists());
+
+        // The new snapshot in place, the old journal still there (a crash between the two,
+        // or a journal that could not be replaced): the new snapshot's journal replaces it.
+        write_next_journal(d, &tmp, &tail).unwrap();
+        std::fs::rename(&tmp, state_file(d)).unwrap();
+        assert_eq!(restore_next_journal(d), Some(tail.clone()));
+        assert_eq!(std::fs::read(journal_file(d)).unwrap(), tail);
+        assert!(!next.exists());
+
+        // Both replaced, the record left behind: the journal in place is the new one, with
+        // what was appended since.
+        std::fs::write(&tmp, b"newer snapshot").unwrap();
+        write_next_journal(d, &tmp, b"FQDNJRN1").unwrap();
+        std::fs::rename(&tmp, state_file(d)).unwrap();
+        write_atomic(&journal_file(d), b"FQDNJRN1 appended since").unwrap();
+        assert_eq!(restore_next_journal(d), None);
+        assert_eq!(
+            std::fs::read(journal_file(d)).unwrap(),
+            b"FQDNJRN1 appended since"
+        );
+        assert!(!next.exists());
+
+        // A clean stop's snapshot in place, the old journal not removed yet: it is emptied.
+        std::fs::write(&tmp, b"stop snapshot").unwrap();
+        write_next_journal(d, &tmp, fqdn_cache::journal::JOURNAL_HEADER).unwrap();
+        std::fs::rename(&tmp, state_file(d)).unwrap();
+        assert_eq!(
+            restore_next_journal(d),
+            Some(fqdn_cache::journal::JOURNAL_HEADER.to_vec())
+        );
+        assert_eq!(
+            std::fs::read(journal_file(d)).unwrap(),
+            fqdn_cache::journal::JOURNAL_HEADER
         );
     }
 
