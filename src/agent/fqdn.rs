@@ -852,11 +852,11 @@ fn flush_changes(agent: &Agent, p: &mut Persistence) -> Result<(), WriteFailure>
 }
 
 /// Drops the changes logged since the last batch, leaving them to the next snapshot (it
-/// copies the cache, so it holds them): what the save loop does with them while the
-/// journal does not take them. The change log is coalesced per (endpoint, name) and per (endpoint, name, IP), but
-/// its size is bounded by what changed since it was taken, not by the cache: a name freed
-/// meanwhile keeps its id and its text parked in it (`FqdnCache::take_changes`). Taken
-/// every second, it cannot grow through a long outage.
+/// copies the cache, so it holds them): what the save loop does with them while the journal
+/// does not take them. The change log is coalesced per (endpoint, name) and per (endpoint,
+/// name, IP), but its size is bounded by what changed since it was taken, not by the cache:
+/// a name freed meanwhile keeps its id and its text parked in it (`FqdnCache::take_changes`).
+/// Taken every second, it cannot grow through a long outage.
 fn discard_changes(agent: &Agent, p: &mut Persistence) {
     let pending = {
         let mut st = agent.lock();
@@ -1128,8 +1128,7 @@ fn restore_next_journal(dir: &Path) -> Option<Vec<u8>> {
     let interrupted = inode(&state_file(dir)) == Some(new_snapshot)
         && old_journal != 0
         && inode(&journal) == Some(old_journal);
-    let mut next = bytes;
-    let next = next.split_off(24);
+    let next = bytes[24..].to_vec();
     if interrupted {
         if let Err(e) = write_atomic(&journal, &next) {
             // Kept, so the next start replays it too, never the old journal.
