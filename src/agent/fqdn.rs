@@ -941,7 +941,7 @@ fn finish_compaction(p: &mut Persistence) -> Result<(), WriteFailure> {
         return Ok(());
     };
     // The task has finished, so its result is there without waiting (a round writes
-    // without awaiting anything, see `STOPPED`). Should the runtime's budget for this poll
+    // without awaiting anything, see `writes_open`). Should the runtime's budget for this poll
     // be spent, the next round takes it.
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let result = match std::pin::Pin::new(&mut c.task).poll(&mut cx) {
@@ -1208,7 +1208,7 @@ fn write_failed(agent: &Agent, backoff: &mut WriteBackoff, failure: &WriteFailur
 pub async fn save_loop(agent: Arc<Agent>) {
     let dir = agent.lock().cfg.state_dir.clone();
     let (mut p, mut backoff) = {
-        let Some(_writes) = writes_open(&dir) else {
+        let Some(_writes) = writes_open(&agent) else {
             return;
         };
         let (mut p, failure) = Persistence::open(&dir);
@@ -1227,8 +1227,8 @@ pub async fn save_loop(agent: Arc<Agent>) {
     };
     loop {
         {
-            // No await while it is held (see `STOPPED`).
-            let Some(_writes) = writes_open(&dir) else {
+            // No await while it is held (see `writes_open`).
+            let Some(_writes) = writes_open(&agent) else {
                 return;
             };
             save_loop_round(&agent, &mut p, &mut backoff);
@@ -1275,20 +1275,19 @@ fn save_loop_round(agent: &Arc<Agent>, p: &mut Persistence, backoff: &mut WriteB
     }
 }
 
-/// The state directories whose files a clean stop has taken over (`save_now`); its lock
-/// keeps the save loop's writes and the stop's apart. The stop aborts the loop's task, but
-/// an abort does not wait: a round already under way on another worker thread runs on to
-/// its next await, and could append a batch after the stop's, rename an older snapshot over
-/// the stop's or start the journal the stop removed again. So the loop writes only while
-/// holding this lock, with no await, and only to a directory not listed; the stop lists its
-/// directory and holds the lock while it writes. One lock per process, as there is one
-/// agent.
-static STOPPED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-
-/// The lock on writes to `dir`, unless a clean stop has taken them over.
-fn writes_open(dir: &Path) -> Option<std::sync::MutexGuard<'static, Vec<PathBuf>>> {
-    let stopped = STOPPED.lock().unwrap_or_else(|e| e.into_inner());
-    (!stopped.iter().any(|d| d == dir)).then_some(stopped)
+/// The lock on the agent's writes to stateDir, unless a clean stop has taken them over
+/// (`Agent::state_writes_stopped`). The stop aborts the save loop's task, but an abort does
+/// not wait: a round already under way on another worker thread runs on to its next await,
+/// and could append a batch after the stop's, rename an older snapshot over the stop's or
+/// start the journal the stop removed again. So the loop writes only while holding this
+/// lock, with no await, and only while not stopped; the stop marks it stopped and holds
+/// the lock while it writes.
+fn writes_open(agent: &Agent) -> Option<std::sync::MutexGuard<'_, bool>> {
+    let stopped = agent
+        .state_writes_stopped
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    (!*stopped).then_some(stopped)
 }
 
 const IDENTITIES_FILE: &str = "identities.json";
@@ -1352,8 +1351,11 @@ pub fn save_now(agent: &Agent) {
     let dir = agent.lock().cfg.state_dir.clone();
     // From here on the save loop writes nothing, and a round of it still under way is over
     // once this lock is held.
-    let mut stopped = STOPPED.lock().unwrap_or_else(|e| e.into_inner());
-    stopped.push(dir.clone());
+    let mut stopped = agent
+        .state_writes_stopped
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    *stopped = true;
     // The loop dropped changes it could not write (`discard_changes`): only a snapshot of
     // the cache holds them now.
     let failing = agent.metrics.state_write_failing.load(Ordering::Relaxed) != 0;

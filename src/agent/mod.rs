@@ -66,6 +66,9 @@ pub struct Agent {
     /// proxy's threads keep per flow (`fqdn::AgentDns::check`) are valid while it stands
     /// still. Drawn from a process-wide counter, so two agents never share a value.
     pub dns_epoch: AtomicU64,
+    /// Whether a clean stop has taken over the files in stateDir; its lock keeps the save
+    /// loop's writes and the stop's apart (`fqdn::save_now`).
+    pub state_writes_stopped: Mutex<bool>,
 }
 
 /// Source of [`Agent::dns_epoch`] values.
@@ -95,6 +98,7 @@ impl Agent {
             no_policy: AtomicBool::new(true),
             policy_revision: AtomicU64::new(0),
             dns_epoch: AtomicU64::new(next_dns_epoch()),
+            state_writes_stopped: Mutex::new(false),
         })
     }
 
