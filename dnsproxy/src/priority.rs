@@ -160,7 +160,8 @@ impl Scheduling {
                     warn!(
                         error = %e,
                         "the DNS proxy's threads cannot have realtime priority (dns.realtimePriority); \
-                         they run at normal priority, and each query may wait longer for a CPU"
+                         they run at normal priority, and each query may wait longer for a CPU \
+                     (`realtimePriority: off` asks for normal priority without this warning)"
                     );
                 }
                 return None;
