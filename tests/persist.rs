@@ -9,8 +9,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -62,6 +61,14 @@ struct Bed {
 }
 
 impl Bed {
+    /// Learns www.example.test through `a` and waits until the journal holds the batch.
+    fn first_batch(&self, a: &Agent) {
+        learn(a, "www.example.test");
+        eventually(Duration::from_secs(5), "the first batch", || {
+            (self.journal_len() > 8).then_some(())
+        });
+    }
+
     fn new(ip: &str) -> Option<Bed> {
         if !is_root() {
             if std::env::var("CI").as_deref() == Ok("true") {
@@ -201,22 +208,8 @@ fn learned_names(a: &Agent) -> Vec<String> {
 
 /// The value of an unlabelled metric.
 fn metric(a: &Agent, name: &str) -> f64 {
-    let addr: SocketAddr = a.metrics.expect("metrics listen");
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let prefix = format!("{name} ");
-    out.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {name} in:\n{out}"))
-        .parse()
-        .unwrap()
+    a.metric(name)
+        .unwrap_or_else(|| panic!("no {name} in the agent's metrics"))
 }
 
 /// The number before `needle` in `line` ("… 3 attempts failed" → 3).
@@ -249,10 +242,7 @@ fn writes_back_off_while_the_state_directory_refuses_them_and_all_is_written_aft
     let journal = state.join("fqdn-cache.journal");
     let mut a = bed.start();
     check_immutable_refuses_open_writers(&state);
-    learn(&a, "www.example.test");
-    eventually(Duration::from_secs(5), "the first batch", || {
-        (bed.journal_len() > 8).then_some(())
-    });
+    bed.first_batch(&a);
     assert_eq!(metric(&a, "fqdnwall_state_write_failures_total"), 0.0);
     assert_eq!(metric(&a, "fqdnwall_state_write_failing"), 0.0);
 
@@ -348,10 +338,7 @@ fn a_clean_stop_during_the_backoff_writes_everything_learned() {
     let journal = state.join("fqdn-cache.journal");
     let mut a = bed.start();
     check_immutable_refuses_open_writers(&state);
-    learn(&a, "www.example.test");
-    eventually(Duration::from_secs(5), "the first batch", || {
-        (bed.journal_len() > 8).then_some(())
-    });
+    bed.first_batch(&a);
 
     let outage = Immutable::set(&[journal.clone(), state.clone()]);
     learn(&a, "early.example.test");
@@ -433,10 +420,7 @@ fn names_learned_while_only_new_files_are_refused_are_journaled_and_survive_kill
     };
     let state = bed.state();
     let a = bed.start();
-    learn(&a, "www.example.test");
-    eventually(Duration::from_secs(5), "the first batch", || {
-        (bed.journal_len() > 8).then_some(())
-    });
+    bed.first_batch(&a);
     // Killed with a batch in the journal: the next start folds it into a new snapshot at
     // once, which the immutable directory refuses.
     assert!(!a.stop_with("KILL").success());
@@ -479,10 +463,7 @@ fn a_clean_stop_while_only_new_files_are_refused_journals_the_last_changes() {
     };
     let state = bed.state();
     let a = bed.start();
-    learn(&a, "www.example.test");
-    eventually(Duration::from_secs(5), "the first batch", || {
-        (bed.journal_len() > 8).then_some(())
-    });
+    bed.first_batch(&a);
     assert!(!a.stop_with("KILL").success());
 
     let outage = Immutable::set(std::slice::from_ref(&state));
@@ -515,10 +496,7 @@ fn an_old_journal_is_not_replayed_over_the_snapshot_that_replaced_it() {
     let journal = state.join("fqdn-cache.journal");
     let mut a = bed.start();
     check_immutable_refuses_open_writers(&state);
-    learn(&a, "www.example.test");
-    eventually(Duration::from_secs(5), "the first batch", || {
-        (bed.journal_len() > 8).then_some(())
-    });
+    bed.first_batch(&a);
     let done = a.json(&[
         "fqdn",
         "cache",
