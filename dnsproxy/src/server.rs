@@ -799,17 +799,24 @@ fn run_shard<P: DnsPolicy, L: Learner>(
     for (j, socket) in listeners.into_iter().enumerate() {
         let (shared, replies) = (shared.clone(), replies.clone());
         let (stopping, runtime, in_pool) = (stopping.clone(), rt.handle().clone(), pool.clone());
+        let (set_up, setting_up) = std::sync::mpsc::channel::<()>();
         let started = std::thread::Builder::new()
             .name(format!("dns-in-{index}-{j}"))
             .spawn(move || {
                 let _on = runtime.enter();
-                serve_udp(&shared, &socket, &in_pool, &replies, &stopping)
+                // Its priority is in force before the proxy says it serves.
+                let batch =
+                    net::RecvBatch::new(MAX_UDP_QUERY).with_priority(shared.realtime.as_ref());
+                drop(set_up);
+                serve_udp(&shared, &socket, batch, &in_pool, &replies, &stopping)
             });
         if let Err(e) = started {
             pool.stop();
             let _ = ready.send(Err(DnsProxyError::Shard(e)));
             return;
         }
+        // Returns once the thread dropped its end.
+        let _ = setting_up.recv();
     }
     let _ = ready.send(Ok(()));
     rt.block_on(async move {
@@ -822,6 +829,7 @@ fn run_shard<P: DnsPolicy, L: Learner>(
 fn serve_udp<P: DnsPolicy, L: Learner>(
     shared: &Arc<Shared<P, L>>,
     socket: &Arc<std::net::UdpSocket>,
+    mut batch: net::RecvBatch,
     pool: &UdpPool<UdpWaiting<P, L>>,
     replies: &Arc<ReplySockets>,
     stopping: &AtomicBool,
@@ -834,7 +842,6 @@ fn serve_udp<P: DnsPolicy, L: Learner>(
         }
     };
     let fd = socket.as_raw_fd();
-    let mut batch = net::RecvBatch::new(MAX_UDP_QUERY).with_priority(shared.realtime.as_ref());
     while let Some(result) = batch.recv_until(fd, stopping) {
         let got = match result {
             Ok(n) => n,

@@ -236,12 +236,19 @@ impl<W: Waiting> UdpPool<W> {
             let (slot, metrics, ctx) = (slot.clone(), metrics.clone(), pool.ctx.clone());
             let (runtime, stopping) = (threads.runtime.clone(), pool.stopping.clone());
             let realtime = threads.realtime.clone();
+            let (set_up, setting_up) = std::sync::mpsc::channel::<()>();
             std::thread::Builder::new()
                 .name(format!("{}-{i}", threads.name))
                 .spawn(move || {
                     let _on = runtime.enter();
-                    receive_thread(&slot, &ctx, &metrics, realtime.as_ref(), &stopping)
+                    // Its priority is in force before the pool is handed out.
+                    let batch =
+                        net::RecvBatch::new(MAX_UDP_ANSWER).with_priority(realtime.as_ref());
+                    drop(set_up);
+                    receive_thread(&slot, &ctx, &metrics, batch, &stopping)
                 })?;
+            // Returns once the thread dropped its end.
+            let _ = setting_up.recv();
         }
         Ok(pool)
     }
@@ -460,11 +467,10 @@ fn receive_thread<W: Waiting>(
     slot: &Slot<W>,
     ctx: &W::Context,
     metrics: &ProxyMetrics,
-    realtime: Option<&Arc<Realtime>>,
+    mut batch: net::RecvBatch,
     stopping: &AtomicBool,
 ) {
     let fd = slot.socket.as_raw_fd();
-    let mut batch = net::RecvBatch::new(MAX_UDP_ANSWER).with_priority(realtime);
     let mut errors = vec![0u8; MAX_UDP_ANSWER];
     while let Some(result) = batch.recv_until(fd, stopping) {
         let got = match result {
