@@ -315,7 +315,7 @@ pub(crate) struct RecvBatch {
     lens: [(usize, libc::c_int, libc::socklen_t); BATCH_MAX],
     /// The destinations of the last call, read from the control messages.
     dsts: [Option<SocketAddr>; BATCH_MAX],
-    /// The receiving thread's priority, kept within its CPU budget before each block.
+    /// The receiving thread's priority, kept within the CPU and rate budget before each block.
     scheduling: Option<crate::priority::Scheduling>,
 }
 
@@ -406,9 +406,9 @@ impl RecvBatch {
         Ok(n)
     }
 
-    /// Runs the calling thread at realtime priority within the proxy's CPU budget (see
-    /// `priority.rs`), reported before each block in [`RecvBatch::recv_until`]; `None` or a
-    /// refusal leaves it at normal priority.
+    /// Runs the calling thread at realtime priority within the proxy's CPU and rate budget
+    /// (see `priority.rs`), reported to before each block in [`RecvBatch::recv_until`];
+    /// `None` or a refusal leaves it at normal priority.
     pub(crate) fn with_priority(
         mut self,
         realtime: Option<&std::sync::Arc<crate::priority::Realtime>>,

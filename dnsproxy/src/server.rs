@@ -87,7 +87,7 @@ struct Shared<P, L> {
     /// itself, not intercepted.
     own: Vec<SocketAddr>,
     next_upstream: AtomicUsize,
-    /// `realtime_priority` and the CPU budget of the UDP receiving threads.
+    /// `realtime_priority` and the CPU and rate budget of the UDP receiving threads.
     realtime: Option<Arc<Realtime>>,
 }
 
