@@ -33,6 +33,7 @@ use policy::model::{Direction, FqdnSelector, Protocol};
 use super::datapath::Datapath;
 use super::events::Event;
 use super::server::query_pairs;
+use super::state::AgentState;
 use super::Agent;
 use crate::view::{FqdnCleanView, FqdnEntryView};
 
@@ -815,11 +816,7 @@ fn flush_changes(agent: &Agent, p: &mut Persistence) -> Result<(), WriteFailure>
             st.fqdn.release_changes(&mut pending);
             return Ok(());
         }
-        let endpoints: Vec<(u16, String)> = st
-            .engine
-            .endpoints()
-            .map(|e| (e.id, e.name.clone()))
-            .collect();
+        let endpoints = endpoint_names(&st);
         (pending, endpoints)
     };
     let mut batch =
@@ -882,12 +879,7 @@ fn maybe_compact(agent: &Arc<Agent>, p: &mut Persistence) {
     }
     p.resync = false;
     let tmp = state_file(&p.dir).with_extension("json.tmp");
-    let endpoints: Vec<(u16, String)> = agent
-        .lock()
-        .engine
-        .endpoints()
-        .map(|e| (e.id, e.name.clone()))
-        .collect();
+    let endpoints = endpoint_names(&agent.lock());
     let a = agent.clone();
     let path = tmp.clone();
     let task = tokio::task::spawn_blocking(move || write_snapshot_in_steps(&a, &path, &endpoints));
@@ -900,6 +892,14 @@ fn maybe_compact(agent: &Arc<Agent>, p: &mut Persistence) {
 
 /// Writes the cache as a snapshot to `path` (synced), in steps; returns its size and the
 /// entries written.
+/// Every endpoint's id and name: what the persisted files name endpoints by.
+fn endpoint_names(st: &AgentState) -> Vec<(u16, String)> {
+    st.engine
+        .endpoints()
+        .map(|e| (e.id, e.name.clone()))
+        .collect()
+}
+
 fn write_snapshot_in_steps(
     agent: &Agent,
     path: &Path,
@@ -1111,19 +1111,12 @@ fn restore_next_journal(dir: &Path) -> Option<Vec<u8>> {
             return None;
         }
     };
-    let word = |at: usize| {
-        bytes
-            .get(at..at + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-    };
-    let (Some(new_snapshot), Some(old_journal)) = (word(8), word(16)) else {
-        set_aside(&path, "not a journal replacement record");
-        return None;
-    };
-    if !bytes.starts_with(NEXT_JOURNAL_MAGIC) {
+    if bytes.len() < 24 || !bytes.starts_with(NEXT_JOURNAL_MAGIC) {
         set_aside(&path, "not a journal replacement record");
         return None;
     }
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let (new_snapshot, old_journal) = (word(8), word(16));
     let journal = journal_file(dir);
     let interrupted = inode(&state_file(dir)) == Some(new_snapshot)
         && old_journal != 0
@@ -1374,12 +1367,7 @@ pub fn save_now(agent: &Agent) {
     // Its own temporary file: a compaction the stopped loop began may still be writing the
     // usual one.
     let tmp = state_file(&dir).with_extension("json.stop.tmp");
-    let endpoints: Vec<(u16, String)> = agent
-        .lock()
-        .engine
-        .endpoints()
-        .map(|e| (e.id, e.name.clone()))
-        .collect();
+    let endpoints = endpoint_names(&agent.lock());
     let snapshot = state_file(&dir);
     // With an empty journal: the old one goes below.
     let written = write_snapshot_in_steps(agent, &tmp, &endpoints)
